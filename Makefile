@@ -1,0 +1,27 @@
+# capfilt — every target runs offline (HF_HUB_OFFLINE=1): nothing is downloaded at run time.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch on this machine's disk; on a GPU cluster pass TORCH="torch==<ver>" for a CUDA build.
+TORCH ?= torch==2.13.0
+
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install test lint clean
+
+install: $(VENV)/.installed  ## set up everything from a fresh clone
+
+$(VENV)/.installed: setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+test: install  ## run the test suite (CPU, offline)
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,2 @@
+"""capfilt: BLIP CapFilt."""
+__version__ = "0.1.0"

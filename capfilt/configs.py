@@ -1,0 +1,157 @@
+"""Model sizes: BLIP base (ViT-B/16) and large (ViT-L/16), a tiny one for tests.
+
+A config is a transformers ``BlipConfig`` (vision + text + the 256-d ITC
+projection), the object that ``save_pretrained`` writes as ``config.json``.
+Every value below reproduces the original BLIP code (``configs/med_config.json``
+and ``models/vit.py``); where transformers' defaults differ, the original wins:
+
+- ViT LayerNorm eps 1e-6 (timm; transformers defaults to 1e-5).
+- Text dropout 0.1 on hidden states and attention (med_config.json; only
+  training sees it).
+- Text: bert-base, 12 layers, 12 heads, 3072 intermediate, vocab 30524
+  (bert-base-uncased's 30522 + ``[DEC]`` + ``[ENC]``), 512 positions,
+  LayerNorm eps 1e-12; cross-attention width = the ViT's width.
+- ITC projections to 256-d (``embed_dim`` in the original configs).
+- Image size 384, the fine-tuned captioners' and filters' resolution; the
+  pre-trained checkpoints are 224 (pass ``image_size=224``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from transformers import BlipConfig, BlipTextConfig, BlipVisionConfig
+
+from capfilt.tokenizer import special_ids
+
+VIT_LAYER_NORM_EPS = 1e-6  # timm's ViT, which BLIP's visual encoder is
+TEXT_LAYER_NORM_EPS = 1e-12  # BERT
+ITC_EMBED_DIM = 256  # paper §3.2: ITC features are 256-d
+BERT_VOCAB_SIZE = 30522
+BLIP_VOCAB_SIZE = BERT_VOCAB_SIZE + 2  # + [DEC] (30522) + [ENC] (30523)
+
+
+@dataclass(frozen=True)
+class VitSize:
+    """The visual encoder's shape (``models/vit.py`` arguments in the original)."""
+
+    width: int
+    depth: int
+    heads: int
+    patch_size: int = 16
+    image_size: int = 384
+    mlp_ratio: float = 4.0
+
+
+@dataclass(frozen=True)
+class TextSize:
+    """The BERT text transformer's shape (``med_config.json`` in the original)."""
+
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    vocab_size: int = BLIP_VOCAB_SIZE
+    max_positions: int = 512
+    dropout: float = 0.1
+
+
+PRESETS: dict[str, tuple[VitSize, TextSize]] = {
+    # BLIP w/ ViT-B/16: model_base*.pth, *_base_* captioners and filters.
+    "base": (VitSize(width=768, depth=12, heads=12), TextSize()),
+    # BLIP w/ ViT-L/16: model_large*.pth, *_large_* captioners and filters.
+    "large": (VitSize(width=1024, depth=24, heads=16), TextSize()),
+    # Random-weight tests only: tiny and fast on CPU.
+    "tiny": (
+        VitSize(width=32, depth=2, heads=2, patch_size=8, image_size=32),
+        TextSize(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_positions=64, dropout=0.0),
+    ),
+}
+
+
+def make_config(
+    vit: VitSize,
+    text: TextSize,
+    *,
+    vit_layer_norm_eps: float = VIT_LAYER_NORM_EPS,
+    bos_token_id: int = BERT_VOCAB_SIZE,
+    pad_token_id: int = 0,
+    sep_token_id: int = 102,
+) -> BlipConfig:
+    """A ``BlipConfig`` for the given sizes and special ids (BERT's by default)."""
+    vision_config = BlipVisionConfig(
+        hidden_size=vit.width,
+        intermediate_size=int(vit.width * vit.mlp_ratio),
+        num_hidden_layers=vit.depth,
+        num_attention_heads=vit.heads,
+        image_size=vit.image_size,
+        patch_size=vit.patch_size,
+        layer_norm_eps=vit_layer_norm_eps,
+        initializer_range=0.02,
+    )
+    text_config = BlipTextConfig(
+        vocab_size=text.vocab_size,
+        hidden_size=text.hidden_size,
+        encoder_hidden_size=vit.width,
+        intermediate_size=text.intermediate_size,
+        num_hidden_layers=text.num_layers,
+        num_attention_heads=text.num_heads,
+        max_position_embeddings=text.max_positions,
+        layer_norm_eps=TEXT_LAYER_NORM_EPS,
+        hidden_dropout_prob=text.dropout,
+        attention_probs_dropout_prob=text.dropout,
+        bos_token_id=bos_token_id,
+        pad_token_id=pad_token_id,
+        sep_token_id=sep_token_id,
+        eos_token_id=sep_token_id,
+    )
+    return BlipConfig(
+        vision_config=vision_config.to_dict(),
+        text_config=text_config.to_dict(),
+        image_text_hidden_size=ITC_EMBED_DIM,
+    )
+
+
+def preset_config(name: str, *, image_size: int | None = None, tokenizer=None) -> BlipConfig:
+    """The named preset (``base``, ``large``, ``tiny``).
+
+    ``image_size`` overrides the preset's; ``tokenizer`` (a BLIP tokenizer,
+    see ``capfilt.tokenizer``) sets the vocabulary size and special ids, for
+    models with a vocabulary other than bert-base-uncased's.
+    """
+    if name not in PRESETS:
+        raise ValueError(f"unknown model config {name!r}; choose one of {sorted(PRESETS)} or give a config file")
+    vit, text = PRESETS[name]
+    if image_size is not None:
+        vit = replace(vit, image_size=image_size)
+    if tokenizer is None:
+        return make_config(vit, text)
+    ids = special_ids(tokenizer)
+    text = replace(text, vocab_size=len(tokenizer))
+    return make_config(vit, text, bos_token_id=ids.dec, pad_token_id=ids.pad, sep_token_id=ids.sep)
+
+
+def config_from_med(med_config: str | Path | dict, vit: VitSize) -> BlipConfig:
+    """A config from BLIP's own ``med_config.json`` and the ViT's sizes.
+
+    The original repository describes its text transformer with a BERT-style
+    ``med_config.json`` (``hidden_size``, ``num_hidden_layers``, ...,
+    ``encoder_width``) and its ViT with arguments; this reads the same.
+    """
+    if not isinstance(med_config, dict):
+        med_config = json.loads(Path(med_config).read_text())
+    encoder_width = med_config.get("encoder_width", vit.width)
+    if encoder_width != vit.width:
+        raise ValueError(f"med_config encoder_width {encoder_width} does not match the ViT width {vit.width}")
+    text = TextSize(
+        hidden_size=med_config["hidden_size"],
+        num_layers=med_config["num_hidden_layers"],
+        num_heads=med_config["num_attention_heads"],
+        intermediate_size=med_config["intermediate_size"],
+        vocab_size=med_config["vocab_size"],
+        max_positions=med_config.get("max_position_embeddings", 512),
+        dropout=med_config.get("hidden_dropout_prob", 0.1),
+    )
+    return make_config(vit, text, pad_token_id=med_config.get("pad_token_id", 0))
