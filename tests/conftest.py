@@ -44,3 +44,28 @@ def hf_retrieval(tiny_config):
 def pixel_values(tiny_config):
     size = tiny_config.vision_config.image_size
     return torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(2))
+
+
+@pytest.fixture(scope="session")
+def captioner_folder(tmp_path_factory, hf_captioner, tokenizer):
+    folder = tmp_path_factory.mktemp("captioner")
+    hf_captioner.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def filter_folder(tmp_path_factory, hf_retrieval, tokenizer):
+    folder = tmp_path_factory.mktemp("filter")
+    hf_retrieval.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def images():
+    """Three small PIL images of different colours and sizes."""
+    from PIL import Image
+
+    return [Image.new("RGB", (40, 30), (200, 30, 30)), Image.new("RGB", (32, 32), (20, 160, 60)),
+            Image.new("L", (50, 64), 128)]

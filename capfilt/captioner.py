@@ -1,0 +1,162 @@
+"""The captioner: BLIP's image-grounded text decoder writing synthetic captions (paper §3.3).
+
+Generation follows the original BLIP code (``BLIP_Decoder.generate``): the
+prompt ``a picture of `` is tokenised, its ``[CLS]`` replaced by ``[DEC]``,
+its ``[SEP]`` dropped; the decoder continues from there and the prompt is
+stripped from the decoded text. Each image is encoded once by the ViT and
+its embedding reused for all its K captions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+from transformers import BlipConfig, BlipForConditionalGeneration
+
+from capfilt.checkpoints import CAPTIONER, ModelSource, load_model
+from capfilt.device import autocast, pick_device
+from capfilt.images import ImagePreprocessor
+from capfilt.tokenizer import special_ids
+
+METHODS = ("nucleus", "beam", "greedy")
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How captions are generated; defaults are CapFilt's (paper §3.3, §4.3) and the original code's.
+
+    - ``method``: ``nucleus`` (paper: one synthetic caption per image by nucleus
+      sampling; beam search gave a lower noise ratio and a worse model),
+      ``beam`` or ``greedy``.
+    - ``top_p`` 0.9: the paper's p (0.85 and 0.95 gave similar results).
+    - ``top_k`` 50: not set by BLIP, but transformers 4.15 (which BLIP pins)
+      applied its default top_k = 50 whenever it sampled; kept to reproduce it.
+    - ``repetition_penalty``: ``None`` means the original's per method: 1.1,
+      hard-coded in its sampling branch; 1.0, its beam-search default.
+    - ``num_beams`` 3: the original ``generate`` default and COCO evaluation.
+    - ``max_length`` 30 / ``min_length`` 10: the original ``generate``
+      defaults; both count the prompt's tokens (``[DEC] a picture of``), as
+      transformers' generate does. COCO evaluation used 20 / 5 with beams.
+    - ``prompt`` ``a picture of ``: BLIP's captioning prompt.
+    """
+
+    method: str = "nucleus"
+    top_p: float = 0.9
+    top_k: int = 50
+    repetition_penalty: float | None = None
+    num_beams: int = 3
+    max_length: int = 30
+    min_length: int = 10
+    prompt: str = "a picture of "
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, not {self.method!r}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], not {self.top_p}")
+        if self.min_length > self.max_length:
+            raise ValueError(f"min_length {self.min_length} > max_length {self.max_length}")
+
+    def generate_kwargs(self, num_captions: int) -> dict:
+        """Arguments for transformers' ``generate``, K captions per input."""
+        if self.method == "nucleus":
+            penalty = 1.1 if self.repetition_penalty is None else self.repetition_penalty
+            return dict(do_sample=True, top_p=self.top_p, top_k=self.top_k, num_beams=1, repetition_penalty=penalty)
+        penalty = 1.0 if self.repetition_penalty is None else self.repetition_penalty
+        if self.method == "greedy":
+            if num_captions != 1:
+                raise ValueError("greedy decoding writes one caption per image; use nucleus or beam for K > 1")
+            return dict(do_sample=False, num_beams=1, repetition_penalty=penalty)
+        beams = max(self.num_beams, num_captions)
+        return dict(do_sample=False, num_beams=beams, num_return_sequences=num_captions, repetition_penalty=penalty)
+
+
+@dataclass
+class Captioner:
+    """A BLIP captioner: images in, K captions per image out."""
+
+    model: BlipForConditionalGeneration
+    tokenizer: object
+    settings: SamplingSettings = field(default_factory=SamplingSettings)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    source: ModelSource | None = None
+
+    def __post_init__(self):
+        self.model.to(self.device).eval()
+        self.preprocess = ImagePreprocessor(self.model.config.vision_config.image_size)
+        self.ids = special_ids(self.tokenizer)
+        prompt = self.tokenizer(self.settings.prompt, add_special_tokens=True).input_ids[:-1]  # drop [SEP]
+        self.prompt_ids = torch.tensor([self.ids.dec] + prompt[1:])  # [CLS] -> [DEC]
+
+    @classmethod
+    def load(
+        cls,
+        ref: str | Path,
+        *,
+        device: str | torch.device | None = None,
+        tokenizer: str | Path | None = None,
+        config: str | Path | BlipConfig | None = None,
+        settings: SamplingSettings | None = None,
+    ) -> Captioner:
+        """Load from an HF folder, a cached hub id, an original ``.pth`` or ``demo`` (see ``checkpoints``)."""
+        model, tokenizer, source = load_model(BlipForConditionalGeneration, ref, CAPTIONER, config, tokenizer)
+        return cls(
+            model=model,
+            tokenizer=tokenizer,
+            settings=settings or SamplingSettings(),
+            device=pick_device(device),
+            source=source,
+        )
+
+    @torch.no_grad()
+    def generate_ids(self, pixel_values: torch.Tensor, num_captions: int = 1, seed: int | None = None) -> torch.Tensor:
+        """Token ids ``[B * K, T]`` (prompt included), the K captions of an image adjacent."""
+        pixel_values = pixel_values.to(self.device)
+        kwargs = self.settings.generate_kwargs(num_captions)
+        with autocast(self.device):
+            image_embeds = self.model.vision_model(pixel_values=pixel_values).last_hidden_state  # encoded once
+            if kwargs["do_sample"] and num_captions > 1:
+                image_embeds = image_embeds.repeat_interleave(num_captions, dim=0)
+            rows = image_embeds.shape[0]
+            input_ids = self.prompt_ids.to(self.device).expand(rows, -1)
+            with _seeded(seed, self.device):
+                return self.model.text_decoder.generate(
+                    input_ids=input_ids,
+                    attention_mask=torch.ones_like(input_ids),
+                    encoder_hidden_states=image_embeds,
+                    encoder_attention_mask=torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=self.device),
+                    eos_token_id=self.ids.sep,
+                    pad_token_id=self.ids.pad,
+                    max_length=self.settings.max_length,
+                    min_length=self.settings.min_length,
+                    **kwargs,
+                )
+
+    def decode(self, ids: torch.Tensor) -> list[str]:
+        """Decoded captions without special tokens and without the prompt."""
+        prompt = self.settings.prompt.strip()
+        texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        return [text[len(prompt):].strip() if text.startswith(prompt) else text.strip() for text in texts]
+
+    def caption(self, images: Sequence[Image.Image], num_captions: int = 1, seed: int | None = None) -> list[list[str]]:
+        """K captions for each image (nucleus sampling with p = 0.9 by default); seeded runs repeat exactly."""
+        if not images:
+            return []
+        captions = self.decode(self.generate_ids(self.preprocess(images), num_captions, seed))
+        return [captions[i * num_captions : (i + 1) * num_captions] for i in range(len(images))]
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None, device: torch.device):
+    """Run with the global RNG seeded, restoring its state afterwards (transformers samples from it)."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield

@@ -1,0 +1,321 @@
+"""Loading BLIP checkpoints from local paths, strictly, offline.
+
+Three forms are read (blip-reference.md, "Checkpoints"):
+
+- an HF-format folder (``save_pretrained`` layout: ``config.json`` +
+  ``model.safetensors`` or ``pytorch_model.bin``, tokenizer files);
+- an HF hub model id (``Salesforce/blip-image-captioning-large``) resolved
+  from the local hub cache only: nothing tries the network;
+- an original Salesforce ``.pth`` file (a dict with the weights under
+  ``'model'``), whose keys are mapped to transformers' names.
+
+Loading is strict, unlike the original loader, which drops mis-shaped keys
+and loads non-strictly: a missing, unexpected or mis-shaped key is an error
+that names it. The only keys set aside are those of a *known* other role of
+the same file (the captioner ignores a pre-trained file's text encoder, the
+filter its text decoder; both ignore momentum copies and queues), and the
+``position_ids`` buffers that old transformers saved, checked to be 0..n-1.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import BlipConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from capfilt.configs import PRESETS, TextSize, VitSize, config_from_med, make_config, preset_config
+from capfilt.tokenizer import SpecialIds, TokenizerNotFoundError, load_tokenizer, special_ids
+
+CAPTIONER = "captioner"
+FILTER = "filter"
+PTH_SUFFIXES = (".pth", ".pt", ".bin")
+DEMO_MODELS = Path(__file__).parent / "demo_models"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded as asked, with the reason."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model's weights are: an HF-format folder or an original ``.pth``."""
+
+    kind: str  # "hf" or "pth"
+    path: Path
+
+
+def resolve(ref: str | Path, role: str) -> ModelSource:
+    """Find a model from a folder, a ``.pth`` file, a cached hub id or ``demo``."""
+    if str(ref) == "demo":
+        path = DEMO_MODELS / role
+        if not (path / "config.json").is_file():
+            raise CheckpointError(f"the demo {role} is not at {path}; run `make demo-models` to train it")
+        return ModelSource("hf", path)
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise CheckpointError(f"{path} is a folder but has no config.json (not an HF-format model folder)")
+        return ModelSource("hf", path)
+    if path.is_file():
+        if path.suffix not in PTH_SUFFIXES:
+            raise CheckpointError(f"{path}: expected an original BLIP checkpoint ({', '.join(PTH_SUFFIXES)})")
+        return ModelSource("pth", path)
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", str(ref)) and not str(ref).startswith((".", "/")):
+        return ModelSource("hf", _from_hub_cache(str(ref)))
+    raise CheckpointError(f"no model at {ref!r}: not a folder, a .pth file, a cached hub id or 'demo'")
+
+
+def _from_hub_cache(repo_id: str) -> Path:
+    """The snapshot folder of ``repo_id`` in the local HF hub cache, never the network."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception as error:  # huggingface_hub raises several types for "not cached"
+        raise CheckpointError(
+            f"{repo_id} is not in the local hub cache ({HF_HUB_CACHE}). capfilt never downloads: "
+            f"on a machine with internet run `hf download {repo_id}` and copy the cache here "
+            f"(or set HF_HUB_CACHE), or pass the model's folder or .pth path. ({type(error).__name__})"
+        ) from None
+
+
+# --- original Salesforce keys -> transformers keys -------------------------------------------
+# The text side keeps its names; the ViT differs (blip-reference.md, "Checkpoints").
+_VISION_TO_HF = [
+    (r"visual_encoder\.cls_token", "vision_model.embeddings.class_embedding"),
+    (r"visual_encoder\.pos_embed", "vision_model.embeddings.position_embedding"),
+    (r"visual_encoder\.patch_embed\.proj\.", "vision_model.embeddings.patch_embedding."),
+    (r"visual_encoder\.blocks\.(\d+)\.norm1\.", r"vision_model.encoder.layers.\1.layer_norm1."),
+    (r"visual_encoder\.blocks\.(\d+)\.norm2\.", r"vision_model.encoder.layers.\1.layer_norm2."),
+    (r"visual_encoder\.blocks\.(\d+)\.attn\.qkv\.", r"vision_model.encoder.layers.\1.self_attn.qkv."),
+    (r"visual_encoder\.blocks\.(\d+)\.attn\.proj\.", r"vision_model.encoder.layers.\1.self_attn.projection."),
+    (r"visual_encoder\.blocks\.(\d+)\.mlp\.", r"vision_model.encoder.layers.\1.mlp."),
+    (r"visual_encoder\.norm\.", "vision_model.post_layernorm."),
+]
+_VISION_TO_ORIGINAL = [
+    (r"vision_model\.embeddings\.class_embedding", "visual_encoder.cls_token"),
+    (r"vision_model\.embeddings\.position_embedding", "visual_encoder.pos_embed"),
+    (r"vision_model\.embeddings\.patch_embedding\.", "visual_encoder.patch_embed.proj."),
+    (r"vision_model\.encoder\.layers\.(\d+)\.layer_norm1\.", r"visual_encoder.blocks.\1.norm1."),
+    (r"vision_model\.encoder\.layers\.(\d+)\.layer_norm2\.", r"visual_encoder.blocks.\1.norm2."),
+    (r"vision_model\.encoder\.layers\.(\d+)\.self_attn\.qkv\.", r"visual_encoder.blocks.\1.attn.qkv."),
+    (r"vision_model\.encoder\.layers\.(\d+)\.self_attn\.projection\.", r"visual_encoder.blocks.\1.attn.proj."),
+    (r"vision_model\.encoder\.layers\.(\d+)\.mlp\.", r"visual_encoder.blocks.\1.mlp."),
+    (r"vision_model\.post_layernorm\.", "visual_encoder.norm."),
+]
+
+# What each role takes from an original file, and what it knowingly leaves.
+_ROLE_KEEPS = {
+    CAPTIONER: ("visual_encoder.", "text_decoder."),
+    FILTER: ("visual_encoder.", "text_encoder.", "vision_proj.", "text_proj.", "itm_head."),
+}
+_MOMENTUM_AND_QUEUES = re.compile(r"^([a-z_]+_m\.|temp$|image_queue$|text_queue$|idx_queue$|ptr_queue$|queue_ptr$)")
+_ROLE_LEAVES = {
+    CAPTIONER: re.compile(r"^(text_encoder\.|vision_proj\.|text_proj\.|itm_head\.)"),
+    FILTER: re.compile(r"^text_decoder\."),
+}
+_POSITION_IDS = re.compile(r"\.embeddings\.position_ids$")
+
+
+def _rename(key: str, rules: list[tuple[str, str]]) -> str:
+    for pattern, replacement in rules:
+        new, count = re.subn("^" + pattern, replacement, key)
+        if count:
+            return new
+    return key
+
+
+def original_to_hf(state_dict: dict[str, torch.Tensor], role: str) -> dict[str, torch.Tensor]:
+    """Select ``role``'s weights from an original state dict and rename them for transformers."""
+    keeps, leaves = _ROLE_KEEPS[role], _ROLE_LEAVES[role]
+    mapped, unknown = {}, []
+    for key, tensor in state_dict.items():
+        if _MOMENTUM_AND_QUEUES.match(key) or leaves.match(key):
+            continue
+        if _POSITION_IDS.search(key):
+            if not torch.equal(tensor.flatten().long(), torch.arange(tensor.numel())):
+                raise CheckpointError(f"{key} is not the position_ids buffer 0..n-1")
+            continue
+        if not key.startswith(keeps):
+            unknown.append(key)
+            continue
+        mapped[_rename(key, _VISION_TO_HF)] = tensor
+    if unknown:
+        raise CheckpointError(f"unexpected keys for a BLIP {role}: {_listing(unknown)}")
+    return mapped
+
+
+def hf_to_original(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse key map: a transformers BLIP state dict in the original layout."""
+    return {_rename(key, _VISION_TO_ORIGINAL): tensor for key, tensor in state_dict.items()}
+
+
+def load_original_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The weights of an original ``.pth`` (under ``'model'``), read with ``weights_only=True``."""
+    try:
+        checkpoint = torch.load(Path(path), map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise CheckpointError(f"cannot read {path} as a BLIP checkpoint: {error}") from error
+    state_dict = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise CheckpointError(f"{path} holds no state dict of tensors (expected a dict with 'model')")
+    return state_dict
+
+
+def infer_config(state_dict: dict[str, torch.Tensor]) -> BlipConfig:
+    """The sizes of an original checkpoint, read from its tensors' shapes.
+
+    Head counts are not visible in shapes; they follow the preset of the same
+    width (768: ViT-B/16 and BERT-base, 12 heads; 1024: ViT-L/16, 16 heads)
+    or 64 dimensions per head otherwise.
+    """
+    try:
+        pos_embed = state_dict["visual_encoder.pos_embed"]
+        patch = state_dict["visual_encoder.patch_embed.proj.weight"]
+        prefix = "text_decoder.bert." if "text_decoder.bert.embeddings.word_embeddings.weight" in state_dict else "text_encoder."
+        words = state_dict[prefix + "embeddings.word_embeddings.weight"]
+        positions = state_dict[prefix + "embeddings.position_embeddings.weight"]
+        intermediate = state_dict[prefix + "encoder.layer.0.intermediate.dense.weight"]
+    except KeyError as error:
+        raise CheckpointError(f"not a BLIP checkpoint: no {error.args[0]}") from None
+    width, patch_size = patch.shape[0], patch.shape[-1]
+    grid = round((pos_embed.shape[-2] - 1) ** 0.5)
+    depth = 1 + max(int(m.group(1)) for k in state_dict if (m := re.match(r"visual_encoder\.blocks\.(\d+)\.", k)))
+    layers = 1 + max(int(m.group(1)) for k in state_dict if (m := re.match(re.escape(prefix) + r"encoder\.layer\.(\d+)\.", k)))
+    vit_heads = {vit.width: vit.heads for vit, _ in PRESETS.values()}
+    text_heads = {text.hidden_size: text.num_heads for _, text in PRESETS.values()}
+    vit = VitSize(width=width, depth=depth, heads=vit_heads.get(width, width // 64), patch_size=patch_size,
+                  image_size=grid * patch_size)
+    hidden = words.shape[1]
+    text = TextSize(hidden_size=hidden, num_layers=layers, num_heads=text_heads.get(hidden, hidden // 64),
+                    intermediate_size=intermediate.shape[0], vocab_size=words.shape[0],
+                    max_positions=positions.shape[0])
+    return make_config(vit, text)
+
+
+def original_config(state_dict: dict[str, torch.Tensor], config: str | Path | BlipConfig | None) -> BlipConfig:
+    """The config for an original checkpoint: inferred, a preset name, a ``BlipConfig`` or a JSON file.
+
+    A JSON file is either a transformers ``config.json`` or BLIP's own
+    ``med_config.json`` extended with a ``"vit"`` entry (``width``, ``depth``,
+    ``heads``, ``patch_size``, ``image_size``).
+    """
+    if config is None:
+        return infer_config(state_dict)
+    if isinstance(config, BlipConfig):
+        return config
+    if str(config) in PRESETS:
+        return preset_config(str(config))
+    data = json.loads(Path(config).read_text())
+    if "vit" in data:
+        return config_from_med(data, VitSize(**data["vit"]))
+    return BlipConfig.from_dict(data)
+
+
+def load_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """``load_state_dict`` that names every missing, unexpected or mis-shaped key."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    mismatched = sorted(
+        f"{k} {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in set(state_dict) & set(expected)
+        if state_dict[k].shape != expected[k].shape
+    )
+    problems = [
+        f"{label}: {_listing(keys)}"
+        for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped keys", mismatched))
+        if keys
+    ]
+    if problems:
+        raise CheckpointError(f"{source} does not match the model; " + "; ".join(problems))
+    model.load_state_dict(state_dict, strict=True)
+
+
+def load_hf_folder(model_class: type[PreTrainedModel], folder: Path) -> PreTrainedModel:
+    """``from_pretrained`` offline, refusing any missing, unexpected or mis-shaped key."""
+    model, info = model_class.from_pretrained(str(folder), local_files_only=True, output_loading_info=True)
+    problems = [
+        f"{label}: {_listing(sorted(map(str, info.get(name) or [])))}"
+        for name, label in (
+            ("missing_keys", "missing keys"),
+            ("unexpected_keys", "unexpected keys"),
+            ("mismatched_keys", "mis-shaped keys"),
+        )
+        if info.get(name)
+    ]
+    if problems:
+        raise CheckpointError(f"{folder} does not match {model_class.__name__}; " + "; ".join(problems))
+    return model
+
+
+def load_model(
+    model_class: type[PreTrainedModel],
+    ref: str | Path,
+    role: str,
+    config: str | Path | BlipConfig | None = None,
+    tokenizer: str | Path | None = None,
+) -> tuple[PreTrainedModel, object, ModelSource]:
+    """Build ``model_class`` (a transformers BLIP class) for ``role`` with its tokenizer, from any source.
+
+    An HF folder brings its config and tokenizer. An original ``.pth``
+    brings neither: its sizes come from ``config`` (or its tensors' shapes)
+    and its special ids from the tokenizer.
+    """
+    source = resolve(ref, role)
+    if source.kind == "hf":
+        if config is not None:
+            raise CheckpointError(f"{source.path} carries its own config.json; config= is for .pth files")
+        model = load_hf_folder(model_class, source.path)
+        return model, tokenizer_for(source, model.config, tokenizer), source
+    state_dict = load_original_state_dict(source.path)
+    loaded_tokenizer = _tokenizer_at(tokenizer or source.path.parent, source)
+    blip_config = with_special_ids(original_config(state_dict, config), special_ids(loaded_tokenizer))
+    model = model_class(blip_config)
+    load_strict(model, original_to_hf(state_dict, role), source=str(source.path))
+    return model, tokenizer_for(source, model.config, loaded_tokenizer), source
+
+
+def with_special_ids(config: BlipConfig, ids: SpecialIds) -> BlipConfig:
+    """``config`` with the text side's bos/eos/pad ids set to the tokenizer's ``[DEC]``/``[SEP]``/``[PAD]``."""
+    text = config.text_config
+    text.bos_token_id, text.sep_token_id, text.eos_token_id, text.pad_token_id = ids.dec, ids.sep, ids.sep, ids.pad
+    return config
+
+
+def _tokenizer_at(path: str | Path, source: ModelSource):
+    try:
+        return load_tokenizer(path)
+    except TokenizerNotFoundError as error:
+        raise CheckpointError(f"{error} (the model at {source.path} needs a tokenizer: pass tokenizer=PATH)") from None
+
+
+def tokenizer_for(source: ModelSource, config: BlipConfig, tokenizer=None):
+    """The model's tokenizer, checked to fit it: same vocabulary size and ``[DEC]``/``[SEP]``/``[PAD]`` ids.
+
+    ``tokenizer`` is a loaded tokenizer, a path, or ``None`` for the one in
+    the model's folder.
+    """
+    if not isinstance(tokenizer, PreTrainedTokenizerBase):
+        tokenizer = _tokenizer_at(tokenizer or source.path, source)
+    ids, text = special_ids(tokenizer), config.text_config
+    expected = (text.vocab_size, text.bos_token_id, text.sep_token_id, text.pad_token_id)
+    found = (len(tokenizer), ids.dec, ids.sep, ids.pad)
+    if found != expected:
+        raise CheckpointError(
+            f"the tokenizer does not fit the model at {source.path}: "
+            f"(vocab size, [DEC], [SEP], [PAD]) = {found}, the model expects {expected}"
+        )
+    return tokenizer
+
+
+def _listing(keys: list[str], most: int = 10) -> str:
+    shown = ", ".join(keys[:most])
+    return shown + (f" (+{len(keys) - most} more)" if len(keys) > most else "")
+

@@ -1,0 +1,131 @@
+"""The filter: BLIP's image-grounded text encoder judging image–text pairs (paper §3.3).
+
+For every candidate text of an image it gives two scores:
+
+- ``itm``: the ITM head's match probability (softmax over its 2 classes,
+  class 1 = match). The input starts with ``[ENC]``, as in BLIP's retrieval
+  and pre-training code; transformers' ``BlipForImageTextRetrieval`` leaves
+  ``[CLS]`` there instead, which is not what the filters were trained with.
+  A text whose ``itm`` is below the threshold (0.5 in the paper) is noise.
+- ``itc``: the cosine similarity of the ``[CLS]`` unimodal text feature and
+  the image feature, both projected to 256-d and L2-normalised (paper §3.2).
+
+The image is encoded once for all its texts. Texts are normalised as BLIP's
+data loaders do (``pre_caption``) and cut at 35 tokens, as in BLIP's
+retrieval code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from transformers import BlipConfig, BlipForImageTextRetrieval
+
+from capfilt.checkpoints import FILTER, ModelSource, load_model
+from capfilt.device import autocast, pick_device
+from capfilt.images import ImagePreprocessor
+from capfilt.tokenizer import pre_caption, special_ids
+
+ITM_THRESHOLD = 0.5  # paper §3.3: a text is noise when its match probability is below 0.5
+MAX_TEXT_TOKENS = 35  # BLIP's retrieval code: max_length=35
+MAX_WORDS = 30  # BLIP's pre_caption in pre-training: at most 30 words
+
+
+@dataclass(frozen=True)
+class TextScore:
+    """The filter's judgement of one (image, text) pair."""
+
+    itm: float  # ITM match probability
+    itc: float  # ITC cosine similarity
+
+    def is_noise(self, threshold: float = ITM_THRESHOLD) -> bool:
+        return self.itm < threshold
+
+
+@dataclass
+class Filter:
+    """A BLIP filter: for each image, any number of texts in, a ``TextScore`` per text out."""
+
+    model: BlipForImageTextRetrieval
+    tokenizer: object
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    source: ModelSource | None = None
+    text_batch_size: int = 256  # texts per text-encoder call
+
+    def __post_init__(self):
+        self.model.to(self.device).eval()
+        self.preprocess = ImagePreprocessor(self.model.config.vision_config.image_size)
+        self.ids = special_ids(self.tokenizer)
+
+    @classmethod
+    def load(
+        cls,
+        ref: str | Path,
+        *,
+        device: str | torch.device | None = None,
+        tokenizer: str | Path | None = None,
+        config: str | Path | BlipConfig | None = None,
+    ) -> Filter:
+        """Load from an HF folder, a cached hub id, an original ``.pth`` or ``demo`` (see ``checkpoints``)."""
+        model, tokenizer, source = load_model(BlipForImageTextRetrieval, ref, FILTER, config, tokenizer)
+        return cls(model=model, tokenizer=tokenizer, device=pick_device(device), source=source)
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """``[CLS] text [SEP]`` ids and mask, after BLIP's caption normalisation."""
+        cleaned = [pre_caption(text, MAX_WORDS) for text in texts]
+        tokens = self.tokenizer(cleaned, padding="longest", truncation=True, max_length=MAX_TEXT_TOKENS,
+                                return_tensors="pt")
+        return {"input_ids": tokens.input_ids.to(self.device), "attention_mask": tokens.attention_mask.to(self.device)}
+
+    @torch.no_grad()
+    def score_embedded(self, image_embeds: torch.Tensor, image_index: torch.Tensor,
+                       input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """ITM probabilities and ITC similarities of texts against already-encoded images.
+
+        ``image_index[j]`` names the image (row of ``image_embeds``) of text ``j``.
+        """
+        encoder = self.model.text_encoder
+        # ITM (paper §3.2, eq. ITM): [ENC] text, cross-attending to the image; head on position 0.
+        enc_ids = input_ids.clone()
+        enc_ids[:, 0] = self.ids.enc
+        images = image_embeds[image_index]
+        image_mask = torch.ones(images.shape[:-1], dtype=torch.long, device=images.device)
+        grounded = encoder(input_ids=enc_ids, attention_mask=attention_mask, encoder_hidden_states=images,
+                           encoder_attention_mask=image_mask).last_hidden_state[:, 0]
+        itm = F.softmax(self.model.itm_head(grounded).float(), dim=-1)[:, 1]
+        # ITC (paper §3.2): unimodal [CLS] text feature vs the image's [CLS] feature, cosine similarity.
+        text = encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, 0]
+        text_feat = F.normalize(self.model.text_proj(text).float(), dim=-1)
+        image_feat = F.normalize(self.model.vision_proj(image_embeds[:, 0]).float(), dim=-1)
+        itc = (text_feat * image_feat[image_index]).sum(dim=-1)
+        return itm, itc
+
+    @torch.no_grad()
+    def score(self, images: Sequence[Image.Image], texts: Sequence[Sequence[str]]) -> list[list[TextScore]]:
+        """Scores of ``texts[i]`` (any number of texts) against ``images[i]``."""
+        if len(images) != len(texts):
+            raise ValueError(f"{len(images)} images but {len(texts)} lists of texts")
+        flat = [text for group in texts for text in group]
+        if not flat:
+            return [[] for _ in images]
+        image_index = torch.tensor([i for i, group in enumerate(texts) for _ in group], device=self.device)
+        itm, itc = [], []
+        with autocast(self.device):
+            pixel_values = self.preprocess(images).to(self.device)
+            image_embeds = self.model.vision_model(pixel_values=pixel_values).last_hidden_state  # once per image
+            for start in range(0, len(flat), self.text_batch_size):
+                stop = start + self.text_batch_size
+                tokens = self.tokenize(flat[start:stop])
+                batch_itm, batch_itc = self.score_embedded(image_embeds, image_index[start:stop], **tokens)
+                itm += batch_itm.tolist()
+                itc += batch_itc.tolist()
+        scores, position = [], 0
+        for group in texts:
+            scores.append([TextScore(itm[j], itc[j]) for j in range(position, position + len(group))])
+            position += len(group)
+        return scores
