@@ -9,13 +9,16 @@ top-level ``models`` package lands in site-packages. The same file is what
 Beam's ``--setup_file`` builds and ships to remote workers.
 """
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 PACKAGE_DIR = {
     "capfilt": "capfilt",
     "capfilt.models": "models",
     "capfilt.pipelines": "pipelines",
 }
+
+# Each root with its sub-packages (capfilt.shapes, ...), which setuptools maps below the root's folder.
+PACKAGES = [*PACKAGE_DIR, *(f"{root}.{sub}" for root, folder in PACKAGE_DIR.items() for sub in find_packages(folder))]
 
 # torch is not pinned here: `make install` installs the CPU build first
 # (torch==2.13.0), and a GPU cluster brings its own CUDA build.
@@ -44,7 +47,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     package_dir=PACKAGE_DIR,
-    packages=list(PACKAGE_DIR),
+    packages=PACKAGES,
     package_data={"capfilt": ["demo_models/*/*", "demo_models/*/*/*"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
