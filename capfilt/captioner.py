@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+import json
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -24,6 +25,8 @@ from capfilt.images import ImagePreprocessor
 from capfilt.tokenizer import special_ids
 
 METHODS = ("nucleus", "beam", "greedy")
+# A model folder may carry its own caption lengths etc. (the demo models do: their captions are short).
+SETTINGS_FILE = "capfilt_sampling.json"
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,17 @@ class SamplingSettings:
             raise ValueError(f"top_p must be in (0, 1], not {self.top_p}")
         if self.min_length > self.max_length:
             raise ValueError(f"min_length {self.min_length} > max_length {self.max_length}")
+
+    @classmethod
+    def for_model(cls, source: ModelSource | None, **overrides) -> SamplingSettings:
+        """The defaults, then the model folder's ``capfilt_sampling.json`` if any, then ``overrides``."""
+        values = {}
+        if source is not None and source.kind == "hf" and (source.path / SETTINGS_FILE).is_file():
+            values = json.loads((source.path / SETTINGS_FILE).read_text())
+            unknown = set(values) - {f.name for f in fields(cls)}
+            if unknown:
+                raise ValueError(f"{source.path / SETTINGS_FILE}: unknown settings {sorted(unknown)}")
+        return cls(**{**values, **overrides})
 
     def generate_kwargs(self, num_captions: int) -> dict:
         """Arguments for transformers' ``generate``, K captions per input."""
@@ -103,12 +117,16 @@ class Captioner:
         config: str | Path | BlipConfig | None = None,
         settings: SamplingSettings | None = None,
     ) -> Captioner:
-        """Load from an HF folder, a cached hub id, an original ``.pth`` or ``demo`` (see ``checkpoints``)."""
+        """Load from an HF folder, a cached hub id, an original ``.pth`` or ``demo`` (see ``checkpoints``).
+
+        ``settings`` default to ``SamplingSettings.for_model``: the paper's,
+        unless the model's folder carries a ``capfilt_sampling.json``.
+        """
         model, tokenizer, source = load_model(BlipForConditionalGeneration, ref, CAPTIONER, config, tokenizer)
         return cls(
             model=model,
             tokenizer=tokenizer,
-            settings=settings or SamplingSettings(),
+            settings=settings or SamplingSettings.for_model(source),
             device=pick_device(device),
             source=source,
         )

@@ -63,6 +63,12 @@ PRESETS: dict[str, tuple[VitSize, TextSize]] = {
     "base": (VitSize(width=768, depth=12, heads=12), TextSize()),
     # BLIP w/ ViT-L/16: model_large*.pth, *_large_* captioners and filters.
     "large": (VitSize(width=1024, depth=24, heads=16), TextSize()),
+    # The shapes-world demo models (64 px images, patch 8: an 8x8 grid), trained on 2 CPU cores.
+    # No dropout: every training step sees freshly rendered pairs, so nothing is over-fitted.
+    "demo": (
+        VitSize(width=128, depth=4, heads=4, patch_size=8, image_size=64),
+        TextSize(hidden_size=128, num_layers=4, num_heads=4, intermediate_size=512, max_positions=48, dropout=0.0),
+    ),
     # Random-weight tests only: tiny and fast on CPU.
     "tiny": (
         VitSize(width=32, depth=2, heads=2, patch_size=8, image_size=32),

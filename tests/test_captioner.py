@@ -101,3 +101,16 @@ def test_original_defaults():
                                                repetition_penalty=1.1)
     assert (settings.max_length, settings.min_length, settings.prompt) == (30, 10, "a picture of ")
     assert SamplingSettings(method="beam").generate_kwargs(1)["repetition_penalty"] == 1.0
+
+
+def test_model_folder_can_carry_its_sampling_defaults(tmp_path, hf_captioner, tokenizer):
+    hf_captioner.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    assert Captioner.load(tmp_path).settings == SamplingSettings()
+    (tmp_path / "capfilt_sampling.json").write_text('{"min_length": 5, "max_length": 20}')
+    settings = Captioner.load(tmp_path).settings
+    assert (settings.min_length, settings.max_length, settings.top_p) == (5, 20, 0.9)
+    assert SamplingSettings.for_model(Captioner.load(tmp_path).source, top_p=0.8).top_p == 0.8
+    (tmp_path / "capfilt_sampling.json").write_text('{"min_len": 5}')
+    with pytest.raises(ValueError, match="unknown settings"):
+        Captioner.load(tmp_path)
