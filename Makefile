@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test lint clean
+.PHONY: install test clean
 
 install: $(VENV)/.installed  ## set up everything from a fresh clone
 
@@ -25,3 +25,22 @@ test: install  ## run the test suite (CPU, offline)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
+
+# --- CapFilt ------------------------------------------------------------------------------
+# make bootstrap                       the offline demo (shapes world, shipped demo models)
+# make bootstrap DATA=cc12m OUT=...    a named dataset or a path (URL list, img2dataset shards)
+DATA ?= demo
+OUT ?= out/bootstrap
+RUNNER ?= FnApiRunner
+CAPTIONER ?=
+FILTER ?=
+ARGS ?=
+
+.PHONY: bootstrap bench-pipeline
+
+bootstrap: install  ## CapFilt: DATA=demo|cc12m|cc3m|sbu|laion400m|PATH OUT=... CAPTIONER=... FILTER=... RUNNER=... ARGS="..."
+	$(VENV)/bin/capfilt bootstrap --data "$(DATA)" --out "$(OUT)" --runner "$(RUNNER)" \
+	  $(if $(CAPTIONER),--captioner "$(CAPTIONER)") $(if $(FILTER),--filter "$(FILTER)") $(ARGS)
+
+bench-pipeline: install  ## images/s of the CapFilt pipeline on tiny models (this CPU)
+	nice $(PY) bench/bench_pipeline.py $(ARGS)

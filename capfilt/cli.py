@@ -1,0 +1,333 @@
+"""``capfilt``: the command line.
+
+``capfilt bootstrap`` runs CapFilt end to end with the paper's defaults:
+DATA → (download with img2dataset) → image shards → the Beam pipeline →
+``OUT/kept``, ``rejected``, ``failed``, ``stats.json``, ``report.html``.
+Every knob has a flag; flags capfilt does not know are Beam pipeline options
+(``--project``, ``--region``, ``--temp_location``, ``--setup_file``,
+``--sdk_container_image``, ``--dataflow_service_options`` ...), passed on to
+the runner. ``capfilt datasets`` lists the named datasets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+
+from capfilt import datasets
+
+DEMO_MODEL = "demo"
+# BLIP w/ ViT-L, fine-tuned on COCO: the paper's captioner and filter, as transformers hub ids.
+DEFAULT_CAPTIONER = "Salesforce/blip-image-captioning-large"
+DEFAULT_FILTER = "Salesforce/blip-itm-large-coco"
+LOCAL_RUNNERS = ("DirectRunner", "FnApiRunner", "BundleBasedDirectRunner", "SwitchingDirectRunner")
+SHARDS_FOLDER = "shards"
+# Beside the shards folder F (img2dataset allows no other files in it): F.url_list.parquet, the
+# canonical URL list it downloads, and F.source.json, what made the shards.
+URL_LIST_SUFFIX = ".url_list.parquet"
+SOURCE_SUFFIX = ".source.json"
+
+
+def beside(folder: Path, suffix: str) -> Path:
+    return folder.with_name(folder.name + suffix)
+
+
+class UsageError(ValueError):
+    """Bad command-line input, reported without a traceback."""
+
+
+class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default unless it has none or its help already says it."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.default == "" or "default" in action.help:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="capfilt", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    boot = commands.add_parser(
+        "bootstrap", help="caption and filter a dataset (CapFilt)",
+        description="Caption and filter a dataset. Unknown --flags are passed to Beam as pipeline options.",
+        formatter_class=_HelpWithDefaults,
+    )
+    data = boot.add_argument_group("data")
+    data.add_argument("--data", default="demo",
+                      help="demo, a named dataset (cc12m, cc3m, sbu, laion400m), a URL list file/folder, "
+                           "or a file/folder of img2dataset shards")
+    data.add_argument("--out", default="out/bootstrap", help="output folder (local or gs://...)")
+    data.add_argument("--shards", default=None, help="input shards to run, by index: e.g. 0-9,12 (default: all)")
+    data.add_argument("--shards-dir", default=None,
+                      help="where downloaded (or demo) shards go (default: OUT/shards)")
+    data.add_argument("--cache-dir", default=str(datasets.DEFAULT_CACHE), help="named datasets' URL lists")
+    data.add_argument("--no-fetch", action="store_true", help="never fetch a named dataset's URL list")
+    data.add_argument("--url-col", default=None, help="URL column of a URL list (name, or index without header)")
+    data.add_argument("--caption-col", default=None, help="caption column of a URL list")
+    data.add_argument("--keep-columns", default="", help="comma-separated URL list columns to carry to the output")
+    data.add_argument("--demo-size", type=int, default=datasets.DemoInput.size, help="demo: image-text pairs")
+    data.add_argument("--demo-seed", type=int, default=datasets.DemoInput.seed, help="demo: seed of the web split")
+    data.add_argument("--demo-shard-size", type=int, default=datasets.DemoInput.shard_size, help="demo: pairs/shard")
+
+    models = boot.add_argument_group("models")
+    models.add_argument("--captioner", default=None,
+                        help=f"captioner: HF folder, cached hub id, .pth or demo "
+                             f"(default: demo for DATA=demo, else {DEFAULT_CAPTIONER})")
+    models.add_argument("--filter", default=None,
+                        help=f"filter (default: demo for DATA=demo, else {DEFAULT_FILTER})")
+    models.add_argument("--captioner-tokenizer", default=None, help="tokenizer for a .pth captioner")
+    models.add_argument("--filter-tokenizer", default=None, help="tokenizer for a .pth filter")
+    models.add_argument("--device", default=None, help="cpu or cuda (default: cpu)")
+
+    capfilt = boot.add_argument_group("CapFilt (defaults: the paper's)")
+    capfilt.add_argument("--threshold", type=float, default=0.5, help="remove texts with ITM match prob below")
+    capfilt.add_argument("-k", "--num-captions", type=int, default=1, help="synthetic captions per image (K)")
+    # Sampling flags left out keep the paper's values (nucleus, top_p 0.9, top_k 50, lengths 30/10), or the
+    # captioner folder's own capfilt_sampling.json (the demo models write short captions).
+    capfilt.add_argument("--method", default=None, choices=("nucleus", "beam", "greedy"),
+                         help="caption decoding (paper: nucleus)")
+    capfilt.add_argument("--top-p", type=float, default=None, help="nucleus sampling p (paper: 0.9)")
+    capfilt.add_argument("--top-k", type=int, default=None, help="top-k applied with nucleus sampling (50)")
+    capfilt.add_argument("--max-length", type=int, default=None, help="caption tokens, prompt included (30)")
+    capfilt.add_argument("--min-length", type=int, default=None, help="caption tokens, prompt included (10)")
+    capfilt.add_argument("--batch-size", type=int, default=32, help="images per model call")
+    capfilt.add_argument("--seed", type=int, default=0, help="sampling seed (per shard and batch)")
+    capfilt.add_argument("--min-image-size", type=int, default=8, help="shorter side below this fails (size)")
+
+    run = boot.add_argument_group("runner")
+    run.add_argument("--runner", default="FnApiRunner",
+                     help="Beam runner: FnApiRunner (local, in-process; DirectRunner would first try to fetch "
+                          "Prism), DataflowRunner, FlinkRunner, SparkRunner, ...")
+    run.add_argument("--workers", type=int, default=1, help="local runner: worker processes")
+    run.add_argument("--torch-threads", type=int, default=None, help="torch threads per worker")
+    run.add_argument("--no-report", action="store_true", help="write stats.json only")
+    run.add_argument("--progress-interval", type=float, default=10.0, help="seconds between progress lines")
+
+    download = boot.add_argument_group("download (img2dataset)")
+    download.add_argument("--processes", type=int, default=4, help="img2dataset processes")
+    download.add_argument("--threads", type=int, default=64, help="img2dataset threads per process")
+    download.add_argument("--image-size", type=int, default=384, help="shorter side at most (keep ratio)")
+    download.add_argument("--samples-per-shard", type=int, default=10_000, help="URLs per shard")
+    download.add_argument("--distributor", default="multiprocessing", choices=("multiprocessing", "pyspark", "ray"),
+                          help="img2dataset's distributor")
+    download.add_argument("--output-format", default="parquet", choices=("parquet", "webdataset"),
+                          help="img2dataset's shard format")
+    download.add_argument("--timeout", type=int, default=10, help="seconds per URL")
+    download.add_argument("--retries", type=int, default=0, help="retries per URL")
+
+    listing = commands.add_parser("datasets", help="list the named datasets and whether their URL lists are on disk")
+    listing.add_argument("--cache-dir", default=str(datasets.DEFAULT_CACHE), help="named datasets' URL lists")
+    return parser
+
+
+def parse_shard_selection(spec: str | None, count: int) -> list[int]:
+    """Indices from ``0-9,12`` (inclusive ranges), within ``count`` shards."""
+    if spec is None or spec.strip() in ("", "all"):
+        return list(range(count))
+    chosen: set[int] = set()
+    for part in spec.split(","):
+        part = part.strip()
+        try:
+            if "-" in part:
+                first, last = (int(x) for x in part.split("-", 1))
+                chosen.update(range(first, last + 1))
+            else:
+                chosen.add(int(part))
+        except ValueError:
+            raise UsageError(f"--shards {spec!r}: use indices and ranges, e.g. 0-9,12") from None
+    outside = sorted(i for i in chosen if not 0 <= i < count)
+    if outside:
+        raise UsageError(f"--shards {spec!r}: there are {count} input shards (0-{count - 1}); no {outside[:5]}")
+    return sorted(chosen)
+
+
+def default_models(data: str) -> tuple[str, str]:
+    """The captioner and filter a dataset runs with unless told otherwise."""
+    return (DEMO_MODEL, DEMO_MODEL) if data == "demo" else (DEFAULT_CAPTIONER, DEFAULT_FILTER)
+
+
+def check_models(captioner: str, filter_: str) -> None:
+    """Fail early, with the loader's message, when a model is not on disk (local runners only)."""
+    from capfilt.checkpoints import CAPTIONER, FILTER, CheckpointError, resolve
+
+    for ref, role in ((captioner, CAPTIONER), (filter_, FILTER)):
+        try:
+            resolve(ref, role)
+        except CheckpointError as error:
+            raise UsageError(f"the {role} {ref!r} is not available: {error}") from None
+
+
+def record_source(folder: Path, params: dict) -> bool:
+    """Bind ``folder`` (the pipeline's input shards) to what made them; True when it already was.
+
+    A rerun with the same DATA reuses (and resumes) the shards; another DATA
+    or other download settings in the same folder is an error, not a mix.
+    """
+    record = beside(folder, SOURCE_SUFFIX)
+    if record.is_file():
+        earlier = json.loads(record.read_text())
+        if earlier != params:
+            raise UsageError(f"{folder} holds shards of another input ({json.dumps(earlier)}); "
+                             "use another --out (or --shards-dir)")
+        return True
+    folder.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(params, indent=2) + "\n")
+    return False
+
+
+def prepare_demo(demo: datasets.DemoInput, folder: Path) -> str:
+    """Render the demo's web split into ``folder`` once; later runs with the same settings reuse it."""
+    from capfilt.shapes import write_split
+
+    params = {"data": "demo", "split": "web", "size": demo.size, "seed": demo.seed, "shard_size": demo.shard_size}
+    shards = math.ceil(demo.size / demo.shard_size)
+    if record_source(folder, params) and len(list(folder.glob("*_stats.json"))) == shards:
+        return str(folder)
+    _say(f"rendering the shapes world's web split: {demo.size} pairs into {folder}")
+    write_split("web", demo.size, demo.seed, folder, shard_size=demo.shard_size, overwrite=True)
+    return str(folder)
+
+
+def prepare_download(source: datasets.UrlListInput, folder: Path, args) -> str:
+    """Write the canonical URL list (once), then download it with img2dataset (resuming)."""
+    from capfilt.download import DownloadSettings, download
+
+    extra = tuple(c for c in args.keep_columns.split(",") if c)
+    settings = DownloadSettings(
+        processes=args.processes, threads=args.threads, image_size=args.image_size,
+        samples_per_shard=args.samples_per_shard, distributor=args.distributor,
+        output_format=args.output_format, timeout=args.timeout, retries=args.retries,
+    )
+    url_list = beside(folder, URL_LIST_SUFFIX)
+    record_source(folder, {
+        "data": source.name, "paths": [str(p.resolve()) for p in source.url_list.paths],
+        "url_col": source.url_list.url_col, "caption_col": source.url_list.caption_col, "keep_columns": list(extra),
+        "image_size": settings.image_size,
+        "samples_per_shard": settings.samples_per_shard, "output_format": settings.output_format,
+    })
+    if not url_list.is_file():
+        summary = datasets.write_url_list(source.url_list, url_list, extra)
+        _say(f"URL list: {summary['rows']} rows -> {url_list}")
+    _say(f"downloading with img2dataset ({settings.distributor}, {settings.processes} processes) into {folder}; "
+         "finished shards are kept")
+    return download(url_list, folder, settings, extra)
+
+
+def shards_folder(args) -> Path:
+    """Where the demo's or img2dataset's shards go: ``--shards-dir``, else ``OUT/shards`` (a local folder)."""
+    if args.shards_dir:
+        return Path(args.shards_dir)
+    if "://" in args.out:
+        raise UsageError(f"--out {args.out} is remote: give a local --shards-dir for the downloaded shards "
+                         "(or download them first and pass their folder as --data)")
+    return Path(args.out) / SHARDS_FOLDER
+
+
+def beam_arguments(args, unknown: list[str]) -> list[str]:
+    extra = list(unknown)
+    if args.workers > 1 and args.runner in LOCAL_RUNNERS:
+        extra += [f"--direct_num_workers={args.workers}", "--direct_running_mode=multi_processing"]
+    return extra
+
+
+def settings_from_args(args):
+    """The run's ``BootstrapSettings`` from the flags; the models default by DATA."""
+    from capfilt.pipelines.settings import BootstrapSettings
+
+    captioner, filter_ = default_models(args.data)
+    return BootstrapSettings(
+        captioner=args.captioner or captioner, filter=args.filter or filter_,
+        captioner_tokenizer=args.captioner_tokenizer, filter_tokenizer=args.filter_tokenizer,
+        device=args.device, torch_threads=args.torch_threads, num_captions=args.num_captions,
+        sampling_overrides={name: value for name, value in (
+            ("method", args.method), ("top_p", args.top_p), ("top_k", args.top_k),
+            ("max_length", args.max_length), ("min_length", args.min_length)) if value is not None},
+        threshold=args.threshold, batch_size=args.batch_size, seed=args.seed, min_image_size=args.min_image_size,
+    )
+
+
+def bootstrap(args, unknown: list[str]) -> int:
+    from capfilt.pipelines import bootstrap as pipeline
+    from capfilt.pipelines.layout import OutputLayout
+    from capfilt.pipelines.progress import Progress
+    from capfilt.pipelines.shards import list_shards
+    from capfilt.report import read_stats
+
+    stray = [a for a in unknown if not a.startswith("--")]
+    if stray:
+        raise UsageError(f"unexpected argument(s) {stray}")
+    settings = settings_from_args(args)
+    if args.runner in LOCAL_RUNNERS:
+        check_models(settings.captioner, settings.filter)
+    columns = datasets.Columns(url=args.url_col, caption=args.caption_col)
+    source = datasets.resolve(args.data, args.cache_dir, columns, fetch=False if args.no_fetch else None)
+    layout = OutputLayout(args.out)
+    layout.claim(settings.provenance())  # before any download: a mismatched OUT fails now, not after hours
+    if isinstance(source, datasets.ShardsInput):
+        location = source.location
+    elif isinstance(source, datasets.DemoInput):
+        demo = datasets.DemoInput(args.demo_size, args.demo_seed, args.demo_shard_size)
+        location = prepare_demo(demo, shards_folder(args))
+    else:
+        location = prepare_download(source, shards_folder(args), args)
+
+    shards = list_shards(location)
+    shards = [shards[i] for i in parse_shard_selection(args.shards, len(shards))]
+    _say(f"CapFilt on {len(shards)} shard(s) from {location} with {args.runner}: "
+         f"captioner {settings.captioner}, filter {settings.filter}, K={settings.num_captions}, "
+         f"threshold {settings.threshold}, sampling {settings.sampling_overrides or 'defaults'}")
+    with Progress(layout, [s.shard_id for s in shards], interval=args.progress_interval):
+        pipeline.run(shards, settings, str(args.out), runner=args.runner,
+                     beam_args=beam_arguments(args, unknown), report=not args.no_report)
+    stats = read_stats(layout)
+    print_summary(stats, layout)
+    return 1 if stats["shards"]["errors"] else 0
+
+
+def print_summary(stats: dict, layout) -> None:
+    failed = ", ".join(f"{stage} {n}" for stage, n in stats["failed"].items() if n) or "none"
+    _say(f"{stats['rows']} input rows: {stats['images']} images judged, "
+         f"{sum(stats['failed'].values())} failed ({failed})")
+    for source in ("web", "synthetic"):
+        ratio = stats["noise_ratio"][source]
+        _say(f"{source:9} texts {stats['texts'][source]}: kept {stats['kept'][source]}, "
+             f"removed {stats['rejected'][source]} (noise ratio "
+             f"{'–' if ratio is None else f'{100 * ratio:.1f}%'})")
+    _say(f"texts before CapFilt {stats['texts_before']}, after {stats['texts_after']}")
+    _say(f"output in {layout.root}: kept/ rejected/ failed/ stats.json report.html")
+    for error in stats["shards"]["errors"]:
+        _say(f"shard {error['shard']} is unfinished ({error['error']}); rerun the same command to retry it")
+
+
+def _say(text: str) -> None:
+    print(f"[capfilt] {text}", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "datasets":
+        if unknown:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        print(datasets.describe_named(args.cache_dir))
+        return 0
+    try:
+        return bootstrap(args, unknown)
+    except (UsageError, ValueError, FileNotFoundError) as error:  # bad input: a message, not a traceback
+        if args.verbose:
+            raise
+        print(f"capfilt: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,454 @@
+"""What ``DATA=`` names: a named dataset, the demo world, a URL list or a folder of image shards.
+
+- Named web datasets (``cc12m``, ``cc3m``, ``sbu``, ``laion400m``): their URL
+  lists are fetched from their public location into the cache folder when
+  absent; offline, the error says which file to put where.
+- ``demo``: the shapes world's noisy ``web`` split, rendered locally as
+  img2dataset-style Parquet shards (``capfilt.shapes``).
+- A path: a URL list (``.tsv``, ``.csv``, ``.txt``, ``.json``, ``.jsonl``,
+  optionally ``.gz``, or a ``.parquet`` without image bytes, such as LAION's
+  ``URL``/``TEXT`` metadata), or image shards already downloaded by
+  img2dataset (Parquet with a ``jpg`` column, or webdataset ``.tar``), as one
+  file or a folder of them.
+
+URL lists are rewritten into one canonical Parquet file (``url``,
+``caption`` and any columns asked for), so that the download step reads one
+format whatever the source's quirks (CC12M has no header, CC3M puts the
+caption first, SBU is a JSON object of lists).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import os
+import shutil
+import tarfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pa_csv
+import pyarrow.parquet as pq
+
+from capfilt.pipelines.schema import IMAGE_COLUMNS
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CACHE = Path(os.environ.get("CAPFILT_CACHE", Path.home() / ".cache" / "capfilt")) / "datasets"
+URL_LIST_SUFFIXES = (".tsv", ".csv", ".txt", ".json", ".jsonl")
+URL_COLUMNS = ("url", "image_url", "image_urls", "imageurl", "link")
+CAPTION_COLUMNS = ("caption", "captions", "text", "txt", "alt", "title", "description")
+WRITE_BATCH_ROWS = 65_536
+
+
+class DatasetError(ValueError):
+    """DATA names nothing capfilt can read, with what to do instead."""
+
+
+class DatasetNotAvailableError(DatasetError, FileNotFoundError):
+    """A named dataset's URL list is neither on disk nor fetchable (offline, moved, behind a login)."""
+
+
+@dataclass(frozen=True)
+class UrlList:
+    """URL list files and how to read them: format, URL and caption columns (names, or indices without header)."""
+
+    paths: tuple[Path, ...]
+    format: str  # tsv, csv, txt, json, jsonl, parquet
+    url_col: str | int
+    caption_col: str | int | None
+    header: bool = True
+
+
+@dataclass(frozen=True)
+class NamedDataset:
+    """A public web dataset: where its URL list lives and how it is laid out."""
+
+    name: str
+    description: str
+    files: tuple[tuple[str, str], ...]  # (public URL, file name in the cache)
+    format: str
+    url_col: str | int
+    caption_col: str | int
+    header: bool = True
+    member: str | None = None  # the file to take out of a downloaded .tar.gz
+    note: str = ""
+
+    def folder(self, cache: Path) -> Path:
+        return Path(cache) / self.name
+
+    def local_paths(self, cache: Path) -> tuple[Path, ...]:
+        if self.member:
+            return (self.folder(cache) / self.member,)
+        return tuple(self.folder(cache) / name for _, name in self.files)
+
+
+_LAION_PART = "part-{:05d}-5b54c5d5-bbcf-484d-a2ce-0d6f73df1a36-c000.snappy.parquet"
+_LAION_BASE = "https://the-eye.eu/public/AI/cah/laion400m-met-release/laion400m-meta/"
+
+NAMED: dict[str, NamedDataset] = {
+    d.name: d
+    for d in (
+        NamedDataset(
+            "cc12m", "Conceptual 12M: ~12M pairs, TSV url<TAB>caption, no header",
+            files=(("https://storage.googleapis.com/conceptual_12m/cc12m.tsv", "cc12m.tsv"),),
+            format="tsv", url_col=0, caption_col=1, header=False,
+        ),
+        NamedDataset(
+            "cc3m", "Conceptual Captions 3M (training split): TSV caption<TAB>url, no header",
+            files=(("https://storage.googleapis.com/gcc-data/Train/GCC-training.tsv", "GCC-training.tsv"),),
+            format="tsv", url_col=1, caption_col=0, header=False,
+            note="Google may ask you to accept the dataset's terms first: "
+                 "https://ai.google.com/research/ConceptualCaptions/download",
+        ),
+        NamedDataset(
+            "sbu", "SBU Captions: ~1M pairs, a JSON object of lists (image_urls, captions) in a .tar.gz",
+            files=(("https://www.cs.rice.edu/~vo9/sbucaptions/sbu-captions-all.tar.gz", "sbu-captions-all.tar.gz"),),
+            format="json", url_col="image_urls", caption_col="captions", member="sbu-captions-all.json",
+        ),
+        NamedDataset(
+            "laion400m", "LAION-400M metadata: 32 Parquet files with URL and TEXT columns",
+            files=tuple((_LAION_BASE + _LAION_PART.format(i), _LAION_PART.format(i)) for i in range(32)),
+            format="parquet", url_col="URL", caption_col="TEXT",
+            note="LAION withdrew LAION-400M in 2023; if the files are gone, put any LAION-style Parquet "
+                 "(URL, TEXT) there or pass its path as DATA",
+        ),
+    )
+}
+
+
+@dataclass(frozen=True)
+class DemoInput:
+    """The shapes world's ``web`` split, rendered on the fly."""
+
+    size: int = 1000
+    seed: int = 0
+    shard_size: int = 250
+
+
+@dataclass(frozen=True)
+class ShardsInput:
+    """Image shards img2dataset (or the demo) already wrote: the pipeline's input as they are."""
+
+    location: str
+
+
+@dataclass(frozen=True)
+class UrlListInput:
+    """URLs to download first."""
+
+    url_list: UrlList
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Overrides for a URL list's columns; None means detect."""
+
+    url: str | None = None
+    caption: str | None = None
+
+
+def resolve(data: str, cache: str | Path = DEFAULT_CACHE, columns: Columns = Columns(),
+            fetch: bool | None = None) -> DemoInput | ShardsInput | UrlListInput:
+    """What ``data`` names; named datasets are fetched into ``cache`` when absent (unless ``fetch`` is False).
+
+    ``fetch=None`` fetches unless the environment says ``CAPFILT_OFFLINE=1``.
+    """
+    if data == "demo":
+        return DemoInput()
+    if data in NAMED:
+        spec = NAMED[data]
+        if fetch is None:
+            fetch = os.environ.get("CAPFILT_OFFLINE", "0") not in ("1", "true", "yes")
+        paths = ensure_named(spec, Path(cache), fetch=fetch)
+        url_list = UrlList(paths, spec.format, columns.url or spec.url_col, columns.caption or spec.caption_col,
+                           spec.header)
+        return UrlListInput(url_list, name=spec.name)
+    if "://" in data:  # remote folders are image shards; URL lists are read locally
+        return ShardsInput(data)
+    path = Path(data).expanduser()
+    if not path.exists():
+        raise DatasetError(
+            f"DATA={data!r} is neither a named dataset ({', '.join(['demo', *NAMED])}) nor an existing path"
+        )
+    files = _data_files(path)
+    if _are_image_shards(files):
+        return ShardsInput(str(path))
+    return UrlListInput(detect_url_list(files, columns), name=path.stem)
+
+
+def _data_files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith((".", "_")))
+    shards = [p for p in files if p.suffix in (".tar", ".parquet")]
+    lists = [p for p in files if _list_format(p)]
+    found = shards or lists
+    if not found:
+        raise DatasetError(f"{path} holds no URL list ({', '.join(URL_LIST_SUFFIXES)}, .parquet) and no image shards")
+    return found
+
+
+def _are_image_shards(files: list[Path]) -> bool:
+    if any(p.suffix == ".tar" for p in files):
+        return True
+    parquets = [p for p in files if p.suffix == ".parquet"]
+    if not parquets:
+        return False
+    names = pq.read_schema(parquets[0]).names
+    return any(column in names for column in IMAGE_COLUMNS)
+
+
+def _list_format(path: Path) -> str | None:
+    name = path.name.lower()
+    if name.endswith(".gz"):
+        name = name[:-3]
+    for suffix in (*URL_LIST_SUFFIXES, ".parquet"):
+        if name.endswith(suffix):
+            return suffix[1:]
+    return None
+
+
+def detect_url_list(files: list[Path], columns: Columns = Columns()) -> UrlList:
+    """How to read local URL list files: their format, header and URL/caption columns."""
+    formats = {_list_format(p) for p in files}
+    if len(formats) != 1 or None in formats:
+        raise DatasetError(f"URL list files must share one format ({', '.join(URL_LIST_SUFFIXES)}, .parquet): "
+                           f"{', '.join(p.name for p in files[:5])}")
+    fmt = formats.pop()
+    if fmt == "txt":
+        return UrlList(tuple(files), "txt", 0, None, header=False)
+    if fmt in ("tsv", "csv"):
+        first = _first_line(files[0]).split("\t" if fmt == "tsv" else ",")
+        fields = [f.strip().strip('"') for f in first]
+        if any(_looks_like_url(f) for f in fields):  # no header: find the URL by its look
+            url_index = next(i for i, f in enumerate(fields) if _looks_like_url(f))
+            others = [i for i in range(len(fields)) if i != url_index]
+            caption_index = others[0] if len(others) == 1 else None
+            url_col = int(columns.url) if columns.url is not None else url_index
+            caption_col = int(columns.caption) if columns.caption is not None else caption_index
+            return UrlList(tuple(files), fmt, url_col, caption_col, header=False)
+        names = fields
+    elif fmt == "parquet":
+        names = pq.read_schema(files[0]).names
+    elif fmt == "jsonl":
+        names = list(json.loads(_first_line(files[0])))
+    else:  # json: an object of lists or a list of objects
+        names = list(_read_json(files[0]))
+    url_col = columns.url or _pick(names, URL_COLUMNS, "URL", files[0])
+    caption_col = columns.caption or _pick(names, CAPTION_COLUMNS, None, files[0])
+    return UrlList(tuple(files), fmt, url_col, caption_col, header=True)
+
+
+def _looks_like_url(text: str) -> bool:
+    return text.startswith(("http://", "https://"))
+
+
+def _first_line(path: Path) -> str:
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        return f.readline().rstrip("\r\n")
+
+
+def _pick(names: list[str], candidates: tuple[str, ...], required: str | None, path: Path) -> str | None:
+    lowered = {name.lower(): name for name in names}
+    for candidate in candidates:
+        if candidate in lowered:
+            return lowered[candidate]
+    if required:
+        raise DatasetError(f"{path}: no {required} column among {names}; name it with --url-col")
+    return None
+
+
+def _read_json(path: Path) -> dict[str, list]:
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        data = json.load(f)
+    if isinstance(data, list):  # a list of records
+        keys = list(dict.fromkeys(k for record in data for k in record))
+        return {k: [record.get(k) for record in data] for k in keys}
+    if isinstance(data, dict) and all(isinstance(v, list) for v in data.values()):
+        return data
+    raise DatasetError(f"{path}: expected a JSON list of records or an object of lists")
+
+
+# --- fetching named datasets -------------------------------------------------------------------
+
+
+def ensure_named(spec: NamedDataset, cache: Path, fetch: bool = True) -> tuple[Path, ...]:
+    """The local paths of a named dataset's URL list, fetched first when absent."""
+    paths = spec.local_paths(cache)
+    if all(p.is_file() for p in paths):
+        return paths
+    if not fetch:
+        raise DatasetNotAvailableError(_not_available(spec, cache, "fetching is off (CAPFILT_OFFLINE=1)"))
+    folder = spec.folder(cache)
+    folder.mkdir(parents=True, exist_ok=True)
+    for url, name in spec.files:
+        target = folder / name
+        if spec.member and (folder / spec.member).is_file():
+            break
+        if not target.is_file():
+            try:
+                fetch_file(url, target)
+            except OSError as error:
+                raise DatasetNotAvailableError(_not_available(spec, cache, f"fetching {url} failed: {error}")) from None
+        if spec.member:
+            _extract_member(target, spec.member, folder)
+    return paths
+
+
+def _not_available(spec: NamedDataset, cache: Path, why: str) -> str:
+    places = "\n".join(f"  {url}\n    -> {spec.folder(cache) / name}" for url, name in spec.files[:3])
+    more = f"\n  (+{len(spec.files) - 3} more files named like these)" if len(spec.files) > 3 else ""
+    member = f"\nthen extract {spec.member} into {spec.folder(cache)}" if spec.member else ""
+    note = f"\n{spec.note}" if spec.note else ""
+    return (
+        f"the URL list of {spec.name} is not on disk and {why}.\n"
+        f"On a machine with internet, download\n{places}{more}{member}\n"
+        f"and copy it there (or set CAPFILT_CACHE, or pass the file as DATA=/path/to/file).{note}"
+    )
+
+
+def fetch_file(url: str, target: Path, timeout: float = 60.0) -> Path:
+    """Download ``url`` to ``target`` through a temporary name (no half file is ever left as ``target``)."""
+    partial = target.with_name(target.name + ".partial")
+    log.info("fetching %s -> %s", url, target)
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response, open(partial, "wb") as out:
+            shutil.copyfileobj(response, out, length=1 << 20)
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+    return target
+
+
+def _extract_member(archive: Path, member: str, folder: Path) -> Path:
+    with tarfile.open(archive) as tar:
+        entry = next((m for m in tar.getmembers() if Path(m.name).name == member and m.isfile()), None)
+        if entry is None:
+            raise DatasetError(f"{archive} has no {member}")
+        partial = folder / (member + ".partial")
+        with tar.extractfile(entry) as src, open(partial, "wb") as out:
+            shutil.copyfileobj(src, out, length=1 << 20)
+    os.replace(partial, folder / member)
+    return folder / member
+
+
+# --- writing the canonical URL list ------------------------------------------------------------
+
+def write_url_list(url_list: UrlList, target: str | Path, extra: tuple[str, ...] = ()) -> dict:
+    """Rewrite ``url_list`` as one Parquet file with ``url``, ``caption`` and the ``extra`` columns.
+
+    Every row is kept, even one without a URL: img2dataset then records it as
+    a failed download, so that it is accounted for in ``failed/``. CSV/TSV
+    lines that do not parse (too many fields) are skipped and counted in the
+    returned summary. Written through a temporary name.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".partial")
+    summary = {"rows": 0, "without_url": 0, "malformed": 0}
+    writer = None
+    try:
+        for table in _tables(url_list, extra, summary):
+            has_url = pc.fill_null(pc.not_equal(pc.utf8_trim_whitespace(table["url"]), ""), False)
+            summary["without_url"] += table.num_rows - pc.sum(has_url).as_py()
+            summary["rows"] += table.num_rows
+            if writer is None:
+                writer = pq.ParquetWriter(partial, table.schema)
+            writer.write_table(table)
+        if writer is None:
+            raise DatasetError(f"{', '.join(map(str, url_list.paths))}: no rows")
+        writer.close()
+        writer = None
+        os.replace(partial, target)
+    finally:
+        if writer is not None:
+            writer.close()
+        partial.unlink(missing_ok=True)
+    if summary["without_url"] or summary["malformed"]:
+        log.warning("URL list: %(without_url)d row(s) without URL (they will fail to download), "
+                    "%(malformed)d malformed line(s) skipped", summary)
+    return summary
+
+
+def _select(table: pa.Table, url_list: UrlList, extra: tuple[str, ...]) -> pa.Table:
+    """``url``, ``caption`` (as strings) and the ``extra`` columns of one block of a URL list."""
+    names = table.column_names
+
+    def column(col):
+        name = names[col] if isinstance(col, int) else col
+        if name not in names:
+            raise DatasetError(f"{url_list.paths[0]}: no column {col!r} (columns: {names})")
+        return table[name].cast(pa.string())
+
+    missing = [name for name in extra if name not in names]
+    if missing:
+        raise DatasetError(f"{url_list.paths[0]}: no column(s) {missing} to keep (columns: {names})")
+    url = column(url_list.url_col)
+    caption = pa.nulls(len(url), pa.string()) if url_list.caption_col is None else column(url_list.caption_col)
+    return pa.table({"url": url, "caption": caption, **{name: table[name] for name in extra}})
+
+
+def _tables(url_list: UrlList, extra: tuple[str, ...], summary: dict):
+    for path in url_list.paths:
+        fmt = url_list.format
+        if fmt in ("tsv", "csv", "txt"):
+            yield from _csv_tables(path, url_list, extra, summary)
+        elif fmt == "parquet":
+            parquet = pq.ParquetFile(path)
+            for batch in parquet.iter_batches(batch_size=WRITE_BATCH_ROWS):
+                yield _select(pa.Table.from_batches([batch]), url_list, extra)
+        elif fmt == "jsonl":
+            import pyarrow.json as pa_json
+
+            yield _select(pa_json.read_json(path), url_list, extra)
+        elif fmt == "json":
+            yield _select(pa.table(_read_json(path)), url_list, extra)
+        else:
+            raise DatasetError(f"unknown URL list format {fmt!r}")
+
+
+def _csv_tables(path: Path, url_list: UrlList, extra: tuple[str, ...], summary: dict):
+    delimiter = {"tsv": "\t", "csv": ",", "txt": "\t"}[url_list.format]
+    if url_list.header:
+        header = _first_line(path).split(delimiter)
+        names = [n.strip().strip('"') for n in header]
+        skip = 1
+    else:
+        width = max(len(_first_line(path).split(delimiter)), 1)
+        names = [f"f{i}" for i in range(width)]
+        skip = 0
+
+    def malformed(_row) -> str:
+        summary["malformed"] += 1
+        return "skip"
+
+    reader = pa_csv.open_csv(
+        path,
+        read_options=pa_csv.ReadOptions(column_names=names, skip_rows=skip, block_size=1 << 24),
+        # TSV lists are not quoted (a caption may start with a quote mark); CSV files are.
+        parse_options=pa_csv.ParseOptions(delimiter=delimiter, quote_char='"' if url_list.format == "csv" else False,
+                                          invalid_row_handler=malformed),
+        convert_options=pa_csv.ConvertOptions(column_types={n: pa.string() for n in names},
+                                              strings_can_be_null=False),
+    )
+    for batch in reader:
+        yield _select(pa.Table.from_batches([batch]), url_list, extra)
+
+
+def describe_named(cache: str | Path = DEFAULT_CACHE) -> str:
+    """One line per named dataset: name, whether its URL list is on disk, what it is."""
+    lines = [f"{'demo':10} {'built in':12} the shapes world's noisy web split, rendered locally"]
+    for spec in NAMED.values():
+        here = all(p.is_file() for p in spec.local_paths(Path(cache)))
+        lines.append(f"{spec.name:10} {'on disk' if here else 'to fetch':12} {spec.description}  "
+                     f"[{spec.folder(Path(cache))}]")
+    return "\n".join(lines)

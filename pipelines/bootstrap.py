@@ -1,0 +1,134 @@
+"""The CapFilt Beam pipeline: input shards in, kept/rejected/failed Parquet shards and a report out.
+
+It reads as what it does::
+
+    shards | 'SkipFinished' | 'SpreadShards' | 'CaptionAndFilter' | 'Summarize' | 'WriteStatsAndReport'
+
+The element is an input *shard* (its path), not an image: one ``DoFn`` call
+reads a shard, runs the captioner and the filter on it in fixed-size batches
+and commits its three output files (``capfilt.pipelines.process``). Image
+bytes therefore never cross a shuffle (the only shuffle, ``SpreadShards``,
+moves shard paths so that a runner spreads them over its workers), and each
+shard's output appears on its own with a completion marker instead of all at
+the end of the job; a rerun skips finished shards. Models load once per
+worker, in ``DoFn.setup``.
+
+A shard that cannot be processed at all (an unreadable file, a model that
+fails on every image) is reported, not marked done: the job finishes the
+other shards and says which to rerun.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from collections.abc import Sequence
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
+from capfilt.pipelines.layout import OutputLayout
+from capfilt.pipelines.settings import BootstrapSettings
+from capfilt.pipelines.shards import InputShard
+
+log = logging.getLogger(__name__)
+
+SHARD_ERRORS = "shard_errors"
+# The in-process engine DirectRunner falls back to; unlike DirectRunner (Beam 2.77) it never tries to fetch Prism.
+DEFAULT_RUNNER = "FnApiRunner"
+
+
+class CapFiltShard(beam.DoFn):
+    """Caption and filter whole shards; emits each shard's stats, or its error on ``SHARD_ERRORS``."""
+
+    def __init__(self, settings: BootstrapSettings, layout: OutputLayout):
+        self.settings, self.layout = settings, layout
+        self.models = None
+        self._torch_threads = None
+
+    def setup(self):
+        import torch
+
+        from capfilt.pipelines.models import Models
+
+        self._torch_threads = torch.get_num_threads()
+        if self.settings.torch_threads:
+            torch.set_num_threads(self.settings.torch_threads)
+        self.models = Models.load(self.settings)
+
+    def teardown(self):
+        import torch
+
+        if self._torch_threads:  # the DirectRunner shares its process with the caller
+            torch.set_num_threads(self._torch_threads)
+        self.models = None
+
+    def process(self, shard: InputShard):
+        from capfilt.pipelines.process import process_shard
+
+        if self.layout.is_done(shard.shard_id):  # finished meanwhile by another attempt
+            return
+        try:
+            stats = process_shard(shard, self.models, self.settings, self.layout)
+        except Exception as error:  # noqa: BLE001 - reported per shard; the job goes on
+            log.error("shard %s failed: %s", shard.shard_id, traceback.format_exc())
+            failure = {"shard": shard.shard_id, "input": shard.path, "error": f"{type(error).__name__}: {error}"}
+            yield beam.pvalue.TaggedOutput(SHARD_ERRORS, failure)
+            return
+        yield {k: v for k, v in stats.items() if k != "samples"}  # the report reads the examples from the marker
+
+
+def _unfinished(shard: InputShard, layout: OutputLayout) -> bool:
+    return not layout.is_done(shard.shard_id)
+
+
+def _write_stats_and_report(results: list[dict], layout: OutputLayout, settings: BootstrapSettings,
+                            total_shards: int, report: bool) -> dict:
+    from capfilt.report import write_summary
+
+    errors = sorted((r for r in results if "error" in r), key=lambda r: r["shard"])
+    stats = write_summary(layout, settings, total_shards, errors, report=report)
+    if not errors:
+        layout.clean_temp()
+    return stats
+
+
+def capfilt_transform(p_shards, settings: BootstrapSettings, layout: OutputLayout, total_shards: int,
+                      report: bool = True):
+    """Apply CapFilt to a PCollection of ``InputShard``s; returns the PCollection holding the run's stats."""
+    results = (
+        p_shards
+        | "SkipFinished" >> beam.Filter(_unfinished, layout)
+        | "SpreadShards" >> beam.Reshuffle()
+        | "CaptionAndFilter" >> beam.ParDo(CapFiltShard(settings, layout)).with_outputs(SHARD_ERRORS, main="done")
+    )
+    return (
+        (results.done, results[SHARD_ERRORS])
+        | "Merge" >> beam.Flatten()
+        | "Summarize" >> beam.combiners.ToList()
+        | "WriteStatsAndReport" >> beam.Map(_write_stats_and_report, layout, settings, total_shards, report)
+    )
+
+
+def build_pipeline(pipeline: beam.Pipeline, shards: Sequence[InputShard], settings: BootstrapSettings,
+                   out: str, report: bool = True):
+    """Add the whole CapFilt job over ``shards`` to ``pipeline``; returns the stats PCollection."""
+    layout = OutputLayout(out)
+    layout.claim(settings.provenance())
+    p_shards = pipeline | "ListShards" >> beam.Create(list(shards))
+    return capfilt_transform(p_shards, settings, layout, total_shards=len(shards), report=report)
+
+
+def pipeline_options(runner: str = DEFAULT_RUNNER, beam_args: Sequence[str] = ()) -> PipelineOptions:
+    """Beam options with the runner always explicit (Beam's own default would fetch a Prism binary)."""
+    options = PipelineOptions(list(beam_args))
+    options.view_as(StandardOptions).runner = runner
+    return options
+
+
+def run(shards: Sequence[InputShard], settings: BootstrapSettings, out: str, runner: str = DEFAULT_RUNNER,
+        beam_args: Sequence[str] = (), report: bool = True) -> None:
+    """Run the job to the end (blocking)."""
+    pipeline = beam.Pipeline(options=pipeline_options(runner, beam_args))
+    build_pipeline(pipeline, shards, settings, out, report=report)
+    pipeline.run().wait_until_finish()

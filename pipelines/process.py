@@ -1,0 +1,304 @@
+"""CapFilt on one shard: read → decode → caption → filter → write → commit.
+
+Everything a shard needs happens here, in one worker, so that image bytes
+never travel between workers. The steps are the paper's:
+
+1. decode each image (and check its size); rows img2dataset could not
+   download fail at stage ``download``;
+2. the captioner writes K synthetic captions per image (nucleus sampling,
+   p = 0.9), in fixed-size batches, each batch seeded by (seed, shard, batch);
+3. the filter scores the web text and every synthetic caption of an image
+   against that image (one image encoding); texts whose ITM match probability
+   is below the threshold are removed;
+4. kept pairs, removed texts and failed rows go to the shard's three files,
+   which ``OutputLayout.commit`` moves into place before writing the marker.
+
+A model error on a batch is retried image by image, so that one bad image
+fails alone (stage ``caption`` or ``filter``); when every image of a batch
+(or of the shard) fails, the error is the model's or the machine's, not the
+data's, and the shard fails (it is not marked done, and a rerun retries it).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from apache_beam.io.filesystems import FileSystems
+from PIL import Image
+
+from capfilt.images import decode_image
+from capfilt.pipelines import schema
+from capfilt.pipelines.layout import FAILED, KEPT, REJECTED, OutputLayout
+from capfilt.pipelines.models import Models
+from capfilt.pipelines.settings import BootstrapSettings
+from capfilt.pipelines.shards import SUCCESS, InputRow, InputShard, ShardReader
+from capfilt.pipelines.stats import ShardStats
+
+FLUSH_ROWS = 256  # rows buffered per output file before a Parquet row group is written
+THUMBNAIL_SIZE = 96  # px, for the report's examples
+
+
+class SampleError(ValueError):
+    """A row that cannot be judged, and the stage where that was found."""
+
+    def __init__(self, stage: str, message: str):
+        super().__init__(message)
+        self.stage = stage
+
+
+class ModelStageError(RuntimeError):
+    """A model failed on every image of a batch: not the data's fault; the shard is retried later."""
+
+
+@dataclass
+class Judged:
+    """A decoded input row on its way through the models."""
+
+    row: InputRow
+    image: Image.Image
+
+
+def decode(row: InputRow, settings: BootstrapSettings) -> Judged:
+    """The row's image, decoded to RGB, or a ``SampleError`` (stage ``decode`` or ``size``)."""
+    if not row.image:
+        raise SampleError("decode", "no image bytes")
+    try:
+        with Image.open(io.BytesIO(row.image)) as header:  # reads the header only
+            width, height = header.size
+    except Exception as error:
+        raise SampleError("decode", f"cannot decode image: {_describe(error)}") from None
+    if min(width, height) < settings.min_image_size:
+        raise SampleError("size", f"image is {width}x{height}, below min_image_size {settings.min_image_size}")
+    if width * height > settings.max_image_pixels:
+        raise SampleError("size", f"image is {width}x{height}, above max_image_pixels {settings.max_image_pixels}")
+    try:
+        return Judged(row, decode_image(row.image))
+    except ValueError as error:
+        raise SampleError("decode", _ADDRESS.sub("", str(error))) from None
+
+
+def per_image(call: Callable[[list], list], items: list, what: str) -> list[tuple[object, str | None]]:
+    """``call`` on the batch; if it fails, on each item alone: (result, None) or (None, error) per item."""
+    try:
+        results = call(items)
+        return [(result, None) for result in results]
+    except Exception as batch_error:  # noqa: BLE001 - any model error is retried image by image
+        if isinstance(batch_error, (MemoryError, torch.OutOfMemoryError)):  # the machine, not the data
+            raise
+        if len(items) == 1:
+            return [(None, _describe(batch_error))]
+        outcomes = []
+        for item in items:
+            try:
+                outcomes.append((call([item])[0], None))
+            except Exception as error:  # noqa: BLE001
+                outcomes.append((None, _describe(error)))
+        if all(error is not None for _, error in outcomes):
+            raise ModelStageError(f"the {what} failed on every image of a batch: {_describe(batch_error)}") \
+                from batch_error
+        return outcomes
+
+
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+def _describe(error: BaseException) -> str:
+    """``Type: message`` without memory addresses, so that a rerun writes the same error text."""
+    return _ADDRESS.sub("", f"{type(error).__name__}: {error}")
+
+
+class TableWriter:
+    """Rows (dicts) appended to one Parquet file, written a row group at a time."""
+
+    def __init__(self, path: str, schema_: pa.Schema):
+        self.path, self.schema = path, schema_
+        self._file = FileSystems.create(path)
+        self._writer = pq.ParquetWriter(self._file, schema_)
+        self._rows: list[dict] = []
+
+    def add(self, row: dict) -> None:
+        self._rows.append(row)
+        if len(self._rows) >= FLUSH_ROWS:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._rows:
+            self._writer.write_table(pa.Table.from_pylist(self._rows, schema=self.schema))
+            self._rows = []
+
+    def close(self) -> None:
+        self.flush()
+        self._writer.close()
+        self._file.close()
+
+
+class ShardWriter:
+    """The kept, rejected and failed files of one shard, under a temporary folder."""
+
+    def __init__(self, folder: str, reader: ShardReader, settings: BootstrapSettings, models: Models):
+        config = {**settings.provenance(), "sampling": models.sampling}  # what made these rows
+        provenance = {"config": config, "models": models.provenance(), "input": reader.shard.path}
+        extra = reader.extra_fields
+        self.image_column = reader.image_column
+        schemas = {
+            KEPT: schema.kept_schema(extra, self.image_column),
+            REJECTED: schema.rejected_schema(extra),
+            FAILED: schema.failed_schema(extra),
+        }
+        self.files = {kind: FileSystems.join(folder, f"{kind}.parquet") for kind in schemas}
+        self.writers = {kind: TableWriter(self.files[kind], schema.with_provenance(s, provenance))
+                        for kind, s in schemas.items()}
+        self.provenance_columns = {"captioner": settings.captioner, "filter": settings.filter,
+                                   "capfilt_config": json.dumps(config, sort_keys=True)}
+
+    def fail(self, row: InputRow, stage: str, error: str) -> None:
+        self.writers[FAILED].add({
+            "key": row.key, "url": row.url, "caption": row.caption, "stage": stage, "error": error,
+            "status": row.status, **row.extra,
+        })
+
+    def pair(self, judged: Judged, text: str, source: str, index: int, itm: float, itc: float, kept: bool) -> None:
+        row = judged.row
+        record = {
+            "key": row.key, "url": row.url, "caption": row.caption, "text": text, "source": source,
+            "source_index": index, "itm_score": itm, "itc_score": itc,
+            "width": judged.image.width, "height": judged.image.height, **self.provenance_columns, **row.extra,
+        }
+        if kept:
+            record[self.image_column] = row.image
+        self.writers[KEPT if kept else REJECTED].add(record)
+
+    def close(self) -> None:
+        for writer in self.writers.values():
+            writer.close()
+
+
+def thumbnail(image: Image.Image) -> str:
+    """A small JPEG of ``image`` as a ``data:`` URI."""
+    small = image.copy()
+    small.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
+    buffer = io.BytesIO()
+    small.save(buffer, format="JPEG", quality=80)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def web_text(row: InputRow) -> str | None:
+    """The web text to judge, or None when the input has none (empty or missing)."""
+    text = row.caption
+    return text if text is not None and text.strip() else None
+
+
+class ShardJob:
+    """One attempt at one shard."""
+
+    def __init__(self, shard: InputShard, models: Models, settings: BootstrapSettings, layout: OutputLayout):
+        self.shard, self.models, self.settings, self.layout = shard, models, settings, layout
+        self.stats = ShardStats(shard=shard.shard_id, input=shard.path)
+
+    def run(self) -> dict:
+        start = time.perf_counter()
+        reader = ShardReader(self.shard)
+        writer = ShardWriter(self.layout.temp_dir(self.shard.shard_id), reader, self.settings, self.models)
+        try:
+            batch: list[Judged] = []
+            batch_index = 0
+            for row in reader.rows():
+                self.stats.rows += 1
+                judged = self.admit(row, writer)
+                if judged is None:
+                    continue
+                batch.append(judged)
+                if len(batch) == self.settings.batch_size:
+                    self.judge(batch, batch_index, writer)
+                    batch, batch_index = [], batch_index + 1
+            if batch:
+                self.judge(batch, batch_index, writer)
+        finally:
+            writer.close()
+        self.stats.seconds = time.perf_counter() - start
+        model_failures = self.stats.failed["caption"] + self.stats.failed["filter"]
+        if model_failures and not self.stats.images:  # e.g. batch size 1 with a broken model
+            raise ModelStageError(f"the models failed on all {model_failures} image(s) of the shard")
+        self.stats.check(self.settings.num_captions)
+        marker = {**self.stats.to_dict(), "sampling": self.models.sampling}
+        self.layout.commit(self.shard.shard_id, writer.files, marker)
+        return marker
+
+    def admit(self, row: InputRow, writer: ShardWriter) -> Judged | None:
+        """The decoded row, or None after writing it to failed/."""
+        if row.status != SUCCESS:
+            return self.failed(row, "download", row.error or row.status, writer)
+        try:
+            return decode(row, self.settings)
+        except SampleError as error:
+            return self.failed(row, error.stage, str(error), writer)
+
+    def failed(self, row: InputRow, stage: str, error: str, writer: ShardWriter) -> None:
+        writer.fail(row, stage, error)
+        self.stats.failed[stage] += 1
+        return None
+
+    def judge(self, batch: list[Judged], batch_index: int, writer: ShardWriter) -> None:
+        """Caption, filter and write one batch."""
+        k = self.settings.num_captions
+        seed = self.settings.batch_seed(self.shard.shard_id, batch_index)
+        captions = per_image(lambda items: self._caption(items, k, seed), batch, "captioner")
+        captioned = []
+        for judged, (texts, error) in zip(batch, captions):
+            if error is not None:
+                self.failed(judged.row, "caption", error, writer)
+            else:
+                captioned.append((judged, texts))
+        candidates = [(judged, self._candidates(judged, synthetic)) for judged, synthetic in captioned]
+        scores = per_image(self._score, candidates, "filter")
+        for (judged, texts), (text_scores, error) in zip(candidates, scores):
+            if error is not None:
+                self.failed(judged.row, "filter", error, writer)
+                continue
+            self.stats.images += 1
+            if texts[0][0] != schema.WEB:
+                self.stats.web_missing += 1
+            for (source, index, text), score in zip(texts, text_scores):
+                kept = score.itm >= self.settings.threshold
+                writer.pair(judged, text, source, index, score.itm, score.itc, kept)
+                self.stats.add_text(source, score.itm, kept)
+                if self.stats.wants_sample(source, kept):
+                    self.stats.samples.append({"key": judged.row.key, "text": text, "source": source,
+                                               "itm": round(score.itm, 4), "kept": kept,
+                                               "thumbnail": thumbnail(judged.image)})
+
+    def _caption(self, items: Sequence[Judged], k: int, seed: int) -> list[list[str]]:
+        captions = self.models.captioner.caption([j.image for j in items], num_captions=k, seed=seed)
+        if len(captions) != len(items) or any(len(c) != k for c in captions):
+            raise ValueError(f"the captioner returned {[len(c) for c in captions]} captions for {len(items)} images, "
+                             f"K={k}")
+        return captions
+
+    @staticmethod
+    def _candidates(judged: Judged, synthetic: list[str]) -> list[tuple[str, int, str]]:
+        """(source, index, text) for the web text (if any) and each synthetic caption."""
+        web = web_text(judged.row)
+        texts = [(schema.WEB, 0, web)] if web is not None else []
+        return texts + [(schema.SYNTHETIC, i, caption) for i, caption in enumerate(synthetic)]
+
+    def _score(self, items: Sequence[tuple[Judged, list]]) -> list:
+        images = [judged.image for judged, _ in items]
+        texts = [[text for _, _, text in candidates] for _, candidates in items]
+        scores = self.models.filter.score(images, texts)
+        if [len(s) for s in scores] != [len(t) for t in texts]:
+            raise ValueError("the filter returned a different number of scores than texts")
+        return scores
+
+
+def process_shard(shard: InputShard, models: Models, settings: BootstrapSettings, layout: OutputLayout) -> dict:
+    """CapFilt one shard and commit its output; returns its stats (the marker's content)."""
+    return ShardJob(shard, models, settings, layout).run()

@@ -1,0 +1,90 @@
+"""The output's schema, written down once and versioned.
+
+An output folder holds, per input shard, three Parquet files:
+
+- ``kept/{shard}.parquet``: one row per kept (image, text) pair, with the
+  image bytes, the input's key, url and metadata under img2dataset's names;
+- ``rejected/{shard}.parquet``: one row per removed text, the same columns
+  without the image bytes;
+- ``failed/{shard}.parquet``: one row per input row that could not be judged
+  (download, decode, size or model error), with the stage and the error.
+
+Columns the input carries beyond img2dataset's reserved ones (``exif``,
+``sha256``, a LAION ``NSFW``, the shapes world's ``kind`` and ``scene`` ...)
+are passed through unchanged after the columns below. ``SCHEMA_VERSION``
+changes whenever a column below changes name, type or meaning; it is written
+into every file's Parquet metadata and into ``stats.json``.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+METADATA_KEY = b"capfilt"  # Parquet key-value metadata: JSON with schema_version, models, settings
+
+WEB, SYNTHETIC = "web", "synthetic"
+SOURCES = (WEB, SYNTHETIC)
+
+# Where a failed row failed, in pipeline order.
+STAGES = ("download", "decode", "size", "caption", "filter")
+
+# img2dataset's image columns (its --encode_format), in order of preference.
+IMAGE_COLUMNS = ("jpg", "png", "webp")
+
+# Columns capfilt writes itself; an input column of the same name is not passed through.
+# ``status``/``error_message`` are img2dataset's download outcome: kept in failed/ as ``status``.
+_PAIR_FIELDS = [
+    pa.field("key", pa.string()),
+    pa.field("url", pa.string()),
+    pa.field("caption", pa.string()),  # the web text of the image, as the input gave it
+    pa.field("text", pa.string()),  # the text of this pair: the web text or a synthetic caption
+    pa.field("source", pa.string()),  # 'web' or 'synthetic'
+    pa.field("source_index", pa.int32()),  # 0 for the web text; 0..K-1 for the K synthetic captions
+    pa.field("itm_score", pa.float32()),  # the filter's ITM match probability
+    pa.field("itc_score", pa.float32()),  # the filter's ITC cosine similarity
+    pa.field("width", pa.int32()),  # of the image bytes as stored
+    pa.field("height", pa.int32()),
+    pa.field("captioner", pa.string()),  # the captioner reference (folder, hub id, .pth or 'demo')
+    pa.field("filter", pa.string()),  # the filter reference
+    pa.field("capfilt_config", pa.string()),  # JSON: sampling settings, K, threshold, seed, schema_version
+]
+_FAILED_FIELDS = [
+    pa.field("key", pa.string()),
+    pa.field("url", pa.string()),
+    pa.field("caption", pa.string()),
+    pa.field("stage", pa.string()),  # one of STAGES
+    pa.field("error", pa.string()),
+    pa.field("status", pa.string()),  # img2dataset's status for the row (null when the input had none)
+]
+RESERVED = {f.name for f in _PAIR_FIELDS + _FAILED_FIELDS} | {"error_message", "txt"} | set(IMAGE_COLUMNS)
+
+
+def passthrough_fields(input_schema: pa.Schema) -> list[pa.Field]:
+    """The input columns carried into every output file unchanged."""
+    return [field for field in input_schema if field.name not in RESERVED]
+
+
+def kept_schema(extra: list[pa.Field], image_column: str = "jpg") -> pa.Schema:
+    return pa.schema(_PAIR_FIELDS[:8] + [pa.field(image_column, pa.binary())] + _PAIR_FIELDS[8:] + extra)
+
+
+def rejected_schema(extra: list[pa.Field]) -> pa.Schema:
+    return pa.schema(_PAIR_FIELDS + extra)
+
+
+def failed_schema(extra: list[pa.Field]) -> pa.Schema:
+    return pa.schema(_FAILED_FIELDS + extra)
+
+
+def with_provenance(schema: pa.Schema, provenance: dict) -> pa.Schema:
+    """``schema`` carrying capfilt's provenance JSON in its Parquet metadata."""
+    return schema.with_metadata({METADATA_KEY: json.dumps({"schema_version": SCHEMA_VERSION, **provenance})})
+
+
+def read_provenance(schema: pa.Schema) -> dict:
+    """The provenance a capfilt output file carries (empty if none)."""
+    raw = (schema.metadata or {}).get(METADATA_KEY)
+    return json.loads(raw) if raw else {}

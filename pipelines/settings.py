@@ -1,0 +1,78 @@
+"""Every knob of a CapFilt run, with the paper's defaults, in one frozen dataclass.
+
+The CLI builds one from its flags; the Beam ``DoFn`` carries it to the
+workers; its JSON (``provenance``) is written into every output file, so a
+row can always say which models and which settings made it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass, field, fields
+
+from capfilt.captioner import SamplingSettings
+from capfilt.filter import ITM_THRESHOLD
+from capfilt.pipelines.schema import SCHEMA_VERSION
+
+
+@dataclass(frozen=True)
+class BootstrapSettings:
+    """What CapFilt does to each image.
+
+    - ``captioner``/``filter``: model references (an HF folder, a hub id in
+      the local cache, an original ``.pth`` or ``demo``); the tokenizers are
+      needed only for ``.pth`` files without one beside them.
+    - ``num_captions`` K = 1 and nucleus sampling with p = 0.9: the paper's
+      one synthetic caption per web image. ``sampling_overrides`` holds only the
+      ``SamplingSettings`` fields a run sets (e.g. ``{"top_p": 0.85}``); the
+      rest are the paper's, or the captioner folder's own
+      (``capfilt_sampling.json``, as the demo models carry). What a worker
+      actually used is written into every output row.
+    - ``threshold`` 0.5: a text whose ITM match probability is below it is
+      removed (paper §3.3).
+    - ``batch_size``: images per model call; with ``seed`` it fixes the
+      sampled captions (each batch's sampling is seeded by (seed, shard,
+      batch), so a rerun writes the same captions; another batch size writes
+      other, equally valid, samples).
+    - ``min_image_size``: images with a side shorter than this (tracking
+      pixels, icons) fail at stage ``size``; ``max_image_pixels``: larger
+      images fail there too instead of exhausting a worker's memory.
+    """
+
+    captioner: str = "demo"
+    filter: str = "demo"
+    captioner_tokenizer: str | None = None
+    filter_tokenizer: str | None = None
+    device: str | None = None  # None: CPU; "cuda" on GPU workers
+    torch_threads: int | None = None  # per worker; None: torch's default (all cores)
+    num_captions: int = 1
+    sampling_overrides: dict = field(default_factory=dict)  # SamplingSettings fields the run sets
+    threshold: float = ITM_THRESHOLD
+    batch_size: int = 32
+    seed: int = 0
+    min_image_size: int = 8
+    max_image_pixels: int = 50_000_000
+
+    def __post_init__(self):
+        if self.num_captions < 1:
+            raise ValueError(f"num_captions (K) must be at least 1, not {self.num_captions}")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"threshold is a probability in [0, 1], not {self.threshold}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, not {self.batch_size}")
+        unknown = set(self.sampling_overrides) - {f.name for f in fields(SamplingSettings)}
+        if unknown:
+            raise ValueError(f"unknown sampling settings {sorted(unknown)}")
+        SamplingSettings(**self.sampling_overrides)  # checks the values
+
+    def provenance(self) -> dict:
+        """The settings as JSON-able data, with the schema version."""
+        data = asdict(self)
+        for where in ("device", "torch_threads"):  # where it ran does not change what it wrote (up to rounding)
+            data.pop(where)
+        return {"schema_version": SCHEMA_VERSION, **data}
+
+    def batch_seed(self, shard_id: str, batch_index: int) -> int:
+        """The sampling seed of one batch: stable across runs, machines and Python processes."""
+        digest = hashlib.blake2b(f"{self.seed}/{shard_id}/{batch_index}".encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "big") & (2**63 - 1)

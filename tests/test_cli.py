@@ -1,0 +1,196 @@
+"""``capfilt bootstrap`` end to end: a URL list served on 127.0.0.1, img2dataset, the pipeline, the report.
+
+The only network is a loopback HTTP server in a thread (PIL-made JPEGs, a
+404 and a page that is not an image); nothing leaves the machine.
+"""
+
+from __future__ import annotations
+
+import http.server
+import io
+import tarfile
+import threading
+
+import duckdb
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from capfilt import cli, datasets
+from capfilt.cli import UsageError, parse_shard_selection
+
+IMAGES = 6
+
+
+def jpeg(i: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (48 + 4 * i, 40), (40 * i, 120, 200 - 30 * i)).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+class LoopbackServer:
+    """An HTTP server on 127.0.0.1 answering from a dict of path -> (content type, body); 404 otherwise."""
+
+    def __init__(self, routes: dict[str, tuple[str, bytes]]):
+        routes_ = routes
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 - the stdlib's name
+                if self.path not in routes_:
+                    self.send_error(404, "Not Found")
+                    return
+                content_type, body = routes_[self.path]
+                self.send_response(200)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def loopback(monkeypatch):
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")  # a proxy must never see these requests
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w:gz") as tar:
+        data = b'{"image_urls": ["http://127.0.0.1/1.jpg"], "captions": ["one"]}'
+        info = tarfile.TarInfo("sbu/sbu-captions-all.json")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    routes = {f"/img/{i}.jpg": ("image/jpeg", jpeg(i)) for i in range(IMAGES)}
+    routes["/page.html"] = ("text/html", b"<html><body>not an image</body></html>")
+    routes["/sbu.tar.gz"] = ("application/gzip", archive.getvalue())
+    with LoopbackServer(routes) as server:
+        yield server
+
+
+@pytest.fixture
+def one_torch_thread():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)  # the DoFn restores it too; this guards a failed run
+
+
+def test_shard_selection():
+    assert parse_shard_selection(None, 4) == [0, 1, 2, 3]
+    assert parse_shard_selection("0-1,3", 4) == [0, 1, 3]
+    with pytest.raises(UsageError, match="there are 4 input shards"):
+        parse_shard_selection("2-5", 4)
+    with pytest.raises(UsageError, match="indices and ranges"):
+        parse_shard_selection("first", 4)
+
+
+def test_default_models_follow_the_data():
+    assert cli.default_models("demo") == ("demo", "demo")
+    assert cli.default_models("cc12m") == ("Salesforce/blip-image-captioning-large", "Salesforce/blip-itm-large-coco")
+
+
+def test_a_model_not_on_disk_is_a_clear_error(tmp_path, capsys):
+    code = cli.main(["bootstrap", "--data", "cc12m", "--out", str(tmp_path / "out"),
+                     "--captioner", "Salesforce/no-such-captioner-xyz", "--cache-dir", str(tmp_path)])
+    assert code == 2
+    error = capsys.readouterr().err
+    assert "Salesforce/no-such-captioner-xyz" in error and "local hub cache" in error
+
+
+def test_datasets_listing(tmp_path, capsys):
+    assert cli.main(["datasets", "--cache-dir", str(tmp_path)]) == 0
+    listing = capsys.readouterr().out
+    assert all(name in listing for name in ("demo", "cc12m", "cc3m", "sbu", "laion400m"))
+
+
+def test_named_dataset_fetch_over_loopback(loopback, tmp_path, monkeypatch):
+    spec = datasets.NAMED["sbu"]
+    monkeypatch.setitem(datasets.NAMED, "sbu", datasets.NamedDataset(
+        **{**spec.__dict__, "files": ((loopback.url + "/sbu.tar.gz", "sbu-captions-all.tar.gz"),)}))
+    source = datasets.resolve("sbu", cache=tmp_path, fetch=True)
+    assert source.url_list.paths == (tmp_path / "sbu" / "sbu-captions-all.json",)
+    spec = datasets.NAMED["cc12m"]
+    monkeypatch.setitem(datasets.NAMED, "cc12m", datasets.NamedDataset(
+        **{**spec.__dict__, "files": ((loopback.url + "/gone.tsv", "cc12m.tsv"),)}))
+    with pytest.raises(datasets.DatasetNotAvailableError, match="404") as error:
+        datasets.resolve("cc12m", cache=tmp_path, fetch=True)
+    assert str(tmp_path / "cc12m" / "cc12m.tsv") in str(error.value)
+    assert not (tmp_path / "cc12m" / "cc12m.tsv").exists()
+
+
+def test_bootstrap_a_url_list_end_to_end(loopback, captioner_folder, filter_folder, tmp_path, one_torch_thread):
+    urls = [(f"{loopback.url}/img/{i}.jpg", f"picture number {i}") for i in range(IMAGES)]
+    urls += [(f"{loopback.url}/missing.jpg", "a lost picture"), (f"{loopback.url}/page.html", "a web page"),
+             ("", "a row without URL")]
+    url_list = tmp_path / "urls.tsv"
+    url_list.write_text("".join(f"{url}\t{caption}\n" for url, caption in urls))  # CC12M's layout
+    out = tmp_path / "out"
+    code = cli.main([
+        "bootstrap", "--data", str(url_list), "--out", str(out),
+        "--captioner", str(captioner_folder), "--filter", str(filter_folder),
+        "--processes", "1", "--threads", "4", "--samples-per-shard", "4", "--timeout", "5",
+        "--batch-size", "4", "--torch-threads", "1", "--progress-interval", "1",
+    ])
+    assert code == 0
+    # img2dataset kept a row for every URL; the pipeline accounted for each.
+    stats = duckdb.sql(f"select count(*) from read_parquet('{out}/shards/*.parquet')").fetchall()[0][0]
+    assert stats == len(urls)
+    judged = duckdb.sql(f"""
+        select url, source, count(*) as n from (
+            select url, source from read_parquet('{out}/kept/*.parquet')
+            union all select url, source from read_parquet('{out}/rejected/*.parquet'))
+        group by url, source order by url, source""").fetchall()
+    assert judged == sorted((url, source, 1) for url, _ in urls[:IMAGES] for source in ("synthetic", "web"))
+    failed = {r["caption"]: r for r in pq.read_table(out / "failed").to_pylist()}
+    assert set(failed) == {"a lost picture", "a web page", "a row without URL"}
+    assert {r["stage"] for r in failed.values()} == {"download"}
+    assert "404" in failed["a lost picture"]["error"] and failed["a lost picture"]["status"] == "failed_to_download"
+    assert failed["a web page"]["status"] == "failed_to_resize" and failed["a web page"]["error"]
+    assert failed["a row without URL"]["status"] == "failed_to_download"
+    assert all(r["key"] for r in failed.values())
+    assert (out / "report.html").is_file()
+
+    # A rerun finds everything done and changes nothing.
+    kept_before = pq.read_table(out / "kept").to_pylist()
+    assert cli.main(["bootstrap", "--data", str(url_list), "--out", str(out), "--captioner", str(captioner_folder),
+                     "--filter", str(filter_folder), "--processes", "1", "--threads", "4",
+                     "--samples-per-shard", "4", "--batch-size", "4", "--torch-threads", "1"]) == 0
+    assert pq.read_table(out / "kept").to_pylist() == kept_before
+
+
+def test_bootstrap_the_demo_world(captioner_folder, filter_folder, tmp_path, one_torch_thread):
+    out = tmp_path / "demo"
+    code = cli.main(["bootstrap", "--out", str(out), "--captioner", str(captioner_folder),
+                     "--filter", str(filter_folder), "--demo-size", "8", "--demo-shard-size", "4",
+                     "--shards", "1", "--torch-threads", "1", "-k", "2"])
+    assert code == 0
+    kept = pq.read_table(out / "kept").to_pylist() + pq.read_table(out / "rejected").to_pylist()
+    assert {r["key"][:5] for r in kept} == {"00001"}  # only the selected shard
+    assert len(kept) == 4 * 3  # four images, the web text and K=2 captions each
+    assert {r["kind"] for r in kept} <= {"clean", "mismatch", "partial", "alt"} and all(r["scene"] for r in kept)
+
+
+def test_shards_folder_is_bound_to_its_input(tmp_path):
+    folder = tmp_path / "shards"
+    assert cli.record_source(folder, {"data": "demo", "size": 8}) is False
+    assert cli.record_source(folder, {"data": "demo", "size": 8}) is True
+    with pytest.raises(UsageError, match="another input"):
+        cli.record_source(folder, {"data": "demo", "size": 12})
+
+
+def test_a_remote_out_needs_a_local_shards_folder():
+    args = cli.build_parser().parse_args(["bootstrap", "--out", "gs://bucket/run"])
+    with pytest.raises(UsageError, match="--shards-dir"):
+        cli.shards_folder(args)

@@ -1,0 +1,173 @@
+"""What DATA names, how URL lists are read and rewritten, and how input shards are found (no network)."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import tarfile
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from capfilt import datasets
+from capfilt.datasets import Columns, DatasetError, DatasetNotAvailableError, resolve, write_url_list
+from capfilt.pipelines.shards import ShardError, ShardReader, list_shards
+
+
+def jpeg() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), (10, 200, 30)).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def canonical(source, tmp_path, extra=()) -> list[dict]:
+    assert isinstance(source, datasets.UrlListInput)
+    target = tmp_path / "canonical.parquet"
+    write_url_list(source.url_list, target, extra)
+    return pq.read_table(target).to_pylist()
+
+
+def test_demo_and_unknown_names():
+    assert isinstance(resolve("demo"), datasets.DemoInput)
+    with pytest.raises(DatasetError, match="neither a named dataset"):
+        resolve("no-such-dataset")
+
+
+@pytest.mark.parametrize("name", sorted(datasets.NAMED))
+def test_named_dataset_offline_says_where_to_put_the_file(name, tmp_path):
+    spec = datasets.NAMED[name]
+    with pytest.raises(DatasetNotAvailableError) as error:
+        resolve(name, cache=tmp_path, fetch=False)
+    message = str(error.value)
+    assert str(tmp_path / name) in message and spec.files[0][0] in message
+    assert "DATA=/path/to/file" in message
+
+
+def test_offline_environment_turns_fetching_off(tmp_path, monkeypatch):
+    monkeypatch.setenv("CAPFILT_OFFLINE", "1")
+    with pytest.raises(DatasetNotAvailableError, match="CAPFILT_OFFLINE"):
+        resolve("cc12m", cache=tmp_path)
+
+
+def test_cc12m_and_cc3m_column_orders(tmp_path):
+    (tmp_path / "cc12m").mkdir()
+    (tmp_path / "cc12m" / "cc12m.tsv").write_text(
+        "https://a.example/1.jpg\ta dog on a sofa\nhttps://a.example/2.jpg\t\"quoted\" caption\n")
+    (tmp_path / "cc3m").mkdir()
+    (tmp_path / "cc3m" / "GCC-training.tsv").write_text("a cat\thttps://b.example/1.jpg\n")
+    assert canonical(resolve("cc12m", cache=tmp_path), tmp_path) == [
+        {"url": "https://a.example/1.jpg", "caption": "a dog on a sofa"},
+        {"url": "https://a.example/2.jpg", "caption": '"quoted" caption'},
+    ]
+    assert canonical(resolve("cc3m", cache=tmp_path), tmp_path) == [
+        {"url": "https://b.example/1.jpg", "caption": "a cat"}]
+
+
+def test_sbu_is_a_json_object_of_lists(tmp_path):
+    (tmp_path / "sbu").mkdir()
+    (tmp_path / "sbu" / "sbu-captions-all.json").write_text(json.dumps(
+        {"image_urls": ["http://c.example/1.jpg", "http://c.example/2.jpg"], "captions": ["one", "two"],
+         "user_ids": ["u1", "u2"]}))
+    rows = canonical(resolve("sbu", cache=tmp_path), tmp_path)
+    assert rows == [{"url": "http://c.example/1.jpg", "caption": "one"},
+                    {"url": "http://c.example/2.jpg", "caption": "two"}]
+
+
+@pytest.mark.parametrize(
+    "name, content",
+    [
+        ("list.tsv", "url\tcaption\nhttp://d.example/1.jpg\tfirst\nhttp://d.example/2.jpg\tsecond\n"),
+        ("list.csv", 'image_url,caption\nhttp://d.example/1.jpg,first\nhttp://d.example/2.jpg,"second"\n'),
+        ("list.jsonl", '{"url": "http://d.example/1.jpg", "caption": "first"}\n'
+                       '{"url": "http://d.example/2.jpg", "caption": "second"}\n'),
+        ("list.json", json.dumps([{"url": "http://d.example/1.jpg", "caption": "first"},
+                                  {"url": "http://d.example/2.jpg", "caption": "second"}])),
+    ],
+)
+def test_local_url_lists(name, content, tmp_path):
+    path = tmp_path / name
+    path.write_text(content)
+    assert canonical(resolve(str(path)), tmp_path) == [
+        {"url": "http://d.example/1.jpg", "caption": "first"},
+        {"url": "http://d.example/2.jpg", "caption": "second"},
+    ]
+
+
+def test_gzipped_headerless_tsv_and_plain_url_list(tmp_path):
+    with gzip.open(tmp_path / "list.tsv.gz", "wt") as f:
+        f.write("http://e.example/1.jpg\tone\n")
+    assert canonical(resolve(str(tmp_path / "list.tsv.gz")), tmp_path) == [
+        {"url": "http://e.example/1.jpg", "caption": "one"}]
+    (tmp_path / "urls.txt").write_text("http://e.example/1.jpg\nhttp://e.example/2.jpg\n")
+    assert canonical(resolve(str(tmp_path / "urls.txt")), tmp_path) == [
+        {"url": "http://e.example/1.jpg", "caption": None}, {"url": "http://e.example/2.jpg", "caption": None}]
+
+
+def test_rows_without_url_are_kept_and_malformed_lines_counted(tmp_path):
+    """A row without URL goes on to fail at download (and into failed/); an unparseable line cannot."""
+    path = tmp_path / "list.tsv"
+    path.write_text("http://f.example/1.jpg\tok\n\tno url\nhttp://f.example/2.jpg\ttoo\tmany\tfields\n")
+    summary = write_url_list(resolve(str(path)).url_list, tmp_path / "out.parquet")
+    assert summary == {"rows": 2, "without_url": 1, "malformed": 1}
+    assert pq.read_table(tmp_path / "out.parquet").column("caption").to_pylist() == ["ok", "no url"]
+
+
+def test_laion_style_parquet_with_kept_columns(tmp_path):
+    folder = tmp_path / "laion"
+    folder.mkdir()
+    pq.write_table(pa.table({"URL": ["http://g.example/1.jpg"], "TEXT": ["a tree"], "NSFW": ["UNLIKELY"],
+                             "similarity": [0.31]}), folder / "part-00000.parquet")
+    source = resolve(str(folder))
+    assert source.url_list.url_col == "URL" and source.url_list.caption_col == "TEXT"
+    assert canonical(source, tmp_path, extra=("NSFW", "similarity")) == [
+        {"url": "http://g.example/1.jpg", "caption": "a tree", "NSFW": "UNLIKELY", "similarity": 0.31}]
+    with pytest.raises(DatasetError, match="no column"):
+        canonical(resolve(str(folder)), tmp_path, extra=("LICENSE",))
+
+
+def test_column_overrides(tmp_path):
+    path = tmp_path / "list.csv"
+    path.write_text("link_to_image,alt_text\nhttp://h.example/1.jpg,hello\n")
+    with pytest.raises(DatasetError, match="--url-col"):
+        resolve(str(path))
+    source = resolve(str(path), columns=Columns(url="link_to_image", caption="alt_text"))
+    assert canonical(source, tmp_path) == [{"url": "http://h.example/1.jpg", "caption": "hello"}]
+
+
+def test_image_shards_are_taken_as_they_are(tmp_path):
+    pq.write_table(pa.table({"key": ["0"], "jpg": [jpeg()], "caption": ["x"]}), tmp_path / "00000.parquet")
+    assert resolve(str(tmp_path)) == datasets.ShardsInput(str(tmp_path))
+    assert resolve(str(tmp_path / "00000.parquet")) == datasets.ShardsInput(str(tmp_path / "00000.parquet"))
+    wds = tmp_path / "wds"
+    wds.mkdir()
+    with tarfile.open(wds / "00000.tar", "w") as tar:
+        data = jpeg()
+        info = tarfile.TarInfo("000000000.jpg")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    assert resolve(str(wds)) == datasets.ShardsInput(str(wds))
+    rows = list(ShardReader(list_shards(wds)[0]).rows())
+    assert [(r.key, r.status, r.image == data) for r in rows] == [("000000000", "success", True)]
+
+
+def test_unfinished_img2dataset_shards_are_left_out(tmp_path):
+    for shard in ("00000", "00001"):
+        pq.write_table(pa.table({"key": [shard], "jpg": [jpeg()]}), tmp_path / f"{shard}.parquet")
+    (tmp_path / "00000_stats.json").write_text("{}")
+    assert [s.shard_id for s in list_shards(tmp_path)] == ["00000"]
+
+
+def test_shard_errors(tmp_path):
+    with pytest.raises(ShardError, match="no input shards"):
+        list_shards(tmp_path)
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        pq.write_table(pa.table({"key": ["0"], "jpg": [jpeg()]}), tmp_path / folder / "00000.parquet")
+    with pytest.raises(ShardError, match="share the id"):
+        list_shards([tmp_path / "a", tmp_path / "b"])
+    pq.write_table(pa.table({"url": ["http://x.example/1.jpg"]}), tmp_path / "urls.parquet")
+    with pytest.raises(ShardError, match="URL list"):
+        ShardReader(list_shards(tmp_path / "urls.parquet")[0])
