@@ -18,6 +18,15 @@ from capfilt.vocab import compact_tokenizer
 TEST_WORDS = "a picture of the small large red green blue circle square triangle left right above below dog cat on".split()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine spinning threads cost a lot."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tokenizer(tmp_path_factory):
     return compact_tokenizer(TEST_WORDS, tmp_path_factory.mktemp("tokenizer"))

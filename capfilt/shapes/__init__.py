@@ -56,6 +56,7 @@ __all__ = [
     "make_sample",
     "parse",
     "read_split",
+    "write_split",
     "relation_of",
     "render",
     "render_array",

@@ -1,0 +1,135 @@
+"""Training-time image transforms of BLIP's recipe, in PIL + torch (torchvision is not a dependency).
+
+BLIP's training transform is, in order: random resized crop to the model's
+size (scale (0.2, 1) in pre-training, (0.5, 1) in fine-tuning; aspect ratio
+(3/4, 4/3); bicubic), horizontal flip with p 0.5, RandAugment (2 ops,
+magnitude 5, over the op list below, each chosen op applied with p 0.5), then
+scaling to [0, 1] and normalising with the OpenAI CLIP mean/std.
+
+Written here from those descriptions, not from torchvision's code:
+- the crop follows torchvision's ``RandomResizedCrop`` algorithm (10 tries
+  at a random area and log-uniform ratio, else a centre crop);
+- RandAugment's magnitude m (0..10) maps to: brightness/sharpness factor
+  1 +/- 0.9 m/10, shear +/- 0.3 m/10, translation +/- 0.45 m/10 of the side,
+  rotation +/- 30 m/10 degrees (RandAugment paper ranges); geometric ops fill
+  with grey (128).
+
+Every random choice comes from the ``numpy.random.Generator`` passed in, so
+a sample's augmentation depends only on its seed: the same on any rank and
+after a resume.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageEnhance, ImageOps
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+FILL = (128, 128, 128)
+RANDAUGMENT_OPS = ("identity", "autocontrast", "equalize", "brightness", "sharpness",
+                   "shear_x", "shear_y", "translate_x", "translate_y", "rotate")  # BLIP's list
+MAX_MAGNITUDE = 10
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Training augmentations; defaults are BLIP fine-tuning's (pre-training: ``crop_min_scale=0.2``)."""
+
+    augment: bool = True  # False: only resize to a square (BLIP's evaluation transform)
+    crop_min_scale: float = 0.5  # random resized crop area in [min_scale, 1]: 0.2 pre-training, 0.5 fine-tuning
+    hflip: bool = True  # flip with p 0.5 (paper); turn off where left/right matter (the shapes world)
+    randaugment: bool = True  # RandAugment as in BLIP's recipe
+    randaugment_ops: int = 2  # ops drawn per image
+    randaugment_magnitude: int = 5  # out of 10
+
+
+def random_resized_crop(image: Image.Image, size: int, rng: np.random.Generator, min_scale: float,
+                        ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> Image.Image:
+    """A random crop of ``min_scale``..1 of the area and ``ratio`` aspect, resized (bicubic) to ``size``."""
+    width, height = image.size
+    area = width * height
+    for _ in range(10):
+        target = area * rng.uniform(min_scale, 1.0)
+        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            left, top = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
+            break
+    else:  # centre crop at the nearest allowed aspect ratio
+        aspect = width / height
+        if aspect < ratio[0]:
+            w, h = width, round(width / ratio[0])
+        elif aspect > ratio[1]:
+            w, h = round(height * ratio[1]), height
+        else:
+            w, h = width, height
+        left, top = (width - w) // 2, (height - h) // 2
+    return image.resize((size, size), Image.BICUBIC, box=(left, top, left + w, top + h))
+
+
+def _signed(rng: np.random.Generator, value: float) -> float:
+    return value if rng.random() < 0.5 else -value
+
+
+def apply_op(image: Image.Image, op: str, magnitude: int, rng: np.random.Generator) -> Image.Image:
+    """One RandAugment op at ``magnitude`` (0..10)."""
+    level = magnitude / MAX_MAGNITUDE
+    width, height = image.size
+    if op == "identity":
+        return image
+    if op == "autocontrast":
+        return ImageOps.autocontrast(image)
+    if op == "equalize":
+        return ImageOps.equalize(image)
+    if op == "brightness":
+        return ImageEnhance.Brightness(image).enhance(1 + _signed(rng, 0.9 * level))
+    if op == "sharpness":
+        return ImageEnhance.Sharpness(image).enhance(1 + _signed(rng, 0.9 * level))
+    if op == "shear_x":
+        return image.transform(image.size, Image.AFFINE, (1, _signed(rng, 0.3 * level), 0, 0, 1, 0),
+                               Image.BICUBIC, fillcolor=FILL)
+    if op == "shear_y":
+        return image.transform(image.size, Image.AFFINE, (1, 0, 0, _signed(rng, 0.3 * level), 1, 0),
+                               Image.BICUBIC, fillcolor=FILL)
+    if op == "translate_x":
+        return image.transform(image.size, Image.AFFINE, (1, 0, _signed(rng, 0.45 * level) * width, 0, 1, 0),
+                               fillcolor=FILL)
+    if op == "translate_y":
+        return image.transform(image.size, Image.AFFINE, (1, 0, 0, 0, 1, _signed(rng, 0.45 * level) * height),
+                               fillcolor=FILL)
+    if op == "rotate":
+        return image.rotate(_signed(rng, 30 * level), Image.BICUBIC, fillcolor=FILL)
+    raise ValueError(f"unknown RandAugment op {op!r}; choose from {RANDAUGMENT_OPS}")
+
+
+def rand_augment(image: Image.Image, rng: np.random.Generator, num_ops: int, magnitude: int) -> Image.Image:
+    """``num_ops`` ops drawn with replacement from BLIP's list, each applied with p 0.5."""
+    for op in rng.choice(RANDAUGMENT_OPS, size=num_ops):
+        if rng.random() < 0.5:
+            image = apply_op(image, str(op), magnitude, rng)
+    return image
+
+
+def to_normalised_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> ``[3, H, W]`` float, scaled to [0, 1] and CLIP-normalised."""
+    pixels = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)
+    mean = torch.tensor(OPENAI_CLIP_MEAN).view(3, 1, 1)
+    std = torch.tensor(OPENAI_CLIP_STD).view(3, 1, 1)
+    return (pixels - mean) / std
+
+
+def transform(image: Image.Image, size: int, config: AugmentConfig, rng: np.random.Generator) -> torch.Tensor:
+    """BLIP's training transform (or, with ``augment=False``, its square resize) for one image."""
+    image = image.convert("RGB")
+    if not config.augment:
+        return to_normalised_tensor(image.resize((size, size), Image.BICUBIC))
+    image = random_resized_crop(image, size, rng, config.crop_min_scale)
+    if config.hflip and rng.random() < 0.5:
+        image = ImageOps.mirror(image)
+    if config.randaugment:
+        image = rand_augment(image, rng, config.randaugment_ops, config.randaugment_magnitude)
+    return to_normalised_tensor(image)

@@ -1,0 +1,462 @@
+"""Training the MED: pre-training (ITC+ITM+LM), captioner fine-tuning (LM), filter fine-tuning (ITC+ITM).
+
+One loop for the three tasks of CapFilt (paper §3.3); what differs is the
+configuration, ``task_config(task)``, whose values are BLIP's (paper §4.1 and
+the original ``configs/*.yaml``). From Python::
+
+    config = configure("pretrain", data=["web/*.parquet"], out="runs/pt", model="base", tokenizer="bert/")
+    train(config)
+
+From the shell (any field of the configuration is a ``--flag``)::
+
+    python -m capfilt.models.train pretrain --data 'web/*.parquet' --out runs/pt --tokenizer bert/
+    torchrun --nproc_per_node 8 -m capfilt.models.train finetune-captioner --data 'coco/*.parquet' \\
+        --out runs/cap --init runs/pt --tokenizer runs/pt/tokenizer
+
+A run folder holds ``tokenizer/``, ``log.jsonl`` (one line per logged step),
+``checkpoints/step-*`` and, after fine-tuning, the exported ``captioner/`` or
+``filter/`` folder. Running the same command again resumes from the newest
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from transformers import BlipConfig
+
+from capfilt.configs import PRESETS, preset_config
+from capfilt.models import distributed
+from capfilt.models.augment import AugmentConfig
+from capfilt.models.checkpointing import (
+    TrainState, config_dict, latest_checkpoint, load_checkpoint, read_checkpoint, save_checkpoint,
+)
+from capfilt.models.data import DataConfig, EpochLoader, find_files, seed_for, steps_in_epoch
+from capfilt.models.med import MED, MEDSettings, prompt_length
+from capfilt.tokenizer import TokenizerNotFoundError, load_tokenizer, special_ids
+
+log = logging.getLogger("capfilt.train")
+TASKS = ("pretrain", "finetune-captioner", "finetune-filter")
+EXPORT_ROLE = {"finetune-captioner": "captioner", "finetune-filter": "filter"}
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW and the learning-rate schedule; defaults are BLIP pre-training's (paper §4.1, pretrain.yaml)."""
+
+    lr: float = 3e-4  # peak lr: 3e-4 ViT-B, 2e-4 ViT-L pre-training; 1e-5 fine-tuning (caption/retrieval_coco.yaml)
+    weight_decay: float = 0.05  # AdamW, on every parameter as in the original
+    schedule: str = "step"  # "step": warm-up then lr * lr_decay**epoch; "cosine": per-epoch cosine to min_lr
+    warmup_steps: int = 3000  # linear warm-up over the first steps of epoch 0 (pretrain.yaml)
+    warmup_lr: float = 1e-6  # warm-up starts here (pretrain.yaml)
+    lr_decay: float = 0.85  # per epoch (paper; the released pretrain.yaml says 0.9)
+    min_lr: float = 1e-6  # floor: 1e-6 pre-training, 0 fine-tuning
+    epochs: int = 20  # 20 pre-training (paper), 5 captioner, 6 filter (caption/retrieval_coco.yaml)
+    max_steps: int = 0  # stop after this many steps in all (0: run every epoch)
+    alpha: float = 0.4  # ITC soft-target weight; alpha * min(1, step / steps of epoch 0) in epoch 0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A training run. ``task_config`` fills in each task's values."""
+
+    task: str = "pretrain"  # one of TASKS
+    out: str = ""  # run folder: tokenizer, log.jsonl, checkpoints, exports
+    model: str = "base"  # preset (base, large, tiny) or a transformers BlipConfig config.json
+    image_size: int = 224  # 224 pre-training, 384 fine-tuning (paper §4.1)
+    tokenizer: str = ""  # folder or vocab.txt; "" = the --init folder's, else the run's own tokenizer/
+    init: str = ""  # start from: a capfilt run/checkpoint, an HF captioner/filter folder, an original .pth; "" = random
+    seed: int = 42  # model init, data order, augmentation and ITM negatives derive from it
+    device: str = ""  # "" = CUDA when present, else CPU
+    bf16: bool = True  # bf16 autocast on CUDA (never on CPU)
+    gradient_checkpointing: bool = False  # recompute activations in backward (the original's vit_grad_ckpt)
+    checkpoint_every: int = 1000  # steps between checkpoints, plus one at the end; 0 = never (no resume)
+    keep_checkpoints: int = 2  # newest checkpoints kept
+    log_every: int = 50  # steps between log lines / log.jsonl records
+    resume: bool = True  # continue from the newest checkpoint in `out`, if any (False: refuse to touch one)
+    export: bool = True  # after fine-tuning, write the captioner/ or filter/ folder into `out`
+    med: MEDSettings = field(default_factory=MEDSettings)
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+def task_config(task: str) -> TrainConfig:
+    """BLIP's settings for ``task`` (ViT-B values; override per run)."""
+    # Fine-tuning (caption_coco.yaml, retrieval_coco.yaml): 384 px, lr 1e-5 with a per-epoch cosine to 0,
+    # 32 pairs per GPU on 8 GPUs, random crops of 0.5..1 (AugmentConfig's default).
+    finetune_optim = OptimConfig(lr=1e-5, schedule="cosine", warmup_steps=0, min_lr=0.0)
+    if task == "pretrain":  # paper §4.1: 2880 pairs per batch, random crops of 0.2..1; the rest as defined above
+        return TrainConfig(task=task, augment=AugmentConfig(crop_min_scale=0.2))
+    if task == "finetune-captioner":  # LM only, 5 epochs, captions "a picture of " + text, 40 tokens
+        return TrainConfig(task=task, image_size=384, med=MEDSettings(losses=("lm",)),
+                           data=DataConfig(batch_size=256, max_tokens=40, prompt="a picture of "),
+                           optim=replace(finetune_optim, epochs=5))
+    if task == "finetune-filter":  # ITC + ITM, 6 epochs, 35 tokens, every caption of an image is its positive
+        return TrainConfig(task=task, image_size=384,
+                           med=MEDSettings(losses=("itc", "itm"), same_image_positives=True),
+                           data=DataConfig(batch_size=256, max_tokens=35), optim=replace(finetune_optim, epochs=6))
+    raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
+
+
+# --- settings by flat name: configure(...) and the command line ------------------------------
+SECTIONS = ("med", "data", "augment", "optim")
+DERIVED = ("prompt_length",)  # computed from data.prompt and the tokenizer
+
+
+def _settings() -> dict[str, tuple[str | None, dataclasses.Field]]:
+    """Every setting's flat name -> (its section, or None for a top-level one; its field)."""
+    default, found = TrainConfig(), {}
+    for top in dataclasses.fields(TrainConfig):
+        if top.name in SECTIONS:
+            entries = [(item, top.name) for item in dataclasses.fields(getattr(default, top.name))]
+        else:
+            entries = [(top, None)]
+        for item, section in entries:
+            if item.name in found:
+                raise AssertionError(f"setting {item.name!r} is defined twice")
+            if item.name not in DERIVED:
+                found[item.name] = (section, item)
+    return found
+
+
+SETTINGS = _settings()
+
+
+def configure(task: str, **overrides) -> TrainConfig:
+    """``task_config(task)`` with settings changed by flat name, e.g. ``configure("pretrain", lr=1e-4, data=[...])``."""
+    config = task_config(task)
+    top, sections = {}, {name: {} for name in SECTIONS}
+    for name, value in overrides.items():
+        if name not in SETTINGS or name == "task":
+            raise TypeError(f"unknown setting {name!r}; see capfilt.models.train.TrainConfig and its sections")
+        section, _ = SETTINGS[name]
+        value = tuple(value) if isinstance(value, list) else value
+        (sections[section] if section else top)[name] = value
+    return replace(config, **top, **{s: replace(getattr(config, s), **v) for s, v in sections.items() if v})
+
+
+def learning_rate(optim: OptimConfig, epoch: int, step_in_epoch: int) -> float:
+    """The lr of a step: linear warm-up in epoch 0 then ``lr * lr_decay**epoch`` ("step"), or a per-epoch cosine."""
+    if optim.schedule == "step":
+        if epoch == 0 and step_in_epoch < optim.warmup_steps:
+            return optim.warmup_lr + (optim.lr - optim.warmup_lr) * step_in_epoch / optim.warmup_steps
+        return max(optim.min_lr, optim.lr * optim.lr_decay ** epoch)
+    if optim.schedule == "cosine":
+        return optim.min_lr + (optim.lr - optim.min_lr) * 0.5 * (1 + math.cos(math.pi * epoch / optim.epochs))
+    raise ValueError(f"unknown lr schedule {optim.schedule!r}; choose 'step' or 'cosine'")
+
+
+def itc_alpha(optim: OptimConfig, epoch: int, step_in_epoch: int, first_epoch_steps: int) -> float:
+    """ITC's soft-target weight, ramped up linearly over the first epoch as in BLIP's training scripts."""
+    return optim.alpha * (min(1.0, step_in_epoch / first_epoch_steps) if epoch == 0 else 1.0)
+
+
+# --- building the pieces ----------------------------------------------------------------------
+def model_config(config: TrainConfig, tokenizer) -> BlipConfig:
+    """The run's ``BlipConfig``: a preset, or a config.json, at ``image_size``, fitted to ``tokenizer``."""
+    if config.model in PRESETS:
+        return preset_config(config.model, image_size=config.image_size, tokenizer=tokenizer)
+    path = Path(config.model)
+    path = path / "config.json" if path.is_dir() else path
+    if not path.is_file():
+        raise FileNotFoundError(f"model {config.model!r} is neither a preset ({sorted(PRESETS)}) nor a config.json")
+    blip = BlipConfig.from_json_file(str(path))
+    blip.vision_config.image_size = config.image_size
+    if blip.text_config.vocab_size != len(tokenizer):
+        raise ValueError(f"{path}: vocabulary {blip.text_config.vocab_size} but the tokenizer has {len(tokenizer)}")
+    return blip
+
+
+def _tokenizer(config: TrainConfig, out: Path):
+    """``--tokenizer``, else the ``--init`` folder's (an HF folder or a capfilt run), else the run's own."""
+    if config.tokenizer:
+        return load_tokenizer(config.tokenizer)
+    candidates = [out / "tokenizer"]
+    if config.init and Path(config.init).is_dir():
+        init = Path(config.init)
+        candidates = [init, init / "tokenizer", init.parent.parent / "tokenizer"] + candidates
+    for candidate in candidates:
+        try:
+            return load_tokenizer(candidate)
+        except TokenizerNotFoundError:
+            continue
+    raise FileNotFoundError(f"no tokenizer for this run (looked in {[str(c) for c in candidates]}); "
+                            "pass --tokenizer FOLDER_OR_VOCAB_TXT")
+
+
+def _check(config: TrainConfig, streams: int, world: distributed.World) -> None:
+    if config.task not in TASKS:
+        raise ValueError(f"unknown task {config.task!r}; choose one of {TASKS}")
+    if not config.out:
+        raise ValueError("no run folder: pass out= / --out")
+    if not config.data.data:
+        raise ValueError("no training data: pass data= / --data PARQUET_GLOB")
+    batch = config.data.batch_size
+    if batch % world.size or streams % world.size or batch % streams:
+        raise ValueError(f"global batch {batch}, {streams} streams and {world.size} processes must divide evenly")
+    if "itc" in config.med.losses and config.med.queue_size % batch:
+        raise ValueError(f"queue size {config.med.queue_size} must be a multiple of the global batch {batch}")
+    learning_rate(config.optim, 0, 0)  # validates the schedule's name
+
+
+class ProgressLog:
+    """Every ``every`` steps: losses averaged over ranks, a log line and a ``log.jsonl`` record (rank 0)."""
+
+    def __init__(self, path: Path, every: int, total_steps: int, batch_size: int, is_main: bool):
+        self.path, self.every, self.total, self.batch = path, max(every, 1), total_steps, batch_size
+        self.is_main = is_main
+        self.last_time, self.last_step, self.start = time.perf_counter(), None, time.perf_counter()
+
+    def update(self, state: TrainState, losses: dict[str, torch.Tensor], lr: float, alpha: float,
+               force: bool = False) -> dict | None:
+        if self.last_step is None:
+            self.last_step = state.step - 1
+        if state.step % self.every and not force:
+            return None
+        names = sorted(losses)
+        values = distributed.all_reduce_sum(torch.stack([losses[n].float() for n in names])) / distributed.world_size()
+        now = time.perf_counter()
+        steps_per_s = (state.step - self.last_step) / max(now - self.last_time, 1e-9)
+        self.last_time, self.last_step = now, state.step
+        record = {"step": state.step, "epoch": state.epoch, "lr": lr, "alpha": alpha,
+                  **{f"loss_{n}": float(v) for n, v in zip(names, values)},
+                  "steps_per_s": steps_per_s, "samples_per_s": steps_per_s * self.batch,
+                  "elapsed_s": now - self.start, "eta_s": max(self.total - state.step, 0) / max(steps_per_s, 1e-9)}
+        if self.is_main:
+            with self.path.open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
+            losses_text = " ".join(f"{n} {float(v):.4f}" for n, v in zip(names, values))
+            eta = record["eta_s"]
+            eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if eta < 86400 else f"{eta / 86400:.1f} days"
+            log.info("step %d/%d epoch %d | %s | lr %.2e | %.1f samples/s | eta %s", state.step, self.total,
+                     state.epoch, losses_text, lr, record["samples_per_s"], eta_text)
+        return record
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop records past ``step`` (written after the checkpoint a resumed run starts from)."""
+    if path.is_file():
+        lines = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in lines))
+
+
+def _together(loader: EpochLoader, device: torch.device):
+    """The loader's batches while every rank still has one (the epoch ends for all at once)."""
+    iterator = iter(loader)
+    while True:
+        batch = next(iterator, None)
+        if not distributed.all_ranks_true(batch is not None, device):
+            return
+        yield batch
+
+
+def _autocast(config: TrainConfig, device: torch.device):
+    if config.bf16 and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# --- the loop ---------------------------------------------------------------------------------
+def train(config: TrainConfig) -> dict:
+    """Run (or resume) ``config``; every process of a torchrun job calls this. Returns the last log record."""
+    owns_group = not torch.distributed.is_initialized()
+    world = distributed.init_world(config.device or None)
+    try:
+        return _train(config, world)
+    finally:
+        if owns_group:
+            distributed.close_world()
+
+
+@dataclass
+class _Run:
+    """What a run trains: the MED (and its DDP wrapper), optimizer, counters, and what checkpoints record."""
+
+    tokenizer: object
+    blip_config: BlipConfig
+    med: MED
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    state: TrainState
+    info: dict  # the configuration stored in every checkpoint
+    resumed: bool
+
+
+def _prepare(config: TrainConfig, world: distributed.World, out: Path) -> _Run:
+    """Tokenizer, config, MED (random, ``init`` weights or the newest checkpoint's), optimizer, DDP."""
+    tokenizer = _tokenizer(config, out)
+    out.mkdir(parents=True, exist_ok=True)
+    if world.is_main:
+        tokenizer.save_pretrained(out / "tokenizer")
+    blip_config = model_config(config, tokenizer)
+    settings = replace(config.med, prompt_length=prompt_length(tokenizer, config.data.prompt))
+    torch.manual_seed(config.seed)
+    med = MED(blip_config, special_ids(tokenizer), settings)
+    checkpoint = latest_checkpoint(out)
+    if checkpoint is not None and not config.resume:
+        raise ValueError(f"{out} already holds checkpoints ({checkpoint.name}); use another --out to start over")
+    if checkpoint is None and config.init:
+        from capfilt.models.weights import load_med_weights
+
+        load_med_weights(med, config.init)
+    if config.gradient_checkpointing:
+        med.enable_gradient_checkpointing()
+    med.to(world.device)
+    optimizer = torch.optim.AdamW([p for p in med.parameters() if p.requires_grad], lr=config.optim.lr,
+                                  weight_decay=config.optim.weight_decay)
+    torch.manual_seed(seed_for(config.seed, world.rank))  # dropout masks differ between ranks
+    info = {"train": config_dict(config), "blip": blip_config.to_dict(), "med": dataclasses.asdict(settings),
+            "streams": config.data.streams or world.size}
+    state = TrainState()
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, med, optimizer, world.device, expect=info)
+        if world.is_main:
+            _truncate_log(out / "log.jsonl", state.step)
+        log.info("resuming from %s (step %d, epoch %d)", checkpoint, state.step, state.epoch)
+    # Queues are the same on every rank: no buffer sync. Only ITC alone leaves parameters (cross-attention) unused.
+    model = med if world.size == 1 else DistributedDataParallel(
+        med, device_ids=[world.device] if world.device.type == "cuda" else None, forward_sync_buffers=False,
+        find_unused_parameters=not {"itm", "lm"} & set(settings.losses))
+    return _Run(tokenizer, blip_config, med, model, optimizer, state, info, checkpoint is not None)
+
+
+def _train(config: TrainConfig, world: distributed.World) -> dict:
+    streams = config.data.streams or world.size
+    _check(config, streams, world)
+    out, files = Path(config.out), find_files(config.data.data)
+    run = _prepare(config, world, out)
+    state, optim = run.state, config.optim
+    first_epoch_steps = steps_in_epoch(files, config.data, streams, 0, config.seed)
+    if first_epoch_steps < 1:
+        raise ValueError(f"{len(files)} file(s) hold less than one global batch ({config.data.batch_size}) per stream")
+    progress = ProgressLog(out / "log.jsonl", config.log_every, optim.max_steps or first_epoch_steps * optim.epochs,
+                           config.data.batch_size, world.is_main)
+
+    def done() -> bool:
+        return bool(optim.max_steps) and state.step >= optim.max_steps
+
+    def checkpoint() -> None:
+        save_checkpoint(out, run.med, run.optimizer, state, run.info, config.keep_checkpoints)
+
+    record, saved_step, losses, lr, alpha = None, state.step if run.resumed else -1, {}, 0.0, 0.0
+    run.model.train()
+    while state.epoch < optim.epochs and not done():
+        loader = EpochLoader(files, config.data, run.tokenizer, run.blip_config.vision_config.image_size,
+                             config.augment, seed=config.seed, epoch=state.epoch, streams=streams, rank=world.rank,
+                             world_size=world.size, positions=state.positions)
+        try:
+            for batch in _together(loader, world.device):
+                lr = learning_rate(optim, state.epoch, state.step_in_epoch)
+                alpha = itc_alpha(optim, state.epoch, state.step_in_epoch, first_epoch_steps)
+                losses = _step(run.model, run.optimizer, batch, lr, alpha, seed_for(config.seed, state.step),
+                               config, world)
+                state.step, state.step_in_epoch = state.step + 1, state.step_in_epoch + 1
+                state.positions = batch.positions
+                record = progress.update(state, losses, lr, alpha) or record
+                if config.checkpoint_every and state.step % config.checkpoint_every == 0:
+                    checkpoint()
+                    saved_step = state.step
+                if done():
+                    break
+        finally:
+            loader.close()
+        if not done():
+            state.epoch, state.step_in_epoch, state.positions = state.epoch + 1, 0, {}
+    if losses and state.step % config.log_every:
+        record = progress.update(state, losses, lr, alpha, force=True)
+    if config.checkpoint_every and saved_step != state.step:
+        checkpoint()
+    if config.export and config.task in EXPORT_ROLE and world.is_main:
+        from capfilt.models.export import export
+
+        role = EXPORT_ROLE[config.task]
+        log.info("exported the %s to %s", role, export(run.med, run.tokenizer, role, out / role))
+    distributed.barrier()
+    return record or {}
+
+
+def _step(model, optimizer, batch, lr: float, alpha: float, negatives_seed: int, config: TrainConfig,
+          world: distributed.World) -> dict[str, torch.Tensor]:
+    """One optimizer step on this rank's slice of a global batch; returns the detached losses."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    device = world.device
+    with _autocast(config, device):
+        losses = model(pixel_values=batch.pixel_values.to(device, non_blocking=True),
+                       input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
+                       image_ids=batch.image_ids.to(device), alpha=alpha,
+                       generator=torch.Generator().manual_seed(negatives_seed))
+    optimizer.zero_grad(set_to_none=True)
+    sum(losses.values()).backward()
+    optimizer.step()
+    return {name: value.detach() for name, value in losses.items()}
+
+
+def med_from_run(source: str | Path) -> tuple[MED, object]:
+    """The MED (weights, momentum encoders, queues) and tokenizer of a run's newest checkpoint (or a given one)."""
+    checkpoint = latest_checkpoint(source)
+    if checkpoint is None:
+        raise FileNotFoundError(f"no capfilt training checkpoint in {source}")
+    saved = read_checkpoint(checkpoint)
+    run = checkpoint if (checkpoint / "tokenizer").is_dir() else checkpoint.parent.parent
+    tokenizer = load_tokenizer(run / "tokenizer")
+    settings = MEDSettings(**{**saved["config"]["med"], "losses": tuple(saved["config"]["med"]["losses"])})
+    med = MED(BlipConfig.from_dict(saved["config"]["blip"]), special_ids(tokenizer), settings)
+    med.load_state_dict(saved["model"], strict=True)
+    return med, tokenizer
+
+
+# --- command line -----------------------------------------------------------------------------
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m capfilt.models.train", description="Pre-train the MED or fine-tune the captioner / filter.",
+        epilog="Every setting defaults to the task's BLIP value (see capfilt.models.train.task_config); "
+               "--print-config shows them.")
+    parser.add_argument("task", choices=TASKS)
+    parser.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
+    for name, (section, item) in SETTINGS.items():
+        if name == "task":
+            continue
+        flag = "--" + name.replace("_", "-")
+        where = f"{section}.{name}" if section else name
+        if item.type == "bool":
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=where)
+        elif item.type.startswith("tuple"):
+            parser.add_argument(flag, dest=name, nargs="+", default=None, help=where)
+        else:
+            kind = {"int": int, "float": float, "str": str}[item.type]
+            parser.add_argument(flag, dest=name, type=kind, default=None, help=where)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items() if v is not None and k not in ("task", "print_config")}
+    config = configure(args.task, **overrides)
+    if args.print_config:
+        print(json.dumps(config_dict(config), indent=2))
+        return
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    if os.environ.get("RANK", "0") != "0":  # one process reports progress
+        logging.getLogger().setLevel(logging.WARNING)
+    try:
+        train(config)
+    except (ValueError, FileNotFoundError) as error:
+        sys.exit(f"error: {error}")
+
+
+if __name__ == "__main__":
+    main()

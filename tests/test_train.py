@@ -1,0 +1,187 @@
+"""Training the MED end to end on a tiny real dataset: loss, data parallelism, resume, export."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torch.multiprocessing as mp
+from PIL import Image, ImageDraw
+from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval
+
+from capfilt.models.checkpointing import latest_checkpoint, read_checkpoint
+from capfilt.models.train import configure, main, med_from_run, train
+
+COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220)}
+SHAPES = ("square", "circle")
+
+
+def colour_shape_png(colour: str, shape: str, rng: np.random.Generator) -> bytes:
+    """A 40 px image: a grey-ish background with one coloured square or circle."""
+    image = Image.new("RGB", (40, 40), tuple(int(v) for v in rng.integers(90, 170, 3)))
+    x, y = (int(v) for v in rng.integers(2, 20, 2))
+    draw = ImageDraw.Draw(image)
+    (draw.rectangle if shape == "square" else draw.ellipse)([x, y, x + 17, y + 17], fill=COLOURS[colour])
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """Two capfilt-layout Parquet files of 24 pairs each: 'a {colour} {shape}'."""
+    folder = tmp_path_factory.mktemp("colours")
+    rng = np.random.default_rng(0)
+    for part in range(2):
+        pairs = [(str(c), str(s)) for c, s in zip(rng.choice(list(COLOURS), 24), rng.choice(SHAPES, 24))]
+        table = pa.table({"image": [colour_shape_png(c, s, rng) for c, s in pairs],
+                          "text": [f"a {c} {s}" for c, s in pairs],
+                          "key": [f"{part}-{i}" for i in range(24)]})
+        pq.write_table(table, folder / f"part-{part}.parquet", row_group_size=8)
+    return str(folder / "*.parquet")
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory, tokenizer):
+    folder = tmp_path_factory.mktemp("tok")
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def tiny(task, dataset, tokenizer_dir, out, **overrides):
+    settings = dict(data=[dataset], out=str(out), model="tiny", image_size=32, tokenizer=tokenizer_dir, batch_size=8,
+                    queue_size=16, workers=1, log_every=1, device="cpu", lr=2e-3, warmup_steps=2, epochs=100)
+    return configure(task, **{**settings, **overrides})
+
+
+def log_records(out):
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory, dataset, tokenizer_dir):
+    """A tiny MED pre-trained for 24 steps, through the command line."""
+    out = tmp_path_factory.mktemp("pretrain")
+    main(["pretrain", "--data", dataset, "--out", str(out), "--model", "tiny", "--image-size", "32",
+          "--tokenizer", tokenizer_dir, "--batch-size", "8", "--queue-size", "16", "--workers", "1",
+          "--log-every", "1", "--device", "cpu", "--lr", "2e-3", "--warmup-steps", "2", "--max-steps", "24",
+          "--lr-decay", "1", "--no-randaugment"])
+    return out
+
+
+def test_pretraining_loss_falls(pretrained):
+    records = log_records(pretrained)
+    assert [r["step"] for r in records] == list(range(1, 25))
+    total = [r["loss_itc"] + r["loss_itm"] + r["loss_lm"] for r in records]
+    assert np.mean(total[-4:]) < np.mean(total[:4]) - 1.0
+    assert np.mean([r["loss_lm"] for r in records[-4:]]) < 0.75 * np.mean([r["loss_lm"] for r in records[:4]])
+    assert {"samples_per_s", "eta_s", "lr", "alpha"} <= set(records[-1])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world_size, port, config):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world_size), HF_HUB_OFFLINE="1")
+    torch.set_num_threads(1)
+    train(config)
+
+
+def _final_state(out):
+    return read_checkpoint(latest_checkpoint(out))
+
+
+def test_two_processes_match_one(tmp_path, dataset, tokenizer_dir):
+    # Same global batch (8) and the same 2 data streams; ITC keys, queues and ITM negatives are global.
+    one = tiny("pretrain", dataset, tokenizer_dir, tmp_path / "one", streams=2, max_steps=3)
+    two = tiny("pretrain", dataset, tokenizer_dir, tmp_path / "two", streams=2, max_steps=3)
+    train(one)
+    mp.spawn(_ddp_worker, args=(2, _free_port(), two), nprocs=2, join=True)
+    a, b = _final_state(tmp_path / "one"), _final_state(tmp_path / "two")
+    assert (a["world_size"], b["world_size"]) == (1, 2) and a["state"] == b["state"]
+    for key, value in a["model"].items():  # equal up to float summation order (Adam rescales tiny differences)
+        assert torch.allclose(value.float(), b["model"][key].float(), atol=5e-5), key
+    records_one, records_two = log_records(tmp_path / "one"), log_records(tmp_path / "two")
+    for r1, r2 in zip(records_one, records_two, strict=True):
+        for name in ("loss_itc", "loss_itm", "loss_lm"):
+            assert r1[name] == pytest.approx(r2[name], rel=1e-4), (r1["step"], name)
+
+
+def test_resume_continues_exactly(tmp_path, dataset, tokenizer_dir):
+    # 8 steps straight vs 4, stop, resume, 4 more (an epoch is 6 steps: the resume crosses it).
+    train(tiny("pretrain", dataset, tokenizer_dir, tmp_path / "straight", max_steps=8))
+    train(tiny("pretrain", dataset, tokenizer_dir, tmp_path / "resumed", max_steps=4))
+    train(tiny("pretrain", dataset, tokenizer_dir, tmp_path / "resumed", max_steps=8))
+    a, b = _final_state(tmp_path / "straight"), _final_state(tmp_path / "resumed")
+    assert a["state"] == b["state"] and a["state"]["epoch"] == 1
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    for (_, sa), (_, sb) in zip(sorted(a["optimizer"]["state"].items()), sorted(b["optimizer"]["state"].items())):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert [r["loss_lm"] for r in log_records(tmp_path / "straight")][4:] == \
+        [r["loss_lm"] for r in log_records(tmp_path / "resumed")][4:]
+
+
+def test_finetuned_captioner_exports_to_transformers(tmp_path, dataset, tokenizer_dir, pretrained):
+    # 48 px: the pre-trained 32 px position embeddings are interpolated.
+    out = tmp_path / "captioner"
+    train(tiny("finetune-captioner", dataset, "", out, init=str(pretrained), image_size=48, max_steps=2))
+    med, tokenizer = med_from_run(out)
+    model = BlipForConditionalGeneration.from_pretrained(out / "captioner", local_files_only=True).eval()
+    med.eval()
+    pixels = torch.randn(2, 3, 48, 48, generator=torch.Generator().manual_seed(0))
+    tokens = tokenizer(["a picture of a red square", "a picture of a blue circle"], return_tensors="pt")
+    ids = tokens.input_ids.clone()
+    ids[:, 0] = tokenizer.bos_token_id
+    with torch.no_grad():
+        want = med.text_decoder(input_ids=ids, attention_mask=tokens.attention_mask,
+                                encoder_hidden_states=med.vision_model(pixel_values=pixels).last_hidden_state).logits
+        got = model(pixel_values=pixels, input_ids=ids, attention_mask=tokens.attention_mask).logits
+    assert torch.allclose(got, want, atol=1e-5)
+    assert med.settings.prompt_length == 4
+
+
+def test_finetuned_filter_exports_to_transformers(tmp_path, dataset, tokenizer_dir, pretrained):
+    out = tmp_path / "filter"
+    train(tiny("finetune-filter", dataset, tokenizer_dir, out, init=str(pretrained), max_steps=2))
+    med, tokenizer = med_from_run(out)
+    model = BlipForImageTextRetrieval.from_pretrained(out / "filter", local_files_only=True).eval()
+    med.eval()
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    tokens = tokenizer(["a red square", "a blue circle"], return_tensors="pt")
+    enc_ids = tokens.input_ids.clone()
+    enc_ids[:, 0] = tokenizer.convert_tokens_to_ids("[ENC]")
+    with torch.no_grad():
+        image_embeds = med.vision_model(pixel_values=pixels).last_hidden_state
+        itm_want = med.itm_head(med._grounded_encoder(enc_ids, tokens.attention_mask, image_embeds)[:, 0])
+        itm_got = model(input_ids=enc_ids, pixel_values=pixels, attention_mask=tokens.attention_mask).itm_score
+        text = med.text_encoder(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).last_hidden_state
+        itc_want = torch.nn.functional.normalize(med.vision_proj(image_embeds[:, 0]), dim=-1) @ \
+            torch.nn.functional.normalize(med.text_proj(text[:, 0]), dim=-1).t()
+        itc_got = model(input_ids=tokens.input_ids, pixel_values=pixels, attention_mask=tokens.attention_mask,
+                        use_itm_head=False).itm_score
+    assert torch.allclose(itm_got, itm_want, atol=1e-5) and torch.allclose(itc_got, itc_want, atol=1e-5)
+
+
+def test_a_partial_checkpoint_is_never_resumed_from(tmp_path, dataset, tokenizer_dir):
+    out = tmp_path / "run"
+    train(tiny("pretrain", dataset, tokenizer_dir, out, max_steps=1))
+    complete = latest_checkpoint(out)
+    crashed = complete.with_name("step-00000009.partial")  # as if the process died before the rename
+    crashed.mkdir()
+    (crashed / "training_state.pt").write_bytes(b"truncated")
+    assert latest_checkpoint(out) == complete
+    with pytest.raises(ValueError, match="checkpoint of another run"):
+        train(tiny("pretrain", dataset, tokenizer_dir, out, max_steps=2, queue_size=32))
