@@ -44,3 +44,12 @@ bootstrap: install  ## CapFilt: DATA=demo|cc12m|cc3m|sbu|laion400m|PATH OUT=... 
 
 bench-pipeline: install  ## images/s of the CapFilt pipeline on tiny models (this CPU)
 	nice $(PY) bench/bench_pipeline.py $(ARGS)
+
+# --- the shapes-world demo models ---------------------------------------------------------
+.PHONY: demo-models evaluate-demo
+
+demo-models: install  ## train the demo captioner and filter into capfilt/demo_models (about 2 hours on 2 cores; resumable)
+	$(PY) -m capfilt.demo $(ARGS)
+
+evaluate-demo: install  ## the demo models on a fresh web split: removal per web-text kind, caption correctness
+	$(PY) -m capfilt.shapes.evaluate --captioner demo --filter demo $(ARGS)

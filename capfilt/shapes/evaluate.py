@@ -1,0 +1,117 @@
+"""How good are a captioner and a filter on the shapes world? (shapes-world.md, "What is measured on it")
+
+- Filter, on a ``web`` split: the fraction of each noisy kind (``mismatch``,
+  ``partial``, ``alt``) removed and the fraction of ``clean`` texts kept, at
+  the paper's ITM threshold of 0.5.
+- Captioner, on any split: the fraction of synthetic captions that are
+  correct for their scene (``is_correct``: converses count), per scene type
+  (one or two objects) and per decoding method: nucleus sampling (p = 0.9),
+  greedy and beam search.
+
+``python -m capfilt.shapes.evaluate --captioner demo --filter demo`` prints
+the table and writes it as JSON with ``--json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import replace
+
+from capfilt.captioner import Captioner
+from capfilt.filter import ITM_THRESHOLD, Filter
+from capfilt.shapes.captions import is_correct
+from capfilt.shapes.splits import Sample, iter_split
+from capfilt.shapes.web import KINDS
+
+EVALUATION_SEED = 20221  # a seed no training split of `make demo-models` uses
+METHODS = ("greedy", "beam", "nucleus")
+
+
+def _batches(samples: list[Sample], size: int):
+    for start in range(0, len(samples), size):
+        yield samples[start : start + size]
+
+
+def scene_type(sample: Sample) -> str:
+    return "one object" if len(sample.scene.objects) == 1 else "two objects"
+
+
+def evaluate_filter(filter_: Filter, samples: list[Sample], threshold: float = ITM_THRESHOLD,
+                    batch_size: int = 64) -> dict:
+    """Per web-text kind: how many texts, and the fraction removed (ITM match probability < threshold)."""
+    removed = {kind: 0 for kind in KINDS}
+    counts = {kind: 0 for kind in KINDS}
+    for batch in _batches(samples, batch_size):
+        scores = filter_.score([s.image for s in batch], [[s.text] for s in batch])
+        for sample, (score,) in zip(batch, scores):
+            counts[sample.kind] += 1
+            removed[sample.kind] += score.is_noise(threshold)
+    return {kind: {"n": counts[kind], "removed": removed[kind] / counts[kind] if counts[kind] else None}
+            for kind in KINDS}
+
+
+def evaluate_captioner(captioner: Captioner, samples: list[Sample], methods=METHODS, batch_size: int = 64,
+                       seed: int = 0) -> dict:
+    """Per method and scene type: how many scenes, the fraction captioned correctly, and a few wrong captions."""
+    results = {}
+    original = captioner.settings
+    try:
+        for method in methods:
+            captioner.settings = replace(original, method=method)
+            tally: dict[str, dict] = {}
+            for number, batch in enumerate(_batches(samples, batch_size)):
+                captions = captioner.caption([s.image for s in batch], seed=seed + number)
+                for sample, (text,) in zip(batch, captions):
+                    entry = tally.setdefault(scene_type(sample), {"n": 0, "correct": 0, "wrong": []})
+                    entry["n"] += 1
+                    if is_correct(text, sample.scene):
+                        entry["correct"] += 1
+                    elif len(entry["wrong"]) < 5:
+                        entry["wrong"].append({"caption": text, "truth": sample.text})
+            results[method] = {kind: {"n": e["n"], "correct": e["correct"] / e["n"], "wrong": e["wrong"]}
+                               for kind, e in sorted(tally.items())}
+    finally:
+        captioner.settings = original
+    return results
+
+
+def table(filter_results: dict | None, captioner_results: dict | None) -> str:
+    """The results as a Markdown table (the README's)."""
+    lines = []
+    if filter_results:
+        lines += ["| web-text kind | texts | removed |", "| --- | --- | --- |"]
+        lines += [f"| {kind} | {r['n']} | {r['removed']:.1%} |" for kind, r in filter_results.items() if r["n"]]
+        lines.append("")
+    if captioner_results:
+        kinds = sorted({kind for method in captioner_results.values() for kind in method})
+        lines += ["| decoding | " + " | ".join(f"{k} correct" for k in kinds) + " |",
+                  "| --- |" + " --- |" * len(kinds)]
+        for method, by_kind in captioner_results.items():
+            cells = [f"{by_kind[k]['correct']:.1%} (n={by_kind[k]['n']})" if k in by_kind else "-" for k in kinds]
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m capfilt.shapes.evaluate", description=__doc__.split("\n")[0])
+    parser.add_argument("--captioner", default=None, help="model reference (e.g. demo); omit to skip")
+    parser.add_argument("--filter", default=None, help="model reference (e.g. demo); omit to skip")
+    parser.add_argument("--n", type=int, default=1000, help="web pairs to score / scenes to caption")
+    parser.add_argument("--seed", type=int, default=EVALUATION_SEED, help="seed of the fresh web split")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--json", default=None, help="also write the results here")
+    args = parser.parse_args(argv)
+    samples = list(iter_split("web", args.n, args.seed))
+    filter_results = evaluate_filter(Filter.load(args.filter), samples) if args.filter else None
+    captioner_results = (evaluate_captioner(Captioner.load(args.captioner), samples, args.methods)
+                         if args.captioner else None)
+    print(table(filter_results, captioner_results))
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump({"n": args.n, "seed": args.seed, "filter": filter_results, "captioner": captioner_results},
+                      out, indent=2)
+
+
+if __name__ == "__main__":
+    main()
