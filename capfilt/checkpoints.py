@@ -87,28 +87,27 @@ def _from_hub_cache(repo_id: str) -> Path:
 
 # --- original Salesforce keys -> transformers keys -------------------------------------------
 # The text side keeps its names; the ViT differs (blip-reference.md, "Checkpoints").
-_VISION_TO_HF = [
-    (r"visual_encoder\.cls_token", "vision_model.embeddings.class_embedding"),
-    (r"visual_encoder\.pos_embed", "vision_model.embeddings.position_embedding"),
-    (r"visual_encoder\.patch_embed\.proj\.", "vision_model.embeddings.patch_embedding."),
-    (r"visual_encoder\.blocks\.(\d+)\.norm1\.", r"vision_model.encoder.layers.\1.layer_norm1."),
-    (r"visual_encoder\.blocks\.(\d+)\.norm2\.", r"vision_model.encoder.layers.\1.layer_norm2."),
-    (r"visual_encoder\.blocks\.(\d+)\.attn\.qkv\.", r"vision_model.encoder.layers.\1.self_attn.qkv."),
-    (r"visual_encoder\.blocks\.(\d+)\.attn\.proj\.", r"vision_model.encoder.layers.\1.self_attn.projection."),
-    (r"visual_encoder\.blocks\.(\d+)\.mlp\.", r"vision_model.encoder.layers.\1.mlp."),
-    (r"visual_encoder\.norm\.", "vision_model.post_layernorm."),
+# One table, read in both directions; "{n}" stands for a block number.
+_VISION_KEYS = [
+    ("visual_encoder.cls_token", "vision_model.embeddings.class_embedding"),
+    ("visual_encoder.pos_embed", "vision_model.embeddings.position_embedding"),
+    ("visual_encoder.patch_embed.proj.", "vision_model.embeddings.patch_embedding."),
+    ("visual_encoder.blocks.{n}.norm1.", "vision_model.encoder.layers.{n}.layer_norm1."),
+    ("visual_encoder.blocks.{n}.norm2.", "vision_model.encoder.layers.{n}.layer_norm2."),
+    ("visual_encoder.blocks.{n}.attn.qkv.", "vision_model.encoder.layers.{n}.self_attn.qkv."),
+    ("visual_encoder.blocks.{n}.attn.proj.", "vision_model.encoder.layers.{n}.self_attn.projection."),
+    ("visual_encoder.blocks.{n}.mlp.", "vision_model.encoder.layers.{n}.mlp."),
+    ("visual_encoder.norm.", "vision_model.post_layernorm."),
 ]
-_VISION_TO_ORIGINAL = [
-    (r"vision_model\.embeddings\.class_embedding", "visual_encoder.cls_token"),
-    (r"vision_model\.embeddings\.position_embedding", "visual_encoder.pos_embed"),
-    (r"vision_model\.embeddings\.patch_embedding\.", "visual_encoder.patch_embed.proj."),
-    (r"vision_model\.encoder\.layers\.(\d+)\.layer_norm1\.", r"visual_encoder.blocks.\1.norm1."),
-    (r"vision_model\.encoder\.layers\.(\d+)\.layer_norm2\.", r"visual_encoder.blocks.\1.norm2."),
-    (r"vision_model\.encoder\.layers\.(\d+)\.self_attn\.qkv\.", r"visual_encoder.blocks.\1.attn.qkv."),
-    (r"vision_model\.encoder\.layers\.(\d+)\.self_attn\.projection\.", r"visual_encoder.blocks.\1.attn.proj."),
-    (r"vision_model\.encoder\.layers\.(\d+)\.mlp\.", r"visual_encoder.blocks.\1.mlp."),
-    (r"vision_model\.post_layernorm\.", "visual_encoder.norm."),
-]
+
+
+def _rules(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """(regex, replacement) rules from name templates: the source's "{n}" matches, the target's refers back."""
+    return [(re.escape(source).replace(r"\{n\}", r"(\d+)"), target.replace("{n}", r"\1")) for source, target in pairs]
+
+
+_VISION_TO_HF = _rules(_VISION_KEYS)
+_VISION_TO_ORIGINAL = _rules([(hf, original) for original, hf in _VISION_KEYS])
 
 # What each role takes from an original file, and what it knowingly leaves.
 _ROLE_KEEPS = {
