@@ -36,7 +36,8 @@ INSTALL_REQUIRES = [
 EXTRAS_REQUIRE = {
     # Downloading URL lists; img2dataset brings its own distributors.
     "download": ["img2dataset>=1.45"],
-    "dev": ["pytest>=8", "duckdb>=1.0", "img2dataset>=1.45"],
+    # Tests read the output back as downstream trainers do: pyarrow, DuckDB and HF datasets.
+    "dev": ["pytest>=8", "duckdb>=1.0", "datasets>=3", "img2dataset>=1.45"],
 }
 
 setup(

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import multiprocessing
 import os
 import shutil
@@ -88,6 +89,7 @@ def finetune(job: tuple[str, dict]) -> None:
     task, overrides = job
     import torch
 
+    _log_to_console()
     from capfilt.models.train import configure, train
 
     torch.set_num_threads(1)  # two fine-tunes share the machine's two cores
@@ -124,6 +126,11 @@ def install_models(work: Path, install: Path, recipe: DemoRecipe) -> None:
     (install / "captioner" / "capfilt_sampling.json").write_text(json.dumps(sampling, indent=2) + "\n")
 
 
+def _log_to_console() -> None:
+    """Training progress (steps/s, losses, ETA) on the console, in this process and in each fine-tune's."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m capfilt.demo", description=__doc__.split("\n")[0])
     parser.add_argument("--work", default=str(WORK), help="splits and training runs (resumable)")
@@ -133,6 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     args = vars(parser.parse_args(argv))
     work, install = Path(args.pop("work")), Path(args.pop("install"))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    _log_to_console()
     print("[demo-models] about 2 hours on 2 CPU cores (splits ~10 min, pre-training ~25 min, "
           "fine-tuning ~60 min); rerun to resume", flush=True)
     train_demo_models(DemoRecipe(**args), work, install)

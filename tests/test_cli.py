@@ -174,12 +174,14 @@ def test_bootstrap_the_demo_world(captioner_folder, filter_folder, tmp_path, one
     out = tmp_path / "demo"
     code = cli.main(["bootstrap", "--out", str(out), "--captioner", str(captioner_folder),
                      "--filter", str(filter_folder), "--demo-size", "8", "--demo-shard-size", "4",
-                     "--shards", "1", "--torch-threads", "1", "-k", "2"])
+                     "--shards", "1", "--torch-threads", "1", "-k", "2", "--threshold", "0"])
     assert code == 0
-    kept = pq.read_table(out / "kept").to_pylist() + pq.read_table(out / "rejected").to_pylist()
+    kept = pq.read_table(out / "kept").to_pylist()
+    assert pq.read_table(out / "rejected").num_rows == 0  # threshold 0 keeps every pair
     assert {r["key"][:5] for r in kept} == {"00001"}  # only the selected shard
     assert len(kept) == 4 * 3  # four images, the web text and K=2 captions each
     assert {r["kind"] for r in kept} <= {"clean", "mismatch", "partial", "alt"} and all(r["scene"] for r in kept)
+    read_back_by_downstream_trainers(out / "kept", captioner_folder)
 
 
 def test_shards_folder_is_bound_to_its_input(tmp_path):
@@ -194,3 +196,22 @@ def test_a_remote_out_needs_a_local_shards_folder():
     args = cli.build_parser().parse_args(["bootstrap", "--out", "gs://bucket/run"])
     with pytest.raises(UsageError, match="--shards-dir"):
         cli.shards_folder(args)
+
+
+def read_back_by_downstream_trainers(kept, tokenizer_folder):
+    """kept/ as HF datasets and capfilt's own MED trainer read it: the same rows, images that decode."""
+    from datasets import load_dataset
+
+    from capfilt.models.augment import AugmentConfig
+    from capfilt.models.data import DataConfig, EpochLoader, detect_layout, find_files
+    from capfilt.tokenizer import load_tokenizer
+
+    expected = pq.read_table(kept).to_pylist()
+    files = [str(path) for path in sorted(kept.glob("*.parquet"))]
+    hf = load_dataset("parquet", data_files=files, split="train")
+    assert len(hf) == len(expected) and sorted(hf["text"]) == sorted(row["text"] for row in expected)
+    assert detect_layout(pq.read_schema(files[0]).names).text == "text"  # trains on the kept text, not the web one
+    config = DataConfig(batch_size=len(expected), workers=1, max_tokens=16, shuffle=False)
+    (batch,) = list(EpochLoader(find_files(files), config, load_tokenizer(tokenizer_folder), 32,
+                                AugmentConfig(augment=False), seed=0, epoch=0, streams=1, rank=0, world_size=1))
+    assert batch.pixel_values.shape == (len(expected), 3, 32, 32)
