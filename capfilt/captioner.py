@@ -101,7 +101,7 @@ class Captioner:
     source: ModelSource | None = None
 
     def __post_init__(self):
-        self.model.to(self.device).eval()
+        self.model.to(self.device, dtype=torch.float32).eval()  # fp32 weights; CUDA runs under bf16 autocast
         self.preprocess = ImagePreprocessor(self.model.config.vision_config.image_size)
         self.ids = special_ids(self.tokenizer)
         prompt = self.tokenizer(self.settings.prompt, add_special_tokens=True).input_ids[:-1]  # drop [SEP]

@@ -117,10 +117,17 @@ def train_demo_models(recipe: DemoRecipe = DemoRecipe(), work: Path = WORK, inst
 
 def install_models(work: Path, install: Path, recipe: DemoRecipe) -> None:
     """Copy the exported captioner and filter into ``install`` with their sampling defaults and recipe."""
-    for role in ("captioner", "filter"):
-        target = install / role
+    from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval
+
+    from capfilt.checkpoints import load_hf_folder
+    from capfilt.tokenizer import load_tokenizer
+
+    for role, model_class in (("captioner", BlipForConditionalGeneration), ("filter", BlipForImageTextRetrieval)):
+        exported, target = work / role / role, install / role
         shutil.rmtree(target, ignore_errors=True)
-        shutil.copytree(work / role / role, target)
+        # Stored in fp16 to keep the repository small; Captioner and Filter run them in fp32.
+        load_hf_folder(model_class, exported).half().save_pretrained(target)
+        load_tokenizer(exported).save_pretrained(target)
         (target / "capfilt_recipe.json").write_text(json.dumps(asdict(recipe), indent=2) + "\n")
     sampling = {"min_length": 5, "max_length": 20}  # "[DEC] a picture of" + 1 to 10 words
     (install / "captioner" / "capfilt_sampling.json").write_text(json.dumps(sampling, indent=2) + "\n")

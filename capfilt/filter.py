@@ -58,7 +58,7 @@ class Filter:
     text_batch_size: int = 256  # texts per text-encoder call
 
     def __post_init__(self):
-        self.model.to(self.device).eval()
+        self.model.to(self.device, dtype=torch.float32).eval()  # fp32 weights; CUDA runs under bf16 autocast
         self.preprocess = ImagePreprocessor(self.model.config.vision_config.image_size)
         self.ids = special_ids(self.tokenizer)
 
