@@ -12,9 +12,12 @@
   file or a folder of them.
 
 URL lists are rewritten into one canonical Parquet file (``url``,
-``caption`` and any columns asked for), so that the download step reads one
-format whatever the source's quirks (CC12M has no header, CC3M puts the
-caption first, SBU is a JSON object of lists).
+``caption``, any columns asked for, and ``capfilt_error``), so that the
+download step reads one format whatever the source's quirks (CC12M has no
+header, CC3M puts the caption first, SBU is a JSON object of lists). Every
+source row becomes one row of it: a TSV/CSV line that does not parse is kept
+as a row without URL whose ``capfilt_error`` says why (null for every other
+row), and ends in ``failed/`` at stage ``parse``.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
-from capfilt.pipelines.schema import IMAGE_COLUMNS
+from capfilt.pipelines.schema import IMAGE_COLUMNS, INPUT_ERROR
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +47,7 @@ URL_LIST_SUFFIXES = (".tsv", ".csv", ".txt", ".json", ".jsonl")
 URL_COLUMNS = ("url", "image_url", "image_urls", "imageurl", "link")
 CAPTION_COLUMNS = ("caption", "captions", "text", "txt", "alt", "title", "description")
 WRITE_BATCH_ROWS = 65_536
+CSV_BLOCK_BYTES = 1 << 24  # pyarrow's CSV block size
 
 
 class DatasetError(ValueError):
@@ -344,13 +348,19 @@ def _extract_member(archive: Path, member: str, folder: Path) -> Path:
 # --- writing the canonical URL list ------------------------------------------------------------
 
 def write_url_list(url_list: UrlList, target: str | Path, extra: tuple[str, ...] = ()) -> dict:
-    """Rewrite ``url_list`` as one Parquet file with ``url``, ``caption`` and the ``extra`` columns.
+    """Rewrite ``url_list`` as one Parquet file: ``url``, ``caption``, the ``extra`` columns and ``capfilt_error``.
 
     Every row is kept, even one without a URL: img2dataset then records it as
-    a failed download, so that it is accounted for in ``failed/``. CSV/TSV
-    lines that do not parse (too many fields) are skipped and counted in the
-    returned summary. Written through a temporary name.
+    a failed download, so that it is accounted for in ``failed/``. A CSV/TSV
+    line that does not parse (too many or too few fields) is kept too, as a
+    row with ``url`` null, the line's text as ``caption`` and the reason in
+    ``capfilt_error`` (``malformed line 7 of urls.tsv: expected 2 fields, got
+    3``; null on every other row): the pipeline writes it to ``failed/`` at
+    stage ``parse``. Returns the counts (``rows`` includes the malformed
+    lines). Written through a temporary name.
     """
+    if INPUT_ERROR in extra:
+        raise DatasetError(f"{INPUT_ERROR!r} is capfilt's own column of the URL list; it cannot be kept")
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(target.name + ".partial")
@@ -358,8 +368,9 @@ def write_url_list(url_list: UrlList, target: str | Path, extra: tuple[str, ...]
     writer = None
     try:
         for table in _tables(url_list, extra, summary):
+            parsed = pc.is_null(table[INPUT_ERROR])
             has_url = pc.fill_null(pc.not_equal(pc.utf8_trim_whitespace(table["url"]), ""), False)
-            summary["without_url"] += table.num_rows - pc.sum(has_url).as_py()
+            summary["without_url"] += pc.sum(pc.and_(parsed, pc.invert(has_url))).as_py() or 0
             summary["rows"] += table.num_rows
             if writer is None:
                 writer = pq.ParquetWriter(partial, table.schema)
@@ -375,7 +386,7 @@ def write_url_list(url_list: UrlList, target: str | Path, extra: tuple[str, ...]
         partial.unlink(missing_ok=True)
     if summary["without_url"] or summary["malformed"]:
         log.warning("URL list: %(without_url)d row(s) without URL (they will fail to download), "
-                    "%(malformed)d malformed line(s) skipped", summary)
+                    "%(malformed)d malformed line(s) (they go to failed/ at stage parse)", summary)
     return summary
 
 
@@ -394,7 +405,8 @@ def _select(table: pa.Table, url_list: UrlList, extra: tuple[str, ...]) -> pa.Ta
         raise DatasetError(f"{url_list.paths[0]}: no column(s) {missing} to keep (columns: {names})")
     url = column(url_list.url_col)
     caption = pa.nulls(len(url), pa.string()) if url_list.caption_col is None else column(url_list.caption_col)
-    return pa.table({"url": url, "caption": caption, **{name: table[name] for name in extra}})
+    return pa.table({"url": url, "caption": caption, **{name: table[name] for name in extra},
+                     INPUT_ERROR: pa.nulls(len(url), pa.string())})
 
 
 def _tables(url_list: UrlList, extra: tuple[str, ...], summary: dict):
@@ -426,22 +438,49 @@ def _csv_tables(path: Path, url_list: UrlList, extra: tuple[str, ...], summary: 
         width = max(len(_first_line(path).split(delimiter)), 1)
         names = [f"f{i}" for i in range(width)]
         skip = 0
+    malformed: list[tuple[int | None, dict]] = []  # (record number, row) of lines that did not parse, in order
 
-    def malformed(_row) -> str:
+    def keep_malformed(row) -> str:
+        line = "?" if row.number is None else row.number
+        malformed.append((row.number, {"url": None, "caption": row.text, INPUT_ERROR: (
+            f"malformed line {line} of {path.name}: expected {row.expected_columns} fields, "
+            f"got {row.actual_columns}")}))
         summary["malformed"] += 1
-        return "skip"
+        return "skip"  # from the parsed block; it is put back in its place below
 
+    # All strings, like the parsed blocks' columns after _select.
+    malformed_schema = pa.schema([(name, pa.string()) for name in ("url", "caption", *extra, INPUT_ERROR)])
     reader = pa_csv.open_csv(
         path,
-        read_options=pa_csv.ReadOptions(column_names=names, skip_rows=skip, block_size=1 << 24),
-        # TSV lists are not quoted (a caption may start with a quote mark); CSV files are.
+        # One thread: the parser then numbers the rows (header included), so that a malformed line has its number.
+        read_options=pa_csv.ReadOptions(column_names=names, skip_rows=skip, block_size=CSV_BLOCK_BYTES,
+                                        use_threads=False),
+        # TSV lists are not quoted (a caption may start with a quote mark); CSV files are. Empty lines are rows
+        # (without URL: they fail at download), so that the numbers are the file's line numbers.
         parse_options=pa_csv.ParseOptions(delimiter=delimiter, quote_char='"' if url_list.format == "csv" else False,
-                                          invalid_row_handler=malformed),
+                                          invalid_row_handler=keep_malformed, ignore_empty_lines=False),
         convert_options=pa_csv.ConvertOptions(column_types={n: pa.string() for n in names},
                                               strings_can_be_null=False),
     )
-    for batch in reader:
-        yield _select(pa.Table.from_batches([batch]), url_list, extra)
+    record = skip + 1  # the number of the next row of the file
+    for batch in reader:  # a block's malformed rows are known before its batch comes (the parser reads ahead)
+        table = _select(pa.Table.from_batches([batch]), url_list, extra)
+        pieces, start = [], 0
+        while start < table.num_rows:  # the file's order: each malformed row at its own number
+            taken = 0
+            while taken < len(malformed) and (malformed[taken][0] is None or malformed[taken][0] <= record + taken):
+                taken += 1
+            if taken:
+                pieces.append(pa.Table.from_pylist([row for _, row in malformed[:taken]], schema=malformed_schema))
+                del malformed[:taken]
+                record += taken
+            next_bad = malformed[0][0] if malformed and malformed[0][0] is not None else None
+            good = table.num_rows - start if next_bad is None else min(table.num_rows - start, next_bad - record)
+            pieces.append(table.slice(start, good))
+            start, record = start + good, record + good
+        yield pa.concat_tables(pieces) if pieces else table
+    if malformed:  # after the last parsed row (or in a file where no row parsed)
+        yield pa.Table.from_pylist([row for _, row in malformed], schema=malformed_schema)
 
 
 def describe_named(cache: str | Path = DEFAULT_CACHE) -> str:

@@ -4,7 +4,9 @@ img2dataset does the work with its own distributors: ``multiprocessing``
 on one machine, ``pyspark`` (or ``ray``) on a cluster. Its shards (Parquet by
 default, or webdataset) keep a row for every URL, failures included
 (``status`` != ``success`` with an ``error_message``), which the CapFilt
-pipeline turns into rows of ``failed/``. Reruns resume: img2dataset skips
+pipeline turns into rows of ``failed/``; the canonical list's ``capfilt_error``
+column (a source line that did not parse) is carried along, so that such a
+row fails at stage ``parse`` rather than ``download``. Reruns resume: img2dataset skips
 shards whose ``_stats.json`` exists.
 
 Images are resized so that their shorter side is at most ``image_size``
@@ -24,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.parquet as pq
+
+from capfilt.pipelines.schema import INPUT_ERROR
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +87,10 @@ def download(url_list: str | Path, output_folder: str | Path, settings: Download
         raise ImportError("downloading needs img2dataset: pip install 'capfilt[download]'") from error
 
     output_folder = str(output_folder)
+    # Lines of the source list that did not parse travel as rows without URL that carry their reason, so that
+    # the pipeline writes them to failed/ at stage parse (a URL list written before that column existed has none).
+    if INPUT_ERROR in pq.read_schema(url_list).names and INPUT_ERROR not in extra_columns:
+        extra_columns = (*extra_columns, INPUT_ERROR)
     sigint = signal.getsignal(signal.SIGINT)  # img2dataset installs its own handler; ours comes back after
     try:
         img2dataset_download(

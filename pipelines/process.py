@@ -3,8 +3,9 @@
 Everything a shard needs happens here, in one worker, so that image bytes
 never travel between workers. The steps are the paper's:
 
-1. decode each image (and check its size); rows img2dataset could not
-   download fail at stage ``download``;
+1. decode each image (and check its size); URL list lines that did not
+   parse fail at stage ``parse``, rows img2dataset could not download at
+   stage ``download``;
 2. the captioner writes K synthetic captions per image (nucleus sampling,
    p = 0.9), in fixed-size batches, each batch seeded by (seed, shard, batch);
 3. the filter scores the web text and every synthetic caption of an image
@@ -235,6 +236,8 @@ class ShardJob:
 
     def admit(self, row: InputRow, writer: ShardWriter) -> Judged | None:
         """The decoded row, or None after writing it to failed/."""
+        if row.input_error:  # a URL list line that did not parse: img2dataset only saw a row without URL
+            return self.failed(row, "parse", row.input_error, writer)
         if row.status != SUCCESS:
             return self.failed(row, "download", row.error or row.status, writer)
         try:

@@ -7,7 +7,8 @@ An output folder holds, per input shard, three Parquet files:
 - ``rejected/{shard}.parquet``: one row per removed text, the same columns
   without the image bytes;
 - ``failed/{shard}.parquet``: one row per input row that could not be judged
-  (download, decode, size or model error), with the stage and the error.
+  (a URL list line that did not parse, a download, decode, size or model
+  error), with the stage and the error.
 
 Columns the input carries beyond img2dataset's reserved ones (``exif``,
 ``sha256``, a LAION ``NSFW``, the shapes world's ``kind`` and ``scene`` ...)
@@ -28,8 +29,13 @@ METADATA_KEY = b"capfilt"  # Parquet key-value metadata: JSON with schema_versio
 WEB, SYNTHETIC = "web", "synthetic"
 SOURCES = (WEB, SYNTHETIC)
 
-# Where a failed row failed, in pipeline order.
-STAGES = ("download", "decode", "size", "caption", "filter")
+# Where a failed row failed, in pipeline order. ``parse``: a URL list line that could not be read (too many or
+# too few fields); it is carried through the download as a row without URL, its text as the caption.
+STAGES = ("parse", "download", "decode", "size", "caption", "filter")
+
+# The canonical URL list's (and so img2dataset's shards') column that marks a row as unparseable: null for good
+# rows, the reason for a line that did not parse (``capfilt.datasets.write_url_list``). Never passed through.
+INPUT_ERROR = "capfilt_error"
 
 # img2dataset's image columns (its --encode_format), in order of preference.
 IMAGE_COLUMNS = ("jpg", "png", "webp")
@@ -59,7 +65,8 @@ _FAILED_FIELDS = [
     pa.field("error", pa.string()),
     pa.field("status", pa.string()),  # img2dataset's status for the row (null when the input had none)
 ]
-RESERVED = {f.name for f in _PAIR_FIELDS + _FAILED_FIELDS} | {"error_message", "txt"} | set(IMAGE_COLUMNS)
+RESERVED = ({f.name for f in _PAIR_FIELDS + _FAILED_FIELDS} | {"error_message", "txt", INPUT_ERROR}
+            | set(IMAGE_COLUMNS))
 
 
 def passthrough_fields(input_schema: pa.Schema) -> list[pa.Field]:

@@ -6,7 +6,8 @@ Two layouts are read, both as img2dataset writes them:
 
 - Parquet (``--output_format parquet``): one row per input URL, failures
   included (``status`` != ``success``, no image bytes), the image in a
-  ``jpg`` (or ``png``/``webp``) column.
+  ``jpg`` (or ``png``/``webp``) column. A row whose ``capfilt_error`` is set
+  is a URL list line that did not parse (``schema.INPUT_ERROR``).
 - webdataset (``--output_format webdataset``): ``{shard}.tar`` with
   ``{key}.jpg``/``.txt``/``.json`` for each success, and beside it
   ``{shard}.parquet`` with the metadata of every row, failures included.
@@ -32,7 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
-from capfilt.pipelines.schema import IMAGE_COLUMNS, passthrough_fields
+from capfilt.pipelines.schema import IMAGE_COLUMNS, INPUT_ERROR, passthrough_fields
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,7 @@ class InputRow:
     status: str  # img2dataset's status; 'success' when the input has none
     error: str | None = None
     extra: dict = field(default_factory=dict)  # pass-through columns
+    input_error: str | None = None  # why the URL list line did not parse (the row then has no URL)
 
 
 def _stem(path: str) -> str:
@@ -186,6 +188,7 @@ class ShardReader:
                     status=(columns["status"][i] if "status" in names else None) or SUCCESS,
                     error=columns["error_message"][i] if "error_message" in names else None,
                     extra={name: columns[name][i] for name in extra},
+                    input_error=columns[INPUT_ERROR][i] if INPUT_ERROR in names else None,
                 )
                 index += 1
 

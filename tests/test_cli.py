@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import http.server
 import io
+import json
 import tarfile
 import threading
 
@@ -134,8 +135,11 @@ def test_bootstrap_a_url_list_end_to_end(loopback, captioner_folder, filter_fold
     urls = [(f"{loopback.url}/img/{i}.jpg", f"picture number {i}") for i in range(IMAGES)]
     urls += [(f"{loopback.url}/missing.jpg", "a lost picture"), (f"{loopback.url}/page.html", "a web page"),
              ("", "a row without URL")]
+    lines = [f"{url}\t{caption}" for url, caption in urls]  # CC12M's layout
+    malformed = f"{loopback.url}/img/0.jpg\ta caption\twith a stray tab"
+    lines.insert(3, malformed)  # line 4: three fields where the list has two
     url_list = tmp_path / "urls.tsv"
-    url_list.write_text("".join(f"{url}\t{caption}\n" for url, caption in urls))  # CC12M's layout
+    url_list.write_text("".join(line + "\n" for line in lines))
     out = tmp_path / "out"
     code = cli.main([
         "bootstrap", "--data", str(url_list), "--out", str(out),
@@ -146,7 +150,7 @@ def test_bootstrap_a_url_list_end_to_end(loopback, captioner_folder, filter_fold
     assert code == 0
     # img2dataset kept a row for every URL; the pipeline accounted for each.
     stats = duckdb.sql(f"select count(*) from read_parquet('{out}/shards/*.parquet')").fetchall()[0][0]
-    assert stats == len(urls)
+    assert stats == len(lines)
     judged = duckdb.sql(f"""
         select url, source, count(*) as n from (
             select url, source from read_parquet('{out}/kept/*.parquet')
@@ -154,12 +158,16 @@ def test_bootstrap_a_url_list_end_to_end(loopback, captioner_folder, filter_fold
         group by url, source order by url, source""").fetchall()
     assert judged == sorted((url, source, 1) for url, _ in urls[:IMAGES] for source in ("synthetic", "web"))
     failed = {r["caption"]: r for r in pq.read_table(out / "failed").to_pylist()}
-    assert set(failed) == {"a lost picture", "a web page", "a row without URL"}
-    assert {r["stage"] for r in failed.values()} == {"download"}
+    assert set(failed) == {"a lost picture", "a web page", "a row without URL", malformed}
+    assert {r["stage"] for k, r in failed.items() if k != malformed} == {"download"}
+    # The line that did not parse: its own stage, its line number and reason, its text; not downloaded.
+    assert failed[malformed]["stage"] == "parse" and failed[malformed]["url"] is None
+    assert failed[malformed]["error"] == "malformed line 4 of urls.tsv: expected 2 fields, got 3"
+    assert json.loads((out / "stats.json").read_text())["failed"]["parse"] == 1
     assert "404" in failed["a lost picture"]["error"] and failed["a lost picture"]["status"] == "failed_to_download"
     assert failed["a web page"]["status"] == "failed_to_resize" and failed["a web page"]["error"]
     assert failed["a row without URL"]["status"] == "failed_to_download"
-    assert all(r["key"] for r in failed.values())
+    assert all(r["key"] for r in failed.values()) and len({r["key"] for r in failed.values()}) == len(failed)
     assert (out / "report.html").is_file()
 
     # A rerun finds everything done and changes nothing.
@@ -168,6 +176,8 @@ def test_bootstrap_a_url_list_end_to_end(loopback, captioner_folder, filter_fold
                      "--filter", str(filter_folder), "--processes", "1", "--threads", "4",
                      "--samples-per-shard", "4", "--batch-size", "4", "--torch-threads", "1"]) == 0
     assert pq.read_table(out / "kept").to_pylist() == kept_before
+    assert {r["key"]: r for r in pq.read_table(out / "failed").to_pylist()}[failed[malformed]["key"]] == \
+        failed[malformed]  # the same key
 
 
 def test_bootstrap_the_demo_world(captioner_folder, filter_folder, tmp_path, one_torch_thread):

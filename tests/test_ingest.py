@@ -14,6 +14,7 @@ from PIL import Image
 
 from capfilt import datasets
 from capfilt.datasets import Columns, DatasetError, DatasetNotAvailableError, resolve, write_url_list
+from capfilt.pipelines.schema import INPUT_ERROR
 from capfilt.pipelines.shards import ShardError, ShardReader, list_shards
 
 
@@ -27,7 +28,9 @@ def canonical(source, tmp_path, extra=()) -> list[dict]:
     assert isinstance(source, datasets.UrlListInput)
     target = tmp_path / "canonical.parquet"
     write_url_list(source.url_list, target, extra)
-    return pq.read_table(target).to_pylist()
+    rows = pq.read_table(target).to_pylist()
+    assert [row.pop(INPUT_ERROR) for row in rows] == [None] * len(rows)  # every line parsed
+    return rows
 
 
 def test_demo_and_unknown_names():
@@ -106,13 +109,51 @@ def test_gzipped_headerless_tsv_and_plain_url_list(tmp_path):
         {"url": "http://e.example/1.jpg", "caption": None}, {"url": "http://e.example/2.jpg", "caption": None}]
 
 
-def test_rows_without_url_are_kept_and_malformed_lines_counted(tmp_path):
-    """A row without URL goes on to fail at download (and into failed/); an unparseable line cannot."""
+def test_rows_without_url_and_malformed_lines_are_kept(tmp_path):
+    """A row without URL goes on to fail at download; a line that does not parse is kept with its reason."""
     path = tmp_path / "list.tsv"
-    path.write_text("http://f.example/1.jpg\tok\n\tno url\nhttp://f.example/2.jpg\ttoo\tmany\tfields\n")
+    path.write_text("http://f.example/1.jpg\tok\n\tno url\n\nhttp://f.example/2.jpg\ttoo\tmany\tfields\n"
+                    "http://f.example/3.jpg\nhttp://f.example/4.jpg\tlast\n")
+    target = tmp_path / "out.parquet"
+    summary = write_url_list(resolve(str(path)).url_list, target)
+    assert summary == {"rows": 6, "without_url": 2, "malformed": 2}
+    rows = pq.read_table(target).to_pylist()
+    assert rows == [
+        {"url": "http://f.example/1.jpg", "caption": "ok", INPUT_ERROR: None},
+        {"url": "", "caption": "no url", INPUT_ERROR: None},
+        {"url": "", "caption": "", INPUT_ERROR: None},  # the empty line 3: a row too, so that lines keep their numbers
+        {"url": None, "caption": "http://f.example/2.jpg\ttoo\tmany\tfields",
+         INPUT_ERROR: "malformed line 4 of list.tsv: expected 2 fields, got 4"},
+        {"url": None, "caption": "http://f.example/3.jpg",
+         INPUT_ERROR: "malformed line 5 of list.tsv: expected 2 fields, got 1"},
+        {"url": "http://f.example/4.jpg", "caption": "last", INPUT_ERROR: None},
+    ]
+    # The same list writes the same rows in the same order (img2dataset's keys are positions in it).
+    write_url_list(resolve(str(path)).url_list, tmp_path / "again.parquet")
+    assert pq.read_table(tmp_path / "again.parquet").to_pylist() == rows
+    # With a header, the header is line 1; kept columns are null on a malformed row.
+    csv = tmp_path / "list.csv"
+    csv.write_text('url,caption,license\nhttp://f.example/1.jpg,"a, b",cc-by\nhttp://f.example/2.jpg,c,d,e\n')
+    write_url_list(resolve(str(csv)).url_list, tmp_path / "csv.parquet", extra=("license",))
+    assert pq.read_table(tmp_path / "csv.parquet").to_pylist()[1] == {
+        "url": None, "caption": "http://f.example/2.jpg,c,d,e", "license": None,
+        INPUT_ERROR: "malformed line 3 of list.csv: expected 3 fields, got 4"}
+
+
+def test_malformed_lines_keep_their_place_across_blocks(tmp_path, monkeypatch):
+    """The canonical list is the file's rows in the file's order, however the parser splits it into blocks."""
+    monkeypatch.setattr(datasets, "CSV_BLOCK_BYTES", 256)  # ~8 lines a block
+    lines = [f"http://i.example/{i}.jpg\tcaption {i}" for i in range(120)]
+    for i in (1, 2, 3, 30, 31, 64, 118, 119):  # runs of bad lines, at block edges too, and at the end
+        lines[i] = f"http://i.example/{i}.jpg\tcaption\t{i}"
+    path = tmp_path / "list.tsv"
+    path.write_text("".join(line + "\n" for line in lines))
     summary = write_url_list(resolve(str(path)).url_list, tmp_path / "out.parquet")
-    assert summary == {"rows": 2, "without_url": 1, "malformed": 1}
-    assert pq.read_table(tmp_path / "out.parquet").column("caption").to_pylist() == ["ok", "no url"]
+    assert summary == {"rows": 120, "without_url": 0, "malformed": 8}
+    rows = pq.read_table(tmp_path / "out.parquet").to_pylist()
+    assert [row["caption"] if row[INPUT_ERROR] else f"{row['url']}\t{row['caption']}" for row in rows] == lines
+    assert [row[INPUT_ERROR].split(":")[0] for row in rows if row[INPUT_ERROR]] == [
+        f"malformed line {i + 1} of list.tsv" for i in (1, 2, 3, 30, 31, 64, 118, 119)]
 
 
 def test_laion_style_parquet_with_kept_columns(tmp_path):

@@ -172,7 +172,7 @@ def test_stats_match_the_files(full_run):
     ).fetchall())
     assert stats["schema_version"] == SCHEMA_VERSION
     assert stats["rows"] == 2 * ROWS_PER_SHARD and stats["images"] == 10
-    assert stats["failed"] == {"download": 2, "decode": 2, "size": 2, "caption": 0, "filter": 0}
+    assert stats["failed"] == {"parse": 0, "download": 2, "decode": 2, "size": 2, "caption": 0, "filter": 0}
     assert stats["kept"] == {s: kept.get(s, 0) for s in ("web", "synthetic")}
     assert stats["rejected"] == {s: rejected.get(s, 0) for s in ("web", "synthetic")}
     assert stats["web_missing"] == 2
