@@ -55,20 +55,21 @@ def pixel_values(tiny_config):
     return torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(2))
 
 
-@pytest.fixture(scope="session")
-def captioner_folder(tmp_path_factory, hf_captioner, tokenizer):
-    folder = tmp_path_factory.mktemp("captioner")
-    hf_captioner.save_pretrained(folder)
+def _model_folder(folder, model, tokenizer):
+    """An HF-format model folder: weights, config and tokenizer."""
+    model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def captioner_folder(tmp_path_factory, hf_captioner, tokenizer):
+    return _model_folder(tmp_path_factory.mktemp("captioner"), hf_captioner, tokenizer)
 
 
 @pytest.fixture(scope="session")
 def filter_folder(tmp_path_factory, hf_retrieval, tokenizer):
-    folder = tmp_path_factory.mktemp("filter")
-    hf_retrieval.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return _model_folder(tmp_path_factory.mktemp("filter"), hf_retrieval, tokenizer)
 
 
 @pytest.fixture
