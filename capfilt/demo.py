@@ -48,7 +48,7 @@ class DemoRecipe:
     pretrain_steps: int = 750
     pretrain_lr: float = 5e-4
     captioner_steps: int = 3000
-    filter_steps: int = 1500
+    filter_steps: int = 1250
     finetune_lr: float = 2e-4
     queue_size: int = 4096  # ITC queue: a multiple of the batch; 57,600 in the paper is for 2,880-pair batches
     max_tokens: int = 32
