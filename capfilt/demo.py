@@ -54,11 +54,16 @@ class DemoRecipe:
     max_tokens: int = 32
 
 
+def split_folders(work: Path) -> dict[str, Path]:
+    """Where the rendered ``human`` and ``web`` splits live in the work folder."""
+    return {"human": work / "data" / "human", "web": work / "data" / "web"}
+
+
 def _write_splits(recipe: DemoRecipe, work: Path) -> dict[str, Path]:
     from capfilt.shapes import VOCABULARY, write_split
     from capfilt.vocab import compact_tokenizer
 
-    folders = {"human": work / "data" / "human", "web": work / "data" / "web"}
+    folders = split_folders(work)
     for (split, folder), (n, seed) in zip(folders.items(), ((recipe.human, 11), (recipe.web, 12))):
         if not (folder / "_done").exists():
             write_split(split, n, seed, folder, shard_size=10_000, overwrite=True)
@@ -75,7 +80,7 @@ def _common(recipe: DemoRecipe, work: Path) -> dict:
 
 def finetune_jobs(recipe: DemoRecipe, work: Path) -> list[tuple[str, dict]]:
     """The captioner's and the filter's fine-tuning, each from the pre-trained MED, on ``human``."""
-    finetune = dict(_common(recipe, work), init=str(work / "pretrain"), data=[str(work / "data" / "human")],
+    finetune = dict(_common(recipe, work), init=str(work / "pretrain"), data=[str(split_folders(work)["human"])],
                     lr=recipe.finetune_lr, schedule="step", warmup_steps=0, workers=1)
     return [
         ("finetune-captioner", dict(finetune, out=str(work / "captioner"), max_steps=recipe.captioner_steps)),

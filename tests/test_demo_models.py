@@ -16,7 +16,7 @@ import pytest
 from capfilt import cli
 from capfilt.captioner import Captioner
 from capfilt.shapes.captions import is_correct
-from capfilt.shapes.evaluate import EVALUATION_SEED, evaluate_captioner
+from capfilt.shapes.evaluate import EVALUATION_SEED, evaluate_captioner, scene_type
 from capfilt.shapes.scene import scene_from_json
 from capfilt.shapes.splits import iter_split
 
@@ -70,8 +70,7 @@ def test_nucleus_captions_are_correct(bootstrap_rows):
     for row in bootstrap_rows:
         if row["source"] == "synthetic":
             scene = scene_from_json(row["scene"])
-            kind = "one object" if len(scene.objects) == 1 else "two objects"
-            tally.setdefault(kind, []).append(is_correct(row["text"], scene))
+            tally.setdefault(scene_type(scene), []).append(is_correct(row["text"], scene))
     for kind, floor in FLOORS["nucleus"].items():
         assert sum(tally[kind]) / len(tally[kind]) >= floor, (kind, {k: sum(v) / len(v) for k, v in tally.items()})
 

@@ -21,6 +21,7 @@ from dataclasses import replace
 from capfilt.captioner import Captioner
 from capfilt.filter import ITM_THRESHOLD, Filter
 from capfilt.shapes.captions import is_correct
+from capfilt.shapes.scene import Scene
 from capfilt.shapes.splits import Sample, iter_split
 from capfilt.shapes.web import KINDS
 
@@ -33,8 +34,9 @@ def _batches(samples: list[Sample], size: int):
         yield samples[start : start + size]
 
 
-def scene_type(sample: Sample) -> str:
-    return "one object" if len(sample.scene.objects) == 1 else "two objects"
+def scene_type(scene: Scene) -> str:
+    """``one object`` or ``two objects``: the rows of the caption table."""
+    return "one object" if len(scene.objects) == 1 else "two objects"
 
 
 def evaluate_filter(filter_: Filter, samples: list[Sample], threshold: float = ITM_THRESHOLD,
@@ -63,7 +65,7 @@ def evaluate_captioner(captioner: Captioner, samples: list[Sample], methods=METH
             for number, batch in enumerate(_batches(samples, batch_size)):
                 captions = captioner.caption([s.image for s in batch], seed=seed + number)
                 for sample, (text,) in zip(batch, captions):
-                    entry = tally.setdefault(scene_type(sample), {"n": 0, "correct": 0, "wrong": []})
+                    entry = tally.setdefault(scene_type(sample.scene), {"n": 0, "correct": 0, "wrong": []})
                     entry["n"] += 1
                     if is_correct(text, sample.scene):
                         entry["correct"] += 1
