@@ -46,10 +46,13 @@ bench-pipeline: install  ## images/s of the CapFilt pipeline on tiny models (thi
 	nice $(PY) bench/bench_pipeline.py $(ARGS)
 
 # --- the shapes-world demo models ---------------------------------------------------------
-.PHONY: demo-models evaluate-demo
+.PHONY: demo-models evaluate-demo experiment
 
 demo-models: install  ## train the demo captioner and filter into capfilt/demo_models (about 1 h 30 min on 2 cores; resumable)
 	$(PY) -m capfilt.demo $(ARGS)
 
 evaluate-demo: install  ## the demo models on a fresh web split: removal per web-text kind, caption correctness
 	$(PY) -m capfilt.shapes.evaluate --captioner demo --filter demo $(ARGS)
+
+experiment: install  ## the bootstrapping experiment: pre-training on raw vs CapFilt web, scored on test (README; about 1 h 30 min on 2 cores after demo-models, resumable)
+	$(PY) -m capfilt.experiment $(ARGS)

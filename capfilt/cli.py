@@ -15,6 +15,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -310,9 +311,18 @@ def _say(text: str) -> None:
     print(f"[capfilt] {text}", file=sys.stderr, flush=True)
 
 
+def _quiet_model_loading() -> None:
+    """No per-load "Loading weights" bars from transformers: the run's own progress lines are the ones to read."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # local worker processes started from here
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
+    _quiet_model_loading()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if args.command == "datasets":

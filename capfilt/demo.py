@@ -59,7 +59,7 @@ def split_folders(work: Path) -> dict[str, Path]:
     return {"human": work / "data" / "human", "web": work / "data" / "web"}
 
 
-def _write_splits(recipe: DemoRecipe, work: Path) -> dict[str, Path]:
+def write_splits(recipe: DemoRecipe, work: Path) -> dict[str, Path]:
     from capfilt.shapes import VOCABULARY, write_split
     from capfilt.vocab import compact_tokenizer
 
@@ -76,6 +76,20 @@ def _write_splits(recipe: DemoRecipe, work: Path) -> dict[str, Path]:
 def _common(recipe: DemoRecipe, work: Path) -> dict:
     return dict(model="demo", image_size=64, tokenizer=str(work / "tokenizer"), batch_size=recipe.batch_size,
                 augment=False, max_tokens=recipe.max_tokens, checkpoint_every=250, log_every=50, workers=2)
+
+
+def pretrain(recipe: DemoRecipe, work: Path, data: list[Path], out: Path, seed: int = 42) -> Path:
+    """Pre-train a MED with ITC + ITM + LM on ``data`` (the recipe's steps; resumes); returns the run folder.
+
+    ``make demo-models`` pre-trains on human + raw web; ``make experiment``
+    also on human + the bootstrapped web, with the same steps and seed.
+    """
+    from capfilt.models.train import configure, train
+
+    train(configure("pretrain", **_common(recipe, work), data=[str(folder) for folder in data], out=str(out),
+                    max_steps=recipe.pretrain_steps, lr=recipe.pretrain_lr, warmup_steps=300,
+                    queue_size=recipe.queue_size, seed=seed))
+    return out
 
 
 def finetune_jobs(recipe: DemoRecipe, work: Path) -> list[tuple[str, dict]]:
@@ -103,15 +117,10 @@ def finetune(job: tuple[str, dict]) -> None:
 
 def train_demo_models(recipe: DemoRecipe = DemoRecipe(), work: Path = WORK, install: Path = DEMO_MODELS) -> None:
     """Run the whole recipe; the models land in ``install`` (``capfilt/demo_models``)."""
-    from capfilt.models.train import configure, train
-
     start = time.time()
-    folders = _write_splits(recipe, work)
+    folders = write_splits(recipe, work)
     print(f"[demo-models] splits ready ({time.time() - start:.0f} s)", flush=True)
-    common = _common(recipe, work)
-    train(configure("pretrain", **common, data=[str(folders["human"]), str(folders["web"])], out=str(work / "pretrain"),
-                    max_steps=recipe.pretrain_steps, lr=recipe.pretrain_lr, warmup_steps=300,
-                    queue_size=recipe.queue_size))
+    pretrain(recipe, work, [folders["human"], folders["web"]], work / "pretrain")
     print(f"[demo-models] pre-trained ({(time.time() - start) / 60:.0f} min)", flush=True)
     with multiprocessing.get_context("spawn").Pool(2) as pool:
         pool.map(finetune, finetune_jobs(recipe, work))

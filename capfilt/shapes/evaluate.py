@@ -7,6 +7,8 @@
   correct for their scene (``is_correct``: converses count), per scene type
   (one or two objects) and per decoding method: nucleus sampling (p = 0.9),
   greedy and beam search.
+- Retrieval, on a clean split (``test``): image→text and text→image
+  recall@1 of a filter's ITC, and of ITC's top k re-ranked by ITM.
 
 ``python -m capfilt.shapes.evaluate --captioner demo --filter demo`` prints
 the table and writes it as JSON with ``--json``.
@@ -17,6 +19,9 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
 
 from capfilt.captioner import Captioner
 from capfilt.filter import ITM_THRESHOLD, Filter
@@ -76,6 +81,54 @@ def evaluate_captioner(captioner: Captioner, samples: list[Sample], methods=METH
     finally:
         captioner.settings = original
     return results
+
+
+@torch.no_grad()
+def evaluate_retrieval(filter_: Filter, samples: list[Sample], rerank_k: int = 16, batch_size: int = 64) -> dict:
+    """Image→text and text→image recall@1 among ``samples``' images and texts (a clean split: one caption each).
+
+    BLIP's retrieval protocol: ITC similarities rank every candidate, then ITM
+    re-ranks ITC's top ``rerank_k`` (256 on COCO in BLIP's evaluation; a
+    thousand-pair shapes split needs fewer). Many shapes scenes share one exact
+    caption, so a hit is judged by the parser, not by index: image→text hits when
+    the retrieved text is a correct caption of the query image, text→image when
+    the query text is a correct caption of the retrieved image.
+    """
+    model, scenes, texts = filter_.model, [s.scene for s in samples], [s.text for s in samples]
+    embeds, image_feats = [], []
+    for batch in _batches(samples, batch_size):
+        pixel_values = filter_.preprocess([s.image for s in batch]).to(filter_.device)
+        batch_embeds = model.vision_model(pixel_values=pixel_values).last_hidden_state
+        embeds.append(batch_embeds)
+        image_feats.append(F.normalize(model.vision_proj(batch_embeds[:, 0]).float(), dim=-1))
+    embeds, image_feats = torch.cat(embeds), torch.cat(image_feats)
+    tokens = filter_.tokenize(texts)  # padded to the longest text, so any subset of rows can be scored
+    text_feats = []
+    for start in range(0, len(texts), batch_size):
+        rows = slice(start, start + batch_size)
+        cls = model.text_encoder(input_ids=tokens["input_ids"][rows],
+                                 attention_mask=tokens["attention_mask"][rows]).last_hidden_state[:, 0]
+        text_feats.append(F.normalize(model.text_proj(cls).float(), dim=-1))
+    similarity = image_feats @ torch.cat(text_feats).T  # [images, texts]
+    k = min(rerank_k, len(samples))
+
+    def reranked(query: int, candidates: torch.Tensor, image_side: bool) -> int:
+        images = torch.full_like(candidates, query) if image_side else candidates
+        text_rows = candidates if image_side else torch.full_like(candidates, query)
+        itm, _ = filter_.score_embedded(embeds, images, tokens["input_ids"][text_rows],
+                                        tokens["attention_mask"][text_rows])
+        return int(candidates[itm.argmax()])
+
+    hits = {"image_to_text_itc": 0, "image_to_text_itm": 0, "text_to_image_itc": 0, "text_to_image_itm": 0}
+    for i in range(len(samples)):  # image -> text
+        candidates = similarity[i].topk(k).indices
+        hits["image_to_text_itc"] += is_correct(texts[int(candidates[0])], scenes[i])
+        hits["image_to_text_itm"] += is_correct(texts[reranked(i, candidates, True)], scenes[i])
+    for j in range(len(samples)):  # text -> image
+        candidates = similarity[:, j].topk(k).indices
+        hits["text_to_image_itc"] += is_correct(texts[j], scenes[int(candidates[0])])
+        hits["text_to_image_itm"] += is_correct(texts[j], scenes[reranked(j, candidates, False)])
+    return {"n": len(samples), "rerank_k": k, **{name: count / len(samples) for name, count in hits.items()}}
 
 
 def table(filter_results: dict | None, captioner_results: dict | None) -> str:

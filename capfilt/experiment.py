@@ -1,0 +1,246 @@
+"""`make experiment`: the bootstrapping experiment, CapFilt's whole loop in miniature (paper §3.3, Tables 1 and 7).
+
+1. **raw**: a MED pre-trained with ITC + ITM + LM on ``human`` + the raw
+   ``web`` split (``make demo-models``' pre-training, reused when done);
+2. its captioner and filter fine-tuned on ``human`` (by default the shipped
+   demo models, which ``make demo-models`` fine-tuned from that run);
+3. CapFilt over the whole ``web`` split with capfilt's own Beam pipeline (the
+   ``capfilt bootstrap`` command): nucleus sampling (p = 0.9), K = 1,
+   threshold 0.5; and once more with beam search on the first web shard(s),
+   for the noise ratio of the paper's Table 1;
+4. **bootstrapped**: a fresh MED pre-trained on ``human`` + the pipeline's
+   kept pairs (filtered web texts + filtered synthetic captions), with the
+   same recipe, steps and seed;
+5. both evaluated on ``test``: image→text and text→image recall@1 (ITC, and
+   ITC's top k re-ranked by ITM) and the correctness of greedy captions from
+   the pre-trained decoder (without a prompt: pre-training has none).
+
+With the recipe's one data stream a run reads its Parquet files one after
+another in a seeded order; with the same seed and as many files, the
+bootstrapped run reads the same human files and the kept pairs of the same web
+shards the raw run read raw: a paired comparison. Every stage resumes.
+Results go to ``WORK/experiment/results.json`` and ``results.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from capfilt.demo import WORK, DemoRecipe, pretrain, split_folders, write_splits
+
+TEST_SEED = 13  # the test split's seed: the demo recipe renders human with 11 and web with 12
+RECIPE_SEED = 42  # the seed of make demo-models' pre-training, whose run is the raw model for this seed
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """What the experiment compares and how it measures; the defaults made the README's table."""
+
+    captioner: str = "demo"  # fine-tuned from the raw run (step 2); any model reference
+    filter: str = "demo"
+    seeds: tuple[int, ...] = (RECIPE_SEED,)  # pre-training seeds; each pair (raw, bootstrapped) shares one
+    test: int = 1000  # test pairs for recall@1 and caption correctness
+    rerank_k: int = 16  # ITC candidates re-ranked by ITM (BLIP: 256 on COCO's 5,000 images)
+    beam_shards: str = "0"  # web shards also captioned with beam search (paper Table 1: nucleus vs beam)
+    runner: str = "FnApiRunner"  # Beam runner of the CapFilt step
+
+
+def _say(text: str, start: float) -> None:
+    print(f"[experiment] {text} ({(time.time() - start) / 60:.1f} min)", file=sys.stderr, flush=True)
+
+
+def run_capfilt(web: Path, out: Path, config: ExperimentConfig, *extra: str) -> Path:
+    """Step 3: ``capfilt bootstrap`` over the web shards (resumes finished shards)."""
+    from capfilt.cli import main as capfilt_main
+
+    code = capfilt_main(["bootstrap", "--data", str(web), "--out", str(out), "--runner", config.runner,
+                         "--captioner", config.captioner, "--filter", config.filter, *extra])
+    if code != 0:
+        raise RuntimeError(f"capfilt bootstrap into {out} exited with {code}; rerun to resume")
+    return out
+
+
+def pretrained_models(run: Path):
+    """The filter and a greedy, prompt-less captioner of a pre-training run, exported once into ``run/export``."""
+    from capfilt.captioner import Captioner, SamplingSettings
+    from capfilt.filter import Filter
+    from capfilt.models.export import export_run
+
+    folders = {role: run / "export" / role for role in ("captioner", "filter")}
+    for role, folder in folders.items():
+        if not (folder / "config.json").is_file():
+            export_run(run, role, folder)
+    # Pre-training's LM loss reads "[DEC] text [SEP]": no prompt. 20 tokens fit every shapes caption.
+    sampling = SamplingSettings(method="greedy", prompt="", min_length=2, max_length=20)
+    return Filter.load(folders["filter"]), Captioner.load(folders["captioner"], settings=sampling)
+
+
+def evaluate_run(run: Path, config: ExperimentConfig) -> dict:
+    """Step 5 for one pre-trained MED: recall@1 both ways and greedy caption correctness on ``test``."""
+    from capfilt.shapes.evaluate import evaluate_captioner, evaluate_retrieval
+    from capfilt.shapes.splits import iter_split
+
+    cached = run / "evaluation.json"
+    key = {"test": config.test, "test_seed": TEST_SEED, "rerank_k": config.rerank_k}
+    if cached.is_file() and json.loads(cached.read_text()).get("key") == key:
+        return json.loads(cached.read_text())["results"]
+    samples = list(iter_split("test", config.test, TEST_SEED))
+    filter_, captioner = pretrained_models(run)
+    captions = evaluate_captioner(captioner, samples, methods=("greedy",))["greedy"]
+    results = {"retrieval": evaluate_retrieval(filter_, samples, config.rerank_k),
+               "captions": {kind: {"n": r["n"], "correct": r["correct"], "wrong": r["wrong"]}
+                            for kind, r in captions.items()}}
+    results["captions"]["all"] = {
+        "n": len(samples), "correct": sum(r["n"] * r["correct"] for r in captions.values()) / len(samples)}
+    cached.write_text(json.dumps({"key": key, "results": results}, indent=2) + "\n")
+    return results
+
+
+def _rows(folder: Path, names: set[str] | None = None) -> list[dict]:
+    """``text``, ``source``, ``kind`` and ``scene`` of the kept or rejected pairs of a CapFilt output."""
+    import pyarrow.parquet as pq
+
+    files = sorted(folder.glob("*.parquet"))
+    files = [f for f in files if names is None or f.name in names]
+    return [row for f in files for row in pq.read_table(f, columns=["text", "source", "kind", "scene"]).to_pylist()]
+
+
+def capfilt_table(nucleus: Path, beam: Path) -> dict:
+    """Step 3's measures: removal per web-text kind; noise ratio and correctness of synthetic captions."""
+    from capfilt.shapes import is_correct, scene_from_json
+    from capfilt.shapes.evaluate import scene_type
+
+    def tally(out: Path, names: set[str] | None) -> dict:
+        counts: Counter = Counter()
+        for removed, folder in ((False, out / "kept"), (True, out / "rejected")):
+            for row in _rows(folder, names):
+                scene = scene_from_json(row["scene"])
+                kind = row["kind"] if row["source"] == "web" else "synthetic"
+                correct = is_correct(row["text"], scene)
+                for group in (kind, f"{kind}/{scene_type(scene)}"):
+                    counts[(group, "n")] += 1
+                    counts[(group, "removed")] += removed
+                    counts[(group, "correct")] += correct
+                    counts[(group, "kept correct")] += correct and not removed
+                    counts[(group, "kept")] += not removed
+        groups = sorted({group for group, _ in counts})
+        return {group: {"n": counts[(group, "n")],
+                        "removed": counts[(group, "removed")] / counts[(group, "n")],
+                        "correct": counts[(group, "correct")] / counts[(group, "n")],
+                        "kept": counts[(group, "kept")],
+                        "correct among kept": (counts[(group, "kept correct")] / counts[(group, "kept")]
+                                               if counts[(group, "kept")] else None)}
+                for group in groups}
+
+    compared = {f.name for f in (beam / "kept").glob("*.parquet")}
+    return {"whole web, nucleus": tally(nucleus, None),
+            "compared shards": sorted(compared),
+            "nucleus": tally(nucleus, compared)["synthetic"],
+            "beam": tally(beam, compared)["synthetic"]}
+
+
+def pool_quality(folders: list[Path]) -> dict:
+    """How many pre-training texts a data set holds and the fraction the parser calls correct."""
+    import pyarrow.parquet as pq
+
+    from capfilt.shapes import is_correct, scene_from_json
+
+    texts = correct = 0
+    for folder in folders:
+        for path in sorted(folder.glob("*.parquet")):
+            table = pq.read_table(path, columns=["scene", "text" if "text" in pq.read_schema(path).names
+                                                 else "caption"])
+            for scene, text in zip(table.column(0).to_pylist(), table.column(1).to_pylist()):
+                texts += 1
+                correct += is_correct(text, scene_from_json(scene))
+    return {"texts": texts, "correct": correct / texts if texts else None}
+
+
+def run_experiment(recipe: DemoRecipe = DemoRecipe(), work: Path = WORK,
+                   config: ExperimentConfig = ExperimentConfig()) -> dict:
+    """Steps 1 to 5; every stage resumes. Returns the results (also in ``work/experiment``)."""
+    start, here = time.time(), work / "experiment"
+    folders = write_splits(recipe, work)
+    nucleus = run_capfilt(folders["web"], here / "capfilt-nucleus", config)
+    _say("CapFilt over web (nucleus) done", start)
+    beam = run_capfilt(folders["web"], here / "capfilt-beam", config, "--method", "beam", "--shards",
+                       config.beam_shards)
+    _say("CapFilt over the compared shards (beam) done", start)
+    results = {"recipe": asdict(recipe), "config": asdict(config), "test_seed": TEST_SEED,
+               "capfilt": capfilt_table(nucleus, beam),
+               "data": {"raw": pool_quality([folders["web"]]), "bootstrapped": pool_quality([nucleus / "kept"])},
+               "runs": {}}
+    for seed in config.seeds:
+        raw_out = work / "pretrain" if seed == RECIPE_SEED else here / f"raw-seed{seed}"
+        raw = pretrain(recipe, work, [folders["human"], folders["web"]], raw_out, seed)
+        _say(f"raw pre-training (seed {seed}) done", start)
+        boot = pretrain(recipe, work, [folders["human"], nucleus / "kept"], here / f"bootstrapped-seed{seed}", seed)
+        _say(f"bootstrapped pre-training (seed {seed}) done", start)
+        results["runs"][str(seed)] = {"raw": evaluate_run(raw, config), "bootstrapped": evaluate_run(boot, config)}
+        _say(f"evaluated seed {seed}", start)
+    results = json.loads(json.dumps(results))  # as results.json reads back (tuples become lists)
+    (here / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (here / "results.md").write_text(markdown(results) + "\n")
+    return results
+
+
+def markdown(results: dict) -> str:
+    """The README's tables."""
+    lines = ["| pre-training data | seed | image→text R@1 (ITC / +ITM) | text→image R@1 (ITC / +ITM) "
+             "| captions correct: one object | two objects | all |", "| --- |" + " --- |" * 6]
+    for seed, pair in results["runs"].items():
+        for name, label in (("raw", "human + raw web"), ("bootstrapped", "human + CapFilt web")):
+            r, c = pair[name]["retrieval"], pair[name]["captions"]
+            lines.append(f"| {label} | {seed} | {r['image_to_text_itc']:.1%} / {r['image_to_text_itm']:.1%} "
+                         f"| {r['text_to_image_itc']:.1%} / {r['text_to_image_itm']:.1%} "
+                         f"| {c['one object']['correct']:.1%} | {c['two objects']['correct']:.1%} "
+                         f"| {c['all']['correct']:.1%} |")
+    data = results["data"]
+    lines += ["", "| web part of the pre-training data | texts | correct (parser) |", "| --- | --- | --- |",
+              f"| raw web | {data['raw']['texts']} | {data['raw']['correct']:.1%} |",
+              f"| CapFilt web (kept web texts + kept synthetic captions) | {data['bootstrapped']['texts']} "
+              f"| {data['bootstrapped']['correct']:.1%} |"]
+    whole = results["capfilt"]["whole web, nucleus"]
+    lines += ["", "| text | n | removed by the filter | correct (parser) | correct among kept |",
+              "| --- | --- | --- | --- | --- |"]
+    for group in ("clean", "mismatch", "partial", "alt", "synthetic", "synthetic/one object",
+                  "synthetic/two objects"):
+        if group in whole:
+            g = whole[group]
+            kept = "–" if g["correct among kept"] is None else f"{g['correct among kept']:.1%}"
+            lines.append(f"| {group} | {g['n']} | {g['removed']:.1%} | {g['correct']:.1%} | {kept} |")
+    compared = ", ".join(name.removesuffix(".parquet") for name in results["capfilt"]["compared shards"])
+    lines += ["", f"| synthetic captions, web shard(s) {compared} | n | noise ratio (removed) "
+              "| correct (parser) | correct among kept |", "| --- | --- | --- | --- | --- |"]
+    for method in ("nucleus", "beam"):
+        g = results["capfilt"][method]
+        lines.append(f"| {method} | {g['n']} | {g['removed']:.1%} | {g['correct']:.1%} "
+                     f"| {g['correct among kept']:.1%} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m capfilt.experiment", description=__doc__.split("\n")[0])
+    parser.add_argument("--work", default=str(WORK), help="make demo-models' work folder (splits, runs; resumable)")
+    for name, value in asdict(ExperimentConfig()).items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, tuple):
+            parser.add_argument(flag, type=int, nargs="+", default=list(value))
+        else:
+            parser.add_argument(flag, type=type(value), default=value)
+    args = vars(parser.parse_args(argv))
+    work = Path(args.pop("work"))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    config = ExperimentConfig(**{**args, "seeds": tuple(args["seeds"])})
+    print(markdown(run_experiment(DemoRecipe(), work, config)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""The bootstrapping experiment's measures and its whole loop, in miniature.
+
+Retrieval recall@1 is checked against a brute-force ranking built from the
+filter's public per-pair scores (``Filter.score``) and the caption parser; the
+loop runs every step (splits, raw pre-training, CapFilt with the shipped demo
+models, bootstrapped pre-training, evaluation) on a few dozen pairs, and its
+tables are checked against the pipeline's Parquet output read back.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from capfilt.demo import DemoRecipe
+from capfilt.experiment import ExperimentConfig, capfilt_table, markdown, run_experiment
+from capfilt.filter import Filter
+from capfilt.models.checkpointing import latest_checkpoint, read_checkpoint
+from capfilt.shapes.captions import is_correct
+from capfilt.shapes.evaluate import evaluate_retrieval
+from capfilt.shapes.scene import scene_from_json
+from capfilt.shapes.splits import iter_split
+
+
+@pytest.mark.parametrize("model", ["demo", "random"])
+def test_retrieval_recall_matches_a_brute_force_ranking(model, filter_folder):
+    samples = list(iter_split("test", 12, 5))
+    filter_ = Filter.load("demo" if model == "demo" else filter_folder)
+    k = 4
+    # Every (image, text) pair scored one image at a time through the public API.
+    scores = [row for row in filter_.score([s.image for s in samples], [[t.text for t in samples]] * len(samples))]
+    itc = [[score.itc for score in row] for row in scores]
+    itm = [[score.itm for score in row] for row in scores]
+    n = len(samples)
+
+    def best(candidates, key):
+        return max(candidates, key=key)
+
+    expected = {"image_to_text_itc": 0, "image_to_text_itm": 0, "text_to_image_itc": 0, "text_to_image_itm": 0}
+    for i in range(n):
+        top = sorted(range(n), key=lambda j: -itc[i][j])[:k]
+        expected["image_to_text_itc"] += is_correct(samples[top[0]].text, samples[i].scene)
+        expected["image_to_text_itm"] += is_correct(samples[best(top, lambda j: itm[i][j])].text, samples[i].scene)
+    for j in range(n):
+        top = sorted(range(n), key=lambda i: -itc[i][j])[:k]
+        expected["text_to_image_itc"] += is_correct(samples[j].text, samples[top[0]].scene)
+        expected["text_to_image_itm"] += is_correct(samples[j].text, samples[best(top, lambda i: itm[i][j])].scene)
+
+    measured = evaluate_retrieval(filter_, samples, rerank_k=k, batch_size=5)
+    assert measured["n"] == n and measured["rerank_k"] == k
+    for name, hits in expected.items():
+        assert measured[name] == pytest.approx(hits / n), name
+    if model == "random":  # random weights rank at chance: the measure is not stuck at 1
+        assert min(measured[name] for name in expected) < 1
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory):
+    work = tmp_path_factory.mktemp("experiment")
+    recipe = DemoRecipe(human=48, web=48, batch_size=8, pretrain_steps=3, queue_size=16)
+    config = ExperimentConfig(test=16, rerank_k=4, beam_shards="0")
+    return work, recipe, run_experiment(recipe, work, config)
+
+
+def test_experiment_runs_every_step_and_writes_its_tables(experiment):
+    work, recipe, results = experiment
+    here = work / "experiment"
+    assert json.loads((here / "results.json").read_text()) == results
+    assert (here / "results.md").read_text().strip() == markdown(results)
+    pair = results["runs"]["42"]
+    for name in ("raw", "bootstrapped"):
+        assert pair[name]["retrieval"]["n"] == 16
+        assert sum(pair[name]["captions"][kind]["n"] for kind in ("one object", "two objects")) == 16
+
+
+def test_bootstrapped_run_trains_on_human_and_the_kept_pairs_with_the_raw_runs_steps_and_seed(experiment):
+    work, recipe, _ = experiment
+    raw = read_checkpoint(latest_checkpoint(work / "pretrain"))
+    boot = read_checkpoint(latest_checkpoint(work / "experiment" / "bootstrapped-seed42"))
+    assert raw["state"]["step"] == boot["state"]["step"] == recipe.pretrain_steps
+    assert raw["config"]["train"]["seed"] == boot["config"]["train"]["seed"] == 42
+    assert [p.rstrip("/").split("/")[-1] for p in raw["config"]["train"]["data"]["data"]] == ["human", "web"]
+    assert [p.rstrip("/").split("/")[-2:] for p in boot["config"]["train"]["data"]["data"]] == [
+        ["data", "human"], ["capfilt-nucleus", "kept"]]
+
+
+def test_capfilt_table_counts_every_text_of_the_pipeline_output(experiment):
+    work, recipe, results = experiment
+    nucleus, beam = work / "experiment" / "capfilt-nucleus", work / "experiment" / "capfilt-beam"
+    rows = {name: [dict(row, removed=name == "rejected") for row in pq.read_table(nucleus / name).to_pylist()]
+            for name in ("kept", "rejected")}
+    rows = rows["kept"] + rows["rejected"]
+    web = [row for row in rows if row["source"] == "web"]
+    assert len(web) == recipe.web  # every web text judged once
+    whole = results["capfilt"]["whole web, nucleus"]
+    assert sum(whole[kind]["n"] for kind in ("clean", "mismatch", "partial", "alt") if kind in whole) == recipe.web
+    for kind in {row["kind"] for row in web}:
+        of_kind = [row for row in web if row["kind"] == kind]
+        assert whole[kind]["removed"] == pytest.approx(sum(row["removed"] for row in of_kind) / len(of_kind))
+    synthetic = [row for row in rows if row["source"] == "synthetic"]
+    correct = sum(is_correct(row["text"], scene_from_json(row["scene"])) for row in synthetic)
+    assert whole["synthetic"]["correct"] == pytest.approx(correct / len(synthetic))
+    # Beam search ran on the compared shard only; both methods are measured on the same images there.
+    assert results["capfilt"]["nucleus"]["n"] == results["capfilt"]["beam"]["n"] == len(synthetic)
+    assert capfilt_table(nucleus, beam) == results["capfilt"]
+    beam_methods = {json.loads(row["capfilt_config"])["sampling"]["method"]
+                    for row in pq.read_table(beam / "kept").to_pylist()}
+    assert beam_methods == {"beam"}
