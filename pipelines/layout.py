@@ -7,7 +7,8 @@
       rejected/{shard}.parquet   removed texts with their scores
       failed/{shard}.parquet     rows that could not be judged, with stage and error
       _done/{shard}.json         completion marker: the shard's stats
-      _tmp/                      files being written (never read)
+      _tmp/                      files being written (never read), and each running
+                                 attempt's progress.json (rows read so far)
       stats.json, report.html    the whole run (see capfilt.report)
 
 A shard's three files are written under ``_tmp/`` with a unique name, then
@@ -37,6 +38,7 @@ KEPT, REJECTED, FAILED = "kept", "rejected", "failed"
 OUTPUTS = (KEPT, REJECTED, FAILED)
 DONE, TMP = "_done", "_tmp"
 STATS_FILE, REPORT_FILE, RUN_FILE = "stats.json", "report.html", "_run.json"
+PROGRESS_FILE = "progress.json"  # in an attempt's temp folder: {"rows": rows read so far}; gone at commit
 
 
 class SettingsMismatchError(ValueError):
@@ -69,6 +71,11 @@ class OutputLayout:
     def temp_dir(self, shard_id: str) -> str:
         """A fresh folder for one attempt at a shard (concurrent attempts never collide)."""
         return self._path(TMP, f"{shard_id}-{uuid.uuid4().hex[:12]}")
+
+    def progress_files(self) -> dict[str, str]:
+        """The progress file of every attempt in ``_tmp/``, by path -> its shard id."""
+        files = _glob(self._path(TMP, "*", PROGRESS_FILE))
+        return {path: posixpath.basename(posixpath.dirname(path)).rsplit("-", 1)[0] for path in files}
 
     def is_done(self, shard_id: str) -> bool:
         return FileSystems.exists(self.marker(shard_id))

@@ -25,6 +25,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import logging
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -38,7 +39,7 @@ from PIL import Image
 
 from capfilt.images import decode_image
 from capfilt.pipelines import schema
-from capfilt.pipelines.layout import FAILED, KEPT, REJECTED, OutputLayout
+from capfilt.pipelines.layout import FAILED, KEPT, PROGRESS_FILE, REJECTED, OutputLayout, write_text
 from capfilt.pipelines.models import Models
 from capfilt.pipelines.settings import BootstrapSettings
 from capfilt.pipelines.shards import SUCCESS, InputRow, InputShard, ShardReader
@@ -46,6 +47,9 @@ from capfilt.pipelines.stats import ShardStats
 
 FLUSH_ROWS = 256  # rows buffered per output file before a Parquet row group is written
 THUMBNAIL_SIZE = 96  # px, for the report's examples
+PROGRESS_EVERY_S = 10.0  # seconds between updates of a running shard's progress file (read by Progress)
+
+log = logging.getLogger(__name__)
 
 
 class SampleError(ValueError):
@@ -149,6 +153,7 @@ class ShardWriter:
         config = {**settings.provenance(), "sampling": models.sampling}  # what made these rows
         provenance = {"config": config, "models": models.provenance(), "input": reader.shard.path}
         extra = reader.extra_fields
+        self.folder = folder
         self.image_column = reader.image_column
         schemas = {
             KEPT: schema.kept_schema(extra, self.image_column),
@@ -204,6 +209,7 @@ class ShardJob:
     def __init__(self, shard: InputShard, models: Models, settings: BootstrapSettings, layout: OutputLayout):
         self.shard, self.models, self.settings, self.layout = shard, models, settings, layout
         self.stats = ShardStats(shard=shard.shard_id, input=shard.path)
+        self._progress_written = time.monotonic()
 
     def run(self) -> dict:
         start = time.perf_counter()
@@ -221,6 +227,7 @@ class ShardJob:
                 if len(batch) == self.settings.batch_size:
                     self.judge(batch, batch_index, writer)
                     batch, batch_index = [], batch_index + 1
+                    self.report_progress(writer.folder)
             if batch:
                 self.judge(batch, batch_index, writer)
         finally:
@@ -233,6 +240,17 @@ class ShardJob:
         marker = {**self.stats.to_dict(), "sampling": self.models.sampling}
         self.layout.commit(self.shard.shard_id, writer.files, marker)
         return marker
+
+    def report_progress(self, folder: str) -> None:
+        """Every ``PROGRESS_EVERY_S``, the rows read so far into the attempt's progress file (for ``Progress``)."""
+        now = time.monotonic()
+        if now - self._progress_written < PROGRESS_EVERY_S:
+            return
+        self._progress_written = now
+        try:
+            write_text(FileSystems.join(folder, PROGRESS_FILE), json.dumps({"rows": self.stats.rows}))
+        except OSError as error:  # progress is a courtesy: never fail a shard over it
+            log.debug("could not write progress of shard %s: %s", self.shard.shard_id, error)
 
     def admit(self, row: InputRow, writer: ShardWriter) -> Judged | None:
         """The decoded row, or None after writing it to failed/."""

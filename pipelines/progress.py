@@ -3,7 +3,10 @@
 It watches the output folder, not the runner, so it reports the same way
 for the DirectRunner in this process and for a remote runner writing to a
 bucket: shards done, images judged, images per second and an ETA, one line
-every ``interval`` seconds and a last one when the job ends.
+every ``interval`` seconds and a last one when the job ends. Images of shards
+still running count from their attempts' progress files (``_tmp/*/progress.json``,
+rewritten every few seconds), so a job of a few large shards shows progress
+before its first shard is done.
 """
 
 from __future__ import annotations
@@ -28,7 +31,9 @@ class Progress:
         self.shard_ids = set(shard_ids)
         self.before = self.layout.done_ids() & self.shard_ids  # finished by earlier runs
         self.counted: set[str] = set()
-        self.images = 0
+        self.images = 0  # input rows of the shards finished in this run
+        self.in_flight = 0  # rows read so far by the shards still running
+        self.stale = set(self.layout.progress_files())  # left by killed earlier attempts: never counted
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="capfilt-progress", daemon=True)
 
@@ -50,7 +55,7 @@ class Progress:
             self.print(self.line())
 
     def update(self) -> None:
-        """Read the markers that appeared since the last update (their input rows count as images)."""
+        """Read the markers that appeared since the last update, then the running shards' progress files."""
         for shard_id in sorted((self.layout.done_ids() & self.shard_ids) - self.before - self.counted):
             try:
                 with FileSystems.open(self.layout.marker(shard_id)) as f:
@@ -58,18 +63,30 @@ class Progress:
             except (OSError, ValueError, KeyError):
                 continue  # being written: counted at the next update
             self.counted.add(shard_id)
+        running: dict[str, int] = {}
+        for path, shard_id in self.layout.progress_files().items():
+            if path in self.stale or shard_id not in self.shard_ids or shard_id in self.counted | self.before:
+                continue
+            try:
+                with FileSystems.open(path) as f:
+                    rows = int(json.loads(f.read())["rows"])
+            except (OSError, ValueError, KeyError):
+                continue  # being rewritten, or already committed and gone
+            running[shard_id] = max(rows, running.get(shard_id, 0))  # a retried shard: its furthest attempt
+        self.in_flight = sum(running.values())
 
     def line(self) -> str:
         elapsed = max(time.monotonic() - self.start, 1e-9)
         done = len(self.before) + len(self.counted)
         remaining = len(self.shard_ids) - done
-        rate = self.images / elapsed
+        images = self.images + self.in_flight
+        rate = images / elapsed
         eta = "–"
         if self.counted and remaining > 0:
             eta = str(timedelta(seconds=round(elapsed / len(self.counted) * remaining)))
         elif remaining == 0:
             eta = "0:00:00"
-        return (f"shards {done}/{len(self.shard_ids)} | {self.images} images this run | {rate:.1f} images/s | "
+        return (f"shards {done}/{len(self.shard_ids)} | {images} images this run | {rate:.1f} images/s | "
                 f"elapsed {timedelta(seconds=round(elapsed))} | ETA {eta}")
 
     def print(self, text: str) -> None:

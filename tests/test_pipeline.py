@@ -30,6 +30,7 @@ from capfilt.images import decode_image
 from capfilt.pipelines import bootstrap
 from capfilt.pipelines.layout import FAILED, KEPT, REJECTED, OutputLayout, SettingsMismatchError
 from capfilt.pipelines.models import Models
+from capfilt.pipelines.progress import Progress
 from capfilt.pipelines.schema import SCHEMA_VERSION, read_provenance
 from capfilt.pipelines.settings import BootstrapSettings
 from capfilt.pipelines.shards import list_shards
@@ -282,6 +283,46 @@ def test_a_model_failing_on_every_image_leaves_the_shard_unfinished(input_dir, s
     errors = read_stats(layout)["shards"]["errors"]
     assert [e["shard"] for e in errors] == ["00000"] and "filter is broken" in errors[0]["error"]
     assert not (tmp_path / "out" / "kept" / "00000.parquet").exists()
+
+
+def test_a_running_shard_reports_the_rows_it_has_read(input_dir, settings, tmp_path, monkeypatch):
+    from capfilt.pipelines import process
+
+    written = []
+
+    def spy(path, text):
+        written.append((path, json.loads(text)["rows"]))
+        write_text(path, text)
+
+    write_text = process.write_text
+    monkeypatch.setattr(process, "PROGRESS_EVERY_S", 0.0)
+    monkeypatch.setattr(process, "write_text", spy)
+    layout = run_pipeline(list_shards(input_dir)[:1], settings, tmp_path / "out", expected_rows=ROWS_PER_SHARD)
+    assert written, "no progress was written"
+    assert all(path.startswith(str(tmp_path / "out" / "_tmp" / "00000-")) and path.endswith("/progress.json")
+               for path, _ in written)
+    rows = [n for _, n in written]
+    assert rows == sorted(rows) and BATCH <= rows[0] and rows[-1] <= ROWS_PER_SHARD
+    assert layout.progress_files() == {}  # removed with the committed attempt's temp folder
+
+
+def test_progress_counts_running_shards_once_and_ignores_stale_attempts(tmp_path):
+    def attempt(folder: str, rows: int):
+        path = tmp_path / "_tmp" / folder
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "progress.json").write_text(json.dumps({"rows": rows}))
+
+    attempt("00000-aaaaaaaaaaaa", 40)  # left by a killed earlier run
+    stream = io.StringIO()
+    with Progress(OutputLayout(str(tmp_path)), ["00000", "00001", "00002"], interval=3600, stream=stream) as progress:
+        attempt("00001-bbbbbbbbbbbb", 25)
+        attempt("00001-cccccccccccc", 30)  # a retry of the same shard: its furthest attempt counts
+        attempt("00002-dddddddddddd", 7)
+        (tmp_path / "_done").mkdir()
+        (tmp_path / "_done" / "00002.json").write_text(json.dumps({"rows": 100}))  # done: its marker counts
+        progress.update()
+        assert (progress.in_flight, progress.images) == (30, 100)
+        assert "shards 1/3 | 130 images this run" in progress.line()
 
 
 def test_webdataset_shards_with_sidecar(settings, tmp_path):
