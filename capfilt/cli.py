@@ -322,7 +322,6 @@ def _quiet_model_loading() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
-    _quiet_model_loading()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if args.command == "datasets":
@@ -330,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(unknown)}")
         print(datasets.describe_named(args.cache_dir))
         return 0
+    _quiet_model_loading()
     try:
         return bootstrap(args, unknown)
     except (UsageError, ValueError, FileNotFoundError) as error:  # bad input: a message, not a traceback

@@ -36,6 +36,7 @@ from pathlib import Path
 from capfilt.checkpoints import DEMO_MODELS
 
 WORK = Path("runs/demo")
+PRETRAIN_SEED = 42  # the shipped models' pre-training seed (TrainConfig's default)
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ class DemoRecipe:
     finetune_lr: float = 2e-4
     queue_size: int = 4096  # ITC queue: a multiple of the batch; 57,600 in the paper is for 2,880-pair batches
     max_tokens: int = 32
+    shard_size: int = 10_000  # pairs per rendered Parquet shard
 
 
 def split_folders(work: Path) -> dict[str, Path]:
@@ -60,13 +62,14 @@ def split_folders(work: Path) -> dict[str, Path]:
 
 
 def write_splits(recipe: DemoRecipe, work: Path) -> dict[str, Path]:
+    """Render the ``human`` and ``web`` splits and the shapes-world tokenizer into ``work`` (once)."""
     from capfilt.shapes import VOCABULARY, write_split
     from capfilt.vocab import compact_tokenizer
 
     folders = split_folders(work)
     for (split, folder), (n, seed) in zip(folders.items(), ((recipe.human, 11), (recipe.web, 12))):
         if not (folder / "_done").exists():
-            write_split(split, n, seed, folder, shard_size=10_000, overwrite=True)
+            write_split(split, n, seed, folder, shard_size=recipe.shard_size, overwrite=True)
             (folder / "_done").touch()
     tokenizer = compact_tokenizer([*VOCABULARY, "picture"], work / "tokenizer")
     tokenizer.save_pretrained(work / "tokenizer")
@@ -78,7 +81,7 @@ def _common(recipe: DemoRecipe, work: Path) -> dict:
                 augment=False, max_tokens=recipe.max_tokens, checkpoint_every=250, log_every=50, workers=2)
 
 
-def pretrain(recipe: DemoRecipe, work: Path, data: list[Path], out: Path, seed: int = 42) -> Path:
+def pretrain(recipe: DemoRecipe, work: Path, data: list[Path], out: Path, seed: int = PRETRAIN_SEED) -> Path:
     """Pre-train a MED with ITC + ITM + LM on ``data`` (the recipe's steps; resumes); returns the run folder.
 
     ``make demo-models`` pre-trains on human + raw web; ``make experiment``

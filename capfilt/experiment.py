@@ -33,10 +33,9 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from capfilt.demo import WORK, DemoRecipe, pretrain, split_folders, write_splits
+from capfilt.demo import PRETRAIN_SEED, WORK, DemoRecipe, pretrain, write_splits
 
 TEST_SEED = 13  # the test split's seed: the demo recipe renders human with 11 and web with 12
-RECIPE_SEED = 42  # the seed of make demo-models' pre-training, whose run is the raw model for this seed
 
 
 @dataclass(frozen=True)
@@ -44,8 +43,10 @@ class ExperimentConfig:
     """What the experiment compares and how it measures; the defaults made the README's table."""
 
     captioner: str = "demo"  # fine-tuned from the raw run (step 2); any model reference
-    filter: str = "demo"
-    seeds: tuple[int, ...] = (RECIPE_SEED,)  # pre-training seeds; each pair (raw, bootstrapped) shares one
+    filter: str = "demo"  # likewise
+    # Pre-training seeds; each pair (raw, bootstrapped) shares one. For the recipe's seed the raw run is
+    # make demo-models' own pre-training (WORK/pretrain); other seeds get their own raw run.
+    seeds: tuple[int, ...] = (PRETRAIN_SEED,)
     test: int = 1000  # test pairs for recall@1 and caption correctness
     rerank_k: int = 16  # ITC candidates re-ranked by ITM (BLIP: 256 on COCO's 5,000 images)
     beam_shards: str = "0"  # web shards also captioned with beam search (paper Table 1: nucleus vs beam)
@@ -67,36 +68,46 @@ def run_capfilt(web: Path, out: Path, config: ExperimentConfig, *extra: str) -> 
     return out
 
 
-def pretrained_models(run: Path):
-    """The filter and a greedy, prompt-less captioner of a pre-training run, exported once into ``run/export``."""
+# Greedy captions from a pre-trained decoder: pre-training's LM loss reads "[DEC] text [SEP]", so no prompt;
+# 20 tokens fit every shapes caption.
+PRETRAINED_SAMPLING = dict(method="greedy", prompt="", min_length=2, max_length=20)
+
+
+def pretrained_models(checkpoint: Path):
+    """The filter and a greedy, prompt-less captioner of a pre-training checkpoint, exported once beside it."""
     from capfilt.captioner import Captioner, SamplingSettings
     from capfilt.filter import Filter
     from capfilt.models.export import export_run
 
-    folders = {role: run / "export" / role for role in ("captioner", "filter")}
+    folders = {role: checkpoint.parent.parent / "export" / checkpoint.name / role for role in ("captioner", "filter")}
     for role, folder in folders.items():
         if not (folder / "config.json").is_file():
-            export_run(run, role, folder)
-    # Pre-training's LM loss reads "[DEC] text [SEP]": no prompt. 20 tokens fit every shapes caption.
-    sampling = SamplingSettings(method="greedy", prompt="", min_length=2, max_length=20)
-    return Filter.load(folders["filter"]), Captioner.load(folders["captioner"], settings=sampling)
+            export_run(checkpoint, role, folder)
+    return Filter.load(folders["filter"]), Captioner.load(folders["captioner"],
+                                                         settings=SamplingSettings(**PRETRAINED_SAMPLING))
 
 
 def evaluate_run(run: Path, config: ExperimentConfig) -> dict:
     """Step 5 for one pre-trained MED: recall@1 both ways and greedy caption correctness on ``test``."""
+    from capfilt.models.checkpointing import latest_checkpoint
     from capfilt.shapes.evaluate import evaluate_captioner, evaluate_retrieval
     from capfilt.shapes.splits import iter_split
 
+    checkpoint = latest_checkpoint(run)
+    if checkpoint is None:
+        raise FileNotFoundError(f"no training checkpoint in {run}")
     cached = run / "evaluation.json"
-    key = {"test": config.test, "test_seed": TEST_SEED, "rerank_k": config.rerank_k}
+    key = {"checkpoint": checkpoint.name, "test": config.test, "test_seed": TEST_SEED,
+           "rerank_k": config.rerank_k, "sampling": PRETRAINED_SAMPLING}
     if cached.is_file() and json.loads(cached.read_text()).get("key") == key:
         return json.loads(cached.read_text())["results"]
     samples = list(iter_split("test", config.test, TEST_SEED))
-    filter_, captioner = pretrained_models(run)
+    filter_, captioner = pretrained_models(checkpoint)
     captions = evaluate_captioner(captioner, samples, methods=("greedy",))["greedy"]
     results = {"retrieval": evaluate_retrieval(filter_, samples, config.rerank_k),
                "captions": {kind: {"n": r["n"], "correct": r["correct"], "wrong": r["wrong"]}
                             for kind, r in captions.items()}}
+    results["checkpoint"] = checkpoint.name
     results["captions"]["all"] = {
         "n": len(samples), "correct": sum(r["n"] * r["correct"] for r in captions.values()) / len(samples)}
     cached.write_text(json.dumps({"key": key, "results": results}, indent=2) + "\n")
@@ -170,6 +181,7 @@ def run_experiment(recipe: DemoRecipe = DemoRecipe(), work: Path = WORK,
     folders = write_splits(recipe, work)
     nucleus = run_capfilt(folders["web"], here / "capfilt-nucleus", config)
     _say("CapFilt over web (nucleus) done", start)
+    _check_paired(folders["web"], nucleus / "kept")
     beam = run_capfilt(folders["web"], here / "capfilt-beam", config, "--method", "beam", "--shards",
                        config.beam_shards)
     _say("CapFilt over the compared shards (beam) done", start)
@@ -178,7 +190,7 @@ def run_experiment(recipe: DemoRecipe = DemoRecipe(), work: Path = WORK,
                "data": {"raw": pool_quality([folders["web"]]), "bootstrapped": pool_quality([nucleus / "kept"])},
                "runs": {}}
     for seed in config.seeds:
-        raw_out = work / "pretrain" if seed == RECIPE_SEED else here / f"raw-seed{seed}"
+        raw_out = work / "pretrain" if seed == PRETRAIN_SEED else here / f"raw-seed{seed}"
         raw = pretrain(recipe, work, [folders["human"], folders["web"]], raw_out, seed)
         _say(f"raw pre-training (seed {seed}) done", start)
         boot = pretrain(recipe, work, [folders["human"], nucleus / "kept"], here / f"bootstrapped-seed{seed}", seed)
@@ -189,6 +201,18 @@ def run_experiment(recipe: DemoRecipe = DemoRecipe(), work: Path = WORK,
     (here / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (here / "results.md").write_text(markdown(results) + "\n")
     return results
+
+
+def _check_paired(raw: Path, kept: Path) -> None:
+    """Raw and bootstrapped runs read the same files in the same order only if each web shard has its kept file."""
+    raw_files, kept_files = sorted(p.name for p in raw.glob("*.parquet")), sorted(p.name for p in kept.glob("*.parquet"))
+    if raw_files != kept_files:
+        raise RuntimeError(f"{kept} holds {len(kept_files)} file(s) for {len(raw_files)} web shard(s): "
+                           "rerun to finish CapFilt before the bootstrapped pre-training")
+
+
+def _percent(value: float | None) -> str:
+    return "–" if value is None else f"{value:.1%}"
 
 
 def markdown(results: dict) -> str:
@@ -214,15 +238,15 @@ def markdown(results: dict) -> str:
                   "synthetic/two objects"):
         if group in whole:
             g = whole[group]
-            kept = "–" if g["correct among kept"] is None else f"{g['correct among kept']:.1%}"
-            lines.append(f"| {group} | {g['n']} | {g['removed']:.1%} | {g['correct']:.1%} | {kept} |")
+            lines.append(f"| {group} | {g['n']} | {g['removed']:.1%} | {g['correct']:.1%} "
+                         f"| {_percent(g['correct among kept'])} |")
     compared = ", ".join(name.removesuffix(".parquet") for name in results["capfilt"]["compared shards"])
     lines += ["", f"| synthetic captions, web shard(s) {compared} | n | noise ratio (removed) "
               "| correct (parser) | correct among kept |", "| --- | --- | --- | --- | --- |"]
     for method in ("nucleus", "beam"):
         g = results["capfilt"][method]
         lines.append(f"| {method} | {g['n']} | {g['removed']:.1%} | {g['correct']:.1%} "
-                     f"| {g['correct among kept']:.1%} |")
+                     f"| {_percent(g['correct among kept'])} |")
     return "\n".join(lines)
 
 
@@ -231,10 +255,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work", default=str(WORK), help="make demo-models' work folder (splits, runs; resumable)")
     for name, value in asdict(ExperimentConfig()).items():
         flag = "--" + name.replace("_", "-")
+        help_text = f"default: {' '.join(map(str, value)) if isinstance(value, tuple) else value} (ExperimentConfig)"
         if isinstance(value, tuple):
-            parser.add_argument(flag, type=int, nargs="+", default=list(value))
+            parser.add_argument(flag, type=int, nargs="+", default=list(value), help=help_text)
         else:
-            parser.add_argument(flag, type=type(value), default=value)
+            parser.add_argument(flag, type=type(value), default=value, help=help_text)
     args = vars(parser.parse_args(argv))
     work = Path(args.pop("work"))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -109,6 +109,7 @@ class OutputLayout:
         write_text(temp_marker, json.dumps(marker, sort_keys=True))
         _ensure_dir(self._path(DONE))
         FileSystems.rename([temp_marker], [self.marker(shard_id)])
+        remove_progress(posixpath.dirname(temp_files[KEPT]))  # explicitly: object stores keep "folders"' objects
         _delete_quietly(posixpath.dirname(temp_files[KEPT]))
 
     def claim(self, settings: dict) -> None:
@@ -142,6 +143,16 @@ def write_text(path: str, text: str) -> None:
 def read_text(path: str) -> str:
     with FileSystems.open(path) as f:
         return f.read().decode("utf-8")
+
+
+def progress_path(temp_dir: str) -> str:
+    """The progress file of the attempt writing into ``temp_dir``."""
+    return FileSystems.join(temp_dir, PROGRESS_FILE)
+
+
+def remove_progress(temp_dir: str) -> None:
+    """Remove an attempt's progress file (when it commits or fails), so that ``Progress`` stops counting it."""
+    _delete_quietly(progress_path(temp_dir))
 
 
 def _glob(pattern: str) -> list[str]:

@@ -39,7 +39,7 @@ from PIL import Image
 
 from capfilt.images import decode_image
 from capfilt.pipelines import schema
-from capfilt.pipelines.layout import FAILED, KEPT, PROGRESS_FILE, REJECTED, OutputLayout, write_text
+from capfilt.pipelines.layout import FAILED, KEPT, REJECTED, OutputLayout, progress_path, remove_progress, write_text
 from capfilt.pipelines.models import Models
 from capfilt.pipelines.settings import BootstrapSettings
 from capfilt.pipelines.shards import SUCCESS, InputRow, InputShard, ShardReader
@@ -230,6 +230,9 @@ class ShardJob:
                     self.report_progress(writer.folder)
             if batch:
                 self.judge(batch, batch_index, writer)
+        except BaseException:
+            remove_progress(writer.folder)  # a failed attempt's rows no longer count as running
+            raise
         finally:
             writer.close()
         self.stats.seconds = time.perf_counter() - start
@@ -248,8 +251,8 @@ class ShardJob:
             return
         self._progress_written = now
         try:
-            write_text(FileSystems.join(folder, PROGRESS_FILE), json.dumps({"rows": self.stats.rows}))
-        except OSError as error:  # progress is a courtesy: never fail a shard over it
+            write_text(progress_path(folder), json.dumps({"rows": self.stats.rows}))
+        except Exception as error:  # noqa: BLE001 - progress is a courtesy: never fail a shard over it
             log.debug("could not write progress of shard %s: %s", self.shard.shard_id, error)
 
     def admit(self, row: InputRow, writer: ShardWriter) -> Judged | None:

@@ -1,4 +1,4 @@
-"""Console progress of a running job, read from the completion markers as they appear.
+"""Console progress of a running job, read from the completion markers and the running shards' progress files.
 
 It watches the output folder, not the runner, so it reports the same way
 for the DirectRunner in this process and for a remote runner writing to a
@@ -34,6 +34,7 @@ class Progress:
         self.images = 0  # input rows of the shards finished in this run
         self.in_flight = 0  # rows read so far by the shards still running
         self.stale = set(self.layout.progress_files())  # left by killed earlier attempts: never counted
+        self._last_read: dict[str, int] = {}  # each progress file's last good read (a rewrite may be caught midway)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="capfilt-progress", daemon=True)
 
@@ -47,6 +48,7 @@ class Progress:
         self._stop.set()
         self._thread.join()
         self.update()
+        self.in_flight = 0  # the job is over: a shard that did not finish did not judge its rows
         self.print(self.line())
 
     def _loop(self):
@@ -60,8 +62,8 @@ class Progress:
             try:
                 with FileSystems.open(self.layout.marker(shard_id)) as f:
                     self.images += json.loads(f.read())["rows"]
-            except (OSError, ValueError, KeyError):
-                continue  # being written: counted at the next update
+            except Exception:  # noqa: BLE001 - being written (on any filesystem): counted at the next update
+                continue
             self.counted.add(shard_id)
         running: dict[str, int] = {}
         for path, shard_id in self.layout.progress_files().items():
@@ -69,9 +71,10 @@ class Progress:
                 continue
             try:
                 with FileSystems.open(path) as f:
-                    rows = int(json.loads(f.read())["rows"])
-            except (OSError, ValueError, KeyError):
-                continue  # being rewritten, or already committed and gone
+                    self._last_read[path] = int(json.loads(f.read())["rows"])
+            except Exception:  # noqa: BLE001 - being rewritten, or committed and gone (on any filesystem)
+                pass
+            rows = self._last_read.get(path, 0)
             running[shard_id] = max(rows, running.get(shard_id, 0))  # a retried shard: its furthest attempt
         self.in_flight = sum(running.values())
 

@@ -59,7 +59,7 @@ def test_retrieval_recall_matches_a_brute_force_ranking(model, filter_folder):
 @pytest.fixture(scope="module")
 def experiment(tmp_path_factory):
     work = tmp_path_factory.mktemp("experiment")
-    recipe = DemoRecipe(human=48, web=48, batch_size=8, pretrain_steps=3, queue_size=16)
+    recipe = DemoRecipe(human=48, web=48, batch_size=8, pretrain_steps=3, queue_size=16, shard_size=24)
     config = ExperimentConfig(test=16, rerank_k=4, beam_shards="0")
     return work, recipe, run_experiment(recipe, work, config)
 
@@ -102,8 +102,13 @@ def test_capfilt_table_counts_every_text_of_the_pipeline_output(experiment):
     synthetic = [row for row in rows if row["source"] == "synthetic"]
     correct = sum(is_correct(row["text"], scene_from_json(row["scene"])) for row in synthetic)
     assert whole["synthetic"]["correct"] == pytest.approx(correct / len(synthetic))
-    # Beam search ran on the compared shard only; both methods are measured on the same images there.
-    assert results["capfilt"]["nucleus"]["n"] == results["capfilt"]["beam"]["n"] == len(synthetic)
+    # Beam search ran on web shard 0 only (24 of the 48 images); both methods are measured on those.
+    assert results["capfilt"]["compared shards"] == ["00000.parquet"]
+    assert sorted(p.name for p in (beam / "kept").glob("*.parquet")) == ["00000.parquet"]
+    shard0 = [row for row in synthetic if row["key"] < "000000024"]
+    assert len(shard0) == 24
+    assert results["capfilt"]["nucleus"]["n"] == results["capfilt"]["beam"]["n"] == len(shard0)
+    assert results["capfilt"]["nucleus"]["removed"] == pytest.approx(sum(r["removed"] for r in shard0) / 24)
     assert capfilt_table(nucleus, beam) == results["capfilt"]
     beam_methods = {json.loads(row["capfilt_config"])["sampling"]["method"]
                     for row in pq.read_table(beam / "kept").to_pylist()}

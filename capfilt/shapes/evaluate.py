@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from capfilt.captioner import Captioner
+from capfilt.device import autocast
 from capfilt.filter import ITM_THRESHOLD, Filter
 from capfilt.shapes.captions import is_correct
 from capfilt.shapes.scene import Scene
@@ -92,8 +93,14 @@ def evaluate_retrieval(filter_: Filter, samples: list[Sample], rerank_k: int = 1
     thousand-pair shapes split needs fewer). Many shapes scenes share one exact
     caption, so a hit is judged by the parser, not by index: image→text hits when
     the retrieved text is a correct caption of the query image, text→image when
-    the query text is a correct caption of the retrieved image.
+    the query text is a correct caption of the retrieved image. ``batch_size``:
+    images (and texts) per encoder call.
     """
+    with autocast(filter_.device):  # as Filter.score runs (bf16 on CUDA; nothing changes on CPU)
+        return _retrieval(filter_, samples, rerank_k, batch_size)
+
+
+def _retrieval(filter_: Filter, samples: list[Sample], rerank_k: int, batch_size: int) -> dict:
     model, scenes, texts = filter_.model, [s.scene for s in samples], [s.text for s in samples]
     embeds, image_feats = [], []
     for batch in _batches(samples, batch_size):
