@@ -81,17 +81,20 @@ def _common(recipe: DemoRecipe, work: Path) -> dict:
                 augment=False, max_tokens=recipe.max_tokens, checkpoint_every=250, log_every=50, workers=2)
 
 
-def pretrain(recipe: DemoRecipe, work: Path, data: list[Path], out: Path, seed: int = PRETRAIN_SEED) -> Path:
+def pretrain(recipe: DemoRecipe, work: Path, data: list[Path], out: Path, seed: int = PRETRAIN_SEED,
+             streams: int = 0) -> Path:
     """Pre-train a MED with ITC + ITM + LM on ``data`` (the recipe's steps; resumes); returns the run folder.
 
     ``make demo-models`` pre-trains on human + raw web; ``make experiment``
     also on human + the bootstrapped web, with the same steps and seed.
+    ``streams``: the loader's file streams (0: one per process, which reads
+    the files one after another; more mix files within every batch).
     """
     from capfilt.models.train import configure, train
 
     train(configure("pretrain", **_common(recipe, work), data=[str(folder) for folder in data], out=str(out),
                     max_steps=recipe.pretrain_steps, lr=recipe.pretrain_lr, warmup_steps=300,
-                    queue_size=recipe.queue_size, seed=seed))
+                    queue_size=recipe.queue_size, seed=seed, streams=streams))
     return out
 
 

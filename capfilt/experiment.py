@@ -15,10 +15,14 @@
    ITC's top k re-ranked by ITM) and the correctness of greedy captions from
    the pre-trained decoder (without a prompt: pre-training has none).
 
-With the recipe's one data stream a run reads its Parquet files one after
-another in a seeded order; with the same seed and as many files, the
-bootstrapped run reads the same human files and the kept pairs of the same web
-shards the raw run read raw: a paired comparison. Every stage resumes.
+Both pre-trainings deal their 20 Parquet files (10 human shards, and the 10 raw
+web shards or the 10 ``kept/`` files CapFilt wrote for them) to the loader's
+streams in one seeded order, so with the same seed the bootstrapped run reads
+the same human files and the kept pairs of the same web shards that the raw run
+reads raw: a paired comparison. ``streams`` 16 mixes 16 files in every batch;
+with the demo recipe's single stream a short run reads a few whole files one
+after another, and which file came last decides much of the result. Every
+stage resumes.
 Results go to ``WORK/experiment/results.json`` and ``results.md``.
 """
 
@@ -47,6 +51,10 @@ class ExperimentConfig:
     # Pre-training seeds; each pair (raw, bootstrapped) shares one. For the recipe's seed the raw run is
     # make demo-models' own pre-training (WORK/pretrain); other seeds get their own raw run.
     seeds: tuple[int, ...] = (PRETRAIN_SEED,)
+    # The loader's file streams in both pre-trainings. 0: the demo recipe's one stream, which reads the
+    # 20 files one after another, so a 750-step run sees about five whole files and ends on whichever came
+    # last. 16: every batch draws 4 pairs from each of 16 files (the same 16 in both runs of a seed).
+    streams: int = 16
     test: int = 1000  # test pairs for recall@1 and caption correctness
     rerank_k: int = 16  # ITC candidates re-ranked by ITM (BLIP: 256 on COCO's 5,000 images)
     beam_shards: str = "0"  # web shards also captioned with beam search (paper Table 1: nucleus vs beam)
@@ -189,11 +197,15 @@ def run_experiment(recipe: DemoRecipe = DemoRecipe(), work: Path = WORK,
                "capfilt": capfilt_table(nucleus, beam),
                "data": {"raw": pool_quality([folders["web"]]), "bootstrapped": pool_quality([nucleus / "kept"])},
                "runs": {}}
+    suffix = f"-streams{config.streams}" if config.streams else ""
     for seed in config.seeds:
-        raw_out = work / "pretrain" if seed == PRETRAIN_SEED else here / f"raw-seed{seed}"
-        raw = pretrain(recipe, work, [folders["human"], folders["web"]], raw_out, seed)
+        # With the recipe's own seed and stream the raw run is make demo-models' pre-training.
+        reuse = seed == PRETRAIN_SEED and not config.streams
+        raw_out = work / "pretrain" if reuse else here / f"raw{suffix}-seed{seed}"
+        raw = pretrain(recipe, work, [folders["human"], folders["web"]], raw_out, seed, config.streams)
         _say(f"raw pre-training (seed {seed}) done", start)
-        boot = pretrain(recipe, work, [folders["human"], nucleus / "kept"], here / f"bootstrapped-seed{seed}", seed)
+        boot = pretrain(recipe, work, [folders["human"], nucleus / "kept"], here / f"bootstrapped{suffix}-seed{seed}",
+                        seed, config.streams)
         _say(f"bootstrapped pre-training (seed {seed}) done", start)
         results["runs"][str(seed)] = {"raw": evaluate_run(raw, config), "bootstrapped": evaluate_run(boot, config)}
         _say(f"evaluated seed {seed}", start)
@@ -217,12 +229,13 @@ def _percent(value: float | None) -> str:
 
 def markdown(results: dict) -> str:
     """The README's tables."""
-    lines = ["| pre-training data | seed | image→text R@1 (ITC / +ITM) | text→image R@1 (ITC / +ITM) "
+    streams = results["config"]["streams"] or 1
+    lines = ["| pre-training data | seed, streams | image→text R@1 (ITC / +ITM) | text→image R@1 (ITC / +ITM) "
              "| captions correct: one object | two objects | all |", "| --- |" + " --- |" * 6]
     for seed, pair in results["runs"].items():
         for name, label in (("raw", "human + raw web"), ("bootstrapped", "human + CapFilt web")):
             r, c = pair[name]["retrieval"], pair[name]["captions"]
-            lines.append(f"| {label} | {seed} | {r['image_to_text_itc']:.1%} / {r['image_to_text_itm']:.1%} "
+            lines.append(f"| {label} | {seed}, {streams} | {r['image_to_text_itc']:.1%} / {r['image_to_text_itm']:.1%} "
                          f"| {r['text_to_image_itc']:.1%} / {r['text_to_image_itm']:.1%} "
                          f"| {c['one object']['correct']:.1%} | {c['two objects']['correct']:.1%} "
                          f"| {c['all']['correct']:.1%} |")

@@ -60,7 +60,7 @@ def test_retrieval_recall_matches_a_brute_force_ranking(model, filter_folder):
 def experiment(tmp_path_factory):
     work = tmp_path_factory.mktemp("experiment")
     recipe = DemoRecipe(human=48, web=48, batch_size=8, pretrain_steps=3, queue_size=16, shard_size=24)
-    config = ExperimentConfig(test=16, rerank_k=4, beam_shards="0")
+    config = ExperimentConfig(test=16, rerank_k=4, beam_shards="0", streams=2)
     return work, recipe, run_experiment(recipe, work, config)
 
 
@@ -77,9 +77,10 @@ def test_experiment_runs_every_step_and_writes_its_tables(experiment):
 
 def test_bootstrapped_run_trains_on_human_and_the_kept_pairs_with_the_raw_runs_steps_and_seed(experiment):
     work, recipe, _ = experiment
-    raw = read_checkpoint(latest_checkpoint(work / "pretrain"))
-    boot = read_checkpoint(latest_checkpoint(work / "experiment" / "bootstrapped-seed42"))
+    raw = read_checkpoint(latest_checkpoint(work / "experiment" / "raw-streams2-seed42"))
+    boot = read_checkpoint(latest_checkpoint(work / "experiment" / "bootstrapped-streams2-seed42"))
     assert raw["state"]["step"] == boot["state"]["step"] == recipe.pretrain_steps
+    assert raw["config"]["streams"] == boot["config"]["streams"] == 2
     assert raw["config"]["train"]["seed"] == boot["config"]["train"]["seed"] == 42
     assert [p.rstrip("/").split("/")[-1] for p in raw["config"]["train"]["data"]["data"]] == ["human", "web"]
     assert [p.rstrip("/").split("/")[-2:] for p in boot["config"]["train"]["data"]["data"]] == [
