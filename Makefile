@@ -54,5 +54,5 @@ demo-models: install  ## train the demo captioner and filter into capfilt/demo_m
 evaluate-demo: install  ## the demo models on a fresh web split: removal per web-text kind, caption correctness
 	$(PY) -m capfilt.shapes.evaluate --captioner demo --filter demo $(ARGS)
 
-experiment: install  ## the bootstrapping experiment: pre-training on raw vs CapFilt web, scored on test (docs/experiment.md; about 1 h on 2 cores after demo-models; resumable)
+experiment: install  ## the bootstrapping experiment: pre-training on raw vs CapFilt web, scored on test (docs/experiment.md; about 1 h 15 min on 2 cores after demo-models; resumable)
 	$(PY) -m capfilt.experiment $(ARGS)
