@@ -154,6 +154,7 @@ def capfilt_table(nucleus: Path, beam: Path) -> dict:
                         "removed": counts[(group, "removed")] / counts[(group, "n")],
                         "correct": counts[(group, "correct")] / counts[(group, "n")],
                         "kept": counts[(group, "kept")],
+                        "kept correct": counts[(group, "kept correct")],
                         "correct among kept": (counts[(group, "kept correct")] / counts[(group, "kept")]
                                                if counts[(group, "kept")] else None)}
                 for group in groups}
@@ -165,20 +166,26 @@ def capfilt_table(nucleus: Path, beam: Path) -> dict:
             "beam": tally(beam, compared)["synthetic"]}
 
 
-def pool_quality(folders: list[Path]) -> dict:
-    """How many pre-training texts a data set holds and the fraction the parser calls correct."""
+def raw_quality(web: Path) -> dict:
+    """How many texts the raw web shards hold and the fraction the parser calls correct."""
     import pyarrow.parquet as pq
 
     from capfilt.shapes import is_correct, scene_from_json
 
     texts = correct = 0
-    for folder in folders:
-        for path in sorted(folder.glob("*.parquet")):
-            table = pq.read_table(path, columns=["scene", "text" if "text" in pq.read_schema(path).names
-                                                 else "caption"])
-            for scene, text in zip(table.column(0).to_pylist(), table.column(1).to_pylist()):
-                texts += 1
-                correct += is_correct(text, scene_from_json(scene))
+    for path in sorted(web.glob("*.parquet")):
+        table = pq.read_table(path, columns=["scene", "caption"])
+        for scene, text in zip(table.column(0).to_pylist(), table.column(1).to_pylist()):
+            texts += 1
+            correct += is_correct(text, scene_from_json(scene))
+    return {"texts": texts, "correct": correct / texts if texts else None}
+
+
+def kept_quality(whole: dict) -> dict:
+    """The same for CapFilt's kept texts, from ``capfilt_table``'s tally of the whole web (already parsed)."""
+    groups = [group for group in whole if "/" not in group]  # each text once: the kinds and "synthetic"
+    texts = sum(whole[group]["kept"] for group in groups)
+    correct = sum(whole[group]["kept correct"] for group in groups)
     return {"texts": texts, "correct": correct / texts if texts else None}
 
 
@@ -193,9 +200,9 @@ def run_experiment(recipe: DemoRecipe = DemoRecipe(), work: Path = WORK,
     beam = run_capfilt(folders["web"], here / "capfilt-beam", config, "--method", "beam", "--shards",
                        config.beam_shards)
     _say("CapFilt over the compared shards (beam) done", start)
-    results = {"recipe": asdict(recipe), "config": asdict(config), "test_seed": TEST_SEED,
-               "capfilt": capfilt_table(nucleus, beam),
-               "data": {"raw": pool_quality([folders["web"]]), "bootstrapped": pool_quality([nucleus / "kept"])},
+    table = capfilt_table(nucleus, beam)
+    results = {"recipe": asdict(recipe), "config": asdict(config), "test_seed": TEST_SEED, "capfilt": table,
+               "data": {"raw": raw_quality(folders["web"]), "bootstrapped": kept_quality(table["whole web, nucleus"])},
                "runs": {}}
     suffix = f"-streams{config.streams}" if config.streams else ""
     for seed in config.seeds:
@@ -217,7 +224,8 @@ def run_experiment(recipe: DemoRecipe = DemoRecipe(), work: Path = WORK,
 
 def _check_paired(raw: Path, kept: Path) -> None:
     """Raw and bootstrapped runs read the same files in the same order only if each web shard has its kept file."""
-    raw_files, kept_files = sorted(p.name for p in raw.glob("*.parquet")), sorted(p.name for p in kept.glob("*.parquet"))
+    raw_files = sorted(p.name for p in raw.glob("*.parquet"))
+    kept_files = sorted(p.name for p in kept.glob("*.parquet"))
     if raw_files != kept_files:
         raise RuntimeError(f"{kept} holds {len(kept_files)} file(s) for {len(raw_files)} web shard(s): "
                            "rerun to finish CapFilt before the bootstrapped pre-training")

@@ -83,23 +83,29 @@ class Filter:
         return {"input_ids": tokens.input_ids.to(self.device), "attention_mask": tokens.attention_mask.to(self.device)}
 
     @torch.no_grad()
+    def match_probability(self, image_embeds: torch.Tensor, image_index: torch.Tensor,
+                          input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """ITM match probabilities of texts against already-encoded images (``image_index``: see ``score_embedded``)."""
+        # ITM (paper §3.2, eq. ITM): [ENC] text, cross-attending to the image; head on position 0.
+        enc_ids = input_ids.clone()
+        enc_ids[:, 0] = self.ids.enc
+        images = image_embeds[image_index]
+        image_mask = torch.ones(images.shape[:-1], dtype=torch.long, device=images.device)
+        grounded = self.model.text_encoder(input_ids=enc_ids, attention_mask=attention_mask,
+                                           encoder_hidden_states=images,
+                                           encoder_attention_mask=image_mask).last_hidden_state[:, 0]
+        return F.softmax(self.model.itm_head(grounded).float(), dim=-1)[:, 1]
+
+    @torch.no_grad()
     def score_embedded(self, image_embeds: torch.Tensor, image_index: torch.Tensor,
                        input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """ITM probabilities and ITC similarities of texts against already-encoded images.
 
         ``image_index[j]`` names the image (row of ``image_embeds``) of text ``j``.
         """
-        encoder = self.model.text_encoder
-        # ITM (paper §3.2, eq. ITM): [ENC] text, cross-attending to the image; head on position 0.
-        enc_ids = input_ids.clone()
-        enc_ids[:, 0] = self.ids.enc
-        images = image_embeds[image_index]
-        image_mask = torch.ones(images.shape[:-1], dtype=torch.long, device=images.device)
-        grounded = encoder(input_ids=enc_ids, attention_mask=attention_mask, encoder_hidden_states=images,
-                           encoder_attention_mask=image_mask).last_hidden_state[:, 0]
-        itm = F.softmax(self.model.itm_head(grounded).float(), dim=-1)[:, 1]
+        itm = self.match_probability(image_embeds, image_index, input_ids, attention_mask)
         # ITC (paper §3.2): unimodal [CLS] text feature vs the image's [CLS] feature, cosine similarity.
-        text = encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, 0]
+        text = self.model.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, 0]
         text_feat = F.normalize(self.model.text_proj(text).float(), dim=-1)
         image_feat = F.normalize(self.model.vision_proj(image_embeds[:, 0]).float(), dim=-1)
         itc = (text_feat * image_feat[image_index]).sum(dim=-1)

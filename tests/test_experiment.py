@@ -95,6 +95,9 @@ def test_capfilt_table_counts_every_text_of_the_pipeline_output(experiment):
     rows = rows["kept"] + rows["rejected"]
     web = [row for row in rows if row["source"] == "web"]
     assert len(web) == recipe.web  # every web text judged once
+    kept = [row for row in rows if not row["removed"]]
+    kept_correct = sum(is_correct(row["text"], scene_from_json(row["scene"])) for row in kept)
+    assert results["data"]["bootstrapped"] == {"texts": len(kept), "correct": pytest.approx(kept_correct / len(kept))}
     whole = results["capfilt"]["whole web, nucleus"]
     assert sum(whole[kind]["n"] for kind in ("clean", "mismatch", "partial", "alt") if kind in whole) == recipe.web
     for kind in {row["kind"] for row in web}:

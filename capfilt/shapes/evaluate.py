@@ -122,7 +122,7 @@ def _retrieval(filter_: Filter, samples: list[Sample], rerank_k: int, batch_size
     def reranked(query: int, candidates: torch.Tensor, image_side: bool) -> int:
         images = torch.full_like(candidates, query) if image_side else candidates
         text_rows = candidates if image_side else torch.full_like(candidates, query)
-        itm, _ = filter_.score_embedded(embeds, images, tokens["input_ids"][text_rows],
+        itm = filter_.match_probability(embeds, images, tokens["input_ids"][text_rows],
                                         tokens["attention_mask"][text_rows])
         return int(candidates[itm.argmax()])
 
