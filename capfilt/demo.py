@@ -30,7 +30,7 @@ import multiprocessing
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from capfilt.checkpoints import DEMO_MODELS
@@ -54,6 +54,21 @@ class DemoRecipe:
     queue_size: int = 4096  # ITC queue: a multiple of the batch; 57,600 in the paper is for 2,880-pair batches
     max_tokens: int = 32
     shard_size: int = 10_000  # pairs per rendered Parquet shard
+    streams: int = 0  # loader streams of every stage (0: one, which reads the files one after another)
+    pretrain_seconds: float = 0.0  # wall-clock limit of pre-training (0: none; the steps above end it)
+    finetune_seconds: float = 0.0  # wall-clock limit of each fine-tune, which run side by side (0: none)
+    loader_workers: int = 2  # decoders of pre-training; each fine-tune gets half
+    decode_in: str = "threads"  # "threads" or "processes" (threads feed ~3k images/s: enough for 2 cores, not a GPU)
+    render_processes: int = 1  # processes that render the splits
+    checkpoint_every: int = 250  # steps between training checkpoints (what an interrupted run resumes from)
+
+
+# `python -m capfilt.demo --gpu`: the same model, data and learning rates on one GPU with 16 CPU cores. Every
+# stage runs to its wall-clock limit instead of a step count (the steps reached go into capfilt_recipe.json);
+# 16 files per split so that 16 streams mix files within every batch.
+GPU_RECIPE = DemoRecipe(shard_size=6_250, streams=16, pretrain_steps=10**7, captioner_steps=10**7,
+                        filter_steps=10**7, pretrain_seconds=170.0, finetune_seconds=220.0, loader_workers=14,
+                        decode_in="processes", render_processes=16, checkpoint_every=2_000)
 
 
 def split_folders(work: Path) -> dict[str, Path]:
@@ -69,7 +84,8 @@ def write_splits(recipe: DemoRecipe, work: Path) -> dict[str, Path]:
     folders = split_folders(work)
     for (split, folder), (n, seed) in zip(folders.items(), ((recipe.human, 11), (recipe.web, 12))):
         if not (folder / "_done").exists():
-            write_split(split, n, seed, folder, shard_size=recipe.shard_size, overwrite=True)
+            write_split(split, n, seed, folder, shard_size=recipe.shard_size, overwrite=True,
+                        processes=recipe.render_processes)
             (folder / "_done").touch()
     tokenizer = compact_tokenizer([*VOCABULARY, "picture"], work / "tokenizer")
     tokenizer.save_pretrained(work / "tokenizer")
@@ -78,7 +94,8 @@ def write_splits(recipe: DemoRecipe, work: Path) -> dict[str, Path]:
 
 def _common(recipe: DemoRecipe, work: Path) -> dict:
     return dict(model="demo", image_size=64, tokenizer=str(work / "tokenizer"), batch_size=recipe.batch_size,
-                augment=False, max_tokens=recipe.max_tokens, checkpoint_every=250, log_every=50, workers=2)
+                augment=False, max_tokens=recipe.max_tokens, checkpoint_every=recipe.checkpoint_every, log_every=50,
+                workers=recipe.loader_workers, worker_processes=recipe.decode_in == "processes")
 
 
 def pretrain(recipe: DemoRecipe, work: Path, data: list[Path], out: Path, seed: int = PRETRAIN_SEED,
@@ -94,14 +111,15 @@ def pretrain(recipe: DemoRecipe, work: Path, data: list[Path], out: Path, seed: 
 
     train(configure("pretrain", **_common(recipe, work), data=[str(folder) for folder in data], out=str(out),
                     max_steps=recipe.pretrain_steps, lr=recipe.pretrain_lr, warmup_steps=300,
-                    queue_size=recipe.queue_size, seed=seed, streams=streams))
+                    queue_size=recipe.queue_size, seed=seed, streams=streams, max_seconds=recipe.pretrain_seconds))
     return out
 
 
 def finetune_jobs(recipe: DemoRecipe, work: Path) -> list[tuple[str, dict]]:
     """The captioner's and the filter's fine-tuning, each from the pre-trained MED, on ``human``."""
     finetune = dict(_common(recipe, work), init=str(work / "pretrain"), data=[str(split_folders(work)["human"])],
-                    lr=recipe.finetune_lr, schedule="step", warmup_steps=0, workers=1)
+                    lr=recipe.finetune_lr, schedule="step", warmup_steps=0, workers=max(1, recipe.loader_workers // 2),
+                    streams=recipe.streams, max_seconds=recipe.finetune_seconds)
     return [
         ("finetune-captioner", dict(finetune, out=str(work / "captioner"), max_steps=recipe.captioner_steps)),
         ("finetune-filter", dict(finetune, out=str(work / "filter"), max_steps=recipe.filter_steps,
@@ -126,10 +144,18 @@ def train_demo_models(recipe: DemoRecipe = DemoRecipe(), work: Path = WORK, inst
     start = time.time()
     folders = write_splits(recipe, work)
     print(f"[demo-models] splits ready ({time.time() - start:.0f} s)", flush=True)
-    pretrain(recipe, work, [folders["human"], folders["web"]], work / "pretrain")
+    pretrain(recipe, work, [folders["human"], folders["web"]], work / "pretrain", streams=recipe.streams)
     print(f"[demo-models] pre-trained ({(time.time() - start) / 60:.0f} min)", flush=True)
-    with multiprocessing.get_context("spawn").Pool(2) as pool:
-        pool.map(finetune, finetune_jobs(recipe, work))
+    # Plain processes, not a Pool: a Pool's daemonic workers could not start the loader's decoding processes.
+    jobs = [multiprocessing.get_context("spawn").Process(target=finetune, args=(job,), name=job[0])
+            for job in finetune_jobs(recipe, work)]
+    for job in jobs:
+        job.start()
+    for job in jobs:
+        job.join()
+    failed = [job.name for job in jobs if job.exitcode]
+    if failed:
+        raise RuntimeError(f"{', '.join(failed)} failed (see the log above); run again to resume")
     print(f"[demo-models] fine-tuned ({(time.time() - start) / 60:.0f} min)", flush=True)
     install_models(work, install, recipe)
     print(f"[demo-models] installed in {install} ({(time.time() - start) / 60:.0f} min in all)", flush=True)
@@ -148,9 +174,18 @@ def install_models(work: Path, install: Path, recipe: DemoRecipe) -> None:
         # Stored in fp16 to keep the repository small; Captioner and Filter run them in fp32.
         load_hf_folder(model_class, exported).half().save_pretrained(target)
         load_tokenizer(exported).save_pretrained(target)
-        (target / "capfilt_recipe.json").write_text(json.dumps(asdict(recipe), indent=2) + "\n")
+        (target / "capfilt_recipe.json").write_text(json.dumps(
+            {**asdict(recipe), "steps_trained": steps_trained(work)}, indent=2) + "\n")
     sampling = {"min_length": 5, "max_length": 20}  # "[DEC] a picture of" + 1 to 10 words
     (install / "captioner" / "capfilt_sampling.json").write_text(json.dumps(sampling, indent=2) + "\n")
+
+
+def steps_trained(work: Path) -> dict[str, int]:
+    """The step each stage's newest checkpoint reached (time-limited stages end wherever the clock says)."""
+    from capfilt.models.checkpointing import PREFIX, latest_checkpoint
+
+    checkpoints = {stage: latest_checkpoint(work / stage) for stage in ("pretrain", "captioner", "filter")}
+    return {stage: int(found.name.removeprefix(PREFIX)) for stage, found in checkpoints.items() if found}
 
 
 def _log_to_console() -> None:
@@ -162,15 +197,28 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m capfilt.demo", description=__doc__.split("\n")[0])
     parser.add_argument("--work", default=str(WORK), help="splits and training runs (resumable)")
     parser.add_argument("--install", default=str(DEMO_MODELS), help="where the models go")
+    parser.add_argument("--gpu", action="store_true", help="start from GPU_RECIPE (one GPU, 16 cores, ~10 min)")
+    parser.add_argument("--splits-only", action="store_true", help="render the splits and the tokenizer, then stop")
     for name, value in asdict(DemoRecipe()).items():
-        parser.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
+        parser.add_argument("--" + name.replace("_", "-"), type=type(value), default=None, help=f"default {value}")
     args = vars(parser.parse_args(argv))
     work, install = Path(args.pop("work")), Path(args.pop("install"))
+    gpu, splits_only = args.pop("gpu"), args.pop("splits_only")
+    recipe = replace(GPU_RECIPE if gpu else DemoRecipe(), **{k: v for k, v in args.items() if v is not None})
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     _log_to_console()
-    print("[demo-models] about 1 h 30 min on 2 CPU cores (splits 9 min, pre-training 23 min, "
-          "fine-tuning 58 min); rerun to resume", flush=True)
-    train_demo_models(DemoRecipe(**args), work, install)
+    if splits_only:
+        start = time.time()
+        write_splits(recipe, work)
+        print(f"[demo-models] splits ready in {work / 'data'} ({time.time() - start:.0f} s)", flush=True)
+        return
+    if gpu:
+        print(f"[demo-models] splits, then {recipe.pretrain_seconds:.0f} s of pre-training and "
+              f"{recipe.finetune_seconds:.0f} s of fine-tuning", flush=True)
+    else:
+        print("[demo-models] about 1 h 30 min on 2 CPU cores (splits 9 min, pre-training 23 min, "
+              "fine-tuning 58 min); rerun to resume", flush=True)
+    train_demo_models(recipe, work, install)
 
 
 if __name__ == "__main__":

@@ -114,22 +114,35 @@ def rand_augment(image: Image.Image, rng: np.random.Generator, num_ops: int, mag
     return image
 
 
+_MEAN = np.array(OPENAI_CLIP_MEAN, dtype=np.float32).reshape(1, 1, 1, 3)
+_STD = np.array(OPENAI_CLIP_STD, dtype=np.float32).reshape(1, 1, 1, 3)
+
+
+def normalise(pixels: np.ndarray) -> torch.Tensor:
+    """uint8 RGB ``[N, H, W, 3]`` -> ``[N, 3, H, W]`` float, scaled to [0, 1] and CLIP-normalised."""
+    scaled = pixels.astype(np.float32) / 255.0
+    return torch.from_numpy(np.ascontiguousarray(((scaled - _MEAN) / _STD).transpose(0, 3, 1, 2)))
+
+
 def to_normalised_tensor(image: Image.Image) -> torch.Tensor:
     """RGB PIL image -> ``[3, H, W]`` float, scaled to [0, 1] and CLIP-normalised."""
-    pixels = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)
-    mean = torch.tensor(OPENAI_CLIP_MEAN).view(3, 1, 1)
-    std = torch.tensor(OPENAI_CLIP_STD).view(3, 1, 1)
-    return (pixels - mean) / std
+    return normalise(np.asarray(image.convert("RGB"))[None])[0]
 
 
-def transform(image: Image.Image, size: int, config: AugmentConfig, rng: np.random.Generator) -> torch.Tensor:
-    """BLIP's training transform (or, with ``augment=False``, its square resize) for one image."""
+def augmented_image(image: Image.Image, size: int, config: AugmentConfig, rng: np.random.Generator | None
+                    ) -> Image.Image:
+    """BLIP's training augmentation (or, with ``augment=False``, its square resize), before normalisation."""
     image = image.convert("RGB")
     if not config.augment:
-        return to_normalised_tensor(image.resize((size, size), Image.BICUBIC))
+        return image if image.size == (size, size) else image.resize((size, size), Image.BICUBIC)
     image = random_resized_crop(image, size, rng, config.crop_min_scale)
     if config.hflip and rng.random() < 0.5:
         image = ImageOps.mirror(image)
     if config.randaugment:
         image = rand_augment(image, rng, config.randaugment_ops, config.randaugment_magnitude)
-    return to_normalised_tensor(image)
+    return image
+
+
+def transform(image: Image.Image, size: int, config: AugmentConfig, rng: np.random.Generator | None) -> torch.Tensor:
+    """BLIP's training transform: ``augmented_image`` as a normalised ``[3, size, size]`` tensor."""
+    return to_normalised_tensor(augmented_image(image, size, config, rng))

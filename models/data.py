@@ -35,11 +35,13 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import multiprocessing
 import os
 import queue
 import threading
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,9 +50,11 @@ import pyarrow.parquet as pq
 import torch
 
 from capfilt.images import decode_image
-from capfilt.models.augment import AugmentConfig, transform
+from capfilt.models.augment import AugmentConfig, augmented_image, normalise
 from capfilt.pipelines.schema import IMAGE_COLUMNS
 from capfilt.tokenizer import pre_caption
+
+TOKEN_CACHE_SIZE = 200_000  # distinct texts whose token ids a loader keeps (a few hundred bytes each)
 
 # img2dataset's image columns (its --encode_format, as capfilt's pipelines list them), then a plain "image".
 IMAGE_CANDIDATES = (*IMAGE_COLUMNS, "jpeg", "image")
@@ -68,7 +72,11 @@ class DataConfig:
     max_words: int = 30  # captions cut to 30 words (BLIP's pre_caption)
     max_tokens: int = 30  # token length, padded/truncated: 30 pre-training, 40 captioner, 35 filter (BLIP)
     prompt: str = ""  # prepended to every caption: "a picture of " for the captioner (BLIP)
-    workers: int = 4  # threads that decode and augment images
+    workers: int = 4  # threads (or processes, below) that decode and augment images
+    # Decode in spawned worker processes instead of threads. A 64-px JPEG costs ~0.3 ms of mostly
+    # GIL-holding Python and Pillow work, so threads feed about 3k images/s whatever their number (measured,
+    # bench/bench_loader.py): enough for a CPU, far too few for a GPU. Batches are the same either way.
+    worker_processes: bool = False
     prefetch: int = 2  # batches prepared ahead of the training step
     # What makes two pairs positives for ITC/ITM when same_image_positives is on: "image", the same image
     # bytes (BLIP's retrieval fine-tuning: COCO's five captions of an image); "text", the same normalised
@@ -178,7 +186,7 @@ def steps_in_epoch(files: list[str], config: DataConfig, streams: int, epoch: in
 class RawSample:
     image: bytes
     text: str
-    seed: int
+    seed_parts: tuple[int, ...]  # (seed, epoch, stream, file, row): the augmentation seed, mixed only when used
 
 
 class Stream:
@@ -217,8 +225,7 @@ class Stream:
                 image = images[i].get("bytes") if isinstance(images[i], dict) else images[i]
                 if not image or not isinstance(texts[i], str) or (statuses and statuses[i] != "success"):
                     continue
-                yield RawSample(image, texts[i], seed_for(self.seed, self.epoch, self.index, file_index,
-                                                          block_start + i))
+                yield RawSample(image, texts[i], (self.seed, self.epoch, self.index, file_index, block_start + i))
             block_start += rows
 
 
@@ -247,6 +254,7 @@ class EpochLoader:
                         for s in range(rank * per_rank, (rank + 1) * per_rank)]
         self.chunk = config.batch_size // streams
         self.config, self.tokenizer, self.image_size, self.augment = config, tokenizer, image_size, augment
+        self._token_cache: dict[str, list[int]] = {}
         self._queue: queue.Queue = queue.Queue(maxsize=max(config.prefetch, 1))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._produce, daemon=True)
@@ -271,13 +279,22 @@ class EpochLoader:
 
     def _produce(self) -> None:
         try:
-            with ThreadPoolExecutor(max(self.config.workers, 1)) as pool:
+            workers = max(self.config.workers, 1)
+            # Processes outlive the epoch (starting them costs seconds); threads are started per epoch.
+            pool = decoding_processes(workers) if self.config.worker_processes else ThreadPoolExecutor(workers)
+            try:
                 iterators = [iter(stream) for stream in self.streams]
                 while not self._stop.is_set():
-                    batch = self._make_batch(iterators, pool)
+                    batch = self._make_batch(iterators, pool, workers)
                     if batch is None:
                         break
                     self._put(batch)
+            finally:
+                if not self.config.worker_processes:
+                    pool.shutdown()
+        except BrokenProcessPool as error:
+            _PROCESS_POOLS.pop(max(self.config.workers, 1), None)
+            self._put(error)
         except BaseException as error:  # surfaced in the training loop
             self._put(error)
         self._put(None)
@@ -290,44 +307,95 @@ class EpochLoader:
             except queue.Full:
                 pass
 
-    def _make_batch(self, iterators, pool) -> Batch | None:
-        samples = []
-        for iterator in iterators:
-            taken = self._take(iterator, pool)
-            if taken is None:
-                return None
-            samples += taken
+    def _make_batch(self, iterators, pool, workers: int) -> Batch | None:
+        samples = self._take(iterators, pool, workers)
+        if samples is None:
+            return None
         captions = [pre_caption(text, self.config.max_words) for _, text, _ in samples]
-        texts = [self.config.prompt + caption for caption in captions]
         if self.config.positives == "text":
             ids = [image_id(caption.encode("utf-8")) for caption in captions]
         else:
             ids = [ident for _, _, ident in samples]
-        tokens = self.tokenizer(texts, padding="max_length", truncation=True, max_length=self.config.max_tokens,
-                                return_tensors="pt")
+        input_ids, attention_mask = self._encode([self.config.prompt + caption for caption in captions])
         return Batch(
-            pixel_values=torch.stack([pixels for pixels, _, _ in samples]),
-            input_ids=tokens.input_ids,
-            attention_mask=tokens.attention_mask,
+            pixel_values=normalise(np.stack([pixels for pixels, _, _ in samples])),
+            input_ids=input_ids,
+            attention_mask=attention_mask,
             image_ids=torch.tensor(ids),
             positions={stream.index: stream.position for stream in self.streams},
         )
 
-    def _take(self, iterator, pool) -> list | None:
-        """``chunk`` decodable samples from one stream (``None`` once it runs out)."""
-        taken = []
-        while len(taken) < self.chunk:
-            raw = [sample for _, sample in zip(range(self.chunk - len(taken)), iterator)]
-            if len(raw) < self.chunk - len(taken):
-                return None
-            for sample, pixels in zip(raw, pool.map(self._pixels, raw)):
-                if pixels is not None:
-                    taken.append((pixels, sample.text, image_id(sample.image)))
-        return taken
+    def _take(self, iterators, pool, workers: int) -> list | None:
+        """``chunk`` decodable samples from each stream, in stream order (``None`` once one runs out).
 
-    def _pixels(self, sample: RawSample) -> torch.Tensor | None:
-        try:
-            image = decode_image(sample.image)
-        except ValueError:
-            return None
-        return transform(image, self.image_size, self.augment, np.random.default_rng(sample.seed))
+        All streams' images are decoded in one ``map``; a stream whose images
+        did not decode reads on until it has its ``chunk``.
+        """
+        taken: list[list] = [[] for _ in iterators]
+        while True:
+            raw = []
+            for s, iterator in enumerate(iterators):
+                wanted = self.chunk - len(taken[s])
+                got = [sample for _, sample in zip(range(wanted), iterator)]
+                if len(got) < wanted:
+                    return None
+                raw += [(s, sample) for sample in got]
+            if not raw:
+                return [sample for stream in taken for sample in stream]
+            jobs = [(sample.image, sample.seed_parts, self.image_size, self.augment) for _, sample in raw]
+            for (s, sample), pixels in zip(raw, pool.map(decode_sample, jobs, chunksize=-(-len(jobs) // workers))):
+                if pixels is not None:
+                    taken[s].append((pixels, sample.text, image_id(sample.image)))
+
+    def _encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and attention mask, padded to ``max_tokens``: what the tokenizer's batch call gives.
+
+        Each distinct text is tokenized once per epoch (a cache of up to
+        ``TOKEN_CACHE_SIZE`` texts): BERT's Python tokenizer costs ~0.1 ms a
+        text, in the one thread that assembles batches.
+        """
+        length = self.config.max_tokens
+        input_ids = torch.full((len(texts), length), self.tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(texts), length), dtype=torch.long)
+        for row, text in enumerate(texts):
+            ids = self._token_cache.get(text)
+            if ids is None:
+                ids = self.tokenizer(text, truncation=True, max_length=length)["input_ids"]
+                if len(self._token_cache) >= TOKEN_CACHE_SIZE:
+                    self._token_cache.clear()
+                self._token_cache[text] = ids
+            input_ids[row, :len(ids)] = torch.tensor(ids)
+            attention_mask[row, :len(ids)] = 1
+        return input_ids, attention_mask
+
+
+_PROCESS_POOLS: dict[int, ProcessPoolExecutor] = {}
+
+
+def decoding_processes(workers: int) -> ProcessPoolExecutor:
+    """This process's pool of ``workers`` decoding processes, started on first use and kept for later epochs."""
+    if workers not in _PROCESS_POOLS:
+        # spawn: safe whatever threads (torch, CUDA) the training process runs
+        _PROCESS_POOLS[workers] = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    return _PROCESS_POOLS[workers]
+
+
+def close_decoding_processes() -> None:
+    """Stop every decoding process this process started (the trainer calls this when a run ends)."""
+    while _PROCESS_POOLS:
+        _, pool = _PROCESS_POOLS.popitem()
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def decode_sample(job: tuple[bytes, tuple[int, ...], int, AugmentConfig]) -> np.ndarray | None:
+    """One image, decoded and augmented, as uint8 ``[size, size, 3]`` (``None`` if its bytes do not decode).
+
+    Runs in a worker; uint8 rather than normalised floats moves a quarter of the bytes back from a process.
+    """
+    image_bytes, seed_parts, size, augment = job
+    try:
+        image = decode_image(image_bytes)
+    except ValueError:
+        return None
+    rng = np.random.default_rng(seed_for(*seed_parts)) if augment.augment else None
+    return np.asarray(augmented_image(image, size, augment, rng))

@@ -43,7 +43,9 @@ from capfilt.models.augment import AugmentConfig
 from capfilt.models.checkpointing import (
     TrainState, config_dict, latest_checkpoint, load_checkpoint, read_checkpoint, save_checkpoint,
 )
-from capfilt.models.data import DataConfig, EpochLoader, find_files, seed_for, steps_in_epoch
+from capfilt.models.data import (
+    DataConfig, EpochLoader, close_decoding_processes, find_files, seed_for, steps_in_epoch,
+)
 from capfilt.models.med import MED, MEDSettings, prompt_length
 from capfilt.tokenizer import TokenizerNotFoundError, load_tokenizer, special_ids
 
@@ -65,6 +67,9 @@ class OptimConfig:
     min_lr: float = 1e-6  # floor: 1e-6 pre-training, 0 fine-tuning
     epochs: int = 20  # 20 pre-training (paper), 5 captioner, 6 filter (caption/retrieval_coco.yaml)
     max_steps: int = 0  # stop after this many steps in all (0: run every epoch)
+    # Stop (checkpoint, export) after the first step that ends this many seconds after this process started
+    # training (0: no limit), for jobs with a wall-clock budget. The lr schedule does not depend on it.
+    max_seconds: float = 0.0
     alpha: float = 0.4  # ITC soft-target weight; alpha * min(1, step / steps of epoch 0) in epoch 0
 
 
@@ -215,8 +220,10 @@ def _check(config: TrainConfig, streams: int, world: distributed.World) -> None:
 class ProgressLog:
     """Every ``every`` steps: losses averaged over ranks, a log line and a ``log.jsonl`` record (rank 0)."""
 
-    def __init__(self, path: Path, every: int, total_steps: int, batch_size: int, is_main: bool):
+    def __init__(self, path: Path, every: int, total_steps: int, batch_size: int, is_main: bool,
+                 max_seconds: float = 0.0):
         self.path, self.every, self.total, self.batch = path, max(every, 1), total_steps, batch_size
+        self.max_seconds = max_seconds
         self.is_main = is_main
         self.last_time, self.last_step, self.start = time.perf_counter(), None, time.perf_counter()
 
@@ -235,6 +242,8 @@ class ProgressLog:
                   **{f"loss_{n}": float(v) for n, v in zip(names, values)},
                   "steps_per_s": steps_per_s, "samples_per_s": steps_per_s * self.batch,
                   "elapsed_s": now - self.start, "eta_s": max(self.total - state.step, 0) / max(steps_per_s, 1e-9)}
+        if self.max_seconds:  # a time-limited run ends at its limit at the latest
+            record["eta_s"] = min(record["eta_s"], max(self.max_seconds - record["elapsed_s"], 0.0))
         if self.is_main:
             with self.path.open("a") as handle:
                 handle.write(json.dumps(record) + "\n")
@@ -277,6 +286,7 @@ def train(config: TrainConfig) -> dict:
     try:
         return _train(config, world)
     finally:
+        close_decoding_processes()
         if owns_group:
             distributed.close_world()
 
@@ -343,10 +353,12 @@ def _train(config: TrainConfig, world: distributed.World) -> dict:
     if first_epoch_steps < 1:
         raise ValueError(f"{len(files)} file(s) hold less than one global batch ({config.data.batch_size}) per stream")
     progress = ProgressLog(out / "log.jsonl", config.log_every, optim.max_steps or first_epoch_steps * optim.epochs,
-                           config.data.batch_size, world.is_main)
+                           config.data.batch_size, world.is_main, optim.max_seconds)
+
+    started, out_of_time = time.monotonic(), False
 
     def done() -> bool:
-        return bool(optim.max_steps) and state.step >= optim.max_steps
+        return bool(optim.max_steps) and state.step >= optim.max_steps or out_of_time
 
     def checkpoint() -> None:
         save_checkpoint(out, run.med, run.optimizer, state, run.info, config.keep_checkpoints)
@@ -365,6 +377,9 @@ def _train(config: TrainConfig, world: distributed.World) -> dict:
                                config, world)
                 state.step, state.step_in_epoch = state.step + 1, state.step_in_epoch + 1
                 state.positions = batch.positions
+                if optim.max_seconds:  # every rank stops after the same step
+                    out_of_time = not distributed.all_ranks_true(time.monotonic() - started < optim.max_seconds,
+                                                                 world.device)
                 record = progress.update(state, losses, lr, alpha) or record
                 if config.checkpoint_every and state.step % config.checkpoint_every == 0:
                     checkpoint()

@@ -185,3 +185,13 @@ def test_a_partial_checkpoint_is_never_resumed_from(tmp_path, dataset, tokenizer
     assert latest_checkpoint(out) == complete
     with pytest.raises(ValueError, match="checkpoint of another run"):
         train(tiny("pretrain", dataset, tokenizer_dir, out, max_steps=2, queue_size=32))
+
+
+def test_a_time_limit_stops_with_a_checkpoint_and_an_export(tmp_path, dataset, tokenizer_dir, pretrained):
+    out = tmp_path / "filter"
+    # 1 ms: the limit has passed when the first step ends; the run stops there and still checkpoints and exports.
+    record = train(tiny("finetune-filter", dataset, tokenizer_dir, out, init=str(pretrained), max_seconds=0.001,
+                        checkpoint_every=5))
+    assert record["step"] == 1 and [r["step"] for r in log_records(out)] == [1]
+    assert latest_checkpoint(out).name == "step-00000001"
+    assert (out / "filter" / "config.json").is_file()

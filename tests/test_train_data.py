@@ -70,13 +70,13 @@ def test_a_stream_resumes_where_it_stopped(tmp_path):
         write_capfilt(tmp_path / f"{part}.parquet", [f"text {part} {i}" for i in range(7)])
     files = find_files([str(tmp_path)])
     config = DataConfig(block_rows=4)
-    whole = [(s.text, s.seed) for s in Stream(files, 0, 3, 11, config)]
+    whole = [(s.text, s.seed_parts) for s in Stream(files, 0, 3, 11, config)]
     assert sorted(t for t, _ in whole) == sorted(f"text {p} {i}" for p in range(2) for i in range(7))
     assert [t for t, _ in whole[:7]] != [f"text 0 {i}" for i in range(7)]  # rows shuffled within blocks
     for stop in (3, 7, 9):
         stream = Stream(files, 0, 3, 11, config)
-        head = [(s.text, s.seed) for _, s in zip(range(stop), stream)]
-        rest = [(s.text, s.seed) for s in Stream(files, 0, 3, 11, config, stream.position)]
+        head = [(s.text, s.seed_parts) for _, s in zip(range(stop), stream)]
+        rest = [(s.text, s.seed_parts) for s in Stream(files, 0, 3, 11, config, stream.position)]
         assert head + rest == whole
 
 
@@ -155,3 +155,35 @@ def test_positives_by_image_or_by_identical_text(tmp_path, tokenizer):
     assert by_text[0] == by_text[2] and len(set(by_text)) == 3  # same caption once normalised
     with pytest.raises(ValueError, match="positives"):
         DataConfig(positives="caption")
+
+
+def test_worker_processes_give_the_threads_batches_and_tokens_match_the_tokenizer(tmp_path, tokenizer):
+    texts = ["a red square left of a blue circle", "", "a green triangle", "a red square left of a blue circle"]
+    for part in range(2):
+        write_capfilt(tmp_path / f"{part}.parquet", [texts[i % 4] + f" {part} {i % 3}" for i in range(8)])
+    rows = pq.read_table(tmp_path / "1.parquet").to_pylist()
+    rows[2]["image"] = b"not an image"  # skipped: the stream reads on
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "1.parquet")
+    files = find_files([str(tmp_path)])
+    augment = AugmentConfig(crop_min_scale=0.2)  # seeded per sample: the seed must reach the worker
+
+    def batches(processes: bool) -> list:
+        config = DataConfig(batch_size=4, streams=2, workers=2, max_tokens=9, prompt="a picture of ",
+                            worker_processes=processes)
+        return list(EpochLoader(files, config, tokenizer, 16, augment, seed=7, epoch=0, streams=2, rank=0,
+                                world_size=1))
+
+    threads, processes = batches(False), batches(True)
+    assert len(threads) == len(processes) == 3  # stream 1: 7 decodable rows, 2 a batch
+    for a, b in zip(threads, processes):
+        assert torch.equal(a.pixel_values, b.pixel_values) and torch.equal(a.input_ids, b.input_ids)
+        assert torch.equal(a.image_ids, b.image_ids) and a.positions == b.positions
+    # The cached per-text encoding equals the tokenizer's own padded batch call (truncated, repeated, empty).
+    loader = EpochLoader(files, DataConfig(batch_size=4, streams=2, workers=1, max_tokens=9), tokenizer, 16, augment,
+                         seed=7, epoch=0, streams=2, rank=0, world_size=1)
+    loader.close()
+    texts = ["a picture of a red square", "a picture of a red square left of a big blue circle above", "",
+             "a picture of a red square", "blue"]
+    expected = tokenizer(texts, padding="max_length", truncation=True, max_length=9, return_tensors="pt")
+    input_ids, attention_mask = loader._encode(texts)
+    assert torch.equal(input_ids, expected.input_ids) and torch.equal(attention_mask, expected.attention_mask)

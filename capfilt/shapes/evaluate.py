@@ -163,10 +163,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=EVALUATION_SEED, help="seed of the fresh web split")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--device", default=None, help="cpu (default) or cuda (bf16 autocast)")
     args = parser.parse_args(argv)
     samples = list(iter_split("web", args.n, args.seed))
-    filter_results = evaluate_filter(Filter.load(args.filter), samples) if args.filter else None
-    captioner_results = (evaluate_captioner(Captioner.load(args.captioner), samples, args.methods)
+    filter_results = evaluate_filter(Filter.load(args.filter, device=args.device), samples) if args.filter else None
+    captioner_results = (evaluate_captioner(Captioner.load(args.captioner, device=args.device), samples, args.methods)
                          if args.captioner else None)
     print(table(filter_results, captioner_results))
     if args.json:

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Train the demo models with `python -m capfilt.demo --gpu` on a lent GPU machine and bring back the
+# models and the training logs. Run from the repository root:
+#
+#   bash bench/device_demo_models.sh OUT_DIR [extra python -m capfilt.demo flags]
+#
+# That machine has python3 with a CUDA torch and no internet: capfilt is put on PYTHONPATH as it is laid
+# out when installed (models/ and pipelines/ inside capfilt/), and transformers is taken from wheels in
+# .whl/ when there are any (the version this repository is tested with). OUT_DIR receives:
+#   models.tar.gz (captioner/ and filter/, as `make demo-models` installs them), logs.tar.gz (each
+#   stage's log.jsonl), console.log, env.txt, and loader.md (bench/bench_loader.py) if time is left.
+# It ends within about DEADLINE seconds (default 540, under the lent machine's 600 s per command).
+set -uo pipefail
+OUT=${1:?usage: bench/device_demo_models.sh OUT_DIR [flags]}
+shift
+START=$(date +%s)
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+SITE=/tmp/capfilt-site
+WORK=/tmp/capfilt-demo
+rm -rf "$SITE" "$WORK" && mkdir -p "$SITE/capfilt" "$WORK" "$OUT"
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl \
+        || exit 1
+fi
+cp -r capfilt/. "$SITE/capfilt/" && cp -r models "$SITE/capfilt/models" && cp -r pipelines "$SITE/capfilt/pipelines"
+export PYTHONPATH=$SITE
+{
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+    nproc
+    python3 -c "import sys, torch, transformers, pyarrow, PIL; print(sys.version.split()[0], torch.__version__, \
+torch.cuda.is_available(), transformers.__version__, pyarrow.__version__, PIL.__version__)"
+} >"$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+# The splits first; then the training stages share what is left of DEADLINE seconds (45% pre-training,
+# 55% fine-tuning), keeping OVERHEAD seconds for starting processes, exporting and installing.
+DEADLINE=${DEADLINE:-540}
+OVERHEAD=${OVERHEAD:-80}
+python3 -P -m capfilt.demo --gpu --splits-only --work "$WORK" "$@" 2>&1 | tee "$OUT/console.log"
+left=$((DEADLINE - OVERHEAD - ($(date +%s) - START)))
+PRETRAIN=$((left * 45 / 100))
+FINETUNE=$((left - PRETRAIN))
+echo "[device] $left s for training: pre-training $PRETRAIN s, fine-tuning $FINETUNE s" | tee -a "$OUT/console.log"
+python3 -P -m capfilt.demo --gpu --work "$WORK" --install "$WORK/install" --pretrain-seconds "$PRETRAIN" \
+    --finetune-seconds "$FINETUNE" "$@" 2>&1 \
+    | grep --line-buffered -v "Loading weights\|Writing model shards" | tee -a "$OUT/console.log"
+status=${PIPESTATUS[0]}
+echo "[device] capfilt.demo exited with $status after $(($(date +%s) - START)) s" | tee -a "$OUT/console.log"
+
+tar -czf "$OUT/logs.tar.gz" -C "$WORK" --ignore-failed-read pretrain/log.jsonl captioner/log.jsonl filter/log.jsonl
+if [ -d "$WORK/install/filter" ]; then
+    tar -czf "$OUT/models.tar.gz" -C "$WORK/install" captioner filter
+fi
+if [ -d "$WORK/data/human" ] && [ $(($(date +%s) - START)) -lt $((DEADLINE - 40)) ]; then
+    timeout 45 python3 bench/bench_loader.py --data "$WORK/data/human" --workers 1 14 --batch 64 --batches 100 \
+        --streams 16 2>&1 | tee "$OUT/loader.md"
+fi
+echo "[device] done after $(($(date +%s) - START)) s"
+exit "$status"
