@@ -48,7 +48,7 @@ bench-pipeline: install  ## images/s of the CapFilt pipeline on tiny models (thi
 # --- the shapes-world demo models ---------------------------------------------------------
 .PHONY: demo-models evaluate-demo experiment
 
-demo-models: install  ## train the demo captioner and filter into capfilt/demo_models (about 1 h 30 min on 2 cores; resumable)
+demo-models: install  ## train the demo captioner and filter into capfilt/demo_models (about 1 h 30 min on 2 cores; resumable; ARGS=--gpu: ~8 min on one GPU, docs/demo.md)
 	$(PY) -m capfilt.demo $(ARGS)
 
 evaluate-demo: install  ## the demo models on a fresh web split: removal per web-text kind, caption correctness

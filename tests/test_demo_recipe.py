@@ -1,0 +1,33 @@
+"""`python -m capfilt.demo` end to end in miniature: splits, pre-training, both fine-tunes, install."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+
+from capfilt import demo
+from capfilt.captioner import Captioner
+from capfilt.filter import Filter
+from capfilt.shapes.splits import iter_split
+
+
+def test_the_gpu_recipe_runs_in_miniature_with_time_limits_and_decoding_processes(tmp_path):
+    work, install = tmp_path / "work", tmp_path / "install"
+    # --gpu's settings (16 streams aside) on 48 + 48 pairs; 1 ms per stage: each stops after its first step.
+    demo.main(["--gpu", "--work", str(work), "--install", str(install), "--human", "48", "--web", "48",
+               "--shard-size", "12", "--streams", "2", "--batch-size", "8", "--queue-size", "16",
+               "--loader-workers", "2", "--render-processes", "2", "--pretrain-seconds", "0.001",
+               "--finetune-seconds", "0.001"])
+    assert sorted(p.name for p in (work / "data" / "human").glob("*.parquet")) == [f"{i:05d}.parquet" for i in range(4)]
+    assert sum(pq.read_metadata(p).num_rows for p in (work / "data" / "web").glob("*.parquet")) == 48
+    recipe = json.loads((install / "filter" / "capfilt_recipe.json").read_text())
+    assert recipe["decode_in"] == "processes" and recipe["pretrain_seconds"] == 0.001
+    assert recipe["steps_trained"] == {"pretrain": 1, "captioner": 1, "filter": 1}
+    assert json.loads((install / "captioner" / "capfilt_recipe.json").read_text()) == recipe
+    # The installed folders are models the pipeline loads and runs.
+    samples = list(iter_split("web", 2, 5))
+    captions = Captioner.load(install / "captioner").caption([s.image for s in samples], seed=0)
+    assert len(captions) == 2 and all(len(c) == 1 and isinstance(c[0], str) for c in captions)
+    scores = Filter.load(install / "filter").score([s.image for s in samples], [[s.text] for s in samples])
+    assert all(0.0 <= score.itm <= 1.0 for (score,) in scores)
