@@ -58,7 +58,7 @@ class DemoRecipe:
     pretrain_seconds: float = 0.0  # wall-clock limit of pre-training (0: none; the steps above end it)
     finetune_seconds: float = 0.0  # wall-clock limit of each fine-tune, which run side by side (0: none)
     loader_workers: int = 2  # decoders of pre-training; each fine-tune gets half
-    decode_in: str = "threads"  # "threads" or "processes" (threads feed ~3k images/s: enough for 2 cores, not a GPU)
+    decode_in: str = "threads"  # "threads" or "processes" (threads feed ~2.5k images/s: enough for 2 cores, not a GPU)
     render_processes: int = 1  # processes that render the splits
     checkpoint_every: int = 250  # steps between training checkpoints (what an interrupted run resumes from)
 

@@ -74,7 +74,7 @@ class DataConfig:
     prompt: str = ""  # prepended to every caption: "a picture of " for the captioner (BLIP)
     workers: int = 4  # threads (or processes, below) that decode and augment images
     # Decode in spawned worker processes instead of threads. A 64-px JPEG costs ~0.3 ms of mostly
-    # GIL-holding Python and Pillow work, so threads feed about 3k images/s whatever their number (measured,
+    # GIL-holding Python and Pillow work, so threads feed about 2.5k images/s whatever their number (measured,
     # bench/bench_loader.py): enough for a CPU, far too few for a GPU. Batches are the same either way.
     worker_processes: bool = False
     prefetch: int = 2  # batches prepared ahead of the training step
@@ -293,7 +293,7 @@ class EpochLoader:
                 if not self.config.worker_processes:
                     pool.shutdown()
         except BrokenProcessPool as error:
-            _PROCESS_POOLS.pop(max(self.config.workers, 1), None)
+            _PROCESS_POOLS.pop(workers, None)  # the next epoch starts a fresh pool
             self._put(error)
         except BaseException as error:  # surfaced in the training loop
             self._put(error)

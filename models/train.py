@@ -358,7 +358,7 @@ def _train(config: TrainConfig, world: distributed.World) -> dict:
     started, out_of_time = time.monotonic(), False
 
     def done() -> bool:
-        return bool(optim.max_steps) and state.step >= optim.max_steps or out_of_time
+        return (bool(optim.max_steps) and state.step >= optim.max_steps) or out_of_time
 
     def checkpoint() -> None:
         save_checkpoint(out, run.med, run.optimizer, state, run.info, config.keep_checkpoints)
