@@ -51,7 +51,7 @@ bench-pipeline: install  ## images/s of the CapFilt pipeline on tiny models (thi
 demo-models: install  ## train the demo captioner and filter into capfilt/demo_models (about 1 h 30 min on 2 cores; resumable; ARGS=--gpu: ~8 min on one GPU, docs/demo.md)
 	$(PY) -m capfilt.demo $(ARGS)
 
-evaluate-demo: install  ## the demo models on a fresh web split: removal per web-text kind, caption correctness
+evaluate-demo: install  ## the demo models on a fresh web split: removal per kind and scene type, caption correctness and errors, relation probe
 	$(PY) -m capfilt.shapes.evaluate --captioner demo --filter demo $(ARGS)
 
 experiment: install  ## the bootstrapping experiment: pre-training on raw vs CapFilt web, scored on test (docs/experiment.md; about 1 h 15 min on 2 cores after demo-models; resumable)

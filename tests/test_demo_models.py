@@ -15,8 +15,11 @@ import pytest
 
 from capfilt import cli
 from capfilt.captioner import Captioner
-from capfilt.shapes.captions import is_correct
-from capfilt.shapes.evaluate import EVALUATION_SEED, evaluate_captioner, scene_type
+from capfilt.filter import Filter
+from capfilt.shapes.captions import caption_errors, is_correct
+from capfilt.shapes.evaluate import (
+    EVALUATION_SEED, evaluate_captioner, evaluate_filter, evaluate_relation, scene_type, table,
+)
 from capfilt.shapes.scene import scene_from_json
 from capfilt.shapes.splits import iter_split
 
@@ -81,3 +84,56 @@ def test_greedy_and_beam_captions_are_correct():
     for method, by_kind in results.items():
         for kind, floor in FLOORS["search"].items():
             assert by_kind[kind]["correct"] >= floor, (method, kind, by_kind[kind])
+
+
+def test_evaluation_splits_every_judgement_by_scene_and_attribute(bootstrap_rows):
+    """evaluate_filter's breakdowns add up to the pipeline's own judgements of the same pairs."""
+    samples = list(iter_split("web", PAIRS, EVALUATION_SEED))
+    results = evaluate_filter(Filter.load("demo"), samples)
+    web = {row["key"]: row for row in bootstrap_rows if row["source"] == "web"}
+    assert len(web) == len(samples)
+    for kind, r in results.items():
+        rows = [row for row in web.values() if row["kind"] == kind]
+        assert r["n"] == len(rows) == sum(part["n"] for part in r["by_scene"].values())
+        for name, part in r["by_scene"].items():
+            judged = [not row["kept"] for row in rows if scene_type(scene_from_json(row["scene"])) == name]
+            assert part["n"] == len(judged)
+            assert abs(part["removed"] - sum(judged) / len(judged)) <= 1 / len(judged)  # batch composition aside
+    changed = {}
+    for row in web.values():
+        if row["kind"] == "partial":
+            (attribute,) = caption_errors(row["text"], scene_from_json(row["scene"]))
+            changed[attribute] = changed.get(attribute, 0) + 1
+    assert {name: part["n"] for name, part in results["partial"]["by_attribute"].items()} == changed
+    rendered = table(results, None)
+    assert "| partial text, attribute changed |" in rendered and "two objects: removed (n)" in rendered
+
+
+def test_relation_probe_ranks_as_greedy_decoding_continues():
+    """evaluate_relation's top relation is the word transformers' greedy generate writes after the same prefix."""
+    import torch
+
+    from capfilt.shapes.captions import describe
+    from capfilt.shapes.world import RELATIONS
+
+    captioner = Captioner.load("demo")
+    samples = [s for s in iter_split("web", 60, EVALUATION_SEED) if s.scene.relation is not None]
+    results = evaluate_relation(captioner, samples, batch_size=7)  # batches of different sizes
+    assert results["n"] == len(samples) and abs(sum(results["predicted"].values()) - 1) < 1e-9
+    firsts = {captioner.tokenizer(r.split(" ")[0], add_special_tokens=False).input_ids[0]: r for r in RELATIONS}
+    tally = dict.fromkeys(RELATIONS, 0)
+    correct = 0
+    for sample in samples:
+        ids = captioner.tokenizer(f"{captioner.settings.prompt}{describe(sample.scene).phrases[0]}").input_ids[:-1]
+        ids = torch.tensor([[captioner.ids.dec, *ids[1:]]])
+        image_embeds = captioner.model.vision_model(pixel_values=captioner.preprocess([sample.image])).last_hidden_state
+        allowed = list(firsts)  # the probe compares the relations' first words only
+        out = captioner.model.text_decoder.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), encoder_hidden_states=image_embeds,
+            max_new_tokens=1, do_sample=False, eos_token_id=captioner.ids.sep, pad_token_id=captioner.ids.pad,
+            prefix_allowed_tokens_fn=lambda batch, sent: allowed)
+        relation = firsts[int(out[0, -1])]
+        tally[relation] += 1
+        correct += relation == sample.scene.relation
+    assert results["predicted"] == {r: count / len(samples) for r, count in tally.items()}
+    assert results["correct"] == correct / len(samples)

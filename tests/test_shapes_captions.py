@@ -15,6 +15,7 @@ from capfilt.shapes import (
     Parse,
     Phrase,
     caption,
+    caption_errors,
     correct_captions,
     draw_kind,
     is_correct,
@@ -161,6 +162,38 @@ def test_wrong_object_count_and_swapped_order_are_wrong(scenes):
         assert not is_correct(text.upper(), scene)
         assert not is_correct(text + ".", scene)
         assert not is_correct(text + " here", scene)
+
+
+def test_caption_errors_name_each_wrong_slot(scenes):
+    """caption_errors reads the slots the spec's regexes see: none for a correct caption, one per changed slot."""
+    for scene in scenes[:120]:
+        truth = list(truth_slots(scene))
+        names = ["size", "colour", "shape", "relation", "size", "colour", "shape"] if scene.relation else \
+            ["size", "colour", "shape"]
+        options = [SIZES, COLOURS, SHAPES, RELATIONS, SIZES, COLOURS, SHAPES] if scene.relation else \
+            [SIZES, COLOURS, SHAPES]
+        readings = [truth]
+        if scene.relation:  # the converse names B first; a change to it is as wrong as one to the canonical
+            readings.append(truth[4:] + [CONVERSE[truth[3]]] + truth[:3])
+        template = "a {} {} {}" if len(truth) == 3 else "a {} {} {} {} a {} {} {}"
+        for reading in readings:
+            assert caption_errors(template.format(*reading), scene) == ()
+            for i, values in enumerate(options):
+                for value in values:
+                    changed = reading[:i] + [value] + reading[i + 1:]
+                    text = template.format(*changed)
+                    if value != reading[i] and not is_correct(text, scene):
+                        assert caption_errors(text, scene) == (names[i],), (text, scene)
+        if scene.relation:
+            a_changed = [COLOURS[(COLOURS.index(truth[1]) + 1) % 8]] + [SHAPES[(SHAPES.index(truth[2]) + 1) % 3]]
+            text = template.format(truth[0], *a_changed, *truth[3:])
+            if not is_correct(text, scene):
+                assert sorted(caption_errors(text, scene)) in (["colour", "shape"], ["colour", "relation", "shape"])
+            assert caption_errors("a {} {} {}".format(*truth[:3]), scene) == ("object count",)
+        else:
+            assert caption_errors(f"{caption(scene)} left of {caption(scene)}", scene) == ("object count",)
+        assert caption_errors(caption(scene) + ".", scene) == ("unparsed",)
+        assert caption_errors("click here for more", scene) == ("unparsed",)
 
 
 def test_vocabulary_is_the_words_of_correct_captions():

@@ -113,3 +113,35 @@ def is_correct(text: str, scene: Scene) -> bool:
         return parsed == truth
     a, b = truth.phrases
     return parsed == truth or parsed == Parse((b, a), CONVERSE[truth.relation])
+
+
+# What ``caption_errors`` names: an attribute of either phrase, the relation, or the caption as a whole.
+ERRORS = ("size", "colour", "shape", "relation", "object count", "unparsed")
+
+
+def caption_errors(text: str, scene: Scene) -> tuple[str, ...]:
+    """What ``text`` gets wrong about ``scene``: ``()`` when it is correct.
+
+    ``("unparsed",)`` when it does not parse; ``("object count",)`` when it
+    names one object for two or two for one; otherwise each attribute that
+    differs (a phrase's ``size``, ``colour`` or ``shape``, once per phrase,
+    and the ``relation``), read against whichever correct sentence (the
+    canonical one or its converse) it differs from least. The evaluation's
+    error tables count these, e.g. a partial web text has exactly one.
+    """
+    parsed = parse(text)
+    if parsed is None:
+        return ("unparsed",)
+    truth = describe(scene)
+    if len(parsed.phrases) != len(truth.phrases):
+        return ("object count",)
+    readings = [truth]
+    if truth.relation is not None:
+        readings.append(Parse(truth.phrases[::-1], CONVERSE[truth.relation]))
+
+    def differences(reading: Parse) -> tuple[str, ...]:
+        wrong = [name for said, meant in zip(parsed.phrases, reading.phrases)
+                 for name in ("size", "colour", "shape") if getattr(said, name) != getattr(meant, name)]
+        return (*wrong, "relation") if parsed.relation != reading.relation else tuple(wrong)
+
+    return min((differences(reading) for reading in readings), key=len)

@@ -6,7 +6,13 @@
 - Captioner, on any split: the fraction of synthetic captions that are
   correct for their scene (``is_correct``: converses count), per scene type
   (one or two objects) and per decoding method: nucleus sampling (p = 0.9),
-  greedy and beam search.
+  greedy and beam search; and what the wrong ones get wrong (size, colour,
+  shape, relation, object count: ``caption_errors``).
+- Relation, teacher-forced: after object A's phrase, does the captioner
+  rank the true relation first? (``evaluate_relation``: the relation apart
+  from decoding and the attributes.)
+- Filter breakdowns: each kind per scene type, and the partial texts per
+  attribute changed.
 - Retrieval, on a clean split (``test``): image→text and text→image
   recall@1 of a filter's ITC, and of ITC's top k re-ranked by ITM.
 
@@ -26,10 +32,11 @@ import torch.nn.functional as F
 from capfilt.captioner import Captioner
 from capfilt.device import autocast
 from capfilt.filter import ITM_THRESHOLD, Filter
-from capfilt.shapes.captions import is_correct
+from capfilt.shapes.captions import ERRORS, caption_errors, describe, is_correct
 from capfilt.shapes.scene import Scene
 from capfilt.shapes.splits import Sample, iter_split
 from capfilt.shapes.web import KINDS
+from capfilt.shapes.world import RELATIONS
 
 EVALUATION_SEED = 20221  # a seed no training split of `make demo-models` uses
 METHODS = ("greedy", "beam", "nucleus")
@@ -47,21 +54,39 @@ def scene_type(scene: Scene) -> str:
 
 def evaluate_filter(filter_: Filter, samples: list[Sample], threshold: float = ITM_THRESHOLD,
                     batch_size: int = 64) -> dict:
-    """Per web-text kind: how many texts, and the fraction removed (ITM match probability < threshold)."""
-    removed = {kind: 0 for kind in KINDS}
-    counts = {kind: 0 for kind in KINDS}
+    """Per web-text kind: how many texts and the fraction removed (ITM match probability < threshold).
+
+    Each kind's entry also splits by scene type (``by_scene``), and ``partial``
+    by the attribute its text changed (``by_attribute``: size, colour, shape
+    or relation, read with ``caption_errors``), to show what the filter sees.
+    """
+    removed: dict[str, list[bool]] = {kind: [] for kind in KINDS}
+    by_scene: dict[str, dict[str, list[bool]]] = {kind: {} for kind in KINDS}
+    by_attribute: dict[str, list[bool]] = {}
     for batch in _batches(samples, batch_size):
         scores = filter_.score([s.image for s in batch], [[s.text] for s in batch])
         for sample, (score,) in zip(batch, scores):
-            counts[sample.kind] += 1
-            removed[sample.kind] += score.is_noise(threshold)
-    return {kind: {"n": counts[kind], "removed": removed[kind] / counts[kind] if counts[kind] else None}
-            for kind in KINDS}
+            noise = score.is_noise(threshold)
+            removed[sample.kind].append(noise)
+            by_scene[sample.kind].setdefault(scene_type(sample.scene), []).append(noise)
+            if sample.kind == "partial":
+                (changed,) = caption_errors(sample.text, sample.scene)  # a partial text changes one attribute
+                by_attribute.setdefault(changed, []).append(noise)
+    results = {kind: {**_rate(removed[kind]), "by_scene": {name: _rate(flags) for name, flags in
+                                                           sorted(by_scene[kind].items())}} for kind in KINDS}
+    results["partial"]["by_attribute"] = {name: _rate(by_attribute[name]) for name in ERRORS if name in by_attribute}
+    return results
+
+
+def _rate(flags: list[bool]) -> dict:
+    return {"n": len(flags), "removed": sum(flags) / len(flags) if flags else None}
 
 
 def evaluate_captioner(captioner: Captioner, samples: list[Sample], methods=METHODS, batch_size: int = 64,
                        seed: int = 0) -> dict:
-    """Per method and scene type: how many scenes, the fraction captioned correctly, and a few wrong captions."""
+    """Per method and scene type: how many scenes, the fraction captioned correctly, a few wrong captions and,
+    under ``errors``, the fraction of captions that get each part wrong (``caption_errors``: an attribute counts
+    once per caption even when both phrases get it wrong)."""
     results = {}
     original = captioner.settings
     try:
@@ -71,17 +96,67 @@ def evaluate_captioner(captioner: Captioner, samples: list[Sample], methods=METH
             for number, batch in enumerate(_batches(samples, batch_size)):
                 captions = captioner.caption([s.image for s in batch], seed=seed + number)
                 for sample, (text,) in zip(batch, captions):
-                    entry = tally.setdefault(scene_type(sample.scene), {"n": 0, "correct": 0, "wrong": []})
+                    entry = tally.setdefault(scene_type(sample.scene), {"n": 0, "correct": 0, "wrong": [],
+                                                                         "errors": dict.fromkeys(ERRORS, 0)})
                     entry["n"] += 1
-                    if is_correct(text, sample.scene):
+                    errors = caption_errors(text, sample.scene)
+                    if not errors:
                         entry["correct"] += 1
                     elif len(entry["wrong"]) < 5:
                         entry["wrong"].append({"caption": text, "truth": sample.text})
-            results[method] = {kind: {"n": e["n"], "correct": e["correct"] / e["n"], "wrong": e["wrong"]}
+                    for error in set(errors):
+                        entry["errors"][error] += 1
+            results[method] = {kind: {"n": e["n"], "correct": e["correct"] / e["n"], "wrong": e["wrong"],
+                                      "errors": {name: count / e["n"] for name, count in e["errors"].items()}}
                                for kind, e in sorted(tally.items())}
     finally:
         captioner.settings = original
     return results
+
+
+@torch.no_grad()
+def evaluate_relation(captioner: Captioner, samples: list[Sample], batch_size: int = 64) -> dict:
+    """Does the captioner see where things are? The relation word it ranks first, teacher-forced.
+
+    For each two-object scene the decoder reads its prompt and object A's
+    phrase (the canonical first half of the caption), and the four relations'
+    first words are compared at the next position. ``correct``: the fraction
+    where the true relation ranks first (chance 25%); ``axis``: where the
+    top-ranked one is on the right axis, horizontal or vertical (chance 50%);
+    ``predicted``: how often each relation ranks first. Unlike the caption
+    table this isolates the relation from the attributes and decoding.
+    """
+    tokenizer, model = captioner.tokenizer, captioner.model
+    words = {relation: tokenizer(relation.split(" ")[0], add_special_tokens=False).input_ids[0]
+             for relation in RELATIONS}
+    if len(set(words.values())) != len(RELATIONS):
+        raise ValueError(f"the tokenizer does not give the relations distinct first tokens: {words}")
+    two = [s for s in samples if s.scene.relation is not None]
+    ranked = []
+    for batch in _batches(two, batch_size):
+        prefixes = [f"{captioner.settings.prompt}{describe(s.scene).phrases[0]}" for s in batch]
+        tokens = tokenizer(prefixes, padding=True, return_tensors="pt")
+        input_ids = tokens["input_ids"].clone()
+        input_ids[:, 0] = captioner.ids.dec
+        last = tokens["attention_mask"].sum(1) - 2  # the phrase's last token ([SEP] ends every row)
+        with autocast(captioner.device):
+            image_embeds = model.vision_model(pixel_values=captioner.preprocess([s.image for s in batch]).to(
+                captioner.device)).last_hidden_state
+            logits = model.text_decoder(
+                input_ids=input_ids.to(captioner.device), attention_mask=tokens["attention_mask"].to(captioner.device),
+                encoder_hidden_states=image_embeds,
+                encoder_attention_mask=torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=captioner.device),
+            ).logits
+        scores = logits[torch.arange(len(batch)), last.to(logits.device)][:, list(words.values())]
+        ranked += [RELATIONS[int(i)] for i in scores.argmax(1)]
+    axis = {"left of": "horizontal", "right of": "horizontal", "above": "vertical", "below": "vertical"}
+    n = len(two)
+    return {
+        "n": n,
+        "correct": sum(r == s.scene.relation for r, s in zip(ranked, two)) / n if n else None,
+        "axis": sum(axis[r] == axis[s.scene.relation] for r, s in zip(ranked, two)) / n if n else None,
+        "predicted": {relation: ranked.count(relation) / n if n else None for relation in RELATIONS},
+    }
 
 
 @torch.no_grad()
@@ -138,12 +213,26 @@ def _retrieval(filter_: Filter, samples: list[Sample], rerank_k: int, batch_size
     return {"n": len(samples), "rerank_k": k, **{name: count / len(samples) for name, count in hits.items()}}
 
 
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
 def table(filter_results: dict | None, captioner_results: dict | None) -> str:
-    """The results as a Markdown table (the README's)."""
+    """The results as Markdown tables (the README's): per kind and scene type, then what goes wrong."""
     lines = []
     if filter_results:
-        lines += ["| web-text kind | texts | removed |", "| --- | --- | --- |"]
-        lines += [f"| {kind} | {r['n']} | {r['removed']:.1%} |" for kind, r in filter_results.items() if r["n"]]
+        scenes = sorted({name for r in filter_results.values() for name in r.get("by_scene", {})})
+        lines += ["| web-text kind | texts | removed | " + " | ".join(f"{name}: removed (n)" for name in scenes) + " |",
+                  "| --- | --- | --- |" + " --- |" * len(scenes)]
+        for kind, r in filter_results.items():
+            if r["n"]:
+                cells = [f"{_percent(r['by_scene'][name]['removed'])} ({r['by_scene'][name]['n']})"
+                         if name in r.get("by_scene", {}) else "-" for name in scenes]
+                lines.append(f"| {kind} | {r['n']} | {_percent(r['removed'])} | " + " | ".join(cells) + " |")
+        attributes = filter_results.get("partial", {}).get("by_attribute", {})
+        if attributes:
+            lines += ["", "| partial text, attribute changed | texts | removed |", "| --- | --- | --- |"]
+            lines += [f"| {name} | {r['n']} | {_percent(r['removed'])} |" for name, r in attributes.items()]
         lines.append("")
     if captioner_results:
         kinds = sorted({kind for method in captioner_results.values() for kind in method})
@@ -152,6 +241,16 @@ def table(filter_results: dict | None, captioner_results: dict | None) -> str:
         for method, by_kind in captioner_results.items():
             cells = [f"{by_kind[k]['correct']:.1%} (n={by_kind[k]['n']})" if k in by_kind else "-" for k in kinds]
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        errors = [name for name in ERRORS if any(r.get("errors", {}).get(name) for m in captioner_results.values()
+                                                 for r in m.values())]
+        if errors:
+            lines += ["", "Share of captions with each error (a caption can have several):", "",
+                      "| decoding | scene | " + " | ".join(errors) + " |",
+                      "| --- | --- |" + " --- |" * len(errors)]
+            for method, by_kind in captioner_results.items():
+                for kind, r in by_kind.items():
+                    lines.append(f"| {method} | {kind} | " + " | ".join(_percent(r["errors"][name]) for name in errors)
+                                 + " |")
     return "\n".join(lines)
 
 
@@ -167,12 +266,18 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     samples = list(iter_split("web", args.n, args.seed))
     filter_results = evaluate_filter(Filter.load(args.filter, device=args.device), samples) if args.filter else None
-    captioner_results = (evaluate_captioner(Captioner.load(args.captioner, device=args.device), samples, args.methods)
-                         if args.captioner else None)
+    captioner = Captioner.load(args.captioner, device=args.device) if args.captioner else None
+    captioner_results = evaluate_captioner(captioner, samples, args.methods) if captioner else None
+    relation = evaluate_relation(captioner, samples) if captioner else None
     print(table(filter_results, captioner_results))
+    if relation:
+        print(f"\nRelation ranked first after prompt + object A's phrase (teacher-forced, n={relation['n']}): "
+              f"{relation['correct']:.1%} correct (chance 25%), {relation['axis']:.1%} on the right axis "
+              f"(chance 50%); ranked first: " + ", ".join(f"{r} {p:.0%}" for r, p in relation["predicted"].items()))
     if args.json:
         with open(args.json, "w") as out:
-            json.dump({"n": args.n, "seed": args.seed, "filter": filter_results, "captioner": captioner_results},
+            json.dump({"n": args.n, "seed": args.seed, "filter": filter_results, "captioner": captioner_results,
+                       "relation": relation},
                       out, indent=2)
 
 
