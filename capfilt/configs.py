@@ -120,10 +120,11 @@ def make_config(
     )
 
 
-def preset_config(name: str, *, image_size: int | None = None, tokenizer=None) -> BlipConfig:
-    """The named preset (``base``, ``large``, ``tiny``).
+def preset_config(name: str, *, image_size: int | None = None, patch_size: int | None = None,
+                  tokenizer=None) -> BlipConfig:
+    """The named preset (``base``, ``large``, ``demo``, ``tiny``).
 
-    ``image_size`` overrides the preset's; ``tokenizer`` (a BLIP tokenizer,
+    ``image_size`` and ``patch_size`` override the preset's; ``tokenizer`` (a BLIP tokenizer,
     see ``capfilt.tokenizer``) sets the vocabulary size and special ids, for
     models with a vocabulary other than bert-base-uncased's.
     """
@@ -132,6 +133,10 @@ def preset_config(name: str, *, image_size: int | None = None, tokenizer=None) -
     vit, text = PRESETS[name]
     if image_size is not None:
         vit = replace(vit, image_size=image_size)
+    if patch_size is not None:
+        vit = replace(vit, patch_size=patch_size)
+    if vit.image_size % vit.patch_size:
+        raise ValueError(f"image size {vit.image_size} is not a multiple of the patch size {vit.patch_size}")
     if tokenizer is None:
         return make_config(vit, text)
     ids = special_ids(tokenizer)

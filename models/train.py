@@ -81,6 +81,7 @@ class TrainConfig:
     out: str = ""  # run folder: tokenizer, log.jsonl, checkpoints, exports
     model: str = "base"  # preset (base, large, tiny) or a transformers BlipConfig config.json
     image_size: int = 224  # 224 pre-training, 384 fine-tuning (paper §4.1)
+    patch_size: int = 0  # ViT patch side in pixels; 0 = the model's own (16 for base and large, 8 for demo)
     tokenizer: str = ""  # folder or vocab.txt; "" = the --init folder's, else the run's own tokenizer/
     init: str = ""  # start from: a capfilt run/checkpoint, an HF captioner/filter folder, an original .pth; "" = random
     seed: int = 42  # model init, data order, augmentation and ITM negatives derive from it
@@ -173,13 +174,19 @@ def itc_alpha(optim: OptimConfig, epoch: int, step_in_epoch: int, first_epoch_st
 def model_config(config: TrainConfig, tokenizer) -> BlipConfig:
     """The run's ``BlipConfig``: a preset, or a config.json, at ``image_size``, fitted to ``tokenizer``."""
     if config.model in PRESETS:
-        return preset_config(config.model, image_size=config.image_size, tokenizer=tokenizer)
+        return preset_config(config.model, image_size=config.image_size, patch_size=config.patch_size or None,
+                             tokenizer=tokenizer)
     path = Path(config.model)
     path = path / "config.json" if path.is_dir() else path
     if not path.is_file():
         raise FileNotFoundError(f"model {config.model!r} is neither a preset ({sorted(PRESETS)}) nor a config.json")
     blip = BlipConfig.from_json_file(str(path))
     blip.vision_config.image_size = config.image_size
+    if config.patch_size:
+        blip.vision_config.patch_size = config.patch_size
+    if config.image_size % blip.vision_config.patch_size:
+        raise ValueError(f"image size {config.image_size} is not a multiple of the patch size "
+                         f"{blip.vision_config.patch_size}")
     if blip.text_config.vocab_size != len(tokenizer):
         raise ValueError(f"{path}: vocabulary {blip.text_config.vocab_size} but the tokenizer has {len(tokenizer)}")
     return blip

@@ -14,17 +14,19 @@ from capfilt.shapes.splits import iter_split
 
 def test_the_gpu_recipe_runs_in_miniature_with_time_limits_and_decoding_processes(tmp_path):
     work, install = tmp_path / "work", tmp_path / "install"
-    # --gpu's settings (16 streams aside) on 48 + 48 pairs; 1 ms per stage: each stops after its first step.
+    # --gpu's settings (16 streams aside, patch 4) on 48 + 48 pairs; 1 ms per stage: each stops after its first step.
     demo.main(["--gpu", "--work", str(work), "--install", str(install), "--human", "48", "--web", "48",
                "--shard-size", "12", "--streams", "2", "--batch-size", "8", "--queue-size", "16",
                "--loader-workers", "2", "--render-processes", "2", "--pretrain-seconds", "0.001",
-               "--finetune-seconds", "0.001"])
+               "--finetune-seconds", "0.001", "--patch-size", "4"])
     assert sorted(p.name for p in (work / "data" / "human").glob("*.parquet")) == [f"{i:05d}.parquet" for i in range(4)]
     assert sum(pq.read_metadata(p).num_rows for p in (work / "data" / "web").glob("*.parquet")) == 48
     recipe = json.loads((install / "filter" / "capfilt_recipe.json").read_text())
     assert recipe["decode_in"] == "processes" and recipe["pretrain_seconds"] == 0.001
     assert recipe["steps_trained"] == {"pretrain": 1, "captioner": 1, "filter": 1}
     assert json.loads((install / "captioner" / "capfilt_recipe.json").read_text()) == recipe
+    for role in ("captioner", "filter"):  # --patch-size reached every stage: a 16x16 grid on 64 px
+        assert json.loads((install / role / "config.json").read_text())["vision_config"]["patch_size"] == 4
     # The installed folders are models the pipeline loads and runs.
     samples = list(iter_split("web", 2, 5))
     captions = Captioner.load(install / "captioner").caption([s.image for s in samples], seed=0)

@@ -195,3 +195,16 @@ def test_a_time_limit_stops_with_a_checkpoint_and_an_export(tmp_path, dataset, t
     assert record["step"] == 1 and [r["step"] for r in log_records(out)] == [1]
     assert latest_checkpoint(out).name == "step-00000001"
     assert (out / "filter" / "config.json").is_file()
+
+
+def test_patch_size_overrides_the_preset_and_must_divide_the_image(tmp_path, dataset, tokenizer_dir, tokenizer):
+    from capfilt.models.train import model_config
+
+    assert model_config(tiny("pretrain", dataset, tokenizer_dir, tmp_path), tokenizer).vision_config.patch_size == 8
+    config = tiny("pretrain", dataset, tokenizer_dir, tmp_path / "p4", patch_size=4, max_steps=1)
+    assert model_config(config, tokenizer).vision_config.patch_size == 4
+    train(config)  # a 32 px image in 4 px patches: 64 patch tokens and the class token
+    med, _ = med_from_run(tmp_path / "p4")
+    assert med.vision_model(pixel_values=torch.zeros(1, 3, 32, 32)).last_hidden_state.shape[1] == 65
+    with pytest.raises(ValueError, match="not a multiple of the patch size"):
+        model_config(tiny("pretrain", dataset, tokenizer_dir, tmp_path, patch_size=5), tokenizer)
