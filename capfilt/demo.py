@@ -54,6 +54,7 @@ class DemoRecipe:
     queue_size: int = 4096  # ITC queue: a multiple of the batch; 57,600 in the paper is for 2,880-pair batches
     max_tokens: int = 32
     patch_size: int = 8  # the demo preset's (an 8x8 grid); 4 gives a 16x16 grid, 4x the ViT tokens (docs/demo.md)
+    vision_position_init: str = "random"  # BLIP's; "sincos" starts pre-training's ViT positions at 2-D sin-cos
     shard_size: int = 10_000  # pairs per rendered Parquet shard
     streams: int = 0  # loader streams of every stage (0: one, which reads the files one after another)
     pretrain_seconds: float = 0.0  # wall-clock limit of pre-training (0: none; the steps above end it)
@@ -94,7 +95,8 @@ def write_splits(recipe: DemoRecipe, work: Path) -> dict[str, Path]:
 
 
 def _common(recipe: DemoRecipe, work: Path) -> dict:
-    return dict(model="demo", image_size=64, patch_size=recipe.patch_size, tokenizer=str(work / "tokenizer"),
+    return dict(model="demo", image_size=64, patch_size=recipe.patch_size,
+                vision_position_init=recipe.vision_position_init, tokenizer=str(work / "tokenizer"),
                 batch_size=recipe.batch_size, augment=False, max_tokens=recipe.max_tokens,
                 checkpoint_every=recipe.checkpoint_every, log_every=50, workers=recipe.loader_workers,
                 worker_processes=recipe.decode_in == "processes")

@@ -275,6 +275,43 @@ class MED(nn.Module):
             raise ValueError("same_image_positives needs image_ids")
 
 
+def sincos_positions(grid: int, dim: int) -> torch.Tensor:
+    """2-D sine-cosine position embeddings ``[grid * grid, dim]``, rows in patch order (row by row).
+
+    As in MAE (He et al., 2022, following the Transformer's 1-D ones): half of
+    ``dim`` encodes the patch row, half its column, each as sines and cosines
+    at ``dim / 4`` frequencies from 1 down to 1/10000.
+    """
+    if dim % 4:
+        raise ValueError(f"2-D sin-cos positions need a width divisible by 4, got {dim}")
+    frequencies = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))
+    rows, columns = torch.meshgrid(torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32),
+                                   indexing="ij")
+    parts = []
+    for coordinate in (rows.flatten(), columns.flatten()):
+        angles = coordinate[:, None] * frequencies[None, :]
+        parts += [torch.sin(angles), torch.cos(angles)]
+    return torch.cat(parts, dim=1)
+
+
+@torch.no_grad()
+def init_sincos_positions(med: MED) -> None:
+    """Start the ViT's learned position embeddings (and the momentum ViT's) at ``sincos_positions``.
+
+    They stay trainable. BLIP starts them from a truncated normal (std 0.02)
+    and, from scratch, a small ViT learns positions slowly: a demo ViT told
+    horizontal from vertical object pairs only from this start (docs/demo.md).
+    The class token's position starts at zero.
+    """
+    for name in ("vision_model", "vision_model_m"):
+        if hasattr(med, name):
+            embeddings = getattr(med, name).embeddings
+            grid = int(round(embeddings.num_patches ** 0.5))
+            table = embeddings.position_embedding
+            table[0, 0] = 0
+            table[0, 1:] = sincos_positions(grid, table.shape[-1]).to(table.dtype)
+
+
 def build_med(config: BlipConfig, tokenizer, settings: MEDSettings = MEDSettings()) -> MED:
     """A MED with random weights for ``config`` (e.g. ``preset_config("base", tokenizer=tok)``)."""
     if len(tokenizer) != config.text_config.vocab_size:

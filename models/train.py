@@ -46,7 +46,7 @@ from capfilt.models.checkpointing import (
 from capfilt.models.data import (
     DataConfig, EpochLoader, close_decoding_processes, find_files, seed_for, steps_in_epoch,
 )
-from capfilt.models.med import MED, MEDSettings, prompt_length
+from capfilt.models.med import MED, MEDSettings, init_sincos_positions, prompt_length
 from capfilt.tokenizer import TokenizerNotFoundError, load_tokenizer, special_ids
 
 log = logging.getLogger("capfilt.train")
@@ -82,6 +82,9 @@ class TrainConfig:
     model: str = "base"  # preset (base, large, tiny) or a transformers BlipConfig config.json
     image_size: int = 224  # 224 pre-training, 384 fine-tuning (paper §4.1)
     patch_size: int = 0  # ViT patch side in pixels; 0 = the model's own (16 for base and large, 8 for demo)
+    # How a randomly initialised ViT's position embeddings start: "random" (BLIP's truncated normal) or "sincos"
+    # (2-D sine-cosine, MAE's; still trained). Weights from `init` or a checkpoint replace either.
+    vision_position_init: str = "random"
     tokenizer: str = ""  # folder or vocab.txt; "" = the --init folder's, else the run's own tokenizer/
     init: str = ""  # start from: a capfilt run/checkpoint, an HF captioner/filter folder, an original .pth; "" = random
     seed: int = 42  # model init, data order, augmentation and ITM negatives derive from it
@@ -222,6 +225,8 @@ def _check(config: TrainConfig, streams: int, world: distributed.World) -> None:
     if "itc" in config.med.losses and config.med.queue_size % batch:
         raise ValueError(f"queue size {config.med.queue_size} must be a multiple of the global batch {batch}")
     learning_rate(config.optim, 0, 0)  # validates the schedule's name
+    if config.vision_position_init not in ("random", "sincos"):
+        raise ValueError(f"vision_position_init must be 'random' or 'sincos', not {config.vision_position_init!r}")
 
 
 class ProgressLog:
@@ -322,6 +327,8 @@ def _prepare(config: TrainConfig, world: distributed.World, out: Path) -> _Run:
     settings = replace(config.med, prompt_length=prompt_length(tokenizer, config.data.prompt))
     torch.manual_seed(config.seed)
     med = MED(blip_config, special_ids(tokenizer), settings)
+    if config.vision_position_init == "sincos":
+        init_sincos_positions(med)
     checkpoint = latest_checkpoint(out)
     if checkpoint is not None and not config.resume:
         raise ValueError(f"{out} already holds checkpoints ({checkpoint.name}); use another --out to start over")

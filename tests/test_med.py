@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from capfilt.models.losses import itc_targets, loss_itc, loss_lm, sample_hard_negatives
-from capfilt.models.med import MED, MEDSettings, build_med, prompt_length
+from capfilt.models.med import MED, MEDSettings, build_med, init_sincos_positions, prompt_length, sincos_positions
 from capfilt.tokenizer import special_ids
 
 CAPTIONS = ["a red square", "a small green circle", "a blue triangle left of a dog", "a picture of a cat"]
@@ -196,3 +196,33 @@ def test_forward_rejects_bad_input(med, batch):
         med(pixels, input_ids[:, 1:], attention_mask[:, 1:])
     with pytest.raises(ValueError, match="pixel_values"):
         med(pixels[:, :, :16], input_ids, attention_mask)
+
+
+def test_sincos_positions_encode_row_and_column():
+    """Each patch's vector, written out from MAE's formula: sin/cos of its row, then of its column."""
+    grid, dim = 4, 16
+    table = sincos_positions(grid, dim)
+    assert table.shape == (grid * grid, dim)
+    quarter = dim // 4
+    for row in range(grid):
+        for column in range(grid):
+            expected = []
+            for coordinate in (row, column):
+                expected += [math.sin(coordinate / 10000 ** (k / quarter)) for k in range(quarter)]
+                expected += [math.cos(coordinate / 10000 ** (k / quarter)) for k in range(quarter)]
+            assert torch.allclose(table[row * grid + column], torch.tensor(expected), atol=1e-6)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        sincos_positions(grid, 18)
+
+
+def test_sincos_init_sets_the_vit_and_its_momentum_copy(med, batch):
+    init_sincos_positions(med)
+    grid = med.config.vision_config.image_size // med.config.vision_config.patch_size
+    for vit in (med.vision_model, med.vision_model_m):
+        table = vit.embeddings.position_embedding
+        assert table.requires_grad == (vit is med.vision_model)  # the momentum copy is never trained
+        assert torch.equal(table[0, 0], torch.zeros_like(table[0, 0]))
+        assert torch.allclose(table[0, 1:], sincos_positions(grid, table.shape[-1]))
+    losses = med(*batch)
+    sum(losses.values()).backward()
+    assert med.vision_model.embeddings.position_embedding.grad.abs().sum() > 0  # still trained

@@ -208,3 +208,15 @@ def test_patch_size_overrides_the_preset_and_must_divide_the_image(tmp_path, dat
     assert med.vision_model(pixel_values=torch.zeros(1, 3, 32, 32)).last_hidden_state.shape[1] == 65
     with pytest.raises(ValueError, match="not a multiple of the patch size"):
         model_config(tiny("pretrain", dataset, tokenizer_dir, tmp_path, patch_size=5), tokenizer)
+
+
+def test_sincos_position_init_reaches_the_run(tmp_path, dataset, tokenizer_dir):
+    from capfilt.models.med import sincos_positions
+
+    train(tiny("pretrain", dataset, tokenizer_dir, tmp_path / "s", vision_position_init="sincos", max_steps=1,
+               lr=1e-9, warmup_steps=0))  # one tiny step: the start is still there
+    med, _ = med_from_run(tmp_path / "s")
+    table = med.vision_model.embeddings.position_embedding[0, 1:]
+    assert torch.allclose(table, sincos_positions(4, table.shape[-1]), atol=1e-4)
+    with pytest.raises(ValueError, match="vision_position_init"):
+        train(tiny("pretrain", dataset, tokenizer_dir, tmp_path / "x", vision_position_init="learned"))
