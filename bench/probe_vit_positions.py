@@ -25,7 +25,7 @@ def probe(task: str, init: str, patch_size: int, steps: int, seed: int) -> None:
 
     from capfilt.configs import preset_config
     from capfilt.models.augment import to_normalised_tensor
-    from capfilt.models.med import sincos_positions
+    from capfilt.models.med import start_positions_at_sincos
     from capfilt.shapes.splits import iter_split
     from capfilt.shapes.world import SHAPES
     from transformers import BlipVisionModel
@@ -34,11 +34,8 @@ def probe(task: str, init: str, patch_size: int, steps: int, seed: int) -> None:
     torch.manual_seed(seed)
     vision = preset_config("demo", patch_size=patch_size).vision_config
     vit = BlipVisionModel(vision)
-    if init == "sincos":  # as capfilt.models.med.init_sincos_positions does for a MED's ViT
-        with torch.no_grad():
-            table = vit.embeddings.position_embedding
-            table[0, 0] = 0
-            table[0, 1:] = sincos_positions(vision.image_size // patch_size, vision.hidden_size)
+    if init == "sincos":  # as --vision-position-init sincos starts a MED's ViT
+        start_positions_at_sincos(vit)
     classes = ("vertical", "horizontal") if task == "axis" else SHAPES
     head = torch.nn.Linear(vision.hidden_size, len(classes))
     optimizer = torch.optim.AdamW([*vit.parameters(), *head.parameters()], lr=5e-4, weight_decay=0.05)

@@ -295,21 +295,24 @@ def sincos_positions(grid: int, dim: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def init_sincos_positions(med: MED) -> None:
-    """Start the ViT's learned position embeddings (and the momentum ViT's) at ``sincos_positions``.
+def start_positions_at_sincos(vision_model: BlipVisionModel) -> None:
+    """Set a ViT's learned position embeddings to ``sincos_positions`` (class token: zero); they stay trainable."""
+    embeddings = vision_model.embeddings
+    table = embeddings.position_embedding
+    table[0, 0] = 0
+    table[0, 1:] = sincos_positions(int(round(embeddings.num_patches ** 0.5)), table.shape[-1]).to(table.dtype)
 
-    They stay trainable. BLIP starts them from a truncated normal (std 0.02)
-    and, from scratch, a small ViT learns positions slowly: a demo ViT told
-    horizontal from vertical object pairs only from this start (docs/demo.md).
-    The class token's position starts at zero.
+
+def init_sincos_positions(med: MED) -> None:
+    """Start the MED's ViT (and the momentum ViT) at ``sincos_positions`` instead of BLIP's truncated normal.
+
+    From scratch, a small ViT learns positions slowly from BLIP's start (std
+    0.02): a demo ViT told horizontal from vertical object pairs only from
+    this one (docs/demo.md).
     """
     for name in ("vision_model", "vision_model_m"):
         if hasattr(med, name):
-            embeddings = getattr(med, name).embeddings
-            grid = int(round(embeddings.num_patches ** 0.5))
-            table = embeddings.position_embedding
-            table[0, 0] = 0
-            table[0, 1:] = sincos_positions(grid, table.shape[-1]).to(table.dtype)
+            start_positions_at_sincos(getattr(med, name))
 
 
 def build_med(config: BlipConfig, tokenizer, settings: MEDSettings = MEDSettings()) -> MED:
