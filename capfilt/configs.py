@@ -120,6 +120,12 @@ def make_config(
     )
 
 
+def check_patch_size(image_size: int, patch_size: int) -> None:
+    """A ViT cuts its image into whole patches: ``patch_size`` must divide ``image_size``."""
+    if image_size % patch_size:
+        raise ValueError(f"image size {image_size} is not a multiple of the patch size {patch_size}")
+
+
 def preset_config(name: str, *, image_size: int | None = None, patch_size: int | None = None,
                   tokenizer=None) -> BlipConfig:
     """The named preset (``base``, ``large``, ``demo``, ``tiny``).
@@ -135,8 +141,7 @@ def preset_config(name: str, *, image_size: int | None = None, patch_size: int |
         vit = replace(vit, image_size=image_size)
     if patch_size is not None:
         vit = replace(vit, patch_size=patch_size)
-    if vit.image_size % vit.patch_size:
-        raise ValueError(f"image size {vit.image_size} is not a multiple of the patch size {vit.patch_size}")
+    check_patch_size(vit.image_size, vit.patch_size)
     if tokenizer is None:
         return make_config(vit, text)
     ids = special_ids(tokenizer)

@@ -37,7 +37,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from transformers import BlipConfig
 
-from capfilt.configs import PRESETS, preset_config
+from capfilt.configs import PRESETS, check_patch_size, preset_config
 from capfilt.models import distributed
 from capfilt.models.augment import AugmentConfig
 from capfilt.models.checkpointing import (
@@ -187,9 +187,7 @@ def model_config(config: TrainConfig, tokenizer) -> BlipConfig:
     blip.vision_config.image_size = config.image_size
     if config.patch_size:
         blip.vision_config.patch_size = config.patch_size
-    if config.image_size % blip.vision_config.patch_size:
-        raise ValueError(f"image size {config.image_size} is not a multiple of the patch size "
-                         f"{blip.vision_config.patch_size}")
+    check_patch_size(config.image_size, blip.vision_config.patch_size)
     if blip.text_config.vocab_size != len(tokenizer):
         raise ValueError(f"{path}: vocabulary {blip.text_config.vocab_size} but the tokenizer has {len(tokenizer)}")
     return blip
