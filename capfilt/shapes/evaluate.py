@@ -60,20 +60,19 @@ def evaluate_filter(filter_: Filter, samples: list[Sample], threshold: float = I
     by the attribute its text changed (``by_attribute``: size, colour, shape
     or relation, read with ``caption_errors``), to show what the filter sees.
     """
-    removed: dict[str, list[bool]] = {kind: [] for kind in KINDS}
     by_scene: dict[str, dict[str, list[bool]]] = {kind: {} for kind in KINDS}
     by_attribute: dict[str, list[bool]] = {}
     for batch in _batches(samples, batch_size):
         scores = filter_.score([s.image for s in batch], [[s.text] for s in batch])
         for sample, (score,) in zip(batch, scores):
             noise = score.is_noise(threshold)
-            removed[sample.kind].append(noise)
             by_scene[sample.kind].setdefault(scene_type(sample.scene), []).append(noise)
             if sample.kind == "partial":
                 (changed,) = caption_errors(sample.text, sample.scene)  # a partial text changes one attribute
                 by_attribute.setdefault(changed, []).append(noise)
-    results = {kind: {**_rate(removed[kind]), "by_scene": {name: _rate(flags) for name, flags in
-                                                           sorted(by_scene[kind].items())}} for kind in KINDS}
+    results = {kind: {**_rate([flag for flags in by_scene[kind].values() for flag in flags]),
+                      "by_scene": {name: _rate(flags) for name, flags in sorted(by_scene[kind].items())}}
+               for kind in KINDS}
     results["partial"]["by_attribute"] = {name: _rate(by_attribute[name]) for name in ERRORS if name in by_attribute}
     return results
 
@@ -134,16 +133,18 @@ def evaluate_relation(captioner: Captioner, samples: list[Sample], batch_size: i
     two = [s for s in samples if s.scene.relation is not None]
     ranked = []
     for batch in _batches(two, batch_size):
-        prefixes = [f"{captioner.settings.prompt}{describe(s.scene).phrases[0]}" for s in batch]
-        tokens = tokenizer(prefixes, padding=True, return_tensors="pt")
-        input_ids = tokens["input_ids"].clone()
-        input_ids[:, 0] = captioner.ids.dec
-        last = tokens["attention_mask"].sum(1) - 2  # the phrase's last token ([SEP] ends every row)
+        # The captioner's own decoding start ([DEC] + prompt), then object A's phrase, right-padded.
+        phrases = tokenizer([str(describe(s.scene).phrases[0]) for s in batch], add_special_tokens=False,
+                            padding=True, return_tensors="pt")
+        start = captioner.prompt_ids.expand(len(batch), -1)
+        input_ids = torch.cat([start, phrases["input_ids"]], dim=1)
+        attention_mask = torch.cat([torch.ones_like(start), phrases["attention_mask"]], dim=1)
+        last = attention_mask.sum(1) - 1  # the phrase's last token
         with autocast(captioner.device):
             image_embeds = model.vision_model(pixel_values=captioner.preprocess([s.image for s in batch]).to(
                 captioner.device)).last_hidden_state
             logits = model.text_decoder(
-                input_ids=input_ids.to(captioner.device), attention_mask=tokens["attention_mask"].to(captioner.device),
+                input_ids=input_ids.to(captioner.device), attention_mask=attention_mask.to(captioner.device),
                 encoder_hidden_states=image_embeds,
                 encoder_attention_mask=torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=captioner.device),
             ).logits
