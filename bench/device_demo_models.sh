@@ -3,7 +3,11 @@
 # models and the training logs. Run from the repository root:
 #
 #   bash bench/device_demo_models.sh OUT_DIR [extra python -m capfilt.demo flags]
+#   AB="--vision-position-init sincos" bash bench/device_demo_models.sh OUT_DIR [flags]
 #
+# With AB set, a second run (the same flags, then AB's) trains side by side with the first on the same
+# rendered splits, and its results go to OUT_DIR/b/. The GPU step is bound by host overhead, so two
+# runs share the GPU well; each gets half of the 14 loader processes (docs/demo.md, "What to try next").
 # That machine has python3 with a CUDA torch and no internet: capfilt is put on PYTHONPATH as it is laid
 # out when installed (models/ and pipelines/ inside capfilt/), and transformers is taken from wheels in
 # .whl/ when there are any (the version this repository is tested with). OUT_DIR receives:
@@ -17,7 +21,7 @@ START=$(date +%s)
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 SITE=/tmp/capfilt-site
 WORK=/tmp/capfilt-demo
-rm -rf "$SITE" "$WORK" && mkdir -p "$SITE/capfilt" "$WORK" "$OUT"
+rm -rf "$SITE" "$WORK" "$WORK-b" && mkdir -p "$SITE/capfilt" "$WORK" "$OUT"
 if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl \
         || exit 1
@@ -41,15 +45,39 @@ left=$((DEADLINE - OVERHEAD - ($(date +%s) - START)))
 PRETRAIN=$((left * 45 / 100))
 FINETUNE=$((left - PRETRAIN))
 echo "[device] $left s for training: pre-training $PRETRAIN s, fine-tuning $FINETUNE s" | tee -a "$OUT/console.log"
-python3 -P -m capfilt.demo --gpu --work "$WORK" --install "$WORK/install" --pretrain-seconds "$PRETRAIN" \
-    --finetune-seconds "$FINETUNE" "$@" 2>&1 \
-    | grep --line-buffered -v "Loading weights\|Writing model shards" | tee -a "$OUT/console.log"
-status=${PIPESTATUS[0]}
-echo "[device] capfilt.demo exited with $status after $(($(date +%s) - START)) s" | tee -a "$OUT/console.log"
+# One training run: WORK_DIR, OUT_DIR, then its flags. Its own work folder links the shared splits.
+train() {
+    local work=$1 out=$2
+    shift 2
+    mkdir -p "$work/data" "$out"
+    [ "$work" = "$WORK" ] || ln -sfn "$WORK/data/human" "$work/data/human"
+    [ "$work" = "$WORK" ] || ln -sfn "$WORK/data/web" "$work/data/web"
+    python3 -P -m capfilt.demo --gpu --work "$work" --install "$work/install" --pretrain-seconds "$PRETRAIN" \
+        --finetune-seconds "$FINETUNE" "$@" 2>&1 \
+        | grep --line-buffered -v "Loading weights\|Writing model shards" | tee -a "$out/console.log"
+    local status=${PIPESTATUS[0]}
+    echo "[device] capfilt.demo exited with $status after $(($(date +%s) - START)) s" | tee -a "$out/console.log"
+    tar -czf "$out/logs.tar.gz" -C "$work" --ignore-failed-read pretrain/log.jsonl captioner/log.jsonl \
+        filter/log.jsonl
+    if [ -d "$work/install/filter" ]; then
+        tar -czf "$out/models.tar.gz" -C "$work/install" captioner filter
+    fi
+    return "$status"
+}
 
-tar -czf "$OUT/logs.tar.gz" -C "$WORK" --ignore-failed-read pretrain/log.jsonl captioner/log.jsonl filter/log.jsonl
-if [ -d "$WORK/install/filter" ]; then
-    tar -czf "$OUT/models.tar.gz" -C "$WORK/install" captioner filter
+if [ -n "${AB:-}" ]; then
+    # Two runs side by side: 7 loader processes each (the fine-tunes of each run split them again).
+    train "$WORK" "$OUT" "$@" --loader-workers 7 &
+    first=$!
+    # shellcheck disable=SC2086  # AB holds several flags
+    train "$WORK-b" "$OUT/b" "$@" --loader-workers 7 $AB
+    second=$?
+    wait "$first"
+    first=$?
+    status=$((first > second ? first : second))
+else
+    train "$WORK" "$OUT" "$@"
+    status=$?
 fi
 if [ -d "$WORK/data/human" ] && [ $(($(date +%s) - START)) -lt $((DEADLINE - 40)) ]; then
     timeout 45 python3 bench/bench_loader.py --data "$WORK/data/human" --workers 1 14 --batch 64 --batches 100 \
