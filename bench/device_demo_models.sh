@@ -6,8 +6,9 @@
 #   AB="--vision-position-init sincos" bash bench/device_demo_models.sh OUT_DIR [flags]
 #
 # With AB set, a second run (the same flags, then AB's) trains side by side with the first on the same
-# rendered splits, and its results go to OUT_DIR/b/. The GPU step is bound by host overhead, so two
-# runs share the GPU well; each gets half of the 14 loader processes (docs/demo.md, "What to try next").
+# rendered splits, and its results go to OUT_DIR/b/. Each gets half of the 14 loader processes. The GPU
+# step is bound by host overhead, so two runs should share the GPU well; that is not measured yet: compare
+# each run's steps_trained (capfilt_recipe.json) with a single run's (docs/demo.md, "What to try next").
 # That machine has python3 with a CUDA torch and no internet: capfilt is put on PYTHONPATH as it is laid
 # out when installed (models/ and pipelines/ inside capfilt/), and transformers is taken from wheels in
 # .whl/ when there are any (the version this repository is tested with). OUT_DIR receives:
