@@ -225,3 +225,27 @@ def read_back_by_downstream_trainers(kept, tokenizer_folder):
     (batch,) = list(EpochLoader(find_files(files), config, load_tokenizer(tokenizer_folder), 32,
                                 AugmentConfig(augment=False), seed=0, epoch=0, streams=1, rank=0, world_size=1))
     assert batch.pixel_values.shape == (len(expected), 3, 32, 32)
+
+
+def test_the_portable_runner_writes_what_the_local_runner_writes(captioner_folder, filter_folder, tmp_path,
+                                                                  one_torch_thread):
+    """Flink, Spark and Dataflow (runner v2) get the pipeline as portable protos through a job server. Beam's
+    embedded job server (LOOPBACK workers in this process) takes the same path, so every transform, coder and
+    DoFn must survive it; the rows must come out as the in-process runner writes them."""
+    common = ["--captioner", str(captioner_folder), "--filter", str(filter_folder), "--demo-size", "12",
+              "--demo-shard-size", "6", "--torch-threads", "1", "-k", "2"]
+    local, portable = tmp_path / "local", tmp_path / "portable"
+    assert cli.main(["bootstrap", "--out", str(local), "--shards-dir", str(tmp_path / "shards"), *common]) == 0
+    assert cli.main(["bootstrap", "--out", str(portable), "--shards-dir", str(tmp_path / "shards"), *common,
+                     "--runner", "PortableRunner", "--job_endpoint=embed", "--environment_type=LOOPBACK"]) == 0
+
+    def rows(out, folder):
+        table = pq.read_table(out / folder)
+        return sorted(json.dumps(row, sort_keys=True, default=str) for row in table.to_pylist())
+
+    for folder in ("kept", "rejected"):
+        assert rows(portable, folder) == rows(local, folder)
+    assert len(rows(local, "kept")) + len(rows(local, "rejected")) == 12 * 3  # web text + K=2 captions each
+    local_stats, portable_stats = (json.loads((out / "stats.json").read_text()) for out in (local, portable))
+    assert portable_stats["rows"] == local_stats["rows"] == 12
+    assert portable_stats["noise_ratio"] == local_stats["noise_ratio"]
