@@ -233,7 +233,7 @@ def detect_url_list(files: list[Path], columns: Columns = Columns()) -> UrlList:
         fields = [f.strip().strip('"') for f in first]
         if any(_looks_like_url(f) for f in fields):  # no header: find the URL by its look
             url_index = next(i for i, f in enumerate(fields) if _looks_like_url(f))
-            others = [i for i in range(len(fields)) if i != url_index]
+            others = [i for i in range(_headerless_width(files[0], fmt)) if i != url_index]
             caption_index = others[0] if len(others) == 1 else None
             url_col = int(columns.url) if columns.url is not None else url_index
             caption_col = int(columns.caption) if columns.caption is not None else caption_index
@@ -252,6 +252,27 @@ def detect_url_list(files: list[Path], columns: Columns = Columns()) -> UrlList:
 
 def _looks_like_url(text: str) -> bool:
     return text.startswith(("http://", "https://"))
+
+
+WIDTH_SAMPLE_LINES = 1000  # lines read to find a headerless list's number of columns
+
+
+def _headerless_width(path: Path, fmt: str) -> int:
+    """The number of columns of a headerless TSV/CSV/TXT list: the most common count over its first
+    ``WIDTH_SAMPLE_LINES`` non-empty lines (ties: the larger), so that one odd line at the top (a caption with a
+    tab in it) is recorded as malformed instead of making every other line malformed."""
+    import csv
+    from collections import Counter
+
+    opener = gzip.open if path.name.endswith(".gz") else open
+    counts: Counter[int] = Counter()
+    with opener(path, "rt", encoding="utf-8", newline="") as f:
+        lines = (line.rstrip("\r\n") for _, line in zip(range(WIDTH_SAMPLE_LINES), f))
+        if fmt == "csv":  # quoted fields may hold commas
+            counts.update(len(fields) for fields in csv.reader(line for line in lines if line))
+        else:  # TSV and TXT lists are not quoted
+            counts.update(line.count("\t") + 1 for line in lines if line)
+    return max(counts, key=lambda width: (counts[width], width)) if counts else 1
 
 
 def _first_line(path: Path) -> str:
@@ -435,7 +456,7 @@ def _csv_tables(path: Path, url_list: UrlList, extra: tuple[str, ...], summary: 
         names = [n.strip().strip('"') for n in header]
         skip = 1
     else:
-        width = max(len(_first_line(path).split(delimiter)), 1)
+        width = _headerless_width(path, url_list.format)
         names = [f"f{i}" for i in range(width)]
         skip = 0
     malformed: list[tuple[int | None, dict]] = []  # (record number, row) of lines that did not parse, in order

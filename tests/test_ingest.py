@@ -212,3 +212,26 @@ def test_shard_errors(tmp_path):
     pq.write_table(pa.table({"url": ["http://x.example/1.jpg"]}), tmp_path / "urls.parquet")
     with pytest.raises(ShardError, match="URL list"):
         ShardReader(list_shards(tmp_path / "urls.parquet")[0])
+
+
+def test_an_odd_first_line_does_not_set_a_headerless_lists_width(tmp_path):
+    """A headerless list's columns are counted over its first lines, not read off the first one alone: an
+    extra tab in the first caption makes that line malformed, not every line after it."""
+    lines = ["http://j.example/0.jpg\ta caption\twith a tab", *(f"http://j.example/{i}.jpg\tcaption {i}"
+                                                                 for i in range(1, 6))]
+    path = tmp_path / "list.tsv"
+    path.write_text("".join(line + "\n" for line in lines))
+    summary = write_url_list(resolve(str(path)).url_list, tmp_path / "out.parquet")
+    assert summary == {"rows": 6, "without_url": 0, "malformed": 1}
+    rows = pq.read_table(tmp_path / "out.parquet").to_pylist()
+    assert rows[0] == {"url": None, "caption": lines[0],
+                       INPUT_ERROR: "malformed line 1 of list.tsv: expected 2 fields, got 3"}
+    assert [(row["url"], row["caption"]) for row in rows[1:]] == [
+        (f"http://j.example/{i}.jpg", f"caption {i}") for i in range(1, 6)]
+    # A quoted CSV field may hold the delimiter: it is one column, not two.
+    csv = tmp_path / "list.csv"
+    csv.write_text('http://j.example/1.jpg,"a, b"\nhttp://j.example/2.jpg,c\n')
+    write_url_list(resolve(str(csv)).url_list, tmp_path / "csv.parquet")
+    assert pq.read_table(tmp_path / "csv.parquet").to_pylist() == [
+        {"url": "http://j.example/1.jpg", "caption": "a, b", INPUT_ERROR: None},
+        {"url": "http://j.example/2.jpg", "caption": "c", INPUT_ERROR: None}]
