@@ -29,6 +29,7 @@ from torch import nn
 from transformers import BlipConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from capfilt.configs import PRESETS, TextSize, VitSize, config_from_med, make_config, preset_config
+from capfilt.models.attention import use_sdpa
 from capfilt.tokenizer import SpecialIds, TokenizerNotFoundError, load_tokenizer, special_ids
 
 CAPTIONER = "captioner"
@@ -271,12 +272,12 @@ def load_model(
     if source.kind == "hf":
         if config is not None:
             raise CheckpointError(f"{source.path} carries its own config.json; config= is for .pth files")
-        model = load_hf_folder(model_class, source.path)
+        model = use_sdpa(load_hf_folder(model_class, source.path))  # same maths, fused (models/attention.py)
         return model, tokenizer_for(source, model.config, tokenizer), source
     state_dict = load_original_state_dict(source.path)
     loaded_tokenizer = _tokenizer_at(tokenizer or source.path.parent, source)
     blip_config = with_special_ids(original_config(state_dict, config), special_ids(loaded_tokenizer))
-    model = model_class(blip_config)
+    model = use_sdpa(model_class(blip_config))
     load_strict(model, original_to_hf(state_dict, role), source=str(source.path))
     return model, tokenizer_for(source, model.config, loaded_tokenizer), source
 
