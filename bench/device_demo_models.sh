@@ -13,7 +13,8 @@
 # out when installed (models/ and pipelines/ inside capfilt/), and transformers is taken from wheels in
 # .whl/ when there are any (the version this repository is tested with). OUT_DIR receives:
 #   models.tar.gz (captioner/ and filter/, as `make demo-models` installs them), logs.tar.gz (each
-#   stage's log.jsonl), console.log, env.txt, and loader.md (bench/bench_loader.py) if time is left.
+#   stage's log.jsonl), console.log, env.txt, and loader.md (bench/bench_loader.py) and attention.md
+#   (bench/bench_attention.py) if time is left.
 # It ends within about DEADLINE seconds (default 540, under the lent machine's 600 s per command).
 set -uo pipefail
 OUT=${1:?usage: bench/device_demo_models.sh OUT_DIR [flags]}
@@ -83,6 +84,10 @@ fi
 if [ -d "$WORK/data/human" ] && [ $(($(date +%s) - START)) -lt $((DEADLINE - 40)) ]; then
     timeout 45 python3 bench/bench_loader.py --data "$WORK/data/human" --workers 1 14 --batch 64 --batches 100 \
         --streams 16 2>&1 | tee "$OUT/loader.md"
+fi
+if [ $(($(date +%s) - START)) -lt $((DEADLINE - 30)) ]; then
+    timeout 25 python3 bench/bench_attention.py --device cuda --dtype bfloat16 --preset large --batch 32 \
+        2>&1 | tee "$OUT/attention.md"
 fi
 echo "[device] done after $(($(date +%s) - START)) s"
 exit "$status"

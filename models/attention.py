@@ -3,8 +3,9 @@
 transformers' BLIP classes (5.23) have only the eager path: ``softmax(Q Kᵀ · d^-½) V`` with the attention
 matrix materialised, batch × heads × 577² floats per layer for ViT-B/16 at 384 px. SDPA computes the same
 thing (max difference ~3e-6 on ViT-B/16) without keeping that matrix, and takes flash or memory-efficient
-kernels on a GPU. Written here because transformers offers no SDPA for BLIP; measured faster on this CPU
-(``bench/bench_attention.py``: 17% on ViT-B/16 at 384 px, 2 cores; docs/training.md). The text side (BERT, short sequences) keeps the eager path.
+kernels on a GPU. Written here because transformers offers no SDPA for BLIP. Measured with
+``bench/bench_attention.py`` on 2 CPU cores: 17% less time for ViT-B/16 at 384 px (docs/training.md).
+The text side (BERT, 35 tokens or fewer) keeps the eager path.
 
 ``use_sdpa(model)`` switches every ``BlipAttention`` in a model in place: same parameters, same state-dict
 keys; a deep copy (the MED's momentum encoder) keeps it. The attention probabilities are not returned
