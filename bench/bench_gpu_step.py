@@ -2,11 +2,13 @@
 
     python bench/bench_gpu_step.py                 # CUDA if present (bf16 autocast), else CPU
     python bench/bench_gpu_step.py --batch 64 256 --steps 30
+    python bench/bench_gpu_step.py --batch 64 --attention sdpa eager   # the ViT's SDPA against eager
 
 For each task's losses (pre-training ITC + ITM + LM, captioner LM, filter
 ITC + ITM) it times forward, backward and AdamW on one random batch of
 shapes-world size (64 px, 32 tokens), after warm-up steps, synchronising the
-device before reading the clock. Set against a training log's samples/s, it
+device before reading the clock. ``--attention eager`` turns the ViT's
+attention back into transformers' eager one (models/attention.py). Set against a training log's samples/s, it
 says whether the model or the loader limits training.
 """
 
@@ -22,8 +24,12 @@ import torch
 TASKS = {"pretrain": ("itc", "itm", "lm"), "captioner": ("lm",), "filter": ("itc", "itm")}
 
 
-def step_ms(losses: tuple[str, ...], batch: int, steps: int, device: torch.device) -> float:
+def step_ms(losses: tuple[str, ...], batch: int, steps: int, device: torch.device,
+            attention: str = "sdpa") -> float:
+    from transformers.models.blip.modeling_blip import BlipAttention
+
     from capfilt.configs import preset_config
+    from capfilt.models.attention import SdpaBlipAttention
     from capfilt.models.med import MED, MEDSettings
     from capfilt.shapes import VOCABULARY
     from capfilt.tokenizer import special_ids
@@ -34,6 +40,10 @@ def step_ms(losses: tuple[str, ...], batch: int, steps: int, device: torch.devic
     torch.manual_seed(0)
     med = MED(preset_config("demo", image_size=64, tokenizer=tokenizer), special_ids(tokenizer),
               MEDSettings(losses=losses, queue_size=4096)).to(device)
+    if attention == "eager":  # undo use_sdpa: same weights, transformers' own forward
+        for module in med.modules():
+            if type(module) is SdpaBlipAttention:
+                module.__class__ = BlipAttention
     optimizer = torch.optim.AdamW([p for p in med.parameters() if p.requires_grad], lr=1e-4)
     pixels = torch.randn(batch, 3, 64, 64, device=device)
     input_ids = torch.randint(5, len(tokenizer), (batch, 32), device=device)
@@ -67,16 +77,19 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--attention", nargs="+", default=["sdpa"], choices=("sdpa", "eager"),
+                        help="the ViT's attention (capfilt's SDPA, the default, or transformers' eager)")
     args = parser.parse_args()
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"# {name}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
-    print("| task | batch | ms / step | samples / s |")
-    print("| --- | --- | --- | --- |")
+    print("| task | batch | attention | ms / step | samples / s |")
+    print("| --- | --- | --- | --- | --- |")
     for task, losses in TASKS.items():
         for batch in args.batch:
-            ms = step_ms(losses, batch, args.steps, device)
-            print(f"| {task} | {batch} | {ms:.1f} | {batch / ms * 1000:.0f} |", flush=True)
+            for attention in args.attention:
+                ms = step_ms(losses, batch, args.steps, device, attention)
+                print(f"| {task} | {batch} | {attention} | {ms:.1f} | {batch / ms * 1000:.0f} |", flush=True)
 
 
 if __name__ == "__main__":
