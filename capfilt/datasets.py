@@ -264,9 +264,8 @@ def _headerless_width(path: Path, fmt: str) -> int:
     import csv
     from collections import Counter
 
-    opener = gzip.open if path.name.endswith(".gz") else open
     counts: Counter[int] = Counter()
-    with opener(path, "rt", encoding="utf-8", newline="") as f:
+    with _open_text(path, newline="") as f:
         lines = (line.rstrip("\r\n") for _, line in zip(range(WIDTH_SAMPLE_LINES), f))
         if fmt == "csv":  # quoted fields may hold commas
             counts.update(len(fields) for fields in csv.reader(line for line in lines if line))
@@ -275,9 +274,14 @@ def _headerless_width(path: Path, fmt: str) -> int:
     return max(counts, key=lambda width: (counts[width], width)) if counts else 1
 
 
-def _first_line(path: Path) -> str:
+def _open_text(path: Path, newline: str | None = None):
+    """A URL list file as UTF-8 text, gunzipped when its name ends in ``.gz``."""
     opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
+    return opener(path, "rt", encoding="utf-8", newline=newline)
+
+
+def _first_line(path: Path) -> str:
+    with _open_text(path) as f:
         return f.readline().rstrip("\r\n")
 
 
@@ -292,8 +296,7 @@ def _pick(names: list[str], candidates: tuple[str, ...], required: str | None, p
 
 
 def _read_json(path: Path) -> dict[str, list]:
-    opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
+    with _open_text(path) as f:
         data = json.load(f)
     if isinstance(data, list):  # a list of records
         keys = list(dict.fromkeys(k for record in data for k in record))
