@@ -26,10 +26,8 @@ TASKS = {"pretrain": ("itc", "itm", "lm"), "captioner": ("lm",), "filter": ("itc
 
 def step_ms(losses: tuple[str, ...], batch: int, steps: int, device: torch.device,
             attention: str = "sdpa") -> float:
-    from transformers.models.blip.modeling_blip import BlipAttention
-
     from capfilt.configs import preset_config
-    from capfilt.models.attention import SdpaBlipAttention
+    from capfilt.models.attention import use_eager
     from capfilt.models.med import MED, MEDSettings
     from capfilt.shapes import VOCABULARY
     from capfilt.tokenizer import special_ids
@@ -40,10 +38,8 @@ def step_ms(losses: tuple[str, ...], batch: int, steps: int, device: torch.devic
     torch.manual_seed(0)
     med = MED(preset_config("demo", image_size=64, tokenizer=tokenizer), special_ids(tokenizer),
               MEDSettings(losses=losses, queue_size=4096)).to(device)
-    if attention == "eager":  # undo use_sdpa: same weights, transformers' own forward
-        for module in med.modules():
-            if type(module) is SdpaBlipAttention:
-                module.__class__ = BlipAttention
+    if attention == "eager":  # same weights, transformers' own forward
+        use_eager(med)
     optimizer = torch.optim.AdamW([p for p in med.parameters() if p.requires_grad], lr=1e-4)
     pixels = torch.randn(batch, 3, 64, 64, device=device)
     input_ids = torch.randint(5, len(tokenizer), (batch, 32), device=device)

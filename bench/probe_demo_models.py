@@ -20,6 +20,7 @@ from dataclasses import replace
 
 import torch
 
+from capfilt.shapes.captions import parse
 from capfilt.shapes.evaluate import EVALUATION_SEED, scene_type
 from capfilt.shapes.splits import iter_split
 from capfilt.shapes.world import SHAPES
@@ -32,8 +33,8 @@ def shape_confusion(captioner, samples) -> None:
     for start in range(0, len(one_object), 64):
         batch = one_object[start:start + 64]
         for sample, (text,) in zip(batch, captioner.caption([s.image for s in batch], seed=start)):
-            words, obj = text.split(), sample.scene.objects[0]
-            said[obj.size, obj.shape, words[-1] if len(words) == 4 else "other"] += 1
+            parsed, obj = parse(text), sample.scene.objects[0]
+            said[obj.size, obj.shape, parsed.phrases[0].shape if parsed and not parsed.relation else "other"] += 1
     print("| object | n | " + " | ".join(f"said {name}" for name in (*SHAPES, "other")) + " |")
     print("| --- | --- |" + " --- |" * (len(SHAPES) + 1))
     for size in ("small", "large"):
@@ -46,7 +47,7 @@ def shape_confusion(captioner, samples) -> None:
 def position_magnitudes(captioner) -> None:
     from capfilt.models.augment import to_normalised_tensor
 
-    embeddings = next(m for m in captioner.model.modules() if type(m).__name__ == "BlipVisionEmbeddings")
+    embeddings = captioner.model.vision_model.embeddings
     weight = embeddings.patch_embedding.weight
     images = torch.stack([to_normalised_tensor(s.image) for s in iter_split("human", 64, 11)]).to(weight)
     patches = embeddings.patch_embedding(images).flatten(2).transpose(1, 2).float()

@@ -8,7 +8,7 @@ kernels on a GPU. Written here because transformers offers no SDPA for BLIP. Mea
 The text side (BERT, 35 tokens or fewer) keeps the eager path.
 
 ``use_sdpa(model)`` switches every ``BlipAttention`` in a model in place: same parameters, same state-dict
-keys; a deep copy (the MED's momentum encoder) keeps it. The attention probabilities are not returned
+keys; a deep copy (the MED's momentum encoder) keeps it. ``use_eager(model)`` switches back (benchmarks). The attention probabilities are not returned
 (``output_attentions`` gets ``None`` for the ViT); nothing in capfilt asks for them.
 """
 
@@ -35,4 +35,12 @@ def use_sdpa(model: nn.Module) -> nn.Module:
     for module in model.modules():
         if type(module) is BlipAttention:
             module.__class__ = SdpaBlipAttention
+    return model
+
+
+def use_eager(model: nn.Module) -> nn.Module:
+    """Switch ``model``'s SDPA attention layers back to transformers' eager ``BlipAttention``; returns ``model``."""
+    for module in model.modules():
+        if type(module) is SdpaBlipAttention:
+            module.__class__ = BlipAttention
     return model

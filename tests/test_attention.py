@@ -10,7 +10,7 @@ from transformers.models.blip.modeling_blip import BlipAttention
 
 from capfilt.checkpoints import load_model
 from capfilt.configs import preset_config
-from capfilt.models.attention import SdpaBlipAttention, use_sdpa
+from capfilt.models.attention import SdpaBlipAttention, use_eager, use_sdpa
 from capfilt.models.med import MED, MEDSettings
 from capfilt.tokenizer import special_ids
 
@@ -34,6 +34,7 @@ def test_sdpa_vit_computes_what_the_eager_vit_computes():
     torch.testing.assert_close(fused_hidden, eager_hidden, rtol=1e-5, atol=1e-5)
     for fused_grad, eager_grad in zip(fused_grads, eager_grads):  # float32 summation order aside
         assert (fused_grad - eager_grad).norm() <= 1e-5 * eager_grad.norm() + 1e-7
+    assert {type(m) for m in use_eager(fused).modules() if isinstance(m, BlipAttention)} == {BlipAttention}
 
 
 def test_loaded_models_and_the_med_use_sdpa(captioner_folder, hf_captioner, pixel_values, tokenizer, tiny_config):
