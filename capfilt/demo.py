@@ -63,6 +63,9 @@ class DemoRecipe:
     decode_in: str = "threads"  # "threads" or "processes" (threads feed ~2.5k images/s: enough for 2 cores, not a GPU)
     render_processes: int = 1  # processes that render the splits
     checkpoint_every: int = 250  # steps between training checkpoints (what an interrupted run resumes from)
+    # Installed demo models (a folder with captioner/ and filter/) to go on fine-tuning instead of pre-training a
+    # new MED: "" trains from scratch. Their own recipe is kept in capfilt_recipe.json under "continued".
+    continue_from: str = ""
 
 
 # `python -m capfilt.demo --gpu`: the same model, data and learning rates on one GPU with 16 CPU cores. Every
@@ -120,14 +123,20 @@ def pretrain(recipe: DemoRecipe, work: Path, data: list[Path], out: Path, seed: 
 
 
 def finetune_jobs(recipe: DemoRecipe, work: Path) -> list[tuple[str, dict]]:
-    """The captioner's and the filter's fine-tuning, each from the pre-trained MED, on ``human``."""
-    finetune = dict(_common(recipe, work), init=str(work / "pretrain"), data=[str(split_folders(work)["human"])],
+    """The captioner's and the filter's fine-tuning on ``human``: each from the pre-trained MED, or from its own
+    installed model when the recipe continues (``continue_from``)."""
+    finetune = dict(_common(recipe, work), data=[str(split_folders(work)["human"])],
                     lr=recipe.finetune_lr, schedule="step", warmup_steps=0, workers=max(1, recipe.loader_workers // 2),
                     streams=recipe.streams, max_seconds=recipe.finetune_seconds)
+
+    def start(role: str) -> str:
+        return str(Path(recipe.continue_from) / role) if recipe.continue_from else str(work / "pretrain")
+
     return [
-        ("finetune-captioner", dict(finetune, out=str(work / "captioner"), max_steps=recipe.captioner_steps)),
-        ("finetune-filter", dict(finetune, out=str(work / "filter"), max_steps=recipe.filter_steps,
-                                 queue_size=recipe.queue_size, positives="text")),
+        ("finetune-captioner", dict(finetune, init=start("captioner"), out=str(work / "captioner"),
+                                    max_steps=recipe.captioner_steps)),
+        ("finetune-filter", dict(finetune, init=start("filter"), out=str(work / "filter"),
+                                 max_steps=recipe.filter_steps, queue_size=recipe.queue_size, positives="text")),
     ]
 
 
@@ -148,8 +157,14 @@ def train_demo_models(recipe: DemoRecipe = DemoRecipe(), work: Path = WORK, inst
     start = time.time()
     folders = write_splits(recipe, work)
     print(f"[demo-models] splits ready ({time.time() - start:.0f} s)", flush=True)
-    pretrain(recipe, work, [folders["human"], folders["web"]], work / "pretrain", streams=recipe.streams)
-    print(f"[demo-models] pre-trained ({(time.time() - start) / 60:.0f} min)", flush=True)
+    if recipe.continue_from:
+        missing = [role for role in ("captioner", "filter") if not (Path(recipe.continue_from) / role).is_dir()]
+        if missing:
+            raise FileNotFoundError(f"--continue-from {recipe.continue_from}: no {' or '.join(missing)} folder")
+        print(f"[demo-models] going on fine-tuning the models in {recipe.continue_from}", flush=True)
+    else:
+        pretrain(recipe, work, [folders["human"], folders["web"]], work / "pretrain", streams=recipe.streams)
+        print(f"[demo-models] pre-trained ({(time.time() - start) / 60:.0f} min)", flush=True)
     # Plain processes, not a Pool: a Pool's daemonic workers could not start the loader's decoding processes.
     jobs = [multiprocessing.get_context("spawn").Process(target=finetune, args=(job,), name=job[0])
             for job in finetune_jobs(recipe, work)]
@@ -172,14 +187,20 @@ def install_models(work: Path, install: Path, recipe: DemoRecipe) -> None:
     from capfilt.checkpoints import load_hf_folder
     from capfilt.tokenizer import load_tokenizer
 
-    for role, model_class in (("captioner", BlipForConditionalGeneration), ("filter", BlipForImageTextRetrieval)):
+    roles = (("captioner", BlipForConditionalGeneration), ("filter", BlipForImageTextRetrieval))
+    # Read before anything is replaced: ``install`` may be the very folder the run continued from.
+    continued = {role: json.loads((Path(recipe.continue_from) / role / "capfilt_recipe.json").read_text())
+                 for role, _ in roles if recipe.continue_from}
+    for role, model_class in roles:
         exported, target = work / role / role, install / role
         shutil.rmtree(target, ignore_errors=True)
         # Stored in fp16 to keep the repository small; Captioner and Filter run them in fp32.
         load_hf_folder(model_class, exported).half().save_pretrained(target)
         load_tokenizer(exported).save_pretrained(target)
-        (target / "capfilt_recipe.json").write_text(json.dumps(
-            {**asdict(recipe), "steps_trained": steps_trained(work)}, indent=2) + "\n")
+        record = {**asdict(recipe), "steps_trained": steps_trained(work)}
+        if role in continued:  # the recipe that made the models this run started from
+            record["continued"] = continued[role]
+        (target / "capfilt_recipe.json").write_text(json.dumps(record, indent=2) + "\n")
     sampling = {"min_length": 5, "max_length": 20}  # "[DEC] a picture of" + 1 to 10 words
     (install / "captioner" / "capfilt_sampling.json").write_text(json.dumps(sampling, indent=2) + "\n")
 
@@ -216,7 +237,11 @@ def main(argv: list[str] | None = None) -> None:
         write_splits(recipe, work)
         print(f"[demo-models] splits ready in {work / 'data'} ({time.time() - start:.0f} s)", flush=True)
         return
-    if gpu:
+    if recipe.continue_from:
+        print(f"[demo-models] no pre-training; fine-tuning goes on from {recipe.continue_from} for "
+              + (f"{recipe.finetune_seconds:.0f} s" if recipe.finetune_seconds else
+                 f"{recipe.captioner_steps} (captioner) and {recipe.filter_steps} (filter) steps"), flush=True)
+    elif gpu:
         print(f"[demo-models] splits, then {recipe.pretrain_seconds:.0f} s of pre-training and "
               f"{recipe.finetune_seconds:.0f} s of fine-tuning", flush=True)
     else:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import pyarrow.parquet as pq
+import pytest
+from safetensors.torch import load_file
 
 from capfilt import demo
 from capfilt.captioner import Captioner
@@ -12,13 +14,21 @@ from capfilt.filter import Filter
 from capfilt.shapes.splits import iter_split
 
 
-def test_the_gpu_recipe_runs_in_miniature_with_time_limits_and_decoding_processes(tmp_path):
+@pytest.fixture(scope="module")
+def miniature(tmp_path_factory):
+    """Splits, work folder and installed models of ``--gpu``'s recipe in miniature."""
+    tmp_path = tmp_path_factory.mktemp("miniature")
     work, install = tmp_path / "work", tmp_path / "install"
     # --gpu's settings (16 streams aside, patch 4) on 48 + 48 pairs; 1 ms per stage: each stops after its first step.
     demo.main(["--gpu", "--work", str(work), "--install", str(install), "--human", "48", "--web", "48",
                "--shard-size", "12", "--streams", "2", "--batch-size", "8", "--queue-size", "16",
                "--loader-workers", "2", "--render-processes", "2", "--pretrain-seconds", "0.001",
                "--finetune-seconds", "0.001", "--patch-size", "4"])
+    return work, install
+
+
+def test_the_gpu_recipe_runs_in_miniature_with_time_limits_and_decoding_processes(miniature):
+    work, install = miniature
     assert sorted(p.name for p in (work / "data" / "human").glob("*.parquet")) == [f"{i:05d}.parquet" for i in range(4)]
     assert sum(pq.read_metadata(p).num_rows for p in (work / "data" / "web").glob("*.parquet")) == 48
     recipe = json.loads((install / "filter" / "capfilt_recipe.json").read_text())
@@ -33,3 +43,19 @@ def test_the_gpu_recipe_runs_in_miniature_with_time_limits_and_decoding_processe
     assert len(captions) == 2 and all(len(c) == 1 and isinstance(c[0], str) for c in captions)
     scores = Filter.load(install / "filter").score([s.image for s in samples], [[s.text] for s in samples])
     assert all(0.0 <= score.itm <= 1.0 for (score,) in scores)
+
+
+def test_continue_from_fine_tunes_the_installed_models_without_pre_training(miniature, tmp_path):
+    _, start = miniature
+    work, install = tmp_path / "work", tmp_path / "install"
+    # Learning rate 0: one step each, so the continued models must come out exactly as they went in.
+    demo.main(["--work", str(work), "--install", str(install), "--continue-from", str(start), "--human", "48",
+               "--web", "48", "--shard-size", "24", "--batch-size", "8", "--queue-size", "16", "--patch-size", "4",
+               "--captioner-steps", "1", "--filter-steps", "1", "--finetune-lr", "0"])
+    assert not (work / "pretrain").exists()
+    for role in ("captioner", "filter"):
+        before, after = (load_file(folder / role / "model.safetensors") for folder in (start, install))
+        assert before.keys() == after.keys() and all(before[k].equal(after[k]) for k in before), role
+        recipe = json.loads((install / role / "capfilt_recipe.json").read_text())
+        assert recipe["continue_from"] == str(start) and recipe["steps_trained"] == {"captioner": 1, "filter": 1}
+        assert recipe["continued"] == json.loads((start / role / "capfilt_recipe.json").read_text())
