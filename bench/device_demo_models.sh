@@ -4,6 +4,7 @@
 #
 #   bash bench/device_demo_models.sh OUT_DIR [extra python -m capfilt.demo flags]
 #   AB="--vision-position-init sincos" bash bench/device_demo_models.sh OUT_DIR [flags]
+#   bash bench/device_demo_models.sh OUT_DIR --continue-from capfilt/demo_models --finetune-lr 1.2e-4
 #
 # With AB set, a second run (the same flags, then AB's) trains side by side with the first on the same
 # rendered splits, and its results go to OUT_DIR/b/. Each gets half of the 14 loader processes. The GPU
@@ -47,15 +48,18 @@ left=$((DEADLINE - OVERHEAD - ($(date +%s) - START)))
 PRETRAIN=$((left * 45 / 100))
 FINETUNE=$((left - PRETRAIN))
 echo "[device] $left s for training: pre-training $PRETRAIN s, fine-tuning $FINETUNE s" | tee -a "$OUT/console.log"
-# One training run: WORK_DIR, OUT_DIR, then its flags. Its own work folder links the shared splits.
+# One training run: WORK_DIR, OUT_DIR, then its flags. Its own work folder links the shared splits. A run
+# that goes on from installed models (--continue-from capfilt/demo_models) does not pre-train: its fine-tunes
+# get all the training time.
 train() {
-    local work=$1 out=$2
+    local work=$1 out=$2 finetune=$FINETUNE
     shift 2
+    case " $* " in *" --continue-from "*) finetune=$((PRETRAIN + FINETUNE)) ;; esac
     mkdir -p "$work/data" "$out"
     [ "$work" = "$WORK" ] || ln -sfn "$WORK/data/human" "$work/data/human"
     [ "$work" = "$WORK" ] || ln -sfn "$WORK/data/web" "$work/data/web"
     python3 -P -m capfilt.demo --gpu --work "$work" --install "$work/install" --pretrain-seconds "$PRETRAIN" \
-        --finetune-seconds "$FINETUNE" "$@" 2>&1 \
+        --finetune-seconds "$finetune" "$@" 2>&1 \
         | grep --line-buffered -v "Loading weights\|Writing model shards" | tee -a "$out/console.log"
     local status=${PIPESTATUS[0]}
     echo "[device] capfilt.demo exited with $status after $(($(date +%s) - START)) s" | tee -a "$out/console.log"
