@@ -48,7 +48,7 @@ bench-pipeline: install  ## images/s of the CapFilt pipeline on tiny models (thi
 # --- the shapes-world demo models ---------------------------------------------------------
 .PHONY: demo-models evaluate-demo experiment
 
-demo-models: install  ## train the demo captioner and filter into capfilt/demo_models (about 1 h 30 min on 2 cores; resumable; ARGS=--gpu: ~8 min on one GPU, docs/demo.md)
+demo-models: install  ## train the demo captioner and filter into capfilt/demo_models (about 1 h 30 min on 2 cores; resumable; ARGS=--gpu: ~8 min on one GPU; ARGS="--continue-from DIR": go on fine-tuning installed models; docs/demo.md)
 	$(PY) -m capfilt.demo $(ARGS)
 
 evaluate-demo: install  ## the demo models on a fresh web split: removal per kind and scene type, caption correctness and errors, relation probe
