@@ -54,7 +54,7 @@ echo "[device] $left s for training: pre-training $PRETRAIN s, fine-tuning $FINE
 train() {
     local work=$1 out=$2 finetune=$FINETUNE
     shift 2
-    case " $* " in *" --continue-from "*) finetune=$((PRETRAIN + FINETUNE)) ;; esac
+    case " $* " in *" --continue-from "* | *" --continue-from="*) finetune=$((PRETRAIN + FINETUNE)) ;; esac
     mkdir -p "$work/data" "$out"
     [ "$work" = "$WORK" ] || ln -sfn "$WORK/data/human" "$work/data/human"
     [ "$work" = "$WORK" ] || ln -sfn "$WORK/data/web" "$work/data/web"
