@@ -31,6 +31,11 @@ import multiprocessing
 import time
 
 
+# The probe's defaults for the optimisation knobs (the demo recipe's ViT and optimiser); the name of a run lists
+# only the knobs that differ.
+KNOBS = {"model": "vit", "pool": "cls", "weight_init": "blip", "warmup": 0, "clip": 0.0, "weight_decay": 0.05}
+
+
 def probe(task: str, init: str, patch_size: int, lr: float, steps: int, seed: int, knobs: dict) -> None:
     import torch
 
@@ -103,11 +108,6 @@ def probe(task: str, init: str, patch_size: int, lr: float, steps: int, seed: in
             accuracy = (predicted == test_labels).float().mean().item()
             print(f"{name} step {step}: loss {loss.item():.3f}, held-out accuracy {accuracy:.1%} "
                   f"({time.time() - start:.0f} s)", flush=True)
-
-
-# The probe's defaults for the optimisation knobs (the demo recipe's ViT and optimiser); the name of a run lists
-# only the knobs that differ.
-KNOBS = {"model": "vit", "pool": "cls", "weight_init": "blip", "warmup": 0, "clip": 0.0, "weight_decay": 0.05}
 
 
 def main() -> None:

@@ -86,14 +86,14 @@ def needed_splits(recipe: DemoRecipe) -> tuple[str, ...]:
     return ("human",) if recipe.continue_from else ("human", "web")
 
 
-def write_splits(recipe: DemoRecipe, work: Path, splits: tuple[str, ...] = ("human", "web")) -> dict[str, Path]:
-    """Render ``splits`` (``human`` and ``web``) and the shapes-world tokenizer into ``work`` (once)."""
+def write_splits(recipe: DemoRecipe, work: Path) -> dict[str, Path]:
+    """Render the splits the recipe needs (``needed_splits``) and the shapes-world tokenizer into ``work`` (once)."""
     from capfilt.shapes import VOCABULARY, write_split
     from capfilt.vocab import compact_tokenizer
 
     folders = split_folders(work)
     for (split, folder), (n, seed) in zip(folders.items(), ((recipe.human, 11), (recipe.web, 12))):
-        if split in splits and not (folder / "_done").exists():
+        if split in needed_splits(recipe) and not (folder / "_done").exists():
             write_split(split, n, seed, folder, shard_size=recipe.shard_size, overwrite=True,
                         processes=recipe.render_processes)
             (folder / "_done").touch()
@@ -160,7 +160,7 @@ def finetune(job: tuple[str, dict]) -> None:
 def train_demo_models(recipe: DemoRecipe = DemoRecipe(), work: Path = WORK, install: Path = DEMO_MODELS) -> None:
     """Run the whole recipe; the models land in ``install`` (``capfilt/demo_models``)."""
     start = time.time()
-    folders = write_splits(recipe, work, needed_splits(recipe))
+    folders = write_splits(recipe, work)
     print(f"[demo-models] splits ready ({time.time() - start:.0f} s)", flush=True)
     if recipe.continue_from:
         missing = [role for role in ("captioner", "filter") if not (Path(recipe.continue_from) / role).is_dir()]
@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> None:
     _log_to_console()
     if splits_only:
         start = time.time()
-        write_splits(recipe, work, needed_splits(recipe))
+        write_splits(recipe, work)
         print(f"[demo-models] splits ready in {work / 'data'} ({time.time() - start:.0f} s)", flush=True)
         return
     if recipe.continue_from:
