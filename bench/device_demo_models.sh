@@ -3,13 +3,14 @@
 # models and the training logs. Run from the repository root:
 #
 #   bash bench/device_demo_models.sh OUT_DIR [extra python -m capfilt.demo flags]
-#   AB="--vision-position-init sincos" bash bench/device_demo_models.sh OUT_DIR [flags]
-#   bash bench/device_demo_models.sh OUT_DIR --continue-from capfilt/demo_models --finetune-lr 1.2e-4
+#   AB="--vision-position-init random" bash bench/device_demo_models.sh OUT_DIR [flags]
+#   bash bench/device_demo_models.sh OUT_DIR --continue-from capfilt/demo_models --finetune-lr 1e-4
 #
 # With AB set, a second run (the same flags, then AB's) trains side by side with the first on the same
-# rendered splits, and its results go to OUT_DIR/b/. Each gets half of the 14 loader processes. The GPU
-# step is bound by host overhead, so two runs should share the GPU well; that is not measured yet: compare
-# each run's steps_trained (capfilt_recipe.json) with a single run's (docs/demo.md, "What to try next").
+# rendered splits, and its results go to OUT_DIR/b/. Each gets half of the 14 loader processes. Measured at
+# batch 256 on an H100 (docs/demo.md): side by side, each run pre-trained at ~710 samples/s (one step alone, batch already on the GPU: 2,046)
+# and fine-tuned its captioner at ~3,000 and its filter at ~1,600, so an A/B costs each run half its
+# pre-training; use it to compare, and a single run to make models.
 # That machine has python3 with a CUDA torch and no internet: capfilt is put on PYTHONPATH as it is laid
 # out when installed (models/ and pipelines/ inside capfilt/), and transformers is taken from wheels in
 # .whl/ when there are any (the version this repository is tested with). OUT_DIR receives:

@@ -33,6 +33,7 @@ def test_the_gpu_recipe_runs_in_miniature_with_time_limits_and_decoding_processe
     assert sum(pq.read_metadata(p).num_rows for p in (work / "data" / "web").glob("*.parquet")) == 48
     recipe = json.loads((install / "filter" / "capfilt_recipe.json").read_text())
     assert recipe["decode_in"] == "processes" and recipe["pretrain_seconds"] == 0.001
+    assert recipe["vision_position_init"] == "sincos" and recipe["batch_size"] == 8  # --gpu's start, the flag's batch
     assert recipe["steps_trained"] == {"pretrain": 1, "captioner": 1, "filter": 1}
     assert json.loads((install / "captioner" / "capfilt_recipe.json").read_text()) == recipe
     for role in ("captioner", "filter"):  # --patch-size reached every stage: a 16x16 grid on 64 px
