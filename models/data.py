@@ -83,6 +83,10 @@ class DataConfig:
     # caption (worlds where many images share one exact caption, such as the shapes world, whose in-batch
     # "negatives" would otherwise often be correct captions).
     positives: str = "image"
+    # A column of texts known to be wrong for their row's image (null where a row has none): ITM then uses a
+    # row's text as its image's hard negative text instead of one drawn by ITC similarity. "" (BLIP): no such
+    # column. The shapes world writes "negative_caption", compositional negatives (capfilt.shapes.negatives).
+    negatives: str = ""
 
     def __post_init__(self):
         if self.positives not in ("image", "text"):
@@ -116,6 +120,10 @@ class Batch:
     attention_mask: torch.Tensor
     image_ids: torch.Tensor
     positions: dict[int, StreamPosition] = field(default_factory=dict)
+    # With DataConfig.negatives: each row's negative text (padded like input_ids) and whether it has one.
+    negative_ids: torch.Tensor | None = None
+    negative_mask: torch.Tensor | None = None
+    has_negative: torch.Tensor | None = None
 
 
 def seed_for(*parts: int) -> int:
@@ -187,6 +195,7 @@ class RawSample:
     image: bytes
     text: str
     seed_parts: tuple[int, ...]  # (seed, epoch, stream, file, row): the augmentation seed, mixed only when used
+    negative: str | None = None  # the row's known-wrong text (DataConfig.negatives)
 
 
 class Stream:
@@ -209,6 +218,11 @@ class Stream:
         parquet = pq.ParquetFile(path)
         layout = detect_layout(parquet.schema_arrow.names, path)
         columns = [layout.image, layout.text] + ([layout.status] if layout.status else [])
+        if self.config.negatives:
+            if self.config.negatives not in parquet.schema_arrow.names:
+                raise ValueError(f"{path}: no negatives column {self.config.negatives!r} "
+                                 f"among {parquet.schema_arrow.names}")
+            columns.append(self.config.negatives)
         block_start = 0
         for block_index, block in enumerate(parquet.iter_batches(batch_size=self.config.block_rows, columns=columns)):
             rows = block.num_rows
@@ -219,13 +233,15 @@ class Stream:
             order = rng.permutation(rows) if self.config.shuffle else np.arange(rows)
             images, texts = block.column(layout.image).to_pylist(), block.column(layout.text).to_pylist()
             statuses = block.column(layout.status).to_pylist() if layout.status else None
+            negatives = block.column(self.config.negatives).to_pylist() if self.config.negatives else None
             for k in range(max(skip - block_start, 0), rows):
                 i = int(order[k])
                 self.position = StreamPosition(file_index, block_start + k + 1)
                 image = images[i].get("bytes") if isinstance(images[i], dict) else images[i]
                 if not image or not isinstance(texts[i], str) or (statuses and statuses[i] != "success"):
                     continue
-                yield RawSample(image, texts[i], (self.seed, self.epoch, self.index, file_index, block_start + i))
+                yield RawSample(image, texts[i], (self.seed, self.epoch, self.index, file_index, block_start + i),
+                                negatives[i] if negatives else None)
             block_start += rows
 
 
@@ -311,19 +327,25 @@ class EpochLoader:
         samples = self._take(iterators, pool, workers)
         if samples is None:
             return None
-        captions = [pre_caption(text, self.config.max_words) for _, text, _ in samples]
+        captions = [pre_caption(text, self.config.max_words) for _, text, _, _ in samples]
         if self.config.positives == "text":
             ids = [image_id(caption.encode("utf-8")) for caption in captions]
         else:
-            ids = [ident for _, _, ident in samples]
+            ids = [ident for _, _, ident, _ in samples]
         input_ids, attention_mask = self._encode([self.config.prompt + caption for caption in captions])
-        return Batch(
-            pixel_values=normalise(np.stack([pixels for pixels, _, _ in samples])),
+        batch = Batch(
+            pixel_values=normalise(np.stack([pixels for pixels, _, _, _ in samples])),
             input_ids=input_ids,
             attention_mask=attention_mask,
             image_ids=torch.tensor(ids),
             positions={stream.index: stream.position for stream in self.streams},
         )
+        if self.config.negatives:
+            negatives = [text if isinstance(text, str) and text.strip() else None for _, _, _, text in samples]
+            batch.negative_ids, batch.negative_mask = self._encode(
+                [self.config.prompt + pre_caption(text, self.config.max_words) if text else "" for text in negatives])
+            batch.has_negative = torch.tensor([text is not None for text in negatives])
+        return batch
 
     def _take(self, iterators, pool, workers: int) -> list | None:
         """``chunk`` decodable samples from each stream, in stream order (``None`` once one runs out).
@@ -345,7 +367,7 @@ class EpochLoader:
             jobs = [(sample.image, sample.seed_parts, self.image_size, self.augment) for _, sample in raw]
             for (s, sample), pixels in zip(raw, pool.map(decode_sample, jobs, chunksize=-(-len(jobs) // workers))):
                 if pixels is not None:
-                    taken[s].append((pixels, sample.text, image_id(sample.image)))
+                    taken[s].append((pixels, sample.text, image_id(sample.image), sample.negative))
 
     def _encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids and attention mask, padded to ``max_tokens``: what the tokenizer's batch call gives.

@@ -59,6 +59,10 @@ class MEDSettings:
     label_smoothing: float = 0.1  # LM cross-entropy label smoothing
     prompt_length: int = 0  # leading decoder tokens ([DEC] + prompt) not trained on; 4 for "a picture of "
     same_image_positives: bool = False  # ITC/ITM: all pairs of one image are positives (retrieval fine-tuning)
+    # Train the text side only: the ViT keeps the weights it was loaded with (no gradient, no dropout). BLIP
+    # fine-tunes the ViT too; the shapes-world captioner learns a relation's direction only with it frozen
+    # (docs/demo.md, "A frozen ViT").
+    freeze_vision: bool = False
 
     def __post_init__(self):
         unknown = set(self.losses) - set(LOSSES)
@@ -99,6 +103,8 @@ class MED(nn.Module):
             raise ValueError(f"special ids {ids} do not fit the text vocabulary of {text.vocab_size}")
         self.config, self.ids, self.settings = config, ids, settings
         self.vision_model = use_sdpa(BlipVisionModel(config.vision_config))  # same maths, fused (models/attention.py)
+        if settings.freeze_vision:
+            self.vision_model.requires_grad_(False)
         if self.has("itc"):
             self.text_encoder = BlipTextModel(text, add_pooling_layer=False)
             dim = config.image_text_hidden_size
@@ -124,24 +130,40 @@ class MED(nn.Module):
     # --- the three objectives -------------------------------------------------------------
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 image_ids: torch.Tensor | None = None, alpha: float = 0.0,
-                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+                generator: torch.Generator | None = None, negative_ids: torch.Tensor | None = None,
+                negative_mask: torch.Tensor | None = None,
+                has_negative: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Losses for a batch of ``[CLS]``-led captions; ``image_ids`` name the images (same-image positives).
 
         ``alpha``: ITC soft-target weight (ramped by the trainer); ``generator``:
         the CPU generator ITM's hard-negative draws use (same seed on every rank).
+        ``negative_ids``/``negative_mask``/``has_negative``: known-wrong texts
+        (``DataConfig.negatives``); where a row has one, ITM pairs its image
+        with it instead of with the drawn hard negative text.
         """
         self._check_inputs(pixel_values, input_ids, attention_mask, image_ids)
-        image_embeds = self.vision_model(pixel_values=pixel_values).last_hidden_state
+        image_embeds = self._image_embeds(pixel_values)
         losses = {}
         if self.has("itc"):
             losses["itc"], sim_i2t, sim_t2i, image_ids_all = self._itc(pixel_values, image_embeds, input_ids,
                                                                        attention_mask, image_ids, alpha)
             if self.has("itm"):
                 losses["itm"] = self._itm(image_embeds, input_ids, attention_mask, sim_i2t, sim_t2i, image_ids_all,
-                                          generator)
+                                          generator, (negative_ids, negative_mask, has_negative))
         if self.has("lm"):
             losses["lm"] = self._lm(image_embeds, input_ids, attention_mask)
         return losses
+
+    def _image_embeds(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The ViT's output tokens; with ``freeze_vision``, computed in eval mode and without a graph."""
+        if not self.settings.freeze_vision:
+            return self.vision_model(pixel_values=pixel_values).last_hidden_state
+        with torch.no_grad():
+            training = self.vision_model.training
+            self.vision_model.eval()
+            embeds = self.vision_model(pixel_values=pixel_values).last_hidden_state
+            self.vision_model.train(training)
+        return embeds
 
     def _itc(self, pixel_values, image_embeds, input_ids, attention_mask, image_ids, alpha):
         """ITC loss, and the global batch's similarities ITM draws its negatives from.
@@ -180,8 +202,15 @@ class MED(nn.Module):
             self._enqueue(image_feat_m_all, text_feat_m_all, image_ids_all)
         return loss, sim_i2t, sim_t2i, image_ids_all
 
-    def _itm(self, image_embeds, input_ids, attention_mask, sim_i2t, sim_t2i, image_ids_all, generator):
-        """ITM loss: each pair, its image with a hard negative text, its text with a hard negative image."""
+    def _itm(self, image_embeds, input_ids, attention_mask, sim_i2t, sim_t2i, image_ids_all, generator,
+             given=(None, None, None)):
+        """ITM loss: each pair, its image with a hard negative text, its text with a hard negative image.
+
+        ``given``: (ids, mask, has) of known-wrong texts; a row that has one
+        uses it as its image's negative text (compositional negatives, a
+        departure from BLIP: capfilt.shapes.negatives). The number of
+        negatives, and so ITM's 1:2 balance of classes, stays BLIP's.
+        """
         batch, offset = len(input_ids), distributed.rank() * len(input_ids)
         global_batch = len(sim_i2t)
         if image_ids_all is None:
@@ -196,10 +225,17 @@ class MED(nn.Module):
         encoder_ids_all, attention_mask_all = distributed.gather(encoder_ids), distributed.gather(attention_mask)
         image_embeds_all = distributed.gather_with_grad(image_embeds)  # negatives' gradients go home
         neg_text, neg_image = neg_text.to(input_ids.device), neg_image.to(input_ids.device)
+        neg_ids, neg_mask = encoder_ids_all[neg_text], attention_mask_all[neg_text]
+        given_ids, given_mask, has = given
+        if has is not None and bool(has.any()):
+            given_ids = given_ids.clone()
+            given_ids[:, 0] = self.ids.enc
+            has = has.to(input_ids.device)[:, None]
+            neg_ids, neg_mask = torch.where(has, given_ids, neg_ids), torch.where(has, given_mask, neg_mask)
         pos = self._grounded_encoder(encoder_ids, attention_mask, image_embeds)
         neg = self._grounded_encoder(  # (text, negative image) pairs, then (negative text, image) pairs
-            torch.cat([encoder_ids, encoder_ids_all[neg_text]]),
-            torch.cat([attention_mask, attention_mask_all[neg_text]]),
+            torch.cat([encoder_ids, neg_ids]),
+            torch.cat([attention_mask, neg_mask]),
             torch.cat([image_embeds_all[neg_image], image_embeds]),
         )
         return loss_itm(self.itm_head(pos[:, 0]), self.itm_head(neg[:, 0]))

@@ -225,6 +225,8 @@ def _check(config: TrainConfig, streams: int, world: distributed.World) -> None:
     learning_rate(config.optim, 0, 0)  # validates the schedule's name
     if config.vision_position_init not in ("random", "sincos"):
         raise ValueError(f"vision_position_init must be 'random' or 'sincos', not {config.vision_position_init!r}")
+    if config.data.negatives and "itm" not in config.med.losses:
+        raise ValueError(f"negatives={config.data.negatives!r} feeds ITM, which task {config.task!r} does not train")
 
 
 class ProgressLog:
@@ -425,7 +427,10 @@ def _step(model, optimizer, batch, lr: float, alpha: float, negatives_seed: int,
         losses = model(pixel_values=batch.pixel_values.to(device, non_blocking=True),
                        input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
                        image_ids=batch.image_ids.to(device), alpha=alpha,
-                       generator=torch.Generator().manual_seed(negatives_seed))
+                       generator=torch.Generator().manual_seed(negatives_seed),
+                       **({} if batch.has_negative is None else dict(
+                           negative_ids=batch.negative_ids.to(device), negative_mask=batch.negative_mask.to(device),
+                           has_negative=batch.has_negative.to(device))))
     optimizer.zero_grad(set_to_none=True)
     sum(losses.values()).backward()
     optimizer.step()

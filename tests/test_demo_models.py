@@ -141,3 +141,28 @@ def test_relation_probe_ranks_as_greedy_decoding_continues():
         correct += relation == sample.scene.relation
     assert results["predicted"] == {r: count / len(samples) for r, count in tally.items()}
     assert results["correct"] == correct / len(samples)
+
+
+def test_swap_probe_scores_each_swap_as_the_filter_scores_it_alone():
+    """evaluate_swaps counts the swaps the scenes allow, and its comparisons are the filter's own, pair by pair."""
+    from capfilt.shapes.captions import describe
+    from capfilt.shapes.evaluate import evaluate_swaps
+    from capfilt.shapes.negatives import swapped
+
+    filter_ = Filter.load("demo")
+    samples = list(iter_split("web", 40, EVALUATION_SEED))
+    results = evaluate_swaps(filter_, samples, batch_size=5)
+    want: dict[str, list[tuple[bool, bool]]] = {}
+    for sample in samples:
+        truth = describe(sample.scene)
+        if truth.relation is None or truth.phrases[0] == truth.phrases[1]:
+            continue
+        first, second = truth.phrases
+        for kind in ["objects"] + [a for a in ("size", "colour", "shape") if getattr(first, a) != getattr(second, a)]:
+            (true, swap), = filter_.score([sample.image], [[str(truth), str(swapped(truth, kind))]])
+            want.setdefault(kind, []).append((true.itm > swap.itm, swap.itm < 0.5))
+    assert set(results) == set(want) and "objects" in results
+    for kind, pairs in want.items():
+        assert results[kind]["n"] == len(pairs)
+        assert abs(results[kind]["true_higher"] - sum(h for h, _ in pairs) / len(pairs)) <= 1 / len(pairs)
+        assert abs(results[kind]["removed"] - sum(r for _, r in pairs) / len(pairs)) <= 1 / len(pairs)

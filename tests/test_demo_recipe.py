@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from capfilt import demo
 from capfilt.captioner import Captioner
 from capfilt.filter import Filter
+from capfilt.models.checkpointing import latest_checkpoint, read_checkpoint
 from capfilt.shapes.splits import iter_split
 
 
@@ -36,6 +37,12 @@ def test_the_gpu_recipe_runs_in_miniature_with_time_limits_and_decoding_processe
     assert recipe["vision_position_init"] == "sincos" and recipe["batch_size"] == 8  # --gpu's start, the flag's batch
     assert recipe["steps_trained"] == {"pretrain": 1, "captioner": 1, "filter": 1}
     assert json.loads((install / "captioner" / "capfilt_recipe.json").read_text()) == recipe
+    # The human split carries compositional negatives; by default (BLIP's) no stage reads them.
+    assert recipe["compositional_negatives"] is False
+    assert all("negative_caption" in pq.read_schema(p).names for p in (work / "data" / "human").glob("*.parquet"))
+    assert stage_settings(work, "data", "negatives") == {"pretrain": "", "captioner": "", "filter": ""}
+    # The fine-tunes train the text side only; pre-training trains the ViT.
+    assert stage_settings(work, "med", "freeze_vision") == {"pretrain": False, "captioner": True, "filter": True}
     for role in ("captioner", "filter"):  # --patch-size reached every stage: a 16x16 grid on 64 px
         assert json.loads((install / role / "config.json").read_text())["vision_config"]["patch_size"] == 4
     # The installed folders are models the pipeline loads and runs.
@@ -46,13 +53,21 @@ def test_the_gpu_recipe_runs_in_miniature_with_time_limits_and_decoding_processe
     assert all(0.0 <= score.itm <= 1.0 for (score,) in scores)
 
 
+def stage_settings(work, section: str, name: str) -> dict:
+    """One training setting of each stage's run, as its newest checkpoint recorded it."""
+    runs = [stage for stage in ("pretrain", "captioner", "filter") if (work / stage).is_dir()]
+    return {stage: read_checkpoint(latest_checkpoint(work / stage))["config"]["train"][section][name]
+            for stage in runs}
+
+
 def test_continue_from_fine_tunes_the_installed_models_without_pre_training(miniature, tmp_path):
     _, start = miniature
     work, install = tmp_path / "work", tmp_path / "install"
     # Learning rate 0: one step each, so the continued models must come out exactly as they went in.
     demo.main(["--work", str(work), "--install", str(install), "--continue-from", str(start), "--human", "48",
                "--web", "48", "--shard-size", "24", "--batch-size", "8", "--queue-size", "16", "--patch-size", "4",
-               "--captioner-steps", "1", "--filter-steps", "1", "--finetune-lr", "0"])
+               "--captioner-steps", "1", "--filter-steps", "1", "--finetune-lr", "0",
+               "--compositional-negatives", "true", "--freeze-vision", "no"])
     assert not (work / "pretrain").exists() and not (work / "data" / "web").exists()  # fine-tuning only
     for role in ("captioner", "filter"):
         before, after = (load_file(folder / role / "model.safetensors") for folder in (start, install))
@@ -60,3 +75,8 @@ def test_continue_from_fine_tunes_the_installed_models_without_pre_training(mini
         recipe = json.loads((install / role / "capfilt_recipe.json").read_text())
         assert recipe["continue_from"] == str(start) and recipe["steps_trained"] == {"captioner": 1, "filter": 1}
         assert recipe["continued"] == json.loads((start / role / "capfilt_recipe.json").read_text())
+    # --compositional-negatives true: the filter's fine-tuning, only it, reads them; --freeze-vision no: BLIP's.
+    assert stage_settings(work, "data", "negatives") == {"captioner": "", "filter": "negative_caption"}
+    assert stage_settings(work, "med", "freeze_vision") == {"captioner": False, "filter": False}
+    with pytest.raises(SystemExit):
+        demo.main(["--compositional-negatives", "maybe"])

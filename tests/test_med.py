@@ -116,9 +116,9 @@ def test_med_itc_uses_momentum_features_and_queue(med, batch):
     assert torch.equal(med.image_queue[4:], queue_images[4:])
 
 
-def test_med_itm_matches_a_direct_computation(med, batch, tokenizer):
+def _direct_itm(med, batch, tokenizer, given=None) -> float:
+    """BLIP's ITM loss computed pair by pair; ``given``: (ids, mask, has) of known-wrong texts per image."""
     pixels, input_ids, attention_mask = batch
-    losses = med(*batch, alpha=0.4, generator=torch.Generator().manual_seed(7))
     enc = special_ids(tokenizer).enc
     with torch.no_grad():
         image_embeds, image_feat, text_feat = _features(med, *batch)
@@ -133,15 +133,41 @@ def test_med_itm_matches_a_direct_computation(med, batch, tokenizer):
         neg_image = torch.multinomial(w_t2i, 1, generator=generator).squeeze(1)
         ids = input_ids.clone()
         ids[:, 0] = enc
-        pairs = [(i, i, 1) for i in range(4)] + [(i, neg_image[i], 0) for i in range(4)] + \
-                [(neg_text[i], i, 0) for i in range(4)]
+        texts = [(ids[i], attention_mask[i]) for i in range(4)]
+        negative_texts = [texts[neg_text[i]] for i in range(4)]
+        if given is not None:
+            given_ids, given_mask, has = given
+            given_ids = given_ids.clone()
+            given_ids[:, 0] = enc
+            negative_texts = [(given_ids[i], given_mask[i]) if has[i] else negative_texts[i] for i in range(4)]
+        pairs = [(texts[i], i, 1) for i in range(4)] + [(texts[i], neg_image[i], 0) for i in range(4)] + \
+                [(negative_texts[i], i, 0) for i in range(4)]
         total = 0.0
-        for text, image, label in pairs:
-            out = med.text_encoder(input_ids=ids[text:text + 1], attention_mask=attention_mask[text:text + 1],
+        for (text_ids, mask), image, label in pairs:
+            out = med.text_encoder(input_ids=text_ids[None], attention_mask=mask[None],
                                    encoder_hidden_states=image_embeds[image:image + 1]).last_hidden_state
             logits = med.itm_head(out[0, 0])
             total -= float(logits[label] - torch.logsumexp(logits, 0))
-    assert losses["itm"].item() == pytest.approx(total / len(pairs), rel=1e-4)
+    return total / len(pairs)
+
+
+def test_med_itm_matches_a_direct_computation(med, batch, tokenizer):
+    losses = med(*batch, alpha=0.4, generator=torch.Generator().manual_seed(7))
+    assert losses["itm"].item() == pytest.approx(_direct_itm(med, batch, tokenizer), rel=1e-4)
+
+
+def test_med_itm_pairs_images_with_their_given_negative_texts(med, batch, tokenizer):
+    """Rows with a known-wrong text (DataConfig.negatives) use it instead of the drawn hard negative text."""
+    tokens = tokenizer(["a large red square", "", "a blue dog left of a triangle", ""], padding="max_length",
+                       max_length=12, truncation=True, return_tensors="pt")
+    given = (tokens.input_ids, tokens.attention_mask, torch.tensor([True, False, True, False]))
+    state = {k: v.clone() for k, v in med.state_dict().items()}  # the same queues and momentum for both runs
+    plain = med(*batch, alpha=0.4, generator=torch.Generator().manual_seed(7))["itm"].item()
+    med.load_state_dict(state)
+    losses = med(*batch, alpha=0.4, generator=torch.Generator().manual_seed(7), negative_ids=given[0],
+                 negative_mask=given[1], has_negative=given[2])
+    assert losses["itm"].item() == pytest.approx(_direct_itm(med, batch, tokenizer, given), rel=1e-4)
+    assert abs(losses["itm"].item() - plain) > 1e-4
 
 
 def test_sample_hard_negatives_never_draws_the_same_image():

@@ -220,3 +220,29 @@ def test_sincos_position_init_reaches_the_run(tmp_path, dataset, tokenizer_dir):
     assert torch.allclose(table, sincos_positions(4, table.shape[-1]), atol=1e-4)
     with pytest.raises(ValueError, match="vision_position_init"):
         train(tiny("pretrain", dataset, tokenizer_dir, tmp_path / "x", vision_position_init="learned"))
+
+
+def test_a_filter_trains_on_a_split_with_negatives_and_a_captioner_refuses_them(tmp_path, tokenizer_dir):
+    from capfilt.shapes.shards import write_split
+
+    write_split("human", 16, seed=2, out=tmp_path / "human", shard_size=16, negatives=True)
+    data = str(tmp_path / "human")
+    summary = train(tiny("finetune-filter", data, tokenizer_dir, tmp_path / "f", image_size=64, max_steps=2,
+                         negatives="negative_caption", positives="text"))
+    assert summary["step"] == 2 and [r["step"] for r in log_records(tmp_path / "f")] == [1, 2]
+    with pytest.raises(ValueError, match="feeds ITM"):
+        train(tiny("finetune-captioner", data, tokenizer_dir, tmp_path / "c", negatives="negative_caption"))
+
+
+def test_freeze_vision_trains_the_text_side_only(tmp_path, dataset, tokenizer_dir, pretrained):
+    out = tmp_path / "frozen"
+    train(tiny("finetune-captioner", dataset, tokenizer_dir, out, init=str(pretrained), max_steps=3,
+               freeze_vision=True))
+    start, _ = med_from_run(pretrained)
+    tuned, _ = med_from_run(out)
+    before, after = start.state_dict(), tuned.state_dict()
+    vision = [key for key in after if key.startswith("vision_model.")]
+    decoder = [key for key in after if key.startswith("text_decoder.") and key in before]
+    assert vision and all(torch.equal(before[key], after[key]) for key in vision)
+    assert any(not torch.equal(before[key], after[key]) for key in decoder)
+    assert tuned.settings.freeze_vision and not any(p.requires_grad for p in tuned.vision_model.parameters())

@@ -187,3 +187,28 @@ def test_worker_processes_give_the_threads_batches_and_tokens_match_the_tokenize
     expected = tokenizer(texts, padding="max_length", truncation=True, max_length=9, return_tensors="pt")
     input_ids, attention_mask = loader._encode(texts)
     assert torch.equal(input_ids, expected.input_ids) and torch.equal(attention_mask, expected.attention_mask)
+
+
+def test_a_negatives_column_is_read_into_each_batch(tmp_path, tokenizer):
+    from capfilt.shapes.shards import read_split, write_split
+
+    write_split("human", 12, seed=3, out=tmp_path / "neg", shard_size=12, negatives=True)
+    files = find_files([str(tmp_path / "neg")])
+    config = DataConfig(batch_size=12, workers=1, max_tokens=16, shuffle=False, negatives="negative_caption")
+    (batch,) = list(EpochLoader(files, config, tokenizer, 16, AugmentConfig(augment=False), seed=0, epoch=0,
+                                streams=1, rank=0, world_size=1))
+    negatives = [row["negative_caption"] for row in read_split(tmp_path / "neg")]
+    assert batch.has_negative.tolist() == [text is not None for text in negatives] and any(negatives)
+    for ids, mask, text in zip(batch.negative_ids, batch.negative_mask, negatives):
+        if text:  # what the tokenizer gives for the column's text, padded
+            assert ids[mask.bool()].tolist() == tokenizer(text, truncation=True, max_length=16).input_ids
+    assert batch.negative_mask[~batch.has_negative].sum() == 2 * (~batch.has_negative).sum()  # [CLS] [SEP] only
+    plain = DataConfig(batch_size=12, workers=1, max_tokens=16, shuffle=False)
+    (without,) = list(EpochLoader(files, plain, tokenizer, 16, AugmentConfig(augment=False), seed=0, epoch=0,
+                                  streams=1, rank=0, world_size=1))
+    assert without.has_negative is None and torch.equal(without.input_ids, batch.input_ids)
+    write_split("human", 4, seed=3, out=tmp_path / "plain")
+    loader = EpochLoader(find_files([str(tmp_path / "plain")]), DataConfig(batch_size=4, workers=1, negatives="x"),
+                         tokenizer, 16, AugmentConfig(augment=False), seed=0, epoch=0, streams=1, rank=0, world_size=1)
+    with pytest.raises(ValueError, match="no negatives column 'x'"):
+        list(loader)

@@ -24,6 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     write.add_argument("--format", choices=IMAGE_FORMATS, default="jpg", help="image encoding (and column name)")
     write.add_argument("--processes", type=int, default=1)
     write.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
+    write.add_argument("--negatives", action="store_true",
+                       help="add a negative_caption column: compositional hard negatives (capfilt.shapes.negatives)")
     commands.add_parser("vocab", help="print the world's caption words, one a line")
     return parser
 
@@ -35,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     config = WorldConfig(render=RenderConfig(image_formats=(args.format,)))
     paths = write_split(
-        args.split, args.n, args.seed, args.out, args.shard_size, config, args.processes, args.overwrite
+        args.split, args.n, args.seed, args.out, args.shard_size, config, args.processes, args.overwrite,
+        negatives=args.negatives,
     )
     kinds: Counter = Counter()
     for path in paths:

@@ -13,6 +13,10 @@
   from decoding and the attributes.)
 - Filter breakdowns: each kind per scene type, and the partial texts per
   attribute changed.
+- Filter binding: each two-object scene's caption against its swaps (the
+  objects, or one attribute between them: ``capfilt.shapes.negatives``);
+  does the true caption score higher, and is the swap removed?
+  (``evaluate_swaps``: which object is where, apart from the web mixture.)
 - Retrieval, on a clean split (``test``): image→text and text→image
   recall@1 of a filter's ITC, and of ITC's top k re-ranked by ITM.
 
@@ -33,6 +37,7 @@ from capfilt.captioner import Captioner
 from capfilt.device import autocast
 from capfilt.filter import ITM_THRESHOLD, Filter
 from capfilt.shapes.captions import ERRORS, caption_errors, describe, is_correct
+from capfilt.shapes.negatives import ATTRIBUTE_SWAPS, swapped
 from capfilt.shapes.scene import Scene
 from capfilt.shapes.splits import Sample, iter_split
 from capfilt.shapes.web import KINDS
@@ -75,6 +80,35 @@ def evaluate_filter(filter_: Filter, samples: list[Sample], threshold: float = I
                for kind in KINDS}
     results["partial"]["by_attribute"] = {name: _rate(by_attribute[name]) for name in ERRORS if name in by_attribute}
     return results
+
+
+def evaluate_swaps(filter_: Filter, samples: list[Sample], threshold: float = ITM_THRESHOLD,
+                   batch_size: int = 64) -> dict:
+    """The filter on each two-object scene's caption and its swaps, per swap: ``objects`` (B first, same relation:
+    the relation the wrong way round) and each attribute where the objects differ.
+
+    ``true_higher``: the fraction where the true caption's match probability is
+    higher than the swap's (chance 50%); ``removed``: the fraction of swaps
+    scored as noise. Scenes with two objects alike in every attribute are skipped.
+    """
+    tally: dict[str, list[tuple[bool, bool]]] = {}
+    two = [s for s in samples if s.scene.relation is not None]
+    for batch in _batches(two, batch_size):
+        swaps = []
+        for sample in batch:
+            truth = describe(sample.scene)
+            first, second = truth.phrases
+            kinds = [] if first == second else ["objects"] + [a for a in ATTRIBUTE_SWAPS
+                                                              if getattr(first, a) != getattr(second, a)]
+            swaps.append([(kind, str(swapped(truth, kind))) for kind in kinds])
+        scores = filter_.score([s.image for s in batch],
+                               [[str(describe(s.scene))] + [t for _, t in sw] for s, sw in zip(batch, swaps)])
+        for sw, (true, *rest) in zip(swaps, scores):
+            for (kind, _), score in zip(sw, rest):
+                tally.setdefault(kind, []).append((true.itm > score.itm, score.is_noise(threshold)))
+    return {kind: {"n": len(pairs), "true_higher": sum(h for h, _ in pairs) / len(pairs),
+                   "removed": sum(r for _, r in pairs) / len(pairs)}
+            for kind in ("objects", *ATTRIBUTE_SWAPS) if (pairs := tally.get(kind))}
 
 
 def _rate(flags: list[bool]) -> dict:
@@ -266,11 +300,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default=None, help="cpu (default) or cuda (bf16 autocast)")
     args = parser.parse_args(argv)
     samples = list(iter_split("web", args.n, args.seed))
-    filter_results = evaluate_filter(Filter.load(args.filter, device=args.device), samples) if args.filter else None
+    filter_ = Filter.load(args.filter, device=args.device) if args.filter else None
+    filter_results = evaluate_filter(filter_, samples) if filter_ else None
+    swaps = evaluate_swaps(filter_, samples) if filter_ else None
     captioner = Captioner.load(args.captioner, device=args.device) if args.captioner else None
     captioner_results = evaluate_captioner(captioner, samples, args.methods) if captioner else None
     relation = evaluate_relation(captioner, samples) if captioner else None
     print(table(filter_results, captioner_results))
+    if swaps:
+        print("\nTwo-object captions against their swaps (filter): " + "; ".join(
+            f"{kind} (n={r['n']}) true higher {r['true_higher']:.1%}, swap removed {r['removed']:.1%}"
+            for kind, r in swaps.items()))
     if relation:
         print(f"\nRelation ranked first after prompt + object A's phrase (teacher-forced, n={relation['n']}): "
               f"{relation['correct']:.1%} correct (chance 25%), {relation['axis']:.1%} on the right axis "
@@ -278,7 +318,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         with open(args.json, "w") as out:
             json.dump({"n": args.n, "seed": args.seed, "filter": filter_results, "captioner": captioner_results,
-                       "relation": relation},
+                       "relation": relation, "swaps": swaps},
                       out, indent=2)
 
 

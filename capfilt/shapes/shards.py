@@ -6,7 +6,10 @@ out. Each row has img2dataset's columns (``key``, the image bytes under the
 encode format's name, ``caption``, ``url``, ``width``, ``height``,
 ``status``, ``error_message``) and the ground truth: ``kind`` (clean /
 mismatch / partial / alt) and ``scene`` (the scene as JSON), so that texts
-and synthetic captions can be scored later.
+and synthetic captions can be scored later. Written with ``negatives``, a
+split also has ``negative_caption``: a compositional hard negative of the
+scene's caption (``capfilt.shapes.negatives``), null where there is none,
+which the trainer's ``negatives`` setting feeds to ITM.
 """
 
 from __future__ import annotations
@@ -15,14 +18,17 @@ import json
 import math
 import multiprocessing
 import os
+import zlib
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from capfilt.shapes.negatives import negative_caption
 from capfilt.shapes.render import IMAGE_FORMATS
 from capfilt.shapes.scene import Scene, scene_from_json, scene_to_json
 from capfilt.shapes.splits import WorldConfig, make_sample
@@ -31,9 +37,11 @@ from capfilt.shapes.world import IMAGE_SIZE
 SHARD_DIGITS = 5  # 00000.parquet, as img2dataset names shards
 MIN_SAMPLE_DIGITS = 4  # key = shard id + index in shard, e.g. "000000012"
 DEFAULT_SHARD_SIZE = 1000
+NEGATIVE_COLUMN = "negative_caption"
+NEGATIVE_STREAM = 4  # the negatives' random stream, apart from a sample's scene, render and text streams
 
 
-def shard_schema(image_format: str = "jpg") -> pa.Schema:
+def shard_schema(image_format: str = "jpg", negatives: bool = False) -> pa.Schema:
     """img2dataset's Parquet columns, the image column named after its format, plus the ground truth."""
     return pa.schema(
         [
@@ -48,6 +56,7 @@ def shard_schema(image_format: str = "jpg") -> pa.Schema:
             ("kind", pa.string()),
             ("scene", pa.string()),
         ]
+        + ([(NEGATIVE_COLUMN, pa.string())] if negatives else [])
     )
 
 
@@ -61,14 +70,21 @@ def shard_key(shard: int, position: int, shard_size: int) -> str:
     return f"{shard:0{SHARD_DIGITS}d}{position:0{sample_digits(shard_size)}d}"
 
 
+def negative_rng(split: str, seed: int, index: int) -> np.random.Generator:
+    """The random stream of sample ``index``'s compositional negative (the same whatever the shard size)."""
+    return np.random.default_rng([seed, zlib.crc32(split.encode()), index, NEGATIVE_STREAM])
+
+
 def write_shard(
-    out: str | Path, split: str, seed: int, shard: int, n: int, shard_size: int, config: WorldConfig = WorldConfig()
+    out: str | Path, split: str, seed: int, shard: int, n: int, shard_size: int, config: WorldConfig = WorldConfig(),
+    negatives: bool = False,
 ) -> dict:
     """Write shard ``shard`` of a split of ``n`` samples and its stats; return the stats."""
     out = Path(out)
     image_format = _single_format(config)
     start, stop = shard * shard_size, min(n, (shard + 1) * shard_size)
-    rows = {name: [] for name in shard_schema(image_format).names}
+    schema = shard_schema(image_format, negatives)
+    rows = {name: [] for name in schema.names}
     for index in range(start, stop):
         sample = make_sample(split, seed, index, config)
         key = shard_key(shard, index - start, shard_size)
@@ -82,8 +98,10 @@ def write_shard(
         rows["error_message"].append(None)
         rows["kind"].append(sample.kind)
         rows["scene"].append(scene_to_json(sample.scene))
+        if negatives:
+            rows[NEGATIVE_COLUMN].append(negative_caption(sample.scene, negative_rng(split, seed, index)))
     name = f"{shard:0{SHARD_DIGITS}d}"
-    table = pa.table(rows, schema=shard_schema(image_format))
+    table = pa.table(rows, schema=schema)
     partial = out / f"{name}.parquet.tmp"
     pq.write_table(table, partial)
     os.replace(partial, out / f"{name}.parquet")
@@ -111,12 +129,14 @@ def write_split(
     config: WorldConfig = WorldConfig(),
     processes: int = 1,
     overwrite: bool = False,
+    negatives: bool = False,
 ) -> list[Path]:
     """Write ``n`` samples of a split into ``out`` as Parquet shards; return the shard paths.
 
     Shards are independent, so ``processes`` > 1 writes them in parallel with
     the same bytes. An ``out`` that already holds shards is an error unless
     ``overwrite``, which first removes them (no stale shard of a bigger run survives).
+    ``negatives`` adds the ``negative_caption`` column (see the module's docstring).
     """
     if n < 0 or shard_size < 1:
         raise ValueError(f"need n >= 0 and shard_size >= 1, got n={n}, shard_size={shard_size}")
@@ -129,7 +149,7 @@ def write_split(
     for path in existing:
         path.unlink()
     shards = range(math.ceil(n / shard_size))
-    jobs = [(out, split, seed, shard, n, shard_size, config) for shard in shards]
+    jobs = [(out, split, seed, shard, n, shard_size, config, negatives) for shard in shards]
     if processes > 1 and len(jobs) > 1:
         # spawn: workers start clean, whatever threads (torch, BLAS) the caller runs
         with ProcessPoolExecutor(max_workers=processes, mp_context=multiprocessing.get_context("spawn")) as pool:

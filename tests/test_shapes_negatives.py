@@ -1,0 +1,55 @@
+"""Compositional negatives (capfilt.shapes.negatives) against the caption parser, and their column in a split."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from capfilt.shapes import describe, is_correct, iter_split, parse, read_split, write_split
+from capfilt.shapes.negatives import negative_caption, swapped
+
+
+def test_negatives_are_wrong_swaps_of_the_true_caption():
+    kinds = Counter()
+    rng = np.random.default_rng(0)
+    for sample in iter_split("human", 400, seed=5):
+        negative = negative_caption(sample.scene, rng)
+        truth = describe(sample.scene)
+        if truth.relation is None or truth.phrases[0] == truth.phrases[1]:
+            assert negative is None  # nothing to swap: one object, or two alike ones
+            kinds["none"] += 1
+            continue
+        wrong = parse(negative)
+        assert wrong is not None and not is_correct(negative, sample.scene)
+        # The same words, rebound: the same relation, and every attribute value used as often.
+        assert wrong.relation == truth.relation
+        assert sorted(negative.split()) == sorted(sample.text.split())
+        kinds["objects" if wrong.phrases == truth.phrases[::-1] else "attribute"] += 1
+    assert kinds["objects"] > 50 and kinds["attribute"] > 50 and kinds["none"] > 50
+
+
+def test_an_attribute_swap_exchanges_that_attribute_only():
+    truth = parse("a small red circle left of a large blue square")
+    assert str(swapped(truth, "colour")) == "a small blue circle left of a large red square"
+    assert str(swapped(truth, "objects")) == "a large blue square left of a small red circle"
+    with pytest.raises(ValueError, match="cannot swap"):
+        swapped(truth, "relation")
+
+
+def test_a_split_written_with_negatives_carries_them_read_back(tmp_path):
+    paths = write_split("human", 30, seed=4, out=tmp_path / "a", shard_size=10, negatives=True)
+    again = write_split("human", 30, seed=4, out=tmp_path / "b", shard_size=15, negatives=True)
+    rows = list(read_split(tmp_path / "a"))
+    assert [r["negative_caption"] for r in rows] == [r["negative_caption"] for r in read_split(tmp_path / "b")]
+    assert len(paths) == 3 and len(again) == 2
+    for row in rows:
+        phrases = describe(row["scene"]).phrases
+        two_different = len(phrases) == 2 and phrases[0] != phrases[1]
+        assert (row["negative_caption"] is not None) == two_different
+        if row["negative_caption"]:
+            assert not is_correct(row["negative_caption"], row["scene"])
+    plain = write_split("human", 10, seed=4, out=tmp_path / "c")
+    assert "negative_caption" not in pq.read_schema(plain[0]).names
