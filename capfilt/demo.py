@@ -16,9 +16,11 @@ interrupted ``make demo-models`` continues when run again. Departures from
 BLIP's recipe, all for a 64 px world trained on 2 CPU cores: no random crops
 or flips (a crop can cut an object out of its caption; a flip swaps ``left of``
 and ``right of``; the renderer already varies backgrounds, noise, jitter and
-edges), higher learning rates for a small model trained from scratch, and the
+edges), higher learning rates for a small model trained from scratch, the
 filter treats pairs with the same caption as positives (many scenes share one
-exact caption, so in-batch "negatives" would often be correct).
+exact caption, so in-batch "negatives" would often be correct), and
+fine-tuning trains the text side only, the ViT frozen (the captioner learned a
+relation's direction only so; docs/demo.md).
 """
 
 from __future__ import annotations

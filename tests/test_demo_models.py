@@ -25,20 +25,21 @@ from capfilt.shapes.splits import iter_split
 
 PAIRS = 240
 MARGIN = 0.07  # about two standard errors at the sample sizes below
-TWO_OBJECT_MARGIN = 0.10  # about two standard errors of a rate near 45% on the split's 116 two-object scenes
+TWO_OBJECT_MARGIN = 0.10  # about 2.7 standard errors of a rate near 80% on the split's 116 two-object scenes
 
 # What the tests hold the shipped models to. Issue 5's targets: filter removes 95% of mismatch and alt
 # texts, 80% of partial ones and keeps 95% of clean ones; captions correct 90% / 70% (one / two objects)
 # with nucleus sampling, 95% / 80% with greedy or beam search. Where the shipped models meet a target,
-# the floor is the target less MARGIN; elsewhere it is the level they reach on 1,000 fresh pairs
-# (README, "Demo models": partial 77.3%, clean kept 90.1%, two-object captions 39.2% nucleus and 46.3%
-# greedy) less MARGIN, so that a worse model fails while the gap stays on record. On this test's 240 pairs they
-# reach 36.2% nucleus and 39.7% greedy and beam on two-object scenes; hence the wider margin there.
+# the floor is the target less the margin; elsewhere it is the level they reach on 1,000 fresh pairs
+# (README, "Demo models": partial 77.3%, clean kept 90.1%) less MARGIN, so that a worse model fails while
+# the gap stays on record. The captioner meets its targets there (two objects: 80.4% greedy, 81.6% beam,
+# 74.7% nucleus); on this test's 240 pairs it reaches 82.8% greedy, 83.6% beam and 77.6% nucleus on the
+# 116 two-object scenes, hence the wider margin there.
 FLOORS = {
     "filter": {"mismatch": 0.95 - MARGIN, "alt": 0.95 - MARGIN, "partial": 0.773 - MARGIN,
                "clean_kept": 0.901 - MARGIN},
-    "nucleus": {"one object": 0.90 - MARGIN, "two objects": 0.392 - TWO_OBJECT_MARGIN},
-    "search": {"one object": 0.95 - MARGIN, "two objects": 0.463 - TWO_OBJECT_MARGIN},
+    "nucleus": {"one object": 0.90 - MARGIN, "two objects": 0.70 - TWO_OBJECT_MARGIN},
+    "search": {"one object": 0.95 - MARGIN, "two objects": 0.80 - TWO_OBJECT_MARGIN},
 }
 
 
@@ -141,6 +142,9 @@ def test_relation_probe_ranks_as_greedy_decoding_continues():
         correct += relation == sample.scene.relation
     assert results["predicted"] == {r: count / len(samples) for r, count in tally.items()}
     assert results["correct"] == correct / len(samples)
+    # The shipped captioner knows a relation's direction, not just its axis: 90.4% true relation first on 1,000
+    # fresh pairs (chance 25%); the floor allows about three standard errors on these few scenes.
+    assert len(samples) >= 25 and results["correct"] >= 0.70
 
 
 def test_swap_probe_scores_each_swap_as_the_filter_scores_it_alone():
