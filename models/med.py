@@ -61,7 +61,7 @@ class MEDSettings:
     same_image_positives: bool = False  # ITC/ITM: all pairs of one image are positives (retrieval fine-tuning)
     # Train the text side only: the ViT keeps the weights it was loaded with (no gradient, no dropout). BLIP
     # fine-tunes the ViT too; the shapes-world captioner learns a relation's direction only with it frozen
-    # (docs/demo.md, "A frozen ViT").
+    # (docs/demo.md, "The captioner's ViT frozen").
     freeze_vision: bool = False
 
     def __post_init__(self):
