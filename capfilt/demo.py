@@ -105,7 +105,7 @@ def write_splits(recipe: DemoRecipe, work: Path) -> dict[str, Path]:
     """Render the splits the recipe needs (``needed_splits``) and the shapes-world tokenizer into ``work`` (once).
 
     ``human`` carries the compositional negatives' column; a ``human`` split
-    rendered before it had one is rendered again.
+    rendered before it had one is rendered again when the recipe reads it.
     """
     import pyarrow.parquet as pq
 
@@ -114,8 +114,9 @@ def write_splits(recipe: DemoRecipe, work: Path) -> dict[str, Path]:
 
     def ready(split: str, folder: Path) -> bool:
         shards = sorted(folder.glob("*.parquet"))
+        needs_negatives = split == "human" and recipe.compositional_negatives
         return (folder / "_done").exists() and bool(shards) and (
-            split != "human" or NEGATIVE_COLUMN in pq.read_schema(shards[0]).names)
+            not needs_negatives or NEGATIVE_COLUMN in pq.read_schema(shards[0]).names)
 
     folders = split_folders(work)
     for (split, folder), (n, seed) in zip(folders.items(), ((recipe.human, 11), (recipe.web, 12))):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pyarrow.parquet as pq
 import pytest
@@ -80,3 +81,16 @@ def test_continue_from_fine_tunes_the_installed_models_without_pre_training(mini
     assert stage_settings(work, "med", "freeze_vision") == {"captioner": False, "filter": False}
     with pytest.raises(SystemExit):
         demo.main(["--compositional-negatives", "maybe"])
+
+
+def test_an_old_human_split_is_rendered_again_only_when_the_recipe_reads_negatives(tmp_path):
+    from capfilt.shapes.shards import write_split
+
+    human = demo.split_folders(tmp_path)["human"]
+    write_split("human", 8, 11, human, shard_size=8)  # rendered before the negatives column existed
+    (human / "_done").touch()
+    recipe = demo.DemoRecipe(human=8, shard_size=8, continue_from=str(tmp_path / "models"))
+    demo.write_splits(recipe, tmp_path)
+    assert "negative_caption" not in pq.read_schema(human / "00000.parquet").names  # kept as it was
+    demo.write_splits(replace(recipe, compositional_negatives=True), tmp_path)
+    assert "negative_caption" in pq.read_schema(human / "00000.parquet").names

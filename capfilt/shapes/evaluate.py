@@ -37,7 +37,7 @@ from capfilt.captioner import Captioner
 from capfilt.device import autocast
 from capfilt.filter import ITM_THRESHOLD, Filter
 from capfilt.shapes.captions import ERRORS, caption_errors, describe, is_correct
-from capfilt.shapes.negatives import ATTRIBUTE_SWAPS, swapped
+from capfilt.shapes.negatives import ATTRIBUTE_SWAPS, possible_swaps, swapped
 from capfilt.shapes.scene import Scene
 from capfilt.shapes.splits import Sample, iter_split
 from capfilt.shapes.web import KINDS
@@ -94,15 +94,10 @@ def evaluate_swaps(filter_: Filter, samples: list[Sample], threshold: float = IT
     tally: dict[str, list[tuple[bool, bool]]] = {}
     two = [s for s in samples if s.scene.relation is not None]
     for batch in _batches(two, batch_size):
-        swaps = []
-        for sample in batch:
-            truth = describe(sample.scene)
-            first, second = truth.phrases
-            kinds = [] if first == second else ["objects"] + [a for a in ATTRIBUTE_SWAPS
-                                                              if getattr(first, a) != getattr(second, a)]
-            swaps.append([(kind, str(swapped(truth, kind))) for kind in kinds])
+        truths = [describe(sample.scene) for sample in batch]
+        swaps = [[(kind, str(swapped(truth, kind))) for kind in possible_swaps(truth)] for truth in truths]
         scores = filter_.score([s.image for s in batch],
-                               [[str(describe(s.scene))] + [t for _, t in sw] for s, sw in zip(batch, swaps)])
+                               [[str(truth)] + [t for _, t in sw] for truth, sw in zip(truths, swaps)])
         for sw, (true, *rest) in zip(swaps, scores):
             for (kind, _), score in zip(sw, rest):
                 tally.setdefault(kind, []).append((true.itm > score.itm, score.is_noise(threshold)))

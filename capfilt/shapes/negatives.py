@@ -43,18 +43,26 @@ def swapped(parse: Parse, what: str) -> Parse:
                                    replace(second, **{what: getattr(first, what)})))
 
 
-def negative_caption(scene: Scene, rng: np.random.Generator) -> str | None:
-    """A compositional negative of ``scene``'s caption, wrong for the scene; ``None`` when there is none.
+def possible_swaps(parse: Parse) -> list[str]:
+    """The swaps that make ``parse`` wrong: ``objects`` then each attribute where the two objects differ.
 
-    None for one object, and for two objects that are the same in every
+    None for one object, and none for two objects that are the same in every
     attribute (then every swap gives back a correct caption).
     """
+    if parse.relation is None:
+        return []
+    first, second = parse.phrases
+    differing = [a for a in ATTRIBUTE_SWAPS if getattr(first, a) != getattr(second, a)]
+    return ["objects", *differing] if differing else []
+
+
+def negative_caption(scene: Scene, rng: np.random.Generator) -> str | None:
+    """A compositional negative of ``scene``'s caption, wrong for the scene; ``None`` when there is none."""
     truth = describe(scene)
-    if truth.relation is None:
+    swaps = possible_swaps(truth)
+    if not swaps:
         return None
-    differing = [a for a in ATTRIBUTE_SWAPS if getattr(truth.phrases[0], a) != getattr(truth.phrases[1], a)]
-    if not differing:
-        return None
+    differing = swaps[1:]
     what = "objects" if rng.random() < OBJECT_SWAP_PROBABILITY else differing[int(rng.integers(len(differing)))]
     text = str(swapped(truth, what))
     if is_correct(text, scene):  # cannot happen while the objects differ; the parser is the judge
