@@ -40,27 +40,22 @@ torch.cuda.is_available(), transformers.__version__, pyarrow.__version__, PIL.__
 } >"$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
-# The splits first; then the training stages share what is left of DEADLINE seconds (45% pre-training,
-# 55% fine-tuning), keeping OVERHEAD seconds for starting processes, exporting and installing.
+# The splits first; then the training stages share what is left of DEADLINE seconds, keeping OVERHEAD seconds
+# for starting processes, exporting and installing. capfilt.demo deals the budget out (split_budget: 45%
+# pre-training, 55% fine-tuning; all of it to the fine-tunes of a run that goes on from installed models).
 DEADLINE=${DEADLINE:-540}
 OVERHEAD=${OVERHEAD:-80}
 python3 -P -m capfilt.demo --gpu --splits-only --work "$WORK" "$@" 2>&1 | tee "$OUT/console.log"
-left=$((DEADLINE - OVERHEAD - ($(date +%s) - START)))
-PRETRAIN=$((left * 45 / 100))
-FINETUNE=$((left - PRETRAIN))
-echo "[device] $left s for training: pre-training $PRETRAIN s, fine-tuning $FINETUNE s" | tee -a "$OUT/console.log"
-# One training run: WORK_DIR, OUT_DIR, then its flags. Its own work folder links the shared splits. A run
-# that goes on from installed models (--continue-from capfilt/demo_models) does not pre-train: its fine-tunes
-# get all the training time.
+TRAIN=$((DEADLINE - OVERHEAD - ($(date +%s) - START)))
+echo "[device] $TRAIN s for training" | tee -a "$OUT/console.log"
+# One training run: WORK_DIR, OUT_DIR, then its flags. Its own work folder links the shared splits.
 train() {
-    local work=$1 out=$2 finetune=$FINETUNE
+    local work=$1 out=$2
     shift 2
-    case " $* " in *" --continue-from "* | *" --continue-from="*) finetune=$((PRETRAIN + FINETUNE)) ;; esac
     mkdir -p "$work/data" "$out"
     [ "$work" = "$WORK" ] || ln -sfn "$WORK/data/human" "$work/data/human"
     [ "$work" = "$WORK" ] || ln -sfn "$WORK/data/web" "$work/data/web"
-    python3 -P -m capfilt.demo --gpu --work "$work" --install "$work/install" --pretrain-seconds "$PRETRAIN" \
-        --finetune-seconds "$finetune" "$@" 2>&1 \
+    python3 -P -m capfilt.demo --gpu --work "$work" --install "$work/install" --train-seconds "$TRAIN" "$@" 2>&1 \
         | grep --line-buffered -v "Loading weights\|Writing model shards" | tee -a "$out/console.log"
     local status=${PIPESTATUS[0]}
     echo "[device] capfilt.demo exited with $status after $(($(date +%s) - START)) s" | tee -a "$out/console.log"

@@ -70,6 +70,9 @@ class DemoRecipe:
     streams: int = 0  # loader streams of every stage (0: one, which reads the files one after another)
     pretrain_seconds: float = 0.0  # wall-clock limit of pre-training (0: none; the steps above end it)
     finetune_seconds: float = 0.0  # wall-clock limit of each fine-tune, which run side by side (0: none)
+    # Wall-clock budget of all training, which `split_budget` deals out (a lent machine's time per command);
+    # when set it replaces the two limits above. 0: use them as given.
+    train_seconds: float = 0.0
     loader_workers: int = 2  # decoders of pre-training; each fine-tune gets half
     decode_in: str = "threads"  # "threads" or "processes" (threads feed ~2.5k images/s: enough for 2 cores, not a GPU)
     render_processes: int = 1  # processes that render the splits
@@ -89,6 +92,19 @@ GPU_RECIPE = DemoRecipe(shard_size=6_250, streams=16, batch_size=256, pretrain_l
                         vision_position_init="sincos", pretrain_steps=10**7, captioner_steps=10**7,
                         filter_steps=10**7, pretrain_seconds=170.0, finetune_seconds=220.0, loader_workers=14,
                         decode_in="processes", render_processes=16, checkpoint_every=2_000)
+
+
+PRETRAIN_SHARE = 0.45  # of ``train_seconds``, when pre-training; the rest goes to the fine-tunes (side by side)
+
+
+def split_budget(recipe: DemoRecipe) -> DemoRecipe:
+    """``train_seconds`` dealt out: 45% pre-training, 55% fine-tuning; all of it fine-tuning when continuing."""
+    if recipe.train_seconds <= 0:
+        return recipe
+    if recipe.continue_from:
+        return replace(recipe, pretrain_seconds=0.0, finetune_seconds=recipe.train_seconds)
+    pretrain_seconds = recipe.train_seconds * PRETRAIN_SHARE
+    return replace(recipe, pretrain_seconds=pretrain_seconds, finetune_seconds=recipe.train_seconds - pretrain_seconds)
 
 
 def split_folders(work: Path) -> dict[str, Path]:
@@ -273,7 +289,8 @@ def main(argv: list[str] | None = None) -> None:
     args = vars(parser.parse_args(argv))
     work, install = Path(args.pop("work")), Path(args.pop("install"))
     gpu, splits_only = args.pop("gpu"), args.pop("splits_only")
-    recipe = replace(GPU_RECIPE if gpu else DemoRecipe(), **{k: v for k, v in args.items() if v is not None})
+    chosen = {name: value for name, value in args.items() if value is not None}
+    recipe = split_budget(replace(GPU_RECIPE if gpu else DemoRecipe(), **chosen))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     _log_to_console()
     if splits_only:

@@ -21,11 +21,11 @@ def miniature(tmp_path_factory):
     """Splits, work folder and installed models of ``--gpu``'s recipe in miniature."""
     tmp_path = tmp_path_factory.mktemp("miniature")
     work, install = tmp_path / "work", tmp_path / "install"
-    # --gpu's settings (16 streams aside, patch 4) on 48 + 48 pairs; 1 ms per stage: each stops after its first step.
+    # --gpu's settings (16 streams aside, patch 4) on 48 + 48 pairs; 2 ms of training: each stage stops after its first step.
     demo.main(["--gpu", "--work", str(work), "--install", str(install), "--human", "48", "--web", "48",
                "--shard-size", "12", "--streams", "2", "--batch-size", "8", "--queue-size", "16",
-               "--loader-workers", "2", "--render-processes", "2", "--pretrain-seconds", "0.001",
-               "--finetune-seconds", "0.001", "--patch-size", "4"])
+               "--loader-workers", "2", "--render-processes", "2", "--train-seconds", "0.002",
+               "--patch-size", "4"])
     return work, install
 
 
@@ -34,7 +34,10 @@ def test_the_gpu_recipe_runs_in_miniature_with_time_limits_and_decoding_processe
     assert sorted(p.name for p in (work / "data" / "human").glob("*.parquet")) == [f"{i:05d}.parquet" for i in range(4)]
     assert sum(pq.read_metadata(p).num_rows for p in (work / "data" / "web").glob("*.parquet")) == 48
     recipe = json.loads((install / "filter" / "capfilt_recipe.json").read_text())
-    assert recipe["decode_in"] == "processes" and recipe["pretrain_seconds"] == 0.001
+    assert recipe["decode_in"] == "processes"
+    # --train-seconds dealt out: 45% to pre-training, the rest to each of the fine-tunes (side by side).
+    assert recipe["train_seconds"] == 0.002 and recipe["pretrain_seconds"] == pytest.approx(0.0009)
+    assert recipe["finetune_seconds"] == pytest.approx(0.0011)
     assert recipe["vision_position_init"] == "sincos" and recipe["batch_size"] == 8  # --gpu's start, the flag's batch
     assert recipe["steps_trained"] == {"pretrain": 1, "captioner": 1, "filter": 1}
     assert json.loads((install / "captioner" / "capfilt_recipe.json").read_text()) == recipe
@@ -68,7 +71,7 @@ def test_continue_from_fine_tunes_the_installed_models_without_pre_training(mini
     demo.main(["--work", str(work), "--install", str(install), "--continue-from", str(start), "--human", "48",
                "--web", "48", "--shard-size", "24", "--batch-size", "8", "--queue-size", "16", "--patch-size", "4",
                "--captioner-steps", "1", "--filter-steps", "1", "--finetune-lr", "0",
-               "--compositional-negatives", "true", "--freeze-vision", "no"])
+               "--compositional-negatives", "true", "--freeze-vision", "no", "--train-seconds", "60"])
     assert not (work / "pretrain").exists() and not (work / "data" / "web").exists()  # fine-tuning only
     for role in ("captioner", "filter"):
         before, after = (load_file(folder / role / "model.safetensors") for folder in (start, install))
@@ -76,6 +79,7 @@ def test_continue_from_fine_tunes_the_installed_models_without_pre_training(mini
         recipe = json.loads((install / role / "capfilt_recipe.json").read_text())
         assert recipe["continue_from"] == str(start) and recipe["steps_trained"] == {"captioner": 1, "filter": 1}
         assert recipe["continued"] == json.loads((start / role / "capfilt_recipe.json").read_text())
+        assert (recipe["pretrain_seconds"], recipe["finetune_seconds"]) == (0.0, 60.0)  # no pre-training: all to it
     # --compositional-negatives true: the filter's fine-tuning, only it, reads them; --freeze-vision no: BLIP's.
     assert stage_settings(work, "data", "negatives") == {"captioner": "", "filter": "negative_caption"}
     assert stage_settings(work, "med", "freeze_vision") == {"captioner": False, "filter": False}
