@@ -2,6 +2,7 @@
 
     python bench/probe_binding.py                         # the shipped captioner's ViT
     python bench/probe_binding.py --captioner PATH --n 1500
+    python bench/probe_binding.py --filter demo           # the shipped filter's ViT
 
 On the two-object scenes of a fresh ``human`` split (seed 77), ridge
 regressions on the ViT's tokens at the objects' centres, per layer, fitted
@@ -28,15 +29,18 @@ def ridge(x: np.ndarray, y: np.ndarray, x_test: np.ndarray, strength: float) -> 
 
 def main(argv: list[str] | None = None) -> None:
     from capfilt.captioner import Captioner
+    from capfilt.filter import Filter
     from capfilt.shapes.splits import iter_split
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--captioner", default="demo")
+    parser.add_argument("--filter", default="", help="probe this filter's ViT instead of the captioner's")
     parser.add_argument("--n", type=int, default=1500, help="human pairs drawn (about half have two objects)")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
-    captioner = Captioner.load(args.captioner)
-    vision = captioner.model.float().vision_model
+    loaded = Filter.load(args.filter) if args.filter else Captioner.load(args.captioner)
+    vision = loaded.model.float().vision_model
+    name = f"filter {args.filter}" if args.filter else f"captioner {args.captioner}"
     patch = vision.config.patch_size
     grid = vision.config.image_size // patch
     scenes = [s for s in iter_split("human", args.n, 77) if s.scene.relation is not None]
@@ -44,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     with torch.no_grad():
         for start in range(0, len(scenes), 64):
             batch = scenes[start:start + 64]
-            out = vision(pixel_values=captioner.preprocess([s.image for s in batch]), output_hidden_states=True)
+            out = vision(pixel_values=loaded.preprocess([s.image for s in batch]), output_hidden_states=True)
             layers = torch.stack(out.hidden_states, 1)  # [B, layers + 1, tokens, width]
             centres = [[1 + int(o.cy // patch) * grid + int(o.cx // patch) for o in s.scene.objects] for s in batch]
             hidden += [layers[i, :, c].numpy() for i, c in enumerate(centres)]
@@ -53,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     x = np.array([[o.cx for o in s.scene.objects] for s in scenes])
     horizontal = np.array([s.scene.relation in ("left of", "right of") for s in scenes])
     train = np.arange(len(scenes)) < int(0.7 * len(scenes))
-    print(f"ViT ({args.captioner}): {len(scenes)} two-object scenes, {grid}x{grid} patches; "
+    print(f"ViT ({name}): {len(scenes)} two-object scenes, {grid}x{grid} patches; "
           "held-out scores of linear probes on the tokens at the objects' centres")
     for layer in range(hidden.shape[1]):
         a = hidden[:, layer, 0]

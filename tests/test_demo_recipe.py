@@ -21,7 +21,8 @@ def miniature(tmp_path_factory):
     """Splits, work folder and installed models of ``--gpu``'s recipe in miniature."""
     tmp_path = tmp_path_factory.mktemp("miniature")
     work, install = tmp_path / "work", tmp_path / "install"
-    # --gpu's settings (16 streams aside, patch 4) on 48 + 48 pairs; 2 ms of training: each stage stops after its first step.
+    # --gpu's settings (16 streams aside, patch 4) on 48 + 48 pairs; 2 ms of training: every stage stops after
+    # its first step.
     demo.main(["--gpu", "--work", str(work), "--install", str(install), "--human", "48", "--web", "48",
                "--shard-size", "12", "--streams", "2", "--batch-size", "8", "--queue-size", "16",
                "--loader-workers", "2", "--render-processes", "2", "--train-seconds", "0.002",
