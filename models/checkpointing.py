@@ -21,6 +21,7 @@ import torch
 
 from capfilt.models import distributed
 from capfilt.models.data import StreamPosition
+from capfilt.models.med import MEDSettings
 
 log = logging.getLogger(__name__)
 STATE_FILE = "training_state.pt"
@@ -137,7 +138,10 @@ def load_checkpoint(folder: str | Path, model: torch.nn.Module, optimizer: torch
 
 def _check_same_run(previous: dict, current: dict, folder) -> None:
     def fields(info):
-        return {"model config": info["blip"], "MED settings": info["med"], "streams": info["streams"],
+        # A MED setting added since the checkpoint was written is at its default there: a new setting's default
+        # is what capfilt did before it existed (e.g. freeze_vision=False), so such a run can still resume.
+        med = {**asdict(MEDSettings()), **info["med"]}
+        return {"model config": info["blip"], "MED settings": med, "streams": info["streams"],
                 "task": info["train"]["task"], "global batch": info["train"]["data"]["batch_size"]}
 
     old, new = fields(previous), fields(current)

@@ -187,6 +187,18 @@ def test_a_partial_checkpoint_is_never_resumed_from(tmp_path, dataset, tokenizer
         train(tiny("pretrain", dataset, tokenizer_dir, out, max_steps=2, queue_size=32))
 
 
+def test_a_checkpoint_from_before_a_med_setting_existed_resumes_at_its_default(tmp_path, dataset, tokenizer_dir):
+    out = tmp_path / "run"
+    train(tiny("pretrain", dataset, tokenizer_dir, out, max_steps=1))
+    path = latest_checkpoint(out) / "training_state.pt"
+    saved = torch.load(path, weights_only=True)
+    del saved["config"]["med"]["freeze_vision"]  # as capfilt wrote it before freeze_vision was added
+    torch.save(saved, path)
+    with pytest.raises(ValueError, match="MED settings differ"):  # that run trained its ViT
+        train(tiny("pretrain", dataset, tokenizer_dir, out, max_steps=2, freeze_vision=True))
+    assert train(tiny("pretrain", dataset, tokenizer_dir, out, max_steps=2))["step"] == 2
+
+
 def test_a_time_limit_stops_with_a_checkpoint_and_an_export(tmp_path, dataset, tokenizer_dir, pretrained):
     out = tmp_path / "filter"
     # 1 ms: the limit has passed when the first step ends; the run stops there and still checkpoints and exports.
