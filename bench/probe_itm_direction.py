@@ -83,11 +83,9 @@ def main(argv: list[str] | None = None) -> None:
         return torch.cat([model.vision_model(pixel_values=filt.preprocess(images[i:i + 256]).to(device))
                           .last_hidden_state for i in range(0, len(images), 256)])
 
-    def tokens(texts):
+    def tokens(texts):  # [CLS]-led; Filter.itm_logits puts ITM's [ENC] in front
         encoded = filt.tokenize(texts)
-        ids = encoded["input_ids"].clone()
-        ids[:, 0] = filt.ids.enc  # ITM's input starts with [ENC] (paper §3.2)
-        return ids, encoded["attention_mask"]
+        return encoded["input_ids"], encoded["attention_mask"]
 
     train_images, train_true, train_swap = scenes(11, args.n, args.swap)
     val_images, val_true, val_swap = scenes(31337, 2000, args.swap)
@@ -96,20 +94,12 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{len(train_images)} training and {len(val_images)} validation scenes, ViT tokens cached "
           f"({time.time() - start:.0f} s); swap {args.swap}, lr {args.lr}, {args.steps} steps on {device}", flush=True)
 
-    def itm_logits(embeds, ids, mask):
-        image_mask = torch.ones(embeds.shape[:-1], dtype=torch.long, device=device)
-        hidden = model.text_encoder(input_ids=ids, attention_mask=mask, encoder_hidden_states=embeds,
-                                    encoder_attention_mask=image_mask).last_hidden_state[:, 0]
-        return model.itm_head(hidden)
-
-    @torch.no_grad()
     def validate(step: int) -> None:
         model.text_encoder.eval()
         higher, kept = [], []
         for i in range(0, len(val_embeds), 250):
-            embeds = val_embeds[i:i + 250]
-            true, swap = (F.softmax(itm_logits(embeds, ids[i:i + 250], mask[i:i + 250]), dim=-1)[:, 1]
-                          for ids, mask in val_texts)
+            rows = torch.arange(i, min(i + 250, len(val_embeds)), device=device)
+            true, swap = (filt.match_probability(val_embeds, rows, ids[rows], mask[rows]) for ids, mask in val_texts)
             higher.append(true > swap)
             kept.append(true > 0.5)
         model.text_encoder.train()
@@ -125,9 +115,8 @@ def main(argv: list[str] | None = None) -> None:
     for step in range(1, args.steps + 1):
         rows = torch.randint(len(train_embeds), (64,), generator=generator).to(device)
         (true_ids, true_mask), (swap_ids, swap_mask) = ((ids[rows], mask[rows]) for ids, mask in train_texts)
-        embeds = train_embeds[rows]
-        logits = itm_logits(torch.cat([embeds, embeds]), torch.cat([true_ids, swap_ids]),
-                            torch.cat([true_mask, swap_mask]))
+        logits = filt.itm_logits(train_embeds, torch.cat([rows, rows]), torch.cat([true_ids, swap_ids]),
+                                 torch.cat([true_mask, swap_mask]))
         loss = F.cross_entropy(logits, labels)
         optimizer.zero_grad()
         loss.backward()

@@ -82,10 +82,9 @@ class Filter:
                                 return_tensors="pt")
         return {"input_ids": tokens.input_ids.to(self.device), "attention_mask": tokens.attention_mask.to(self.device)}
 
-    @torch.no_grad()
-    def match_probability(self, image_embeds: torch.Tensor, image_index: torch.Tensor,
-                          input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """ITM match probabilities of texts against already-encoded images (``image_index``: see ``score_embedded``)."""
+    def itm_logits(self, image_embeds: torch.Tensor, image_index: torch.Tensor,
+                   input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """ITM head logits ``[texts, 2]`` (class 1 = match), with gradients: ``match_probability``'s forward."""
         # ITM (paper §3.2, eq. ITM): [ENC] text, cross-attending to the image; head on position 0.
         enc_ids = input_ids.clone()
         enc_ids[:, 0] = self.ids.enc
@@ -94,7 +93,13 @@ class Filter:
         grounded = self.model.text_encoder(input_ids=enc_ids, attention_mask=attention_mask,
                                            encoder_hidden_states=images,
                                            encoder_attention_mask=image_mask).last_hidden_state[:, 0]
-        return F.softmax(self.model.itm_head(grounded).float(), dim=-1)[:, 1]
+        return self.model.itm_head(grounded)
+
+    @torch.no_grad()
+    def match_probability(self, image_embeds: torch.Tensor, image_index: torch.Tensor,
+                          input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """ITM match probabilities of texts against already-encoded images (``image_index``: see ``score_embedded``)."""
+        return F.softmax(self.itm_logits(image_embeds, image_index, input_ids, attention_mask).float(), dim=-1)[:, 1]
 
     @torch.no_grad()
     def score_embedded(self, image_embeds: torch.Tensor, image_index: torch.Tensor,
