@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -252,3 +253,22 @@ def test_sincos_init_sets_the_vit_and_its_momentum_copy(med, batch):
     losses = med(*batch)
     sum(losses.values()).backward()
     assert med.vision_model.embeddings.position_embedding.grad.abs().sum() > 0  # still trained
+
+
+def test_a_frozen_vit_equal_to_its_momentum_copy_runs_once(tiny_config, tokenizer, batch):
+    torch.manual_seed(0)
+    fast = build_med(tiny_config, tokenizer, MEDSettings(queue_size=8, freeze_vision=True))
+    slow = copy.deepcopy(fast)
+    slow._momentum_image_embeds = lambda pixels, _: slow.vision_model_m.eval()(pixel_values=pixels).last_hidden_state
+    calls = []
+    fast.vision_model_m.register_forward_hook(lambda *_: calls.append(1))
+    for _ in range(2):  # the second step after a momentum update, which leaves the copy equal
+        got = fast(*batch, alpha=0.4, generator=torch.Generator().manual_seed(0))
+        want = slow(*batch, alpha=0.4, generator=torch.Generator().manual_seed(0))
+        assert got["itc"].item() == pytest.approx(want["itc"].item(), rel=1e-5)
+        assert got["itm"].item() == pytest.approx(want["itm"].item(), rel=1e-5)
+    assert calls == []
+    with torch.no_grad():  # a momentum ViT that differs (a resumed pre-training) runs its own forward
+        next(fast.vision_model_m.parameters()).add_(0.01)
+    fast(*batch, alpha=0.4, generator=torch.Generator().manual_seed(0))
+    assert calls == [1]

@@ -9,26 +9,43 @@ import pyarrow.parquet as pq
 import pytest
 
 from capfilt.shapes import describe, is_correct, iter_split, parse, read_split, write_split
-from capfilt.shapes.negatives import negative_caption, swapped
+from capfilt.shapes.negatives import negative_caption, swapped, wrong_relations
 
 
-def test_negatives_are_wrong_swaps_of_the_true_caption():
+def test_negatives_are_wrong_swaps_or_relations_of_the_true_caption():
     kinds = Counter()
     rng = np.random.default_rng(0)
-    for sample in iter_split("human", 400, seed=5):
+    for sample in iter_split("human", 600, seed=5):
         negative = negative_caption(sample.scene, rng)
         truth = describe(sample.scene)
-        if truth.relation is None or truth.phrases[0] == truth.phrases[1]:
-            assert negative is None  # nothing to swap: one object, or two alike ones
+        if truth.relation is None:
+            assert negative is None  # one object: nothing to swap, no relation
             kinds["none"] += 1
             continue
         wrong = parse(negative)
         assert wrong is not None and not is_correct(negative, sample.scene)
-        # The same words, rebound: the same relation, and every attribute value used as often.
-        assert wrong.relation == truth.relation
+        if wrong.relation != truth.relation:  # the relation replaced, nothing else
+            assert wrong.phrases == truth.phrases
+            kinds["relation"] += 1
+            if truth.phrases[0] == truth.phrases[1]:  # two alike objects: only the other axis is wrong
+                kinds["alike"] += 1
+                assert {wrong.relation, truth.relation} not in ({"left of", "right of"}, {"above", "below"})
+            continue
+        # A swap: the same words, rebound, and every attribute value used as often.
+        assert truth.phrases[0] != truth.phrases[1]
         assert sorted(negative.split()) == sorted(sample.text.split())
         kinds["objects" if wrong.phrases == truth.phrases[::-1] else "attribute"] += 1
-    assert kinds["objects"] > 50 and kinds["attribute"] > 50 and kinds["none"] > 50
+    assert kinds["none"] > 50 and kinds["objects"] > 50 and kinds["attribute"] > 50 and kinds["relation"] > 50
+    assert 0 < kinds["alike"] < 20
+
+
+def test_a_relation_change_reaches_every_wrong_relation():
+    scene = next(s.scene for s in iter_split("human", 50, seed=6)
+                 if s.scene.relation is not None and len(set(describe(s.scene).phrases)) == 2)
+    truth = describe(scene)
+    rng = np.random.default_rng(1)
+    relations = {parse(negative_caption(scene, rng)).relation for _ in range(300)} - {truth.relation}
+    assert relations == set(wrong_relations(truth, scene)) and len(relations) == 3
 
 
 def test_an_attribute_swap_exchanges_that_attribute_only():
@@ -47,8 +64,7 @@ def test_a_split_written_with_negatives_carries_them_read_back(tmp_path):
     assert len(paths) == 3 and len(again) == 2
     for row in rows:
         phrases = describe(row["scene"]).phrases
-        two_different = len(phrases) == 2 and phrases[0] != phrases[1]
-        assert (row["negative_caption"] is not None) == two_different
+        assert (row["negative_caption"] is not None) == (len(phrases) == 2)
         if row["negative_caption"]:
             assert not is_correct(row["negative_caption"], row["scene"])
     plain = write_split("human", 10, seed=4, out=tmp_path / "c")

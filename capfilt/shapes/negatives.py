@@ -1,4 +1,4 @@
-"""Compositional hard negatives: a two-object caption with its words bound to the wrong objects.
+"""Compositional hard negatives: a two-object caption with its words bound wrongly, or its relation wrong.
 
 A departure from BLIP for the demo filter (docs/demo.md, "Compositional
 negatives"). ITM's hard negative text for an image is drawn from the batch by
@@ -14,9 +14,20 @@ true caption; in this world's grammar, the swaps are:
   objects, where they differ (``a red circle … a blue square`` -> ``a blue
   circle … a red square``).
 
-Half of the draws swap the objects, half swap an attribute. Every negative is
-checked wrong for its scene with the caption parser. One-object scenes have
-none (their attributes have nothing to be swapped with).
+NegCLIP also replaces words; here the one word that carries geometry:
+
+- ``relation``: the relation replaced by another one that is wrong for the
+  scene (``A left of B`` -> ``A right of B``, ``A above B`` or ``A below B``).
+
+The swaps hold the true caption's words, so they test binding alone; in
+training, ITM sat at chance on the objects swap for ~1,000 steps before it
+learned the direction (docs/demo.md), and a filter trained on swaps still
+passed almost every web text whose relation was changed. A third of the
+draws swap the objects, a third change the relation, a third swap an
+attribute. Every negative is checked wrong for its scene with the caption
+parser. One-object scenes have none (nothing to swap, no relation); two
+alike objects get only a relation on the other axis (their converse is
+correct).
 """
 
 from __future__ import annotations
@@ -27,9 +38,11 @@ import numpy as np
 
 from capfilt.shapes.captions import Parse, describe, is_correct
 from capfilt.shapes.scene import Scene
+from capfilt.shapes.world import RELATIONS
 
 ATTRIBUTE_SWAPS = ("size", "colour", "shape")
-OBJECT_SWAP_PROBABILITY = 0.5  # the rest swap one attribute that differs between the objects
+OBJECT_SWAP_PROBABILITY = 1 / 3
+RELATION_CHANGE_PROBABILITY = 1 / 3  # the rest swap one attribute that differs between the objects
 
 
 def swapped(parse: Parse, what: str) -> Parse:
@@ -56,15 +69,27 @@ def possible_swaps(parse: Parse) -> list[str]:
     return ["objects", *differing] if differing else []
 
 
+def wrong_relations(parse: Parse, scene: Scene) -> list[str]:
+    """The relations that make ``parse`` (a correct two-object caption of ``scene``) wrong when put in its place."""
+    return [relation for relation in RELATIONS if relation != parse.relation
+            and not is_correct(str(replace(parse, relation=relation)), scene)]
+
+
 def negative_caption(scene: Scene, rng: np.random.Generator) -> str | None:
     """A compositional negative of ``scene``'s caption, wrong for the scene; ``None`` when there is none."""
     truth = describe(scene)
-    swaps = possible_swaps(truth)
-    if not swaps:
+    if truth.relation is None:
         return None
-    differing = swaps[1:]
-    what = "objects" if rng.random() < OBJECT_SWAP_PROBABILITY else differing[int(rng.integers(len(differing)))]
-    text = str(swapped(truth, what))
-    if is_correct(text, scene):  # cannot happen while the objects differ; the parser is the judge
-        raise AssertionError(f"the {what} swap of {truth} is correct for its scene")
+    swaps, relations = possible_swaps(truth), wrong_relations(truth, scene)
+    draw = rng.random()
+    if draw < RELATION_CHANGE_PROBABILITY or not swaps:
+        negative, what = replace(truth, relation=relations[int(rng.integers(len(relations)))]), "relation"
+    elif draw < RELATION_CHANGE_PROBABILITY + OBJECT_SWAP_PROBABILITY:
+        negative, what = swapped(truth, "objects"), "objects"
+    else:
+        what = swaps[1:][int(rng.integers(len(swaps) - 1))]
+        negative = swapped(truth, what)
+    text = str(negative)
+    if is_correct(text, scene):  # cannot happen: the swaps need objects that differ; the parser is the judge
+        raise AssertionError(f"the {what} negative of {truth} is correct for its scene")
     return text
