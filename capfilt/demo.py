@@ -59,8 +59,8 @@ class DemoRecipe:
     patch_size: int = 8  # the demo preset's (an 8x8 grid); 4 gives a 16x16 grid, 4x the ViT tokens (docs/demo.md)
     vision_position_init: str = "random"  # BLIP's; "sincos" starts pre-training's ViT positions at 2-D sin-cos
     # True: the filter's fine-tuning pairs each two-object image with a compositional negative of its caption
-    # (objects or one attribute swapped; capfilt.shapes.negatives) as ITM's hard negative text. False (BLIP's):
-    # negatives drawn by ITC similarity only. Tried on CPU, it did not teach the filter a relation's direction in
+    # (objects or one attribute swapped, or the relation changed; capfilt.shapes.negatives) as ITM's hard
+    # negative text. False (BLIP's): negatives drawn by ITC similarity only. Tried on CPU, it did not teach the filter a relation's direction in
     # 1,500 steps and made it stricter on clean texts (docs/demo.md, "Compositional negatives").
     compositional_negatives: bool = False
     # Fine-tuning trains the text side only, the ViT frozen as pre-training (or the models continued from) left it.
@@ -80,6 +80,11 @@ class DemoRecipe:
     # Installed demo models (a folder with captioner/ and filter/) to go on fine-tuning instead of pre-training a
     # new MED: "" trains from scratch. Their own recipe is kept in capfilt_recipe.json under "continued".
     continue_from: str = ""
+    # With continue_from: the filter goes on from its own text side on the captioner's ViT, so that both models
+    # read one image encoder, as two fine-tunes of one pre-trained MED with the ViT frozen do. The shipped
+    # captioner's ViT trained longer than the filter's and sees shapes better (docs/demo.md, "The filter on the
+    # captioner's ViT"). No effect without continue_from (both fine-tunes then start from one pre-training).
+    shared_vision: bool = False
 
 
 # `python -m capfilt.demo --gpu`: the same model and data on one GPU with 16 CPU cores. Every stage runs to its
@@ -179,7 +184,11 @@ def finetune_jobs(recipe: DemoRecipe, work: Path) -> list[tuple[str, dict]]:
                     streams=recipe.streams, max_seconds=recipe.finetune_seconds)
 
     def start(role: str) -> str:
-        return str(Path(recipe.continue_from) / role) if recipe.continue_from else str(work / "pretrain")
+        if not recipe.continue_from:
+            return str(work / "pretrain")
+        if role == "filter" and recipe.shared_vision:
+            return str(work / SHARED_VISION_START)  # written by filter_on_captioner_vision
+        return str(Path(recipe.continue_from) / role)
 
     return [
         ("finetune-captioner", dict(finetune, init=start("captioner"), out=str(work / "captioner"),
@@ -188,6 +197,24 @@ def finetune_jobs(recipe: DemoRecipe, work: Path) -> list[tuple[str, dict]]:
                                  max_steps=recipe.filter_steps, queue_size=recipe.queue_size, positives="text",
                                  negatives=NEGATIVE_COLUMN if recipe.compositional_negatives else "")),
     ]
+
+
+SHARED_VISION_START = "filter-start"  # in the work folder: the filter to go on from with ``shared_vision``
+
+
+def filter_on_captioner_vision(models: Path, out: Path) -> Path:
+    """The filter in ``models`` with the ViT of the captioner beside it in place of its own (``shared_vision``)."""
+    from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval
+
+    from capfilt.checkpoints import load_hf_folder
+    from capfilt.tokenizer import load_tokenizer
+
+    filter_ = load_hf_folder(BlipForImageTextRetrieval, models / "filter")
+    captioner = load_hf_folder(BlipForConditionalGeneration, models / "captioner")
+    filter_.vision_model.load_state_dict(captioner.vision_model.state_dict())
+    filter_.save_pretrained(out)
+    load_tokenizer(models / "filter").save_pretrained(out)
+    return out
 
 
 def finetune(job: tuple[str, dict]) -> None:
@@ -212,6 +239,8 @@ def train_demo_models(recipe: DemoRecipe = DemoRecipe(), work: Path = WORK, inst
         if missing:
             raise FileNotFoundError(f"--continue-from {recipe.continue_from}: no {' or '.join(missing)} folder")
         print(f"[demo-models] going on fine-tuning the models in {recipe.continue_from}", flush=True)
+        if recipe.shared_vision:
+            filter_on_captioner_vision(Path(recipe.continue_from), work / SHARED_VISION_START)
     else:
         pretrain(recipe, work, [folders["human"], folders["web"]], work / "pretrain", streams=recipe.streams)
         print(f"[demo-models] pre-trained ({(time.time() - start) / 60:.0f} min)", flush=True)

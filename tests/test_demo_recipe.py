@@ -88,6 +88,28 @@ def test_continue_from_fine_tunes_the_installed_models_without_pre_training(mini
         demo.main(["--compositional-negatives", "maybe"])
 
 
+def test_shared_vision_puts_the_captioners_vit_under_the_filters_text_side(miniature, tmp_path):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    _, installed = miniature
+    start, work, install = tmp_path / "start", tmp_path / "work", tmp_path / "install"
+    shutil.copytree(installed, start)
+    captioner = load_file(start / "captioner" / "model.safetensors")  # a captioner whose ViT differs from the filter's
+    captioner = {k: v + 0.5 if k.startswith("vision_model.") else v for k, v in captioner.items()}
+    save_file(captioner, start / "captioner" / "model.safetensors", metadata={"format": "pt"})
+    demo.main(["--work", str(work), "--install", str(install), "--continue-from", str(start), "--human", "48",
+               "--shard-size", "24", "--batch-size", "8", "--queue-size", "16", "--patch-size", "4",
+               "--captioner-steps", "1", "--filter-steps", "1", "--finetune-lr", "0", "--shared-vision", "yes"])
+    before, after = (load_file(folder / "filter" / "model.safetensors") for folder in (start, install))
+    assert before.keys() == after.keys()
+    vision = [k for k in before if k.startswith("vision_model.")]
+    assert vision and all(after[k].equal(captioner[k]) and not after[k].equal(before[k]) for k in vision)
+    assert all(after[k].equal(before[k]) for k in before if k not in vision)  # the filter's own text side and heads
+    assert json.loads((install / "filter" / "capfilt_recipe.json").read_text())["shared_vision"] is True
+
+
 def test_an_old_human_split_is_rendered_again_only_when_the_recipe_reads_negatives(tmp_path):
     from capfilt.shapes.shards import write_split
 
