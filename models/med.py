@@ -208,8 +208,8 @@ class MED(nn.Module):
         A frozen ViT's momentum copy that starts equal (a load without momentum
         weights: every fine-tune from an exported model) stays equal, since a
         step lerps it towards the same weights. Its forward would then repeat
-        the online one (in eval mode, as the frozen ViT runs), about a tenth of
-        a frozen-ViT filter step of the demo model on 2 CPU cores.
+        the online one (in eval mode, as the frozen ViT runs): 8% of a demo
+        filter step on 2 CPU cores (bench/bench_frozen_vit_step.py).
         """
         if self.settings.freeze_vision and all(
                 torch.equal(online, momentum) for online, momentum in
