@@ -60,8 +60,9 @@ class DemoRecipe:
     vision_position_init: str = "random"  # BLIP's; "sincos" starts pre-training's ViT positions at 2-D sin-cos
     # True: the filter's fine-tuning pairs each two-object image with a compositional negative of its caption
     # (objects or one attribute swapped, or the relation changed; capfilt.shapes.negatives) as ITM's hard
-    # negative text. False (BLIP's): negatives drawn by ITC similarity only. Tried on CPU, it did not teach the filter a relation's direction in
-    # 1,500 steps and made it stricter on clean texts (docs/demo.md, "Compositional negatives").
+    # negative text. False (BLIP's): negatives drawn by ITC similarity only. Tried on CPU, it did not teach the
+    # filter a relation's direction in 1,500 steps and made it stricter on clean texts (docs/demo.md,
+    # "Compositional negatives" and "The filter on the captioner's ViT").
     compositional_negatives: bool = False
     # Fine-tuning trains the text side only, the ViT frozen as pre-training (or the models continued from) left it.
     # BLIP fine-tunes the ViT too; with it frozen the captioner learned a relation's direction (docs/demo.md).
