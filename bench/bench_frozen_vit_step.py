@@ -62,7 +62,7 @@ def main() -> None:
         with torch.no_grad():
             return med.vision_model_m.eval()(pixel_values=pixel_values).last_hidden_state
 
-    variants = {"reused": MED._momentum_image_embeds.__get__(med), "own forward": own_forward}
+    variants = {"reused": med._momentum_image_embeds, "own forward": own_forward}
 
     def step() -> None:
         losses = med(pixels, tokens.input_ids, tokens.attention_mask, image_ids=ids, alpha=0.4,

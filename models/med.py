@@ -211,9 +211,9 @@ class MED(nn.Module):
         the online one (in eval mode, as the frozen ViT runs): 8% of a demo
         filter step on 2 CPU cores (bench/bench_frozen_vit_step.py).
         """
-        if self.settings.freeze_vision and all(
-                torch.equal(online, momentum) for online, momentum in
-                zip(self.vision_model.parameters(), self.vision_model_m.parameters(), strict=True)):
+        if self.settings.freeze_vision and bool(torch.stack([  # one host sync a step, not one per tensor
+                (online == momentum).all() for online, momentum in
+                zip(self.vision_model.parameters(), self.vision_model_m.parameters(), strict=True)]).all()):
             return image_embeds
         return self.vision_model_m(pixel_values=pixel_values).last_hidden_state
 
