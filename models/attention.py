@@ -8,8 +8,9 @@ kernels on a GPU. Written here because transformers offers no SDPA for BLIP. Mea
 The text side (BERT, 35 tokens or fewer) keeps the eager path.
 
 ``use_sdpa(model)`` switches every ``BlipAttention`` in a model in place: same parameters, same state-dict
-keys; a deep copy (the MED's momentum encoder) keeps it. ``use_eager(model)`` switches back (benchmarks). The attention probabilities are not returned
-(``output_attentions`` gets ``None`` for the ViT); nothing in capfilt asks for them.
+keys; a deep copy (the MED's momentum encoder) keeps it. ``use_eager(model)`` switches back (benchmarks). The
+attention probabilities are not returned (``output_attentions`` gets ``None`` for the ViT); nothing in capfilt
+asks for them.
 """
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ import threading
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -124,6 +124,30 @@ class Batch:
     negative_ids: torch.Tensor | None = None
     negative_mask: torch.Tensor | None = None
     has_negative: torch.Tensor | None = None
+
+
+def trim_padding(batch: Batch, length: int | None = None) -> Batch:
+    """The batch with its token columns cut to ``length`` (default: its longest text, negatives included).
+
+    Captions are padded to ``max_tokens`` (what BLIP's tokenizer call does),
+    but a padded position is masked everywhere (attention, ITC's [CLS], LM
+    labels), so cutting the common padding changes no loss beyond float
+    rounding and saves its compute: the demo fine-tunes pad 12-token
+    captions to 32 and run ~1.7x faster cut (bench/bench_frozen_vit_step.py).
+    Texts are right-padded (``_encode``). Across ranks, pass the ranks'
+    largest length: ITM gathers token ids, which needs one length.
+    """
+    if length is None:
+        length = longest_text(batch)
+    cut = {name: getattr(batch, name)[:, :length] for name in ("input_ids", "attention_mask", "negative_ids",
+                                                               "negative_mask") if getattr(batch, name) is not None}
+    return replace(batch, **cut)
+
+
+def longest_text(batch: Batch) -> int:
+    """The most tokens (attention mask ones) of any text in the batch, its negatives included."""
+    masks = [batch.attention_mask] + ([batch.negative_mask] if batch.negative_mask is not None else [])
+    return max(int(mask.sum(dim=1).max()) for mask in masks)
 
 
 def seed_for(*parts: int) -> int:

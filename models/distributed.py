@@ -109,6 +109,15 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def max_over_ranks(value: int, device: torch.device) -> int:
+    """The largest of every rank's ``value``."""
+    if world_size() == 1:
+        return value
+    tensor = torch.tensor([value], device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
+
+
 def all_ranks_true(flag: bool, device: torch.device) -> bool:
     """Whether ``flag`` holds on every rank (used to end an epoch together)."""
     if world_size() == 1:

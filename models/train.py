@@ -44,7 +44,7 @@ from capfilt.models.checkpointing import (
     TrainState, config_dict, latest_checkpoint, load_checkpoint, read_checkpoint, save_checkpoint,
 )
 from capfilt.models.data import (
-    DataConfig, EpochLoader, close_decoding_processes, find_files, seed_for, steps_in_epoch,
+    DataConfig, EpochLoader, close_decoding_processes, find_files, longest_text, seed_for, steps_in_epoch, trim_padding,
 )
 from capfilt.models.med import MED, MEDSettings, init_sincos_positions, prompt_length
 from capfilt.tokenizer import TokenizerNotFoundError, load_tokenizer, special_ids
@@ -423,6 +423,7 @@ def _step(model, optimizer, batch, lr: float, alpha: float, negatives_seed: int,
     for group in optimizer.param_groups:
         group["lr"] = lr
     device = world.device
+    batch = trim_padding(batch, distributed.max_over_ranks(longest_text(batch), device))
     with _autocast(config, device):
         losses = model(pixel_values=batch.pixel_values.to(device, non_blocking=True),
                        input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from capfilt.models.data import Batch, longest_text, trim_padding
 from capfilt.models.losses import itc_targets, loss_itc, loss_lm, sample_hard_negatives
 from capfilt.models.med import MED, MEDSettings, build_med, init_sincos_positions, prompt_length, sincos_positions
 from capfilt.tokenizer import special_ids
@@ -272,3 +273,41 @@ def test_a_frozen_vit_equal_to_its_momentum_copy_runs_once(tiny_config, tokenize
         next(fast.vision_model_m.parameters()).add_(0.01)
     fast(*batch, alpha=0.4, generator=torch.Generator().manual_seed(0))
     assert calls == [1]
+
+
+def test_trimmed_padding_changes_no_loss(med, tokenizer, tiny_config):
+    """Cutting the columns every text pads (capfilt.models.data.trim_padding) gives the losses and gradients of
+    the batch padded to max_tokens (the trainer cuts every batch before its step)."""
+    size = tiny_config.vision_config.image_size
+    padded = dict(padding="max_length", max_length=24, truncation=True, return_tensors="pt")
+    tokens = tokenizer(CAPTIONS, **padded)
+    negatives = tokenizer(["a large red square left of a small blue circle", "", "a dog", ""], **padded)
+    batch = Batch(pixel_values=torch.randn(len(CAPTIONS), 3, size, size, generator=torch.Generator().manual_seed(3)),
+                  input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, image_ids=torch.arange(4),
+                  negative_ids=negatives.input_ids, negative_mask=negatives.attention_mask,
+                  has_negative=torch.tensor([True, False, True, False]))
+    trimmed = trim_padding(batch)
+    longest = int(negatives.attention_mask.sum(1).max())  # the negative is the longest text
+    assert longest == longest_text(batch) < 24
+    assert trimmed.input_ids.shape[1] == trimmed.negative_mask.shape[1] == longest
+    assert torch.equal(trimmed.input_ids, tokens.input_ids[:, :longest]) and batch.input_ids.shape[1] == 24
+
+    state = {k: v.clone() for k, v in med.state_dict().items()}  # the same queues and momentum for both runs
+    med.eval()  # no dropout: the two runs draw nothing at random but ITM's negatives (same generator)
+    results = []
+    for each in (batch, trimmed):
+        med.load_state_dict(state)
+        med.zero_grad()
+        losses = med(each.pixel_values, each.input_ids, each.attention_mask, image_ids=each.image_ids, alpha=0.4,
+                     generator=torch.Generator().manual_seed(7), negative_ids=each.negative_ids,
+                     negative_mask=each.negative_mask, has_negative=each.has_negative)
+        sum(losses.values()).backward()
+        grads = {n: p.grad.clone() for n, p in med.named_parameters() if p.grad is not None}
+        results.append(({k: v.item() for k, v in losses.items()}, grads))
+    (full_losses, full_grads), (cut_losses, cut_grads) = results
+    assert set(full_losses) == {"itc", "itm", "lm"}
+    for name in full_losses:
+        assert cut_losses[name] == pytest.approx(full_losses[name], rel=1e-5, abs=1e-6), name
+    assert full_grads.keys() == cut_grads.keys()
+    for name in full_grads:
+        assert torch.allclose(cut_grads[name], full_grads[name], rtol=1e-4, atol=1e-6), name
