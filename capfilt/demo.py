@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from capfilt.checkpoints import DEMO_MODELS
-from capfilt.shapes.shards import NEGATIVE_COLUMN
+from capfilt.shapes.shards import NEGATIVE_COLUMNS
 
 WORK = Path("runs/demo")
 PRETRAIN_SEED = 42  # the shipped models' pre-training seed (TrainConfig's default)
@@ -58,12 +58,13 @@ class DemoRecipe:
     max_tokens: int = 32
     patch_size: int = 8  # the demo preset's (an 8x8 grid); 4 gives a 16x16 grid, 4x the ViT tokens (docs/demo.md)
     vision_position_init: str = "random"  # BLIP's; "sincos" starts pre-training's ViT positions at 2-D sin-cos
-    # True: the filter's fine-tuning pairs each two-object image with a compositional negative of its caption
-    # (objects or one attribute swapped, or the relation changed; capfilt.shapes.negatives) as ITM's hard
-    # negative text. False (BLIP's): negatives drawn by ITC similarity only. Tried on CPU, it did not teach the
-    # filter a relation's direction in 1,500 steps and made it stricter on clean texts (docs/demo.md,
-    # "Compositional negatives" and "The filter on the captioner's ViT").
-    compositional_negatives: bool = False
+    # The human split's column of hard negative texts that the filter's fine-tuning gives ITM in place of drawn
+    # ones (capfilt.shapes.negatives). "" (BLIP's): negatives drawn by ITC similarity only. "negative_caption":
+    # two-object captions with their words swapped or the relation changed; on CPU it did not teach the filter a
+    # relation's direction in 1,500 steps and made it stricter on clean texts ("Compositional negatives").
+    # "replaced_caption": half the captions with one word replaced, a relation only by one on the other axis
+    # (docs/demo.md, "Replaced words").
+    negatives: str = ""
     # Fine-tuning trains the text side only, the ViT frozen as pre-training (or the models continued from) left it.
     # BLIP fine-tunes the ViT too; with it frozen the captioner learned a relation's direction (docs/demo.md).
     freeze_vision: bool = True
@@ -86,6 +87,13 @@ class DemoRecipe:
     # captioner's ViT trained longer than the filter's and sees shapes better (docs/demo.md, "The filter on the
     # captioner's ViT"). No effect without continue_from (both fine-tunes then start from one pre-training).
     shared_vision: bool = False
+
+    def __post_init__(self):
+        if self.negatives not in NEGATIVE_CHOICES:
+            raise ValueError(f"negatives must be one of {NEGATIVE_CHOICES}, not {self.negatives!r}")
+
+
+NEGATIVE_CHOICES = ("", *NEGATIVE_COLUMNS)  # DemoRecipe.negatives: none (BLIP's) or a column of the human split
 
 
 # `python -m capfilt.demo --gpu`: the same model and data on one GPU with 16 CPU cores. Every stage runs to its
@@ -126,8 +134,8 @@ def needed_splits(recipe: DemoRecipe) -> tuple[str, ...]:
 def write_splits(recipe: DemoRecipe, work: Path) -> dict[str, Path]:
     """Render the splits the recipe needs (``needed_splits``) and the shapes-world tokenizer into ``work`` (once).
 
-    ``human`` carries the compositional negatives' column; a ``human`` split
-    rendered before it had one is rendered again when the recipe reads it.
+    ``human`` carries the hard negatives' columns; a ``human`` split rendered
+    before it had the one the recipe reads (``negatives``) is rendered again.
     """
     import pyarrow.parquet as pq
 
@@ -136,9 +144,9 @@ def write_splits(recipe: DemoRecipe, work: Path) -> dict[str, Path]:
 
     def ready(split: str, folder: Path) -> bool:
         shards = sorted(folder.glob("*.parquet"))
-        needs_negatives = split == "human" and recipe.compositional_negatives
+        needs_negatives = split == "human" and bool(recipe.negatives)
         return (folder / "_done").exists() and bool(shards) and (
-            not needs_negatives or NEGATIVE_COLUMN in pq.read_schema(shards[0]).names)
+            not needs_negatives or recipe.negatives in pq.read_schema(shards[0]).names)
 
     folders = split_folders(work)
     for (split, folder), (n, seed) in zip(folders.items(), ((recipe.human, 11), (recipe.web, 12))):
@@ -196,7 +204,7 @@ def finetune_jobs(recipe: DemoRecipe, work: Path) -> list[tuple[str, dict]]:
                                     max_steps=recipe.captioner_steps)),
         ("finetune-filter", dict(finetune, init=start("filter"), out=str(work / "filter"),
                                  max_steps=recipe.filter_steps, queue_size=recipe.queue_size, positives="text",
-                                 negatives=NEGATIVE_COLUMN if recipe.compositional_negatives else "")),
+                                 negatives=recipe.negatives)),
     ]
 
 
@@ -315,7 +323,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--splits-only", action="store_true", help="render the splits and the tokenizer, then stop")
     for name, value in asdict(DemoRecipe()).items():
         parser.add_argument("--" + name.replace("_", "-"), type=_yes_no if isinstance(value, bool) else type(value),
-                            default=None, help=f"default {value}")
+                            default=None, help=f"default {value!r}",
+                            **({"choices": NEGATIVE_CHOICES} if name == "negatives" else {}))
     args = vars(parser.parse_args(argv))
     work, install = Path(args.pop("work")), Path(args.pop("install"))
     gpu, splits_only = args.pop("gpu"), args.pop("splits_only")

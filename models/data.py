@@ -85,7 +85,7 @@ class DataConfig:
     positives: str = "image"
     # A column of texts known to be wrong for their row's image (null where a row has none): ITM then uses a
     # row's text as its image's hard negative text instead of one drawn by ITC similarity. "" (BLIP): no such
-    # column. The shapes world writes "negative_caption", compositional negatives (capfilt.shapes.negatives).
+    # column. The shapes world writes two: "negative_caption" and "replaced_caption" (capfilt.shapes.negatives).
     negatives: str = ""
 
     def __post_init__(self):

@@ -42,9 +42,9 @@ def test_the_gpu_recipe_runs_in_miniature_with_time_limits_and_decoding_processe
     assert recipe["vision_position_init"] == "sincos" and recipe["batch_size"] == 8  # --gpu's start, the flag's batch
     assert recipe["steps_trained"] == {"pretrain": 1, "captioner": 1, "filter": 1}
     assert json.loads((install / "captioner" / "capfilt_recipe.json").read_text()) == recipe
-    # The human split carries compositional negatives; by default (BLIP's) no stage reads them.
-    assert recipe["compositional_negatives"] is False
-    assert all("negative_caption" in pq.read_schema(p).names for p in (work / "data" / "human").glob("*.parquet"))
+    # The human split carries the hard negatives' columns; by default (BLIP's) no stage reads them.
+    assert recipe["negatives"] == ""
+    assert all({"negative_caption", "replaced_caption"} <= set(pq.read_schema(p).names) for p in (work / "data" / "human").glob("*.parquet"))
     assert stage_settings(work, "data", "negatives") == {"pretrain": "", "captioner": "", "filter": ""}
     # The fine-tunes train the text side only; pre-training trains the ViT.
     assert stage_settings(work, "med", "freeze_vision") == {"pretrain": False, "captioner": True, "filter": True}
@@ -72,7 +72,7 @@ def test_continue_from_fine_tunes_the_installed_models_without_pre_training(mini
     demo.main(["--work", str(work), "--install", str(install), "--continue-from", str(start), "--human", "48",
                "--web", "48", "--shard-size", "24", "--batch-size", "8", "--queue-size", "16", "--patch-size", "4",
                "--captioner-steps", "1", "--filter-steps", "1", "--finetune-lr", "0",
-               "--compositional-negatives", "true", "--freeze-vision", "no", "--train-seconds", "60"])
+               "--negatives", "replaced_caption", "--freeze-vision", "no", "--train-seconds", "60"])
     assert not (work / "pretrain").exists() and not (work / "data" / "web").exists()  # fine-tuning only
     for role in ("captioner", "filter"):
         before, after = (load_file(folder / role / "model.safetensors") for folder in (start, install))
@@ -81,11 +81,15 @@ def test_continue_from_fine_tunes_the_installed_models_without_pre_training(mini
         assert recipe["continue_from"] == str(start) and recipe["steps_trained"] == {"captioner": 1, "filter": 1}
         assert recipe["continued"] == json.loads((start / role / "capfilt_recipe.json").read_text())
         assert (recipe["pretrain_seconds"], recipe["finetune_seconds"]) == (0.0, 60.0)  # no pre-training: all to it
-    # --compositional-negatives true: the filter's fine-tuning, only it, reads them; --freeze-vision no: BLIP's.
-    assert stage_settings(work, "data", "negatives") == {"captioner": "", "filter": "negative_caption"}
+    # --negatives replaced_caption: the filter's fine-tuning, only it, reads them; --freeze-vision no: BLIP's.
+    assert stage_settings(work, "data", "negatives") == {"captioner": "", "filter": "replaced_caption"}
     assert stage_settings(work, "med", "freeze_vision") == {"captioner": False, "filter": False}
     with pytest.raises(SystemExit):
-        demo.main(["--compositional-negatives", "maybe"])
+        demo.main(["--freeze-vision", "maybe"])
+    with pytest.raises(SystemExit):
+        demo.main(["--negatives", "caption"])  # a column, but not one of negatives
+    with pytest.raises(ValueError, match="negatives must be one of"):
+        demo.DemoRecipe(negatives="negative")
 
 
 def test_shared_vision_puts_the_captioners_vit_under_the_filters_text_side(miniature, tmp_path):
@@ -119,5 +123,5 @@ def test_an_old_human_split_is_rendered_again_only_when_the_recipe_reads_negativ
     recipe = demo.DemoRecipe(human=8, shard_size=8, continue_from=str(tmp_path / "models"))
     demo.write_splits(recipe, tmp_path)
     assert "negative_caption" not in pq.read_schema(human / "00000.parquet").names  # kept as it was
-    demo.write_splits(replace(recipe, compositional_negatives=True), tmp_path)
-    assert "negative_caption" in pq.read_schema(human / "00000.parquet").names
+    demo.write_splits(replace(recipe, negatives="replaced_caption"), tmp_path)
+    assert "replaced_caption" in pq.read_schema(human / "00000.parquet").names

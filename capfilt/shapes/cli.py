@@ -25,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     write.add_argument("--processes", type=int, default=1)
     write.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
     write.add_argument("--negatives", action="store_true",
-                       help="add a negative_caption column: compositional hard negatives (capfilt.shapes.negatives)")
+                       help="add the hard negatives' columns, negative_caption and replaced_caption "
+                            "(capfilt.shapes.negatives)")
     commands.add_parser("vocab", help="print the world's caption words, one a line")
     return parser
 

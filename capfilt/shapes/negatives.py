@@ -38,7 +38,7 @@ import numpy as np
 
 from capfilt.shapes.captions import Parse, describe, is_correct
 from capfilt.shapes.scene import Scene
-from capfilt.shapes.world import RELATIONS
+from capfilt.shapes.world import COLOURS, RELATIONS, SHAPES, SIZES
 
 ATTRIBUTE_SWAPS = ("size", "colour", "shape")
 OBJECT_SWAP_PROBABILITY = 1 / 3
@@ -93,3 +93,56 @@ def negative_caption(scene: Scene, rng: np.random.Generator) -> str | None:
     if is_correct(text, scene):  # cannot happen: the swaps need objects that differ; the parser is the judge
         raise AssertionError(f"the {what} negative of {truth} is correct for its scene")
     return text
+
+
+# --- replaced words (NegCLIP's "replace") ------------------------------------------------------
+REPLACED_FRACTION = 0.5  # rows that get a replaced-word negative; the rest keep ITM's drawn one (BLIP)
+REPLACEABLE = (*ATTRIBUTE_SWAPS, "relation")
+AXES = ({"left of", "right of"}, {"above", "below"})
+MAX_DRAWS = 20
+
+
+def replaced(parse: Parse, what: str, value: str, phrase: int = 0) -> Parse:
+    """``parse`` with one word replaced: attribute ``what`` of phrase ``phrase``, or the relation, by ``value``."""
+    if what == "relation":
+        return replace(parse, relation=value)
+    if what not in ATTRIBUTE_SWAPS:
+        raise ValueError(f"cannot replace {what!r}; choose 'relation' or one of {ATTRIBUTE_SWAPS}")
+    phrases = list(parse.phrases)
+    phrases[phrase] = replace(phrases[phrase], **{what: value})
+    return replace(parse, phrases=tuple(phrases))
+
+
+def replaced_caption(scene: Scene, rng: np.random.Generator, fraction: float = REPLACED_FRACTION,
+                     relation_share: float | None = None) -> str | None:
+    """The scene's caption with one word replaced so that it is wrong; ``None`` for the other rows.
+
+    A ``fraction`` of the rows get one. The word's kind (size, colour, shape,
+    or for two objects the relation) is drawn uniformly, then the object and
+    a new value. A relation is replaced by one on the other axis only
+    (``left of`` -> ``above`` or ``below``): the converse on the same axis
+    says the scene the wrong way round, which is the objects swap that ITM
+    sits at chance on (module docstring); where both objects' positions fit
+    the other axis too, the draw is redrawn. Unlike the swaps these reach
+    one-object scenes, and a new word need not occur in the scene.
+    """
+    if rng.random() >= fraction:
+        return None
+    truth = describe(scene)
+    kinds = REPLACEABLE if truth.relation is not None else ATTRIBUTE_SWAPS
+    values = {"size": SIZES, "colour": COLOURS, "shape": SHAPES}
+    for _ in range(MAX_DRAWS):
+        if truth.relation is not None and relation_share is not None:
+            what = "relation" if rng.random() < relation_share else ATTRIBUTE_SWAPS[int(rng.integers(3))]
+        else:
+            what = kinds[int(rng.integers(len(kinds)))]
+        phrase = int(rng.integers(len(truth.phrases)))
+        if what == "relation":
+            same_axis = next(axis for axis in AXES if truth.relation in axis)
+            choices = [r for r in RELATIONS if r not in same_axis]
+        else:
+            choices = [v for v in values[what] if v != getattr(truth.phrases[phrase], what)]
+        text = str(replaced(truth, what, choices[int(rng.integers(len(choices)))], phrase))
+        if not is_correct(text, scene):
+            return text
+    raise RuntimeError(f"no wrong caption in {MAX_DRAWS} draws for {truth}")

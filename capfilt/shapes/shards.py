@@ -7,9 +7,10 @@ encode format's name, ``caption``, ``url``, ``width``, ``height``,
 ``status``, ``error_message``) and the ground truth: ``kind`` (clean /
 mismatch / partial / alt) and ``scene`` (the scene as JSON), so that texts
 and synthetic captions can be scored later. Written with ``negatives``, a
-split also has ``negative_caption``: a compositional hard negative of the
-scene's caption (``capfilt.shapes.negatives``), null where there is none,
-which the trainer's ``negatives`` setting feeds to ITM.
+split also has two columns of hard negatives (``capfilt.shapes.negatives``),
+null where a row has none, which the trainer's ``negatives`` setting feeds to
+ITM: ``negative_caption``, the scene's caption with its words swapped or its
+relation changed, and ``replaced_caption``, with one word replaced.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from capfilt.shapes.negatives import negative_caption
+from capfilt.shapes.negatives import negative_caption, replaced_caption
 from capfilt.shapes.render import IMAGE_FORMATS
 from capfilt.shapes.scene import Scene, scene_from_json, scene_to_json
 from capfilt.shapes.splits import WorldConfig, make_sample
@@ -38,7 +39,10 @@ SHARD_DIGITS = 5  # 00000.parquet, as img2dataset names shards
 MIN_SAMPLE_DIGITS = 4  # key = shard id + index in shard, e.g. "000000012"
 DEFAULT_SHARD_SIZE = 1000
 NEGATIVE_COLUMN = "negative_caption"
+REPLACED_COLUMN = "replaced_caption"
+NEGATIVE_COLUMNS = (NEGATIVE_COLUMN, REPLACED_COLUMN)
 NEGATIVE_STREAM = 4  # the negatives' random stream, apart from a sample's scene, render and text streams
+REPLACED_STREAM = 5  # the replaced-word negatives' stream
 
 
 def shard_schema(image_format: str = "jpg", negatives: bool = False) -> pa.Schema:
@@ -56,7 +60,7 @@ def shard_schema(image_format: str = "jpg", negatives: bool = False) -> pa.Schem
             ("kind", pa.string()),
             ("scene", pa.string()),
         ]
-        + ([(NEGATIVE_COLUMN, pa.string())] if negatives else [])
+        + ([(column, pa.string()) for column in NEGATIVE_COLUMNS] if negatives else [])
     )
 
 
@@ -70,9 +74,9 @@ def shard_key(shard: int, position: int, shard_size: int) -> str:
     return f"{shard:0{SHARD_DIGITS}d}{position:0{sample_digits(shard_size)}d}"
 
 
-def negative_rng(split: str, seed: int, index: int) -> np.random.Generator:
-    """The random stream of sample ``index``'s compositional negative (the same whatever the shard size)."""
-    return np.random.default_rng([seed, zlib.crc32(split.encode()), index, NEGATIVE_STREAM])
+def negative_rng(split: str, seed: int, index: int, stream: int = NEGATIVE_STREAM) -> np.random.Generator:
+    """The random stream of sample ``index``'s hard negative (the same whatever the shard size)."""
+    return np.random.default_rng([seed, zlib.crc32(split.encode()), index, stream])
 
 
 def write_shard(
@@ -100,6 +104,8 @@ def write_shard(
         rows["scene"].append(scene_to_json(sample.scene))
         if negatives:
             rows[NEGATIVE_COLUMN].append(negative_caption(sample.scene, negative_rng(split, seed, index)))
+            rows[REPLACED_COLUMN].append(replaced_caption(sample.scene, negative_rng(split, seed, index,
+                                                                                     REPLACED_STREAM)))
     name = f"{shard:0{SHARD_DIGITS}d}"
     table = pa.table(rows, schema=schema)
     partial = out / f"{name}.parquet.tmp"
@@ -136,7 +142,7 @@ def write_split(
     Shards are independent, so ``processes`` > 1 writes them in parallel with
     the same bytes. An ``out`` that already holds shards is an error unless
     ``overwrite``, which first removes them (no stale shard of a bigger run survives).
-    ``negatives`` adds the ``negative_caption`` column (see the module's docstring).
+    ``negatives`` adds the hard negatives' columns (see the module's docstring).
     """
     if n < 0 or shard_size < 1:
         raise ValueError(f"need n >= 0 and shard_size >= 1, got n={n}, shard_size={shard_size}")
