@@ -1,4 +1,4 @@
-"""Compositional hard negatives: a two-object caption with its words bound wrongly, or its relation wrong.
+"""Hard negative texts for ITM: a caption with its words bound wrongly, its relation wrong, or one word replaced.
 
 A departure from BLIP for the demo filter (docs/demo.md, "Compositional
 negatives"). ITM's hard negative text for an image is drawn from the batch by
@@ -28,6 +28,12 @@ attribute. Every negative is checked wrong for its scene with the caption
 parser. One-object scenes have none (nothing to swap, no relation); two
 alike objects get only a relation on the other axis (their converse is
 correct).
+
+``replaced_caption`` is NegCLIP's other kind: one word of the true caption
+replaced (a size, colour or shape of one object, or the relation by one on
+the other axis), for half the rows of any scene. These are the same kind of
+edit as the world's ``partial`` web texts, except a relation's converse; the
+shipped demo filter trained on them (docs/demo.md, "Replaced words").
 """
 
 from __future__ import annotations
@@ -113,8 +119,7 @@ def replaced(parse: Parse, what: str, value: str, phrase: int = 0) -> Parse:
     return replace(parse, phrases=tuple(phrases))
 
 
-def replaced_caption(scene: Scene, rng: np.random.Generator, fraction: float = REPLACED_FRACTION,
-                     relation_share: float | None = None) -> str | None:
+def replaced_caption(scene: Scene, rng: np.random.Generator, fraction: float = REPLACED_FRACTION) -> str | None:
     """The scene's caption with one word replaced so that it is wrong; ``None`` for the other rows.
 
     A ``fraction`` of the rows get one. The word's kind (size, colour, shape,
@@ -132,10 +137,7 @@ def replaced_caption(scene: Scene, rng: np.random.Generator, fraction: float = R
     kinds = REPLACEABLE if truth.relation is not None else ATTRIBUTE_SWAPS
     values = {"size": SIZES, "colour": COLOURS, "shape": SHAPES}
     for _ in range(MAX_DRAWS):
-        if truth.relation is not None and relation_share is not None:
-            what = "relation" if rng.random() < relation_share else ATTRIBUTE_SWAPS[int(rng.integers(3))]
-        else:
-            what = kinds[int(rng.integers(len(kinds)))]
+        what = kinds[int(rng.integers(len(kinds)))]
         phrase = int(rng.integers(len(truth.phrases)))
         if what == "relation":
             same_axis = next(axis for axis in AXES if truth.relation in axis)
