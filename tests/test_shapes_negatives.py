@@ -9,7 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from capfilt.shapes import describe, is_correct, iter_split, parse, read_split, write_split
-from capfilt.shapes.negatives import AXES, negative_caption, replaced, replaced_caption, swapped, wrong_relations
+from capfilt.shapes.captions import replaced
+from capfilt.shapes.negatives import AXES, negative_caption, replaced_caption, swapped, wrong_relations
 
 
 def test_negatives_are_wrong_swaps_or_relations_of_the_true_caption():

@@ -12,7 +12,7 @@ the converse sentence (B first, converse relation) is correct too.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from capfilt.shapes.scene import Scene, ShapeObject
 from capfilt.shapes.world import COLOURS, CONVERSE, RELATIONS, SHAPES, SIZES
@@ -47,6 +47,20 @@ class Parse:
         if self.relation is None:
             return str(self.phrases[0])
         return f"{self.phrases[0]} {self.relation} {self.phrases[1]}"
+
+
+ATTRIBUTE_VALUES = {"size": SIZES, "colour": COLOURS, "shape": SHAPES}  # a phrase's attributes and their words
+
+
+def replaced(parse: Parse, what: str, value: str, phrase: int = 0) -> Parse:
+    """``parse`` with one word replaced: attribute ``what`` of phrase ``phrase``, or the relation, by ``value``."""
+    if what == "relation":
+        return replace(parse, relation=value)
+    if what not in ATTRIBUTE_VALUES:
+        raise ValueError(f"cannot replace {what!r}; choose 'relation' or one of {tuple(ATTRIBUTE_VALUES)}")
+    phrases = list(parse.phrases)
+    phrases[phrase] = replace(phrases[phrase], **{what: value})
+    return replace(parse, phrases=tuple(phrases))
 
 
 def phrase_of(obj: ShapeObject) -> Phrase:

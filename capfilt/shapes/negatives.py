@@ -42,9 +42,9 @@ from dataclasses import replace
 
 import numpy as np
 
-from capfilt.shapes.captions import Parse, describe, is_correct
+from capfilt.shapes.captions import ATTRIBUTE_VALUES, Parse, describe, is_correct, replaced
 from capfilt.shapes.scene import Scene
-from capfilt.shapes.world import COLOURS, RELATIONS, SHAPES, SIZES
+from capfilt.shapes.world import RELATIONS
 
 ATTRIBUTE_SWAPS = ("size", "colour", "shape")
 OBJECT_SWAP_PROBABILITY = 1 / 3
@@ -108,17 +108,6 @@ AXES = ({"left of", "right of"}, {"above", "below"})
 MAX_DRAWS = 20
 
 
-def replaced(parse: Parse, what: str, value: str, phrase: int = 0) -> Parse:
-    """``parse`` with one word replaced: attribute ``what`` of phrase ``phrase``, or the relation, by ``value``."""
-    if what == "relation":
-        return replace(parse, relation=value)
-    if what not in ATTRIBUTE_SWAPS:
-        raise ValueError(f"cannot replace {what!r}; choose 'relation' or one of {ATTRIBUTE_SWAPS}")
-    phrases = list(parse.phrases)
-    phrases[phrase] = replace(phrases[phrase], **{what: value})
-    return replace(parse, phrases=tuple(phrases))
-
-
 def replaced_caption(scene: Scene, rng: np.random.Generator, fraction: float = REPLACED_FRACTION) -> str | None:
     """The scene's caption with one word replaced so that it is wrong; ``None`` for the other rows.
 
@@ -135,7 +124,6 @@ def replaced_caption(scene: Scene, rng: np.random.Generator, fraction: float = R
         return None
     truth = describe(scene)
     kinds = REPLACEABLE if truth.relation is not None else ATTRIBUTE_SWAPS
-    values = {"size": SIZES, "colour": COLOURS, "shape": SHAPES}
     for _ in range(MAX_DRAWS):
         what = kinds[int(rng.integers(len(kinds)))]
         phrase = int(rng.integers(len(truth.phrases)))
@@ -143,7 +131,7 @@ def replaced_caption(scene: Scene, rng: np.random.Generator, fraction: float = R
             same_axis = next(axis for axis in AXES if truth.relation in axis)
             choices = [r for r in RELATIONS if r not in same_axis]
         else:
-            choices = [v for v in values[what] if v != getattr(truth.phrases[phrase], what)]
+            choices = [v for v in ATTRIBUTE_VALUES[what] if v != getattr(truth.phrases[phrase], what)]
         text = str(replaced(truth, what, choices[int(rng.integers(len(choices)))], phrase))
         if not is_correct(text, scene):
             return text

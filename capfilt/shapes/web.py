@@ -10,13 +10,11 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import numpy as np
 
-from capfilt.shapes.captions import Parse, caption, describe, is_correct
+from capfilt.shapes.captions import ATTRIBUTE_VALUES, Parse, caption, describe, is_correct, replaced
 from capfilt.shapes.scene import Scene, SceneConfig, sample_scene
-from capfilt.shapes.world import COLOURS, RELATIONS, SHAPES, SIZES
+from capfilt.shapes.world import RELATIONS
 
 KINDS = ("clean", "mismatch", "partial", "alt")
 DEFAULT_MIXTURE = {"clean": 0.45, "mismatch": 0.25, "partial": 0.15, "alt": 0.15}
@@ -116,14 +114,10 @@ def _change(parsed: Parse, attribute: str, rng: np.random.Generator) -> Parse:
     """``parsed`` with one attribute of one phrase (or the relation) set to another value."""
     if attribute == "relation":
         others = [r for r in RELATIONS if r != parsed.relation]
-        return replace(parsed, relation=others[rng.integers(len(others))])
-    values = {"size": SIZES, "colour": COLOURS, "shape": SHAPES}[attribute]
+        return replaced(parsed, "relation", others[rng.integers(len(others))])
     i = int(rng.integers(len(parsed.phrases)))
-    phrase = parsed.phrases[i]
-    others = [v for v in values if v != getattr(phrase, attribute)]
-    phrases = list(parsed.phrases)
-    phrases[i] = replace(phrase, **{attribute: others[rng.integers(len(others))]})
-    return replace(parsed, phrases=tuple(phrases))
+    others = [v for v in ATTRIBUTE_VALUES[attribute] if v != getattr(parsed.phrases[i], attribute)]
+    return replaced(parsed, attribute, others[rng.integers(len(others))], i)
 
 
 def partial_text(scene: Scene, rng: np.random.Generator) -> str:
