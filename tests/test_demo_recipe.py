@@ -44,7 +44,8 @@ def test_the_gpu_recipe_runs_in_miniature_with_time_limits_and_decoding_processe
     assert json.loads((install / "captioner" / "capfilt_recipe.json").read_text()) == recipe
     # The human split carries the hard negatives' columns; by default (BLIP's) no stage reads them.
     assert recipe["negatives"] == ""
-    assert all({"negative_caption", "replaced_caption"} <= set(pq.read_schema(p).names) for p in (work / "data" / "human").glob("*.parquet"))
+    assert all({"negative_caption", "replaced_caption"} <= set(pq.read_schema(p).names)
+               for p in (work / "data" / "human").glob("*.parquet"))
     assert stage_settings(work, "data", "negatives") == {"pretrain": "", "captioner": "", "filter": ""}
     # The fine-tunes train the text side only; pre-training trains the ViT.
     assert stage_settings(work, "med", "freeze_vision") == {"pretrain": False, "captioner": True, "filter": True}
