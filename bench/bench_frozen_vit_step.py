@@ -8,7 +8,9 @@ The MED is the shipped demo filter (``capfilt/demo_models/filter``, loaded
 without momentum weights, so its momentum ViT starts equal to the frozen
 one and stays so). Inputs are random pixels and shapes-world captions; the
 optimizer is AdamW at a tiny learning rate. Captions are padded to 32
-tokens by default, as the demo recipe's trainer pads them (``max_tokens``). Each variant runs one untimed
+tokens by default, as the loader pads them (the demo recipe's ``max_tokens``);
+the trainer now cuts that padding before each step (``trim_padding``), which
+``--max-tokens 0`` reproduces. Each variant runs one untimed
 warm-up step, then the timed ones; the two variants alternate in blocks of
 5 steps so that a machine that speeds up or slows down affects both alike.
 """
@@ -29,8 +31,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed steps per variant (a multiple of 5)")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--max-tokens", type=int, default=32,
-                        help="pad every caption to this many tokens, as the trainer does (the demo recipe's 32); "
-                             "0: to the batch's longest")
+                        help="pad every caption to this many tokens, as the loader does (the demo recipe's 32); "
+                             "0: to the batch's longest, as the trainer's step sees them")
     args = parser.parse_args()
 
     import torch
