@@ -99,9 +99,10 @@ class Captioner:
     settings: SamplingSettings = field(default_factory=SamplingSettings)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     source: ModelSource | None = None
+    precision: str = "auto"  # autocast: bf16 on CUDA and on CPUs with native bf16, else fp32 (capfilt.device)
 
     def __post_init__(self):
-        self.model.to(self.device, dtype=torch.float32).eval()  # fp32 weights; CUDA runs under bf16 autocast
+        self.model.to(self.device, dtype=torch.float32).eval()  # fp32 weights; products under autocast_dtype
         self.preprocess = ImagePreprocessor(self.model.config.vision_config.image_size)
         self.ids = special_ids(self.tokenizer)
         prompt = self.tokenizer(self.settings.prompt, add_special_tokens=True).input_ids[:-1]  # drop [SEP]
@@ -116,6 +117,7 @@ class Captioner:
         tokenizer: str | Path | None = None,
         config: str | Path | BlipConfig | None = None,
         settings: SamplingSettings | None = None,
+        precision: str = "auto",
     ) -> Captioner:
         """Load from an HF folder, a cached hub id, an original ``.pth`` or ``demo`` (see ``checkpoints``).
 
@@ -129,6 +131,7 @@ class Captioner:
             settings=settings or SamplingSettings.for_model(source),
             device=pick_device(device),
             source=source,
+            precision=precision,
         )
 
     @torch.no_grad()
@@ -136,7 +139,7 @@ class Captioner:
         """Token ids ``[B * K, T]`` (prompt included), the K captions of an image adjacent."""
         pixel_values = pixel_values.to(self.device)
         kwargs = self.settings.generate_kwargs(num_captions)
-        with autocast(self.device):
+        with autocast(self.device, self.precision):
             image_embeds = self.model.vision_model(pixel_values=pixel_values).last_hidden_state  # encoded once
             if kwargs["do_sample"] and num_captions > 1:
                 image_embeds = image_embeds.repeat_interleave(num_captions, dim=0)
@@ -165,8 +168,13 @@ class Captioner:
         """K captions for each image (nucleus sampling with p = 0.9 by default); seeded runs repeat exactly."""
         if not images:
             return []
-        captions = self.decode(self.generate_ids(self.preprocess(images), num_captions, seed))
-        return [captions[i * num_captions : (i + 1) * num_captions] for i in range(len(images))]
+        return self.caption_pixels(self.preprocess(images), num_captions, seed)
+
+    def caption_pixels(self, pixel_values: torch.Tensor, num_captions: int = 1,
+                       seed: int | None = None) -> list[list[str]]:
+        """``caption`` of images already preprocessed to ``[B, 3, S, S]`` (``self.preprocess``)."""
+        captions = self.decode(self.generate_ids(pixel_values, num_captions, seed))
+        return [captions[i * num_captions : (i + 1) * num_captions] for i in range(len(pixel_values))]
 
 
 @contextlib.contextmanager

@@ -56,9 +56,10 @@ class Filter:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     source: ModelSource | None = None
     text_batch_size: int = 256  # texts per text-encoder call
+    precision: str = "auto"  # autocast: bf16 on CUDA and on CPUs with native bf16, else fp32 (capfilt.device)
 
     def __post_init__(self):
-        self.model.to(self.device, dtype=torch.float32).eval()  # fp32 weights; CUDA runs under bf16 autocast
+        self.model.to(self.device, dtype=torch.float32).eval()  # fp32 weights; products under autocast_dtype
         self.preprocess = ImagePreprocessor(self.model.config.vision_config.image_size)
         self.ids = special_ids(self.tokenizer)
 
@@ -70,10 +71,11 @@ class Filter:
         device: str | torch.device | None = None,
         tokenizer: str | Path | None = None,
         config: str | Path | BlipConfig | None = None,
+        precision: str = "auto",
     ) -> Filter:
         """Load from an HF folder, a cached hub id, an original ``.pth`` or ``demo`` (see ``checkpoints``)."""
         model, tokenizer, source = load_model(BlipForImageTextRetrieval, ref, FILTER, config, tokenizer)
-        return cls(model=model, tokenizer=tokenizer, device=pick_device(device), source=source)
+        return cls(model=model, tokenizer=tokenizer, device=pick_device(device), source=source, precision=precision)
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         """``[CLS] text [SEP]`` ids and mask, after BLIP's caption normalisation."""
@@ -121,13 +123,22 @@ class Filter:
         """Scores of ``texts[i]`` (any number of texts) against ``images[i]``."""
         if len(images) != len(texts):
             raise ValueError(f"{len(images)} images but {len(texts)} lists of texts")
+        if not any(texts):
+            return [[] for _ in images]
+        return self.score_pixels(self.preprocess(images), texts)
+
+    @torch.no_grad()
+    def score_pixels(self, pixel_values: torch.Tensor, texts: Sequence[Sequence[str]]) -> list[list[TextScore]]:
+        """``score`` of images already preprocessed to ``[B, 3, S, S]`` (``self.preprocess``)."""
+        if len(pixel_values) != len(texts):
+            raise ValueError(f"{len(pixel_values)} images but {len(texts)} lists of texts")
         flat = [text for group in texts for text in group]
         if not flat:
-            return [[] for _ in images]
+            return [[] for _ in texts]
         image_index = torch.tensor([i for i, group in enumerate(texts) for _ in group], device=self.device)
         itm, itc = [], []
-        with autocast(self.device):
-            pixel_values = self.preprocess(images).to(self.device)
+        with autocast(self.device, self.precision):
+            pixel_values = pixel_values.to(self.device)
             image_embeds = self.model.vision_model(pixel_values=pixel_values).last_hidden_state  # once per image
             for start in range(0, len(flat), self.text_batch_size):
                 stop = start + self.text_batch_size

@@ -16,7 +16,7 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def filter_(filter_folder):
-    return Filter.load(filter_folder)
+    return Filter.load(filter_folder, precision="fp32")  # transformers' reference runs fp32
 
 
 def reference_scores(hf_retrieval, filter_, pixel_values, texts):
@@ -63,7 +63,7 @@ def test_itm_input_starts_with_enc_not_cls(filter_, hf_retrieval, images):
 
 
 def test_image_encoded_once_and_text_batches_split(filter_folder, images):
-    filter_ = Filter.load(filter_folder)
+    filter_ = Filter.load(filter_folder, precision="fp32")
     filter_.text_batch_size = 2
     calls = []
     hook = filter_.model.vision_model.register_forward_pre_hook(

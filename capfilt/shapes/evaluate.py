@@ -169,7 +169,7 @@ def evaluate_relation(captioner: Captioner, samples: list[Sample], batch_size: i
         input_ids = torch.cat([start, phrases["input_ids"]], dim=1)
         attention_mask = torch.cat([torch.ones_like(start), phrases["attention_mask"]], dim=1)
         last = attention_mask.sum(1) - 1  # the phrase's last token
-        with autocast(captioner.device):
+        with autocast(captioner.device, captioner.precision):
             image_embeds = model.vision_model(pixel_values=captioner.preprocess([s.image for s in batch]).to(
                 captioner.device)).last_hidden_state
             logits = model.text_decoder(
@@ -201,7 +201,7 @@ def evaluate_retrieval(filter_: Filter, samples: list[Sample], rerank_k: int = 1
     the query text is a correct caption of the retrieved image. ``batch_size``:
     images (and texts) per encoder call.
     """
-    with autocast(filter_.device):  # as Filter.score runs (bf16 on CUDA; nothing changes on CPU)
+    with autocast(filter_.device, filter_.precision):  # as Filter.score runs
         return _retrieval(filter_, samples, rerank_k, batch_size)
 
 
@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=EVALUATION_SEED, help="seed of the fresh web split")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--json", default=None, help="also write the results here")
-    parser.add_argument("--device", default=None, help="cpu (default) or cuda (bf16 autocast)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     args = parser.parse_args(argv)
     samples = list(iter_split("web", args.n, args.seed))
     filter_ = Filter.load(args.filter, device=args.device) if args.filter else None
