@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass
 
 from capfilt.captioner import Captioner, SamplingSettings
 from capfilt.checkpoints import CAPTIONER, resolve
+from capfilt.device import WorkerSlot, precision_name, worker_device
 from capfilt.filter import Filter
 from capfilt.pipelines.settings import BootstrapSettings
 
@@ -16,15 +17,28 @@ class Models:
 
     captioner: Captioner
     filter: Filter
+    slot: WorkerSlot | None = None  # this worker's slot on a multi-GPU node (capfilt.device.worker_device)
 
     @classmethod
     def load(cls, settings: BootstrapSettings) -> Models:
-        """Both models; sampling: the paper's defaults, then the captioner folder's, then the run's overrides."""
+        """Both models, on this worker's device; sampling: the paper's defaults, the captioner folder's, the run's."""
         sampling = SamplingSettings.for_model(resolve(settings.captioner, CAPTIONER), **settings.sampling_overrides)
-        captioner = Captioner.load(settings.captioner, device=settings.device, tokenizer=settings.captioner_tokenizer,
-                                   settings=sampling)
-        filter_ = Filter.load(settings.filter, device=settings.device, tokenizer=settings.filter_tokenizer)
-        return cls(captioner, filter_)
+        device, slot = worker_device(settings.device)
+        try:
+            captioner = Captioner.load(settings.captioner, device=device, tokenizer=settings.captioner_tokenizer,
+                                       settings=sampling, precision=settings.precision)
+            filter_ = Filter.load(settings.filter, device=device, tokenizer=settings.filter_tokenizer,
+                                  precision=settings.precision)
+        except BaseException:
+            if slot:
+                slot.release()
+            raise
+        return cls(captioner, filter_, slot)
+
+    def release(self) -> None:
+        """Give this worker's GPU slot back (the DoFn's teardown)."""
+        if self.slot:
+            self.slot.release()
 
     @property
     def sampling(self) -> dict:
@@ -32,8 +46,9 @@ class Models:
         return asdict(self.captioner.settings)
 
     def provenance(self) -> dict:
-        """Where each model's weights came from (the resolved folder or file)."""
+        """Where each model's weights came from (the resolved folder or file), and the precision it ran at."""
         return {
-            role: {"kind": model.source.kind, "path": str(model.source.path)} if model.source else None
+            role: {"kind": model.source.kind, "path": str(model.source.path),
+                   "precision": precision_name(model.device, model.precision)} if model.source else None
             for role, model in (("captioner", self.captioner), ("filter", self.filter))
         }

@@ -3,9 +3,11 @@
 Everything a shard needs happens here, in one worker, so that image bytes
 never travel between workers. The steps are the paper's:
 
-1. decode each image (and check its size); URL list lines that did not
-   parse fail at stage ``parse``, rows img2dataset could not download at
-   stage ``download``;
+1. decode each image straight to the models' input size (and check its
+   size), in a pool of threads that works ahead of the models
+   (``prefetch.ordered_map``); URL list lines that did not parse fail at
+   stage ``parse``, rows img2dataset could not download at stage
+   ``download``;
 2. the captioner writes K synthetic captions per image (nucleus sampling,
    p = 0.9), in fixed-size batches, each batch seeded by (seed, shard, batch);
 3. the filter scores the web text and every synthetic caption of an image
@@ -13,6 +15,7 @@ never travel between workers. The steps are the paper's:
    is below the threshold are removed;
 4. kept pairs, removed texts and failed rows go to the shard's three files,
    which ``OutputLayout.commit`` moves into place before writing the marker.
+   Parquet row groups are encoded and written in a thread behind the models.
 
 A model error on a batch is retried image by image, so that one bad image
 fails alone (stage ``caption`` or ``filter``); when every image of a batch
@@ -29,6 +32,7 @@ import logging
 import re
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -37,10 +41,11 @@ import torch
 from apache_beam.io.filesystems import FileSystems
 from PIL import Image
 
-from capfilt.images import decode_image
+from capfilt.images import DecodedImage, ImagePreprocessor, decode_for_model
 from capfilt.pipelines import schema
 from capfilt.pipelines.layout import FAILED, KEPT, REJECTED, OutputLayout, progress_path, remove_progress, write_text
 from capfilt.pipelines.models import Models
+from capfilt.pipelines.prefetch import ordered_map
 from capfilt.pipelines.settings import BootstrapSettings
 from capfilt.pipelines.shards import SUCCESS, InputRow, InputShard, ShardReader
 from capfilt.pipelines.stats import ShardStats
@@ -48,6 +53,7 @@ from capfilt.pipelines.stats import ShardStats
 FLUSH_ROWS = 256  # rows buffered per output file before a Parquet row group is written
 THUMBNAIL_SIZE = 96  # px, for the report's examples
 PROGRESS_EVERY_S = 10.0  # seconds between updates of a running shard's progress file (read by Progress)
+DECODE_AHEAD_BATCHES = 2  # decoded images held ahead of the models, in batches: bounds memory, hides decoding
 
 log = logging.getLogger(__name__)
 
@@ -66,14 +72,17 @@ class ModelStageError(RuntimeError):
 
 @dataclass
 class Judged:
-    """A decoded input row on its way through the models."""
+    """A decoded input row on its way through the models: its bytes stay in ``row``, no full-size pixels."""
 
     row: InputRow
-    image: Image.Image
+    image: DecodedImage
+
+    def pixels(self, preprocessor: ImagePreprocessor) -> torch.Tensor:
+        return self.image.pixels[preprocessor.image_size]
 
 
-def decode(row: InputRow, settings: BootstrapSettings) -> Judged:
-    """The row's image, decoded to RGB, or a ``SampleError`` (stage ``decode`` or ``size``)."""
+def decode(row: InputRow, settings: BootstrapSettings, preprocessors: Sequence[ImagePreprocessor]) -> Judged:
+    """The row's image, decoded to the models' inputs, or a ``SampleError`` (stage ``decode`` or ``size``)."""
     if not row.image:
         raise SampleError("decode", "no image bytes")
     try:
@@ -86,7 +95,7 @@ def decode(row: InputRow, settings: BootstrapSettings) -> Judged:
     if width * height > settings.max_image_pixels:
         raise SampleError("size", f"image is {width}x{height}, above max_image_pixels {settings.max_image_pixels}")
     try:
-        return Judged(row, decode_image(row.image))
+        return Judged(row, decode_for_model(row.image, preprocessors))
     except ValueError as error:
         raise SampleError("decode", _ADDRESS.sub("", str(error))) from None
 
@@ -122,13 +131,19 @@ def _describe(error: BaseException) -> str:
 
 
 class TableWriter:
-    """Rows (dicts) appended to one Parquet file, written a row group at a time."""
+    """Rows (dicts) appended to one Parquet file, written a row group at a time.
 
-    def __init__(self, path: str, schema_: pa.Schema):
+    With a ``background`` executor, a row group is encoded and written there while the caller goes on;
+    at most one row group per file is in flight, and ``close`` waits for it (and raises its error).
+    """
+
+    def __init__(self, path: str, schema_: pa.Schema, background: Executor | None = None):
         self.path, self.schema = path, schema_
         self._file = FileSystems.create(path)
         self._writer = pq.ParquetWriter(self._file, schema_)
         self._rows: list[dict] = []
+        self._background = background
+        self._pending: Future | None = None
 
     def add(self, row: dict) -> None:
         self._rows.append(row)
@@ -136,14 +151,30 @@ class TableWriter:
             self.flush()
 
     def flush(self) -> None:
-        if self._rows:
-            self._writer.write_table(pa.Table.from_pylist(self._rows, schema=self.schema))
-            self._rows = []
+        if not self._rows:
+            return
+        rows, self._rows = self._rows, []
+        self._wait()
+        if self._background is None:
+            self._write(rows)
+        else:
+            self._pending = self._background.submit(self._write, rows)
+
+    def _write(self, rows: list[dict]) -> None:
+        self._writer.write_table(pa.Table.from_pylist(rows, schema=self.schema))
+
+    def _wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
 
     def close(self) -> None:
-        self.flush()
-        self._writer.close()
-        self._file.close()
+        try:
+            self.flush()
+            self._wait()
+            self._writer.close()
+        finally:
+            self._file.close()
 
 
 class ShardWriter:
@@ -161,7 +192,8 @@ class ShardWriter:
             FAILED: schema.failed_schema(extra),
         }
         self.files = {kind: FileSystems.join(folder, f"{kind}.parquet") for kind in schemas}
-        self.writers = {kind: TableWriter(self.files[kind], schema.with_provenance(s, provenance))
+        self._background = ThreadPoolExecutor(1, thread_name_prefix="capfilt-write")  # writes behind the models
+        self.writers = {kind: TableWriter(self.files[kind], schema.with_provenance(s, provenance), self._background)
                         for kind, s in schemas.items()}
         self.provenance_columns = {"captioner": settings.captioner, "filter": settings.filter,
                                    "capfilt_config": json.dumps(config, sort_keys=True)}
@@ -184,13 +216,24 @@ class ShardWriter:
         self.writers[KEPT if kept else REJECTED].add(record)
 
     def close(self) -> None:
-        for writer in self.writers.values():
-            writer.close()
+        try:
+            errors = []
+            for writer in self.writers.values():
+                try:
+                    writer.close()
+                except Exception as error:  # noqa: BLE001 - close every file, then raise the first error
+                    errors.append(error)
+            if errors:
+                raise errors[0]
+        finally:
+            self._background.shutdown(wait=True)
 
 
-def thumbnail(image: Image.Image) -> str:
-    """A small JPEG of ``image`` as a ``data:`` URI."""
-    small = image.copy()
+def thumbnail(data: bytes) -> str:
+    """A small JPEG of the image in ``data`` as a ``data:`` URI (decoded again: only a few rows need one)."""
+    with Image.open(io.BytesIO(data)) as image:
+        image.draft("RGB", (THUMBNAIL_SIZE, THUMBNAIL_SIZE))  # JPEG: decode at a fraction of the size
+        small = image.convert("RGB")
     small.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
     buffer = io.BytesIO()
     small.save(buffer, format="JPEG", quality=80)
@@ -210,6 +253,7 @@ class ShardJob:
         self.shard, self.models, self.settings, self.layout = shard, models, settings, layout
         self.stats = ShardStats(shard=shard.shard_id, input=shard.path)
         self._progress_written = time.monotonic()
+        self.preprocessors = (models.captioner.preprocess, models.filter.preprocess)
 
     def run(self) -> dict:
         start = time.perf_counter()
@@ -218,12 +262,13 @@ class ShardJob:
         try:
             batch: list[Judged] = []
             batch_index = 0
-            for row in reader.rows():
+            ahead = DECODE_AHEAD_BATCHES * self.settings.batch_size
+            for row, admitted in ordered_map(self.admit, reader.rows(), self.settings.decode_threads, ahead):
                 self.stats.rows += 1
-                judged = self.admit(row, writer)
-                if judged is None:
+                if not isinstance(admitted, Judged):
+                    self.failed(row, *admitted, writer)
                     continue
-                batch.append(judged)
+                batch.append(admitted)
                 if len(batch) == self.settings.batch_size:
                     self.judge(batch, batch_index, writer)
                     batch, batch_index = [], batch_index + 1
@@ -255,16 +300,16 @@ class ShardJob:
         except Exception as error:  # noqa: BLE001 - progress is a courtesy: never fail a shard over it
             log.debug("could not write progress of shard %s: %s", self.shard.shard_id, error)
 
-    def admit(self, row: InputRow, writer: ShardWriter) -> Judged | None:
-        """The decoded row, or None after writing it to failed/."""
+    def admit(self, row: InputRow) -> Judged | tuple[str, str]:
+        """The decoded row, or the (stage, error) it fails with; runs in a decode thread."""
         if row.input_error:  # a URL list line that did not parse: img2dataset only saw a row without URL
-            return self.failed(row, "parse", row.input_error, writer)
+            return "parse", row.input_error
         if row.status != SUCCESS:
-            return self.failed(row, "download", row.error or row.status, writer)
+            return "download", row.error or row.status
         try:
-            return decode(row, self.settings)
+            return decode(row, self.settings, self.preprocessors)
         except SampleError as error:
-            return self.failed(row, error.stage, str(error), writer)
+            return error.stage, str(error)
 
     def failed(self, row: InputRow, stage: str, error: str, writer: ShardWriter) -> None:
         writer.fail(row, stage, error)
@@ -298,10 +343,12 @@ class ShardJob:
                 if self.stats.wants_sample(source, kept):
                     self.stats.samples.append({"key": judged.row.key, "text": text, "source": source,
                                                "itm": round(score.itm, 4), "kept": kept,
-                                               "thumbnail": thumbnail(judged.image)})
+                                               "thumbnail": thumbnail(judged.row.image)})
 
     def _caption(self, items: Sequence[Judged], k: int, seed: int) -> list[list[str]]:
-        captions = self.models.captioner.caption([j.image for j in items], num_captions=k, seed=seed)
+        captioner = self.models.captioner
+        pixels = torch.stack([judged.pixels(captioner.preprocess) for judged in items])
+        captions = captioner.caption_pixels(pixels, num_captions=k, seed=seed)
         if len(captions) != len(items) or any(len(c) != k for c in captions):
             raise ValueError(f"the captioner returned {[len(c) for c in captions]} captions for {len(items)} images, "
                              f"K={k}")
@@ -315,9 +362,10 @@ class ShardJob:
         return texts + [(schema.SYNTHETIC, i, caption) for i, caption in enumerate(synthetic)]
 
     def _score(self, items: Sequence[tuple[Judged, list]]) -> list:
-        images = [judged.image for judged, _ in items]
+        filter_ = self.models.filter
+        pixels = torch.stack([judged.pixels(filter_.preprocess) for judged, _ in items])
         texts = [[text for _, _, text in candidates] for _, candidates in items]
-        scores = self.models.filter.score(images, texts)
+        scores = filter_.score_pixels(pixels, texts)
         if [len(s) for s in scores] != [len(t) for t in texts]:
             raise ValueError("the filter returned a different number of scores than texts")
         return scores

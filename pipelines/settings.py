@@ -11,6 +11,7 @@ import hashlib
 from dataclasses import asdict, dataclass, field, fields
 
 from capfilt.captioner import SamplingSettings
+from capfilt.device import PRECISIONS
 from capfilt.filter import ITM_THRESHOLD
 from capfilt.pipelines.schema import SCHEMA_VERSION
 
@@ -43,8 +44,10 @@ class BootstrapSettings:
     filter: str = "demo"
     captioner_tokenizer: str | None = None
     filter_tokenizer: str | None = None
-    device: str | None = None  # None: CPU; "cuda" on GPU workers
+    device: str = "auto"  # auto: CUDA when present (each worker of a node on its own GPU), else CPU
+    precision: str = "auto"  # auto: bf16 autocast on CUDA and on CPUs with native bf16, else fp32 (capfilt.device)
     torch_threads: int | None = None  # per worker; None: torch's default (all cores)
+    decode_threads: int = 4  # per worker: decode and resize images ahead of the models; 0: in the models' thread
     num_captions: int = 1
     sampling_overrides: dict = field(default_factory=dict)  # SamplingSettings fields the run sets
     threshold: float = ITM_THRESHOLD
@@ -58,6 +61,10 @@ class BootstrapSettings:
             raise ValueError(f"num_captions (K) must be at least 1, not {self.num_captions}")
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"threshold is a probability in [0, 1], not {self.threshold}")
+        if self.decode_threads < 0:
+            raise ValueError(f"decode_threads must be 0 or more, not {self.decode_threads}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, not {self.precision!r}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, not {self.batch_size}")
         unknown = set(self.sampling_overrides) - {f.name for f in fields(SamplingSettings)}
@@ -68,7 +75,8 @@ class BootstrapSettings:
     def provenance(self) -> dict:
         """The settings as JSON-able data, with the schema version."""
         data = asdict(self)
-        for where in ("device", "torch_threads"):  # where it ran does not change what it wrote (up to rounding)
+        # Where and how fast it ran does not change what it wrote, up to rounding (precision: docs/pipeline.md).
+        for where in ("device", "precision", "torch_threads", "decode_threads"):
             data.pop(where)
         return {"schema_version": SCHEMA_VERSION, **data}
 

@@ -20,6 +20,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 from PIL import Image
@@ -258,14 +259,15 @@ def test_resuming_with_other_settings_is_refused(full_run, input_dir, settings):
 
 
 def test_a_model_error_on_one_image_fails_that_image_only(input_dir, settings, tmp_path, monkeypatch):
-    caption = Captioner.caption
+    caption_pixels = Captioner.caption_pixels
+    row_3 = decode_image(shard_rows(0)[3]["jpg"])
 
-    def flaky(self, images, num_captions=1, seed=None):
-        if any(image.size == (43, 36) for image in images):  # row 3's image
+    def flaky(self, pixel_values, num_captions=1, seed=None):
+        if any(torch.equal(pixels, self.preprocess([row_3])[0]) for pixels in pixel_values):
             raise RuntimeError("model exploded")
-        return caption(self, images, num_captions, seed)
+        return caption_pixels(self, pixel_values, num_captions, seed)
 
-    monkeypatch.setattr(Captioner, "caption", flaky)
+    monkeypatch.setattr(Captioner, "caption_pixels", flaky)
     layout = run_pipeline(list_shards(input_dir)[:1], settings, tmp_path / "out", expected_rows=ROWS_PER_SHARD)
     failed = {r["key"]: r for r in read(layout, FAILED).to_pylist()}
     assert failed["000000003"]["stage"] == "caption"
@@ -274,10 +276,10 @@ def test_a_model_error_on_one_image_fails_that_image_only(input_dir, settings, t
 
 
 def test_a_model_failing_on_every_image_leaves_the_shard_unfinished(input_dir, settings, tmp_path, monkeypatch):
-    def broken(self, images, texts):
+    def broken(self, pixel_values, texts):
         raise RuntimeError("filter is broken")
 
-    monkeypatch.setattr(Filter, "score", broken)
+    monkeypatch.setattr(Filter, "score_pixels", broken)
     layout = run_pipeline(list_shards(input_dir)[:1], settings, tmp_path / "out")
     assert not layout.is_done("00000")
     errors = read_stats(layout)["shards"]["errors"]
