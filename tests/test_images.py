@@ -1,4 +1,4 @@
-"""``decode_for_model``: images decoded straight to the models' input size, against the full decode."""
+"""``ImagePreprocessor`` against transformers' BLIP processor; ``decode_for_model`` against the full decode."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
 from capfilt.images import ImagePreprocessor, decode_for_model, decode_image
 
@@ -22,6 +24,17 @@ def encoded(size: tuple[int, int], fmt: str, mode: str = "RGB", seed: int = 0) -
     buffer = io.BytesIO()
     Image.fromarray(noisy.astype(np.uint8)).convert(mode).save(buffer, format=fmt, quality=90)
     return buffer.getvalue()
+
+
+@pytest.mark.parametrize("size,mode", [((512, 384), "RGB"), ((40, 30), "RGB"), ((384, 384), "RGB"), ((90, 70), "L")])
+def test_preprocessing_is_transformers_blip_processor(size, mode):
+    image = Image.open(io.BytesIO(encoded(size, "PNG", mode)))
+    for side in (384, 32):
+        reference = BlipImageProcessorPil(size={"height": side, "width": side})
+        expected = reference(images=[image], return_tensors="pt")["pixel_values"]
+        ours = ImagePreprocessor(side)([image])
+        assert ours.shape == expected.shape == (1, 3, side, side) and ours.dtype == torch.float32
+        assert torch.allclose(ours, expected, atol=1e-6, rtol=0)
 
 
 def full_decode(data: bytes, preprocessor: ImagePreprocessor) -> torch.Tensor:
