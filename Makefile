@@ -13,11 +13,12 @@ export TOKENIZERS_PARALLELISM := false
 
 install: $(VENV)/.installed  ## set up everything from a fresh clone
 
+# The dask extra too: `make bootstrap RUNNER=DaskRunner` works from a fresh clone, and tests/test_dask.py runs.
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)"
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -e ".[dev,dask]"
 	touch $@
 
 test: install  ## run the test suite (CPU, offline)

@@ -38,6 +38,11 @@ EXTRAS_REQUIRE = {
     "download": ["img2dataset>=1.45"],
     # Tests read the output back as downstream trainers do: pyarrow, DuckDB and HF datasets.
     "dev": ["pytest>=8", "duckdb>=1.0", "datasets>=3", "img2dataset>=1.45"],
+    # `--runner DaskRunner`: Beam's DaskRunner on a dask.distributed cluster (docs/pipeline.md, "Dask"). The
+    # floor is that of Beam 2.77's `apache-beam[dask]` extra, which has no ceiling; 2024.4.2 and 2026.8.0 both
+    # pass tests/test_dask.py. The ceiling: Beam's runner builds on dask.bag and Dask releases monthly, so a new
+    # year of Dask is tried before it is taken.
+    "dask": ["dask[distributed]>=2024.4.2,<2027", "distributed>=2024.4.2,<2027"],
 }
 
 setup(

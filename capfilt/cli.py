@@ -5,8 +5,9 @@ DATA → (download with img2dataset) → image shards → the Beam pipeline →
 ``OUT/kept``, ``rejected``, ``failed``, ``stats.json``, ``report.html``.
 Every knob has a flag; flags capfilt does not know are Beam pipeline options
 (``--project``, ``--region``, ``--temp_location``, ``--setup_file``,
-``--sdk_container_image``, ``--dataflow_service_options`` ...), passed on to
-the runner. ``capfilt datasets`` lists the named datasets.
+``--sdk_container_image``, ``--dataflow_service_options``,
+``--dask_client_address`` ...), as ``--opt=value`` or ``--opt value``, passed
+on to the runner. ``capfilt datasets`` lists the named datasets.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import sys
 from pathlib import Path
 
 from capfilt import datasets
+from capfilt.pipelines import dask_cluster
 
 DEMO_MODEL = "demo"
 # BLIP w/ ViT-L, fine-tuned on COCO: the paper's captioner and filter, as transformers hub ids.
@@ -85,7 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"filter (default: demo for DATA=demo, else {DEFAULT_FILTER})")
     models.add_argument("--captioner-tokenizer", default=None, help="tokenizer for a .pth captioner")
     models.add_argument("--filter-tokenizer", default=None, help="tokenizer for a .pth filter")
-    models.add_argument("--device", default=None, help="cpu or cuda (default: cpu)")
+    models.add_argument("--device", default="auto",
+                        help="auto (CUDA when present: on a node with G GPUs worker i takes GPU i mod G), cpu, "
+                             "cuda or cuda:N")
+    models.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
+                        help="auto: bf16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16, AMX), "
+                             "else fp32")
 
     capfilt = boot.add_argument_group("CapFilt (defaults: the paper's)")
     capfilt.add_argument("--threshold", type=float, default=0.5, help="remove texts with ITM match prob below")
@@ -105,9 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
     run = boot.add_argument_group("runner")
     run.add_argument("--runner", default="FnApiRunner",
                      help="Beam runner: FnApiRunner (local, in-process; DirectRunner would first try to fetch "
-                          "Prism), DataflowRunner, FlinkRunner, SparkRunner, ...")
-    run.add_argument("--workers", type=int, default=1, help="local runner: worker processes")
+                          "Prism), DaskRunner (a local Dask cluster, or --dask_client_address tcp://HOST:8786), "
+                          "DataflowRunner, FlinkRunner, SparkRunner, ...")
+    run.add_argument("--workers", type=int, default=1,
+                     help="worker processes of the local runner, or of the local Dask cluster")
     run.add_argument("--torch-threads", type=int, default=None, help="torch threads per worker")
+    run.add_argument("--decode-threads", type=int, default=4,
+                     help="threads per worker decoding images ahead of the models (0: none)")
     run.add_argument("--no-report", action="store_true", help="write stats.json only")
     run.add_argument("--progress-interval", type=float, default=10.0, help="seconds between progress lines")
 
@@ -155,7 +166,7 @@ def default_models(data: str) -> tuple[str, str]:
 
 
 def check_models(captioner: str, filter_: str) -> None:
-    """Fail early, with the loader's message, when a model is not on disk (local runners only)."""
+    """Fail early, with the loader's message, when a model is not on disk (runners whose workers are here)."""
     from capfilt.checkpoints import CAPTIONER, FILTER, CheckpointError, resolve
 
     for ref, role in ((captioner, CAPTIONER), (filter_, FILTER)):
@@ -231,6 +242,30 @@ def shards_folder(args) -> Path:
     return Path(args.out) / SHARDS_FOLDER
 
 
+def beam_options(unknown: list[str]) -> list[str]:
+    """The flags capfilt does not know, as Beam options ``--opt=value``; ``--opt value`` is joined.
+
+    A word that does not start with ``--`` right after an unknown ``--opt`` (without ``=``) is its value; a
+    flag followed by another flag (``--streaming``) stays as it is; any other word is an error.
+    """
+    options: list[str] = []
+    for word in unknown:
+        if word.startswith("--"):
+            options.append(word)
+        elif options and "=" not in options[-1]:
+            options[-1] = f"{options[-1]}={word}"
+        else:
+            raise UsageError(f"unexpected argument {word!r} (Beam options are --opt=value or --opt value)")
+    return options
+
+
+def runs_locally(args, options: list[str]) -> bool:
+    """Whether the workers read this machine's paths: a local runner, or a Dask cluster capfilt starts here."""
+    if dask_cluster.is_dask(args.runner):
+        return not dask_cluster.joins_cluster(options)
+    return args.runner in LOCAL_RUNNERS
+
+
 def beam_arguments(args, unknown: list[str]) -> list[str]:
     extra = list(unknown)
     if args.workers > 1 and args.runner in LOCAL_RUNNERS:
@@ -246,7 +281,8 @@ def settings_from_args(args):
     return BootstrapSettings(
         captioner=args.captioner or captioner, filter=args.filter or filter_,
         captioner_tokenizer=args.captioner_tokenizer, filter_tokenizer=args.filter_tokenizer,
-        device=args.device, torch_threads=args.torch_threads, num_captions=args.num_captions,
+        device=args.device, precision=args.precision, torch_threads=args.torch_threads,
+        decode_threads=args.decode_threads, num_captions=args.num_captions,
         sampling_overrides={name: value for name, value in (
             ("method", args.method), ("top_p", args.top_p), ("top_k", args.top_k),
             ("max_length", args.max_length), ("min_length", args.min_length)) if value is not None},
@@ -261,11 +297,14 @@ def bootstrap(args, unknown: list[str]) -> int:
     from capfilt.pipelines.shards import list_shards
     from capfilt.report import read_stats
 
-    stray = [a for a in unknown if not a.startswith("--")]
-    if stray:
-        raise UsageError(f"unexpected argument(s) {stray}")
+    options = beam_options(unknown)
+    if dask_cluster.is_dask(args.runner):
+        try:
+            dask_cluster.check_installed()
+        except ImportError as error:
+            raise UsageError(str(error)) from None
     settings = settings_from_args(args)
-    if args.runner in LOCAL_RUNNERS:
+    if runs_locally(args, options):
         check_models(settings.captioner, settings.filter)
     columns = datasets.Columns(url=args.url_col, caption=args.caption_col)
     source = datasets.resolve(args.data, args.cache_dir, columns, fetch=False if args.no_fetch else None)
@@ -286,7 +325,7 @@ def bootstrap(args, unknown: list[str]) -> int:
          f"threshold {settings.threshold}, sampling {settings.sampling_overrides or 'defaults'}")
     with Progress(layout, [s.shard_id for s in shards], interval=args.progress_interval):
         pipeline.run(shards, settings, str(args.out), runner=args.runner,
-                     beam_args=beam_arguments(args, unknown), report=not args.no_report)
+                     beam_args=beam_arguments(args, options), report=not args.no_report, workers=args.workers)
     stats = read_stats(layout)
     print_summary(stats, layout)
     return 1 if stats["shards"]["errors"] else 0

@@ -11,11 +11,14 @@ bytes therefore never cross a shuffle (the only shuffle, ``SpreadShards``,
 moves shard paths so that a runner spreads them over its workers), and each
 shard's output appears on its own with a completion marker instead of all at
 the end of the job; a rerun skips finished shards. Models load once per
-worker, in ``DoFn.setup``.
+worker, in ``DoFn.setup`` (on Beam's DaskRunner, which calls ``setup`` per
+shard, on a worker's first shard: ``capfilt.pipelines.dask_cluster``).
 
 A shard that cannot be processed at all (an unreadable file, a model that
 fails on every image) is reported, not marked done: the job finishes the
-other shards and says which to rerun.
+other shards and says which to rerun. Its error goes down the same output as
+the other shards' stats (a dict with ``error``): Beam's DaskRunner does not
+tell a ParDo's tagged outputs apart.
 """
 
 from __future__ import annotations
@@ -23,28 +26,30 @@ from __future__ import annotations
 import logging
 import traceback
 from collections.abc import Sequence
+from contextlib import ExitStack
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
+from capfilt.pipelines import dask_cluster
 from capfilt.pipelines.layout import OutputLayout
 from capfilt.pipelines.settings import BootstrapSettings
 from capfilt.pipelines.shards import InputShard
 
 log = logging.getLogger(__name__)
 
-SHARD_ERRORS = "shard_errors"
 # The in-process engine DirectRunner falls back to; unlike DirectRunner (Beam 2.77) it never tries to fetch Prism.
 DEFAULT_RUNNER = "FnApiRunner"
 
 
 class CapFiltShard(beam.DoFn):
-    """Caption and filter whole shards; emits each shard's stats, or its error on ``SHARD_ERRORS``."""
+    """Caption and filter whole shards; emits each shard's stats, or its error (a dict with ``error``)."""
 
     def __init__(self, settings: BootstrapSettings, layout: OutputLayout):
         self.settings, self.layout = settings, layout
         self.models = None
         self._torch_threads = None
+        self._kept_by_worker = False  # on a Dask worker: the models outlive this DoFn (dask_cluster.worker_models)
 
     def setup(self):
         import torch
@@ -54,13 +59,19 @@ class CapFiltShard(beam.DoFn):
         self._torch_threads = torch.get_num_threads()
         if self.settings.torch_threads:
             torch.set_num_threads(self.settings.torch_threads)
-        self.models = Models.load(self.settings)
+        # Beam's DaskRunner sets up a DoFn per shard: there the worker loads the models on its first shard
+        # that is not done yet, and keeps them.
+        self._kept_by_worker = dask_cluster.in_dask_worker()
+        if not self._kept_by_worker:
+            self.models = Models.load(self.settings)
 
     def teardown(self):
         import torch
 
         if self._torch_threads:  # the DirectRunner shares its process with the caller
             torch.set_num_threads(self._torch_threads)
+        if self.models is not None:
+            self.models.release()  # this worker's GPU slot, for the next worker on the node
         self.models = None
 
     def process(self, shard: InputShard):
@@ -68,12 +79,12 @@ class CapFiltShard(beam.DoFn):
 
         if self.layout.is_done(shard.shard_id):  # finished meanwhile by another attempt
             return
+        models = dask_cluster.worker_models(self.settings) if self._kept_by_worker else self.models
         try:
-            stats = process_shard(shard, self.models, self.settings, self.layout)
+            stats = process_shard(shard, models, self.settings, self.layout)
         except Exception as error:  # noqa: BLE001 - reported per shard; the job goes on
             log.error("shard %s failed: %s", shard.shard_id, traceback.format_exc())
-            failure = {"shard": shard.shard_id, "input": shard.path, "error": f"{type(error).__name__}: {error}"}
-            yield beam.pvalue.TaggedOutput(SHARD_ERRORS, failure)
+            yield {"shard": shard.shard_id, "input": shard.path, "error": f"{type(error).__name__}: {error}"}
             return
         yield {k: v for k, v in stats.items() if k != "samples"}  # the report reads the examples from the marker
 
@@ -96,15 +107,11 @@ def _write_stats_and_report(results: list[dict], layout: OutputLayout, settings:
 def capfilt_transform(p_shards, settings: BootstrapSettings, layout: OutputLayout, total_shards: int,
                       report: bool = True):
     """Apply CapFilt to a PCollection of ``InputShard``s; returns the PCollection holding the run's stats."""
-    results = (
+    return (
         p_shards
         | "SkipFinished" >> beam.Filter(_unfinished, layout)
         | "SpreadShards" >> beam.Reshuffle()
-        | "CaptionAndFilter" >> beam.ParDo(CapFiltShard(settings, layout)).with_outputs(SHARD_ERRORS, main="done")
-    )
-    return (
-        (results.done, results[SHARD_ERRORS])
-        | "Merge" >> beam.Flatten()
+        | "CaptionAndFilter" >> beam.ParDo(CapFiltShard(settings, layout))
         | "Summarize" >> beam.combiners.ToList()
         | "WriteStatsAndReport" >> beam.Map(_write_stats_and_report, layout, settings, total_shards, report)
     )
@@ -120,15 +127,30 @@ def build_pipeline(pipeline: beam.Pipeline, shards: Sequence[InputShard], settin
 
 
 def pipeline_options(runner: str = DEFAULT_RUNNER, beam_args: Sequence[str] = ()) -> PipelineOptions:
-    """Beam options with the runner always explicit (Beam's own default would fetch a Prism binary)."""
+    """Beam options with the runner always explicit (Beam's own default would fetch a Prism binary).
+
+    ``DaskRunner`` is given to Beam by its class path: Beam 2.77 does not resolve that name.
+    """
     options = PipelineOptions(list(beam_args))
-    options.view_as(StandardOptions).runner = runner
+    options.view_as(StandardOptions).runner = dask_cluster.runner_path(runner)
     return options
 
 
 def run(shards: Sequence[InputShard], settings: BootstrapSettings, out: str, runner: str = DEFAULT_RUNNER,
-        beam_args: Sequence[str] = (), report: bool = True) -> None:
-    """Run the job to the end (blocking)."""
-    pipeline = beam.Pipeline(options=pipeline_options(runner, beam_args))
-    build_pipeline(pipeline, shards, settings, out, report=report)
-    pipeline.run().wait_until_finish()
+        beam_args: Sequence[str] = (), report: bool = True, workers: int = 1) -> None:
+    """Run the job to the end (blocking).
+
+    ``workers``: on the DaskRunner without ``--dask_client_address``, the worker processes of the local
+    cluster started for this run and closed after it, also on error (the local runner's ``--workers`` are
+    Beam options: ``capfilt.cli.beam_arguments``).
+    """
+    with ExitStack() as stack:
+        if dask_cluster.is_dask(runner):
+            beam_args = stack.enter_context(dask_cluster.dask_arguments(beam_args, workers, len(shards)))
+        pipeline = beam.Pipeline(options=pipeline_options(runner, beam_args))
+        build_pipeline(pipeline, shards, settings, out, report=report)
+        result = pipeline.run()
+        try:
+            result.wait_until_finish()
+        finally:
+            dask_cluster.close_client(result)
