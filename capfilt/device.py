@@ -109,7 +109,8 @@ def claim_slot(folder: str | Path = SLOTS_DIR, most: int = 4096) -> WorkerSlot:
     raise RuntimeError(f"more than {most} capfilt workers hold a slot in {folder}")
 
 
-def worker_device(requested: str | None = "auto", slots: str | Path = SLOTS_DIR) -> tuple[torch.device, WorkerSlot | None]:
+def worker_device(requested: str | None = "auto",
+                  slots: str | Path = SLOTS_DIR) -> tuple[torch.device, WorkerSlot | None]:
     """A worker's device: with G GPUs and no index asked for, worker slot i runs on GPU i mod G.
 
     So ``--workers 8`` on an 8-GPU node (or 8 SDK processes, task slots or Dask workers) puts one worker on
