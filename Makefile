@@ -37,7 +37,7 @@ CAPTIONER ?=
 FILTER ?=
 ARGS ?=
 
-.PHONY: bootstrap bench-pipeline
+.PHONY: bootstrap bench-pipeline bench-throughput
 
 bootstrap: install  ## CapFilt: DATA=demo|cc12m|cc3m|sbu|laion400m|PATH OUT=... CAPTIONER=... FILTER=... RUNNER=... ARGS="..."
 	$(VENV)/bin/capfilt bootstrap --data "$(DATA)" --out "$(OUT)" --runner "$(RUNNER)" \
@@ -45,6 +45,9 @@ bootstrap: install  ## CapFilt: DATA=demo|cc12m|cc3m|sbu|laion400m|PATH OUT=... 
 
 bench-pipeline: install  ## images/s of the CapFilt pipeline on tiny models (this CPU)
 	nice $(PY) bench/bench_pipeline.py $(ARGS)
+
+bench-throughput: install  ## images/s of plain transformers, capfilt's engine and its pipeline on BLIP-size models (docs/throughput.md; ARGS="--config base large")
+	$(PY) bench/bench_throughput.py $(ARGS)
 
 # --- the shapes-world demo models ---------------------------------------------------------
 .PHONY: demo-models evaluate-demo experiment
