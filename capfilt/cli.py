@@ -116,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "DataflowRunner, FlinkRunner, SparkRunner, ...")
     run.add_argument("--workers", type=int, default=1,
                      help="worker processes of the local runner, or of the local Dask cluster")
-    run.add_argument("--torch-threads", type=int, default=None, help="torch threads per worker")
+    run.add_argument("--torch-threads", type=int, default=None,
+                     help="torch threads per worker (default: cores / --workers)")
     run.add_argument("--decode-threads", type=int, default=4,
                      help="threads per worker decoding images ahead of the models (0: none)")
     run.add_argument("--no-report", action="store_true", help="write stats.json only")
@@ -273,6 +274,13 @@ def beam_arguments(args, unknown: list[str]) -> list[str]:
     return extra
 
 
+def torch_threads(args) -> int | None:
+    """``--torch-threads``, else the machine's cores shared out among ``--workers`` processes (else torch's)."""
+    if args.torch_threads:
+        return args.torch_threads
+    return max(1, (os.cpu_count() or 1) // args.workers) if args.workers > 1 else None
+
+
 def settings_from_args(args):
     """The run's ``BootstrapSettings`` from the flags; the models default by DATA."""
     from capfilt.pipelines.settings import BootstrapSettings
@@ -281,7 +289,7 @@ def settings_from_args(args):
     return BootstrapSettings(
         captioner=args.captioner or captioner, filter=args.filter or filter_,
         captioner_tokenizer=args.captioner_tokenizer, filter_tokenizer=args.filter_tokenizer,
-        device=args.device, precision=args.precision, torch_threads=args.torch_threads,
+        device=args.device, precision=args.precision, torch_threads=torch_threads(args),
         decode_threads=args.decode_threads, num_captions=args.num_captions,
         sampling_overrides={name: value for name, value in (
             ("method", args.method), ("top_p", args.top_p), ("top_k", args.top_k),

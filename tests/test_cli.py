@@ -9,6 +9,7 @@ from __future__ import annotations
 import http.server
 import io
 import json
+import os
 import tarfile
 import threading
 
@@ -19,6 +20,7 @@ import torch
 from PIL import Image
 
 from capfilt import cli, datasets
+from capfilt.pipelines.settings import BootstrapSettings
 from capfilt.cli import UsageError, parse_shard_selection
 
 IMAGES = 6
@@ -249,3 +251,17 @@ def test_the_portable_runner_writes_what_the_local_runner_writes(captioner_folde
     local_stats, portable_stats = (json.loads((out / "stats.json").read_text()) for out in (local, portable))
     assert portable_stats["rows"] == local_stats["rows"] == 12
     assert portable_stats["noise_ratio"] == local_stats["noise_ratio"]
+
+
+def test_worker_processes_share_the_cores_unless_told():
+    from argparse import Namespace
+
+    cores = os.cpu_count() or 1
+    assert cli.torch_threads(Namespace(torch_threads=None, workers=1)) is None  # torch's default
+    assert cli.torch_threads(Namespace(torch_threads=None, workers=2)) == max(1, cores // 2)
+    assert cli.torch_threads(Namespace(torch_threads=None, workers=4 * cores)) == 1
+    assert cli.torch_threads(Namespace(torch_threads=3, workers=2)) == 3
+    args, _ = cli.build_parser().parse_known_args(["bootstrap"])
+    defaults = BootstrapSettings()  # the flags' defaults are the settings' own
+    assert (args.device, args.precision, args.decode_threads) == (
+        defaults.device, defaults.precision, defaults.decode_threads)
