@@ -277,9 +277,12 @@ class ShardJob:
                 self.judge(batch, batch_index, writer)
         except BaseException:
             remove_progress(writer.folder)  # a failed attempt's rows no longer count as running
+            try:
+                writer.close()
+            except Exception as error:  # noqa: BLE001 - the first error is the one to report
+                log.debug("closing shard %s's files after an error: %s", self.shard.shard_id, error)
             raise
-        finally:
-            writer.close()
+        writer.close()
         self.stats.seconds = time.perf_counter() - start
         model_failures = self.stats.failed["caption"] + self.stats.failed["filter"]
         if model_failures and not self.stats.images:  # e.g. batch size 1 with a broken model
