@@ -124,3 +124,29 @@ def worker_device(requested: str | None = "auto",
     device = torch.device("cuda", slot.index % count if slot else 0)
     torch.cuda.set_device(device)
     return device, slot
+
+
+# --- heads that stay in fp32 under autocast --------------------------------------------------------------------------
+_FP32_CLASSES: dict[type, type] = {}
+
+
+def _fp32_forward(self, *args, **kwargs):
+    args = [a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args]
+    with torch.autocast(next(self.parameters()).device.type, enabled=False):
+        return super(type(self), self).forward(*args, **kwargs)
+
+
+def compute_in_fp32(module: torch.nn.Module) -> torch.nn.Module:
+    """Make ``module`` compute in fp32 inside an autocast region (its inputs cast up), in place; returns it.
+
+    Same parameters, same state-dict keys (its class becomes a subclass whose ``forward`` turns autocast off,
+    as ``capfilt.models.attention.use_sdpa`` swaps classes), and a deep copy keeps it. For output heads, where
+    bf16 rounding would change what is drawn or decided and fp32 costs little.
+    """
+    cls = type(module)
+    if cls in _FP32_CLASSES.values():
+        return module
+    if cls not in _FP32_CLASSES:
+        _FP32_CLASSES[cls] = type(f"Fp32{cls.__name__}", (cls,), {"forward": _fp32_forward})
+    module.__class__ = _FP32_CLASSES[cls]
+    return module

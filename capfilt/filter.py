@@ -27,7 +27,7 @@ from PIL import Image
 from transformers import BlipConfig, BlipForImageTextRetrieval
 
 from capfilt.checkpoints import FILTER, ModelSource, load_model
-from capfilt.device import autocast, pick_device
+from capfilt.device import autocast, compute_in_fp32, pick_device
 from capfilt.images import ImagePreprocessor
 from capfilt.tokenizer import pre_caption, special_ids
 
@@ -60,6 +60,8 @@ class Filter:
 
     def __post_init__(self):
         self.model.to(self.device, dtype=torch.float32).eval()  # fp32 weights; products under autocast_dtype
+        for head in (self.model.itm_head, self.model.text_proj, self.model.vision_proj):  # scores in fp32
+            compute_in_fp32(head)
         self.preprocess = ImagePreprocessor(self.model.config.vision_config.image_size)
         self.ids = special_ids(self.tokenizer)
 
