@@ -44,18 +44,17 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval
-from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+try:  # transformers >= 5.2x; a GPU machine's older transformers has the numpy-backed processor
+    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil as BlipImageProcessor
+except ImportError:
+    from transformers import BlipImageProcessor
 
 from capfilt.captioner import Captioner, SamplingSettings
 from capfilt.configs import preset_config
 from capfilt.device import autocast, pick_device, precision_name
 from capfilt.filter import MAX_TEXT_TOKENS, Filter
 from capfilt.models.attention import use_sdpa
-from capfilt.pipelines.layout import OutputLayout
-from capfilt.pipelines.models import Models
-from capfilt.pipelines.process import process_shard
-from capfilt.pipelines.settings import BootstrapSettings
-from capfilt.pipelines.shards import list_shards
 from capfilt.vocab import compact_tokenizer
 
 WORDS = "a picture of the small large red green blue circle square triangle left right above below".split()
@@ -105,7 +104,7 @@ def plain(models: dict, images: list[Image.Image], settings: SamplingSettings, b
           device: torch.device) -> int:
     """(a) transformers alone; returns the number of texts scored."""
     tokenizer, captioner, filter_ = models["tokenizer"], models["hf_captioner"], models["hf_filter"]
-    processor = BlipImageProcessorPil(size={"height": models["config"].vision_config.image_size,
+    processor = BlipImageProcessor(size={"height": models["config"].vision_config.image_size,
                                             "width": models["config"].vision_config.image_size})
     scored = 0
     for start in range(0, len(images), batch_size):
@@ -147,8 +146,13 @@ def write_shards(folder: Path, images: list[bytes], shards: int) -> None:
         pq.write_table(pa.Table.from_pylist(rows), folder / f"{shard:05d}.parquet")
 
 
-def pipeline(models: dict, work: Path, shards: list, settings: BootstrapSettings) -> int:
+def pipeline(models: dict, work: Path, shards: list, settings) -> int:
     """(c) shards to Parquet with ``process_shard``; returns the number of texts scored."""
+    # Imported here: the pipeline needs apache-beam, which a bare GPU machine may lack ((a) and (b) do not).
+    from capfilt.pipelines.layout import OutputLayout
+    from capfilt.pipelines.models import Models
+    from capfilt.pipelines.process import process_shard
+
     out = work / f"out-{time.monotonic_ns()}"
     layout = OutputLayout(str(out))
     pair = Models(models["captioner"], models["filter"])
@@ -226,10 +230,15 @@ def run_config(name: str, args, device: torch.device, work: Path) -> dict:
     models["captioner"].settings = sampling
     jpegs = make_images(args.images)
     images = [Image.open(io.BytesIO(data)).convert("RGB") for data in jpegs]
-    write_shards(work / name, jpegs, args.shards)
-    shards = list_shards(str(work / name))
-    settings = BootstrapSettings(captioner="bench", filter="bench", batch_size=args.batch_size,
-                                 sampling_overrides={"max_length": tokens, "min_length": tokens})
+    shards = settings = None
+    if "pipeline" in args.ways:
+        from capfilt.pipelines.settings import BootstrapSettings
+        from capfilt.pipelines.shards import list_shards
+
+        write_shards(work / name, jpegs, args.shards)
+        shards = list_shards(str(work / name))
+        settings = BootstrapSettings(captioner="bench", filter="bench", batch_size=args.batch_size,
+                                     sampling_overrides={"max_length": tokens, "min_length": tokens})
     ways = {
         "plain": lambda: plain(models, images, sampling, args.batch_size, device),
         "engine": lambda: engine(models, images, args.batch_size),
