@@ -277,7 +277,8 @@ def _headerless_width(path: Path, fmt: str) -> int:
 def _open_text(path: Path, newline: str | None = None):
     """A URL list file as UTF-8 text, gunzipped when its name ends in ``.gz``."""
     opener = gzip.open if path.name.endswith(".gz") else open
-    return opener(path, "rt", encoding="utf-8", newline=newline)
+    # Bad bytes as U+FFFD: this reads the header and a sample of lines; the rows themselves are checked apart.
+    return opener(path, "rt", encoding="utf-8", errors="replace", newline=newline)
 
 
 def _first_line(path: Path) -> str:
@@ -414,8 +415,45 @@ def write_url_list(url_list: UrlList, target: str | Path, extra: tuple[str, ...]
     return summary
 
 
-def _select(table: pa.Table, url_list: UrlList, extra: tuple[str, ...]) -> pa.Table:
-    """``url``, ``caption`` (as strings) and the ``extra`` columns of one block of a URL list."""
+UNDECODABLE = b"capfilt_undecodable"  # schema metadata of a decoded CSV block: its rows that were not UTF-8
+
+
+def _decoded(raw: pa.Table, first: int, path: Path, delimiter: str, summary: dict) -> pa.Table:
+    """A block of a CSV/TSV list (binary columns) as strings; ``first`` is the file's number of its first row.
+
+    A row with bytes that are not UTF-8 keeps its place: its fields decoded with U+FFFD for the bad bytes and,
+    in the schema's metadata, the reason by row (``_select`` turns such a row into one that fails at stage
+    ``parse``). The whole block is checked at once; only a block with a bad byte is decoded value by value.
+    """
+    try:
+        return raw.cast(pa.schema([(name, pa.string()) for name in raw.column_names]))
+    except (pa.ArrowInvalid, UnicodeDecodeError):
+        pass
+    columns = {name: raw[name].to_pylist() for name in raw.column_names}
+    reasons: dict[int, str] = {}
+    for name, values in columns.items():
+        for row, value in enumerate(values):
+            if value is None:
+                continue
+            try:
+                values[row] = value.decode("utf-8")
+            except UnicodeDecodeError as error:
+                values[row] = value.decode("utf-8", errors="replace")
+                reasons.setdefault(row, f"line {first + row} of {path.name} is not UTF-8: byte "
+                                        f"0x{value[error.start]:02x} in column {name!r}")
+    summary["malformed"] += len(reasons)
+    table = pa.table({name: pa.array(values, pa.string()) for name, values in columns.items()})
+    texts = {row: delimiter.join(columns[name][row] or "" for name in columns) for row in reasons}
+    return table.replace_schema_metadata({UNDECODABLE: json.dumps(
+        {str(row): [reason, texts[row]] for row, reason in reasons.items()})})
+
+
+def _select(table: pa.Table, url_list: UrlList, extra: tuple[str, ...], undecodable: dict | None = None) -> pa.Table:
+    """``url``, ``caption`` (as strings) and the ``extra`` columns of one block of a URL list.
+
+    Rows that ``_decoded`` found not UTF-8 (``undecodable``: its schema metadata) get no URL, their line's
+    text (bad bytes as U+FFFD) as caption and the reason in ``capfilt_error``: they fail at stage ``parse``.
+    """
     names = table.column_names
 
     def column(col):
@@ -429,8 +467,15 @@ def _select(table: pa.Table, url_list: UrlList, extra: tuple[str, ...]) -> pa.Ta
         raise DatasetError(f"{url_list.paths[0]}: no column(s) {missing} to keep (columns: {names})")
     url = column(url_list.url_col)
     caption = pa.nulls(len(url), pa.string()) if url_list.caption_col is None else column(url_list.caption_col)
-    return pa.table({"url": url, "caption": caption, **{name: table[name] for name in extra},
-                     INPUT_ERROR: pa.nulls(len(url), pa.string())})
+    selected = pa.table({"url": url, "caption": caption, **{name: table[name] for name in extra},
+                         INPUT_ERROR: pa.nulls(len(url), pa.string())})
+    bad = json.loads((undecodable or {}).get(UNDECODABLE, b"{}"))
+    if not bad:
+        return selected
+    rows = selected.to_pylist()
+    for row, (reason, text) in bad.items():
+        rows[int(row)] = {"url": None, "caption": text, **{name: None for name in extra}, INPUT_ERROR: reason}
+    return pa.Table.from_pylist(rows, schema=selected.schema)
 
 
 def _tables(url_list: UrlList, extra: tuple[str, ...], summary: dict):
@@ -483,14 +528,15 @@ def _csv_tables(path: Path, url_list: UrlList, extra: tuple[str, ...], summary: 
         # (without URL: they fail at download), so that the numbers are the file's line numbers.
         parse_options=pa_csv.ParseOptions(delimiter=delimiter, quote_char='"' if url_list.format == "csv" else False,
                                           invalid_row_handler=keep_malformed, ignore_empty_lines=False),
-        convert_options=pa_csv.ConvertOptions(column_types={n: pa.string() for n in names},
+        # Bytes, not strings: a line that is not UTF-8 must fail alone (``_decoded``), not stop the whole list.
+        convert_options=pa_csv.ConvertOptions(column_types={n: pa.binary() for n in names},
                                               strings_can_be_null=False),
     )
     record = skip + 1  # the number of the next row of the file
     for batch in reader:  # a block's malformed rows are known before its batch comes (the parser reads ahead)
-        table = _select(pa.Table.from_batches([batch]), url_list, extra)
+        raw = pa.Table.from_batches([batch])
         pieces, start = [], 0
-        while start < table.num_rows:  # the file's order: each malformed row at its own number
+        while start < raw.num_rows:  # the file's order: each malformed row at its own number
             taken = 0
             while taken < len(malformed) and (malformed[taken][0] is None or malformed[taken][0] <= record + taken):
                 taken += 1
@@ -499,10 +545,12 @@ def _csv_tables(path: Path, url_list: UrlList, extra: tuple[str, ...], summary: 
                 del malformed[:taken]
                 record += taken
             next_bad = malformed[0][0] if malformed and malformed[0][0] is not None else None
-            good = table.num_rows - start if next_bad is None else min(table.num_rows - start, next_bad - record)
-            pieces.append(table.slice(start, good))
+            good = raw.num_rows - start if next_bad is None else min(raw.num_rows - start, next_bad - record)
+            block = _decoded(raw.slice(start, good), record, path, delimiter, summary)
+            pieces.append(_select(block, url_list, extra, undecodable=block.schema.metadata))
             start, record = start + good, record + good
-        yield pa.concat_tables(pieces) if pieces else table
+        yield pa.concat_tables(pieces) if pieces else _select(raw.cast(pa.schema(
+            [(name, pa.string()) for name in raw.column_names])), url_list, extra)
     if malformed:  # after the last parsed row (or in a file where no row parsed)
         yield pa.Table.from_pylist([row for _, row in malformed], schema=malformed_schema)
 

@@ -235,3 +235,24 @@ def test_an_odd_first_line_does_not_set_a_headerless_lists_width(tmp_path):
     assert pq.read_table(tmp_path / "csv.parquet").to_pylist() == [
         {"url": "http://j.example/1.jpg", "caption": "a, b", INPUT_ERROR: None},
         {"url": "http://j.example/2.jpg", "caption": "c", INPUT_ERROR: None}]
+
+
+@pytest.mark.parametrize("fmt", ["tsv", "csv"])
+def test_a_line_that_is_not_utf8_fails_alone_at_parse(fmt, tmp_path, monkeypatch):
+    """One bad byte (here Latin-1's é) fails its own line, at stage parse, and the list goes on."""
+    monkeypatch.setattr(datasets, "CSV_BLOCK_BYTES", 256)  # several blocks: line numbers hold across them
+    sep = "\t" if fmt == "tsv" else ","
+    lines = [f"http://u.example/{i}.jpg{sep}caption {i}".encode() for i in range(40)]
+    lines[7] = f"http://u.example/7.jpg{sep}caf".encode() + b"\xe9 au lait"
+    lines[31] = b"http://u.example/\xff31.jpg" + f"{sep}caption 31".encode()
+    path = tmp_path / f"list.{fmt}"
+    path.write_bytes(b"url" + sep.encode() + b"caption\n" + b"".join(line + b"\n" for line in lines))
+    summary = write_url_list(resolve(str(path)).url_list, tmp_path / "out.parquet")
+    assert summary == {"rows": 40, "without_url": 0, "malformed": 2}
+    rows = pq.read_table(tmp_path / "out.parquet").to_pylist()
+    assert [r["url"] for r in rows if r[INPUT_ERROR] is None] == [
+        f"http://u.example/{i}.jpg" for i in range(40) if i not in (7, 31)]
+    assert rows[7] == {"url": None, "caption": f"http://u.example/7.jpg{sep}caf\ufffd au lait",
+                       INPUT_ERROR: f"line 9 of list.{fmt} is not UTF-8: byte 0xe9 in column 'caption'"}
+    assert rows[31][INPUT_ERROR] == f"line 33 of list.{fmt} is not UTF-8: byte 0xff in column 'url'"
+    assert rows[31]["url"] is None and rows[8]["caption"] == "caption 8"
