@@ -415,18 +415,15 @@ def write_url_list(url_list: UrlList, target: str | Path, extra: tuple[str, ...]
     return summary
 
 
-UNDECODABLE = b"capfilt_undecodable"  # schema metadata of a decoded CSV block: its rows that were not UTF-8
-
-
-def _decoded(raw: pa.Table, first: int, path: Path, delimiter: str, summary: dict) -> pa.Table:
+def _decoded(raw: pa.Table, first: int, path: Path, delimiter: str) -> tuple[pa.Table, dict[int, tuple[str, str]]]:
     """A block of a CSV/TSV list (binary columns) as strings; ``first`` is the file's number of its first row.
 
-    A row with bytes that are not UTF-8 keeps its place: its fields decoded with U+FFFD for the bad bytes and,
-    in the schema's metadata, the reason by row (``_select`` turns such a row into one that fails at stage
+    Also returns the rows with bytes that are not UTF-8: row -> (reason, the line's text). Such a row keeps its
+    place, its fields decoded with U+FFFD for the bad bytes (``_select`` turns it into one that fails at stage
     ``parse``). The whole block is checked at once; only a block with a bad byte is decoded value by value.
     """
     try:
-        return raw.cast(pa.schema([(name, pa.string()) for name in raw.column_names]))
+        return raw.cast(pa.schema([(name, pa.string()) for name in raw.column_names])), {}
     except (pa.ArrowInvalid, UnicodeDecodeError):
         pass
     columns = {name: raw[name].to_pylist() for name in raw.column_names}
@@ -441,18 +438,17 @@ def _decoded(raw: pa.Table, first: int, path: Path, delimiter: str, summary: dic
                 values[row] = value.decode("utf-8", errors="replace")
                 reasons.setdefault(row, f"line {first + row} of {path.name} is not UTF-8: byte "
                                         f"0x{value[error.start]:02x} in column {name!r}")
-    summary["malformed"] += len(reasons)
     table = pa.table({name: pa.array(values, pa.string()) for name, values in columns.items()})
-    texts = {row: delimiter.join(columns[name][row] or "" for name in columns) for row in reasons}
-    return table.replace_schema_metadata({UNDECODABLE: json.dumps(
-        {str(row): [reason, texts[row]] for row, reason in reasons.items()})})
+    return table, {row: (reason, delimiter.join(columns[name][row] or "" for name in columns))
+                   for row, reason in reasons.items()}
 
 
-def _select(table: pa.Table, url_list: UrlList, extra: tuple[str, ...], undecodable: dict | None = None) -> pa.Table:
+def _select(table: pa.Table, url_list: UrlList, extra: tuple[str, ...],
+            undecodable: dict[int, tuple[str, str]] | None = None) -> pa.Table:
     """``url``, ``caption`` (as strings) and the ``extra`` columns of one block of a URL list.
 
-    Rows that ``_decoded`` found not UTF-8 (``undecodable``: its schema metadata) get no URL, their line's
-    text (bad bytes as U+FFFD) as caption and the reason in ``capfilt_error``: they fail at stage ``parse``.
+    Rows that ``_decoded`` found not UTF-8 (``undecodable``) get no URL, their line's text (bad bytes as
+    U+FFFD) as caption and the reason in ``capfilt_error``: they fail at stage ``parse``.
     """
     names = table.column_names
 
@@ -469,12 +465,11 @@ def _select(table: pa.Table, url_list: UrlList, extra: tuple[str, ...], undecoda
     caption = pa.nulls(len(url), pa.string()) if url_list.caption_col is None else column(url_list.caption_col)
     selected = pa.table({"url": url, "caption": caption, **{name: table[name] for name in extra},
                          INPUT_ERROR: pa.nulls(len(url), pa.string())})
-    bad = json.loads((undecodable or {}).get(UNDECODABLE, b"{}"))
-    if not bad:
+    if not undecodable:
         return selected
     rows = selected.to_pylist()
-    for row, (reason, text) in bad.items():
-        rows[int(row)] = {"url": None, "caption": text, **{name: None for name in extra}, INPUT_ERROR: reason}
+    for row, (reason, text) in undecodable.items():
+        rows[row] = {"url": None, "caption": text, **{name: None for name in extra}, INPUT_ERROR: reason}
     return pa.Table.from_pylist(rows, schema=selected.schema)
 
 
@@ -546,11 +541,13 @@ def _csv_tables(path: Path, url_list: UrlList, extra: tuple[str, ...], summary: 
                 record += taken
             next_bad = malformed[0][0] if malformed and malformed[0][0] is not None else None
             good = raw.num_rows - start if next_bad is None else min(raw.num_rows - start, next_bad - record)
-            block = _decoded(raw.slice(start, good), record, path, delimiter, summary)
-            pieces.append(_select(block, url_list, extra, undecodable=block.schema.metadata))
+            block, undecodable = _decoded(raw.slice(start, good), record, path, delimiter)
+            summary["malformed"] += len(undecodable)
+            pieces.append(_select(block, url_list, extra, undecodable))
             start, record = start + good, record + good
-        yield pa.concat_tables(pieces) if pieces else _select(raw.cast(pa.schema(
-            [(name, pa.string()) for name in raw.column_names])), url_list, extra)
+        if not pieces:  # an empty block: its lines were all malformed (they come in their place above or below)
+            pieces.append(_select(_decoded(raw, record, path, delimiter)[0], url_list, extra))
+        yield pa.concat_tables(pieces)
     if malformed:  # after the last parsed row (or in a file where no row parsed)
         yield pa.Table.from_pylist([row for _, row in malformed], schema=malformed_schema)
 
