@@ -75,7 +75,7 @@ class BootstrapSettings:
     def provenance(self) -> dict:
         """The settings as JSON-able data, with the schema version."""
         data = asdict(self)
-        # Where and how fast it ran does not change what it wrote, up to rounding (precision: docs/pipeline.md).
+        # Where and how fast it ran does not change what it wrote, up to rounding (precision: docs/throughput.md).
         for where in ("device", "precision", "torch_threads", "decode_threads"):
             data.pop(where)
         return {"schema_version": SCHEMA_VERSION, **data}
