@@ -36,6 +36,12 @@ STAGES = ("parse", "download", "decode", "size", "caption", "filter")
 # The canonical URL list's (and so img2dataset's shards') column that marks a row as unparseable: null for good
 # rows, the reason for a line that did not parse (``capfilt.datasets.write_url_list``). Never passed through.
 INPUT_ERROR = "capfilt_error"
+# With ``capfilt_error`` set, the stage the row fails at: null or ``parse`` for a line that did not parse,
+# ``download`` for a URL refused before img2dataset saw it (``capfilt.urls``). Never passed through.
+INPUT_STAGE = "capfilt_stage"
+# The URL of a refused row: its ``url`` is null so that img2dataset never fetches it; the output's ``url`` is this.
+INPUT_URL = "capfilt_url"
+INPUT_COLUMNS = (INPUT_ERROR, INPUT_STAGE, INPUT_URL)  # capfilt's own columns of the URL list, in this order
 
 # img2dataset's image columns (its --encode_format), in order of preference.
 IMAGE_COLUMNS = ("jpg", "png", "webp")
@@ -65,7 +71,7 @@ _FAILED_FIELDS = [
     pa.field("error", pa.string()),
     pa.field("status", pa.string()),  # img2dataset's status for the row (null when the input had none)
 ]
-RESERVED = ({f.name for f in _PAIR_FIELDS + _FAILED_FIELDS} | {"error_message", "txt", INPUT_ERROR}
+RESERVED = ({f.name for f in _PAIR_FIELDS + _FAILED_FIELDS} | {"error_message", "txt", *INPUT_COLUMNS}
             | set(IMAGE_COLUMNS))
 
 
