@@ -1,4 +1,4 @@
-"""Image preprocessing as BLIP's evaluation transform does it.
+"""Image decoding, and preprocessing as BLIP's evaluation transform does it.
 
 The original code converts to RGB with PIL, resizes to a square
 ``image_size`` with bicubic interpolation, scales to [0, 1] and normalises
@@ -7,16 +7,39 @@ with the OpenAI CLIP mean and std (``transform_test`` in BLIP's
 transformers' ``BlipImageProcessorPil`` computes the same values (within 1e-6,
 ``tests/test_images.py``) but takes 8.5-10.9 ms for a 512x384 image where
 this takes 3.5-3.8 ms (2 cores, 2026-12-04): at the hundreds of images a second a
-GPU takes, preprocessing must not be what the GPU waits for. (For images
-with transparency transformers composites onto white; BLIP's loader, and
-capfilt, drop the alpha channel.)
+GPU takes, preprocessing must not be what the GPU waits for.
+
+Every image becomes 8-bit RGB through ``to_rgb``, whatever its mode:
+
+- 16-bit samples are scaled, not clipped: a 16-bit greyscale PNG (``I;16``, or ``I`` in older Pillow) keeps its high
+  byte (65535 -> 255, 32768 -> 128), as Pillow already does for 48- and 64-bit RGB(A) PNGs and libpng for
+  ``png_set_strip_16``. ``I`` holds 16-bit samples in every format Pillow decodes that way (PNG, PGM), so values
+  outside 0-65535 (signed or 32-bit TIFFs) are clipped to that range first. ``F`` has no full scale: its values
+  are read on 0-255, as Pillow's and OpenCV's own conversions do.
+- Transparency (an alpha channel, a palette's transparent entries, a ``tRNS`` colour key) is composited onto
+  white. That is what img2dataset writes for every image with alpha (``resizer.py`` mattes onto white before it
+  re-encodes, the same formula to the last bit; OpenCV ignores a greyscale PNG's colour key, capfilt does not),
+  so a picture judged straight from its original bytes looks as it will in the downloaded shards; transformers'
+  BLIP processor does the same. BLIP's own loader drops the alpha channel, which shows whatever colour the
+  transparent pixels happen to hold (often black).
+- Palette, 1-bit, CMYK (Adobe's inverted CMYK JPEGs included: Pillow's JPEG reader undoes the inversion),
+  YCbCr, LAB and HSV go through Pillow's own conversion to RGB.
+
+The EXIF orientation tag is applied, as a photo viewer or a browser shows the picture. img2dataset decodes with
+OpenCV's ``IMREAD_UNCHANGED``, which ignores the tag, and its re-encoding drops it, so the images it writes carry
+no tag and this changes nothing for them; it matters for bytes that still carry one. Sizes stay those of the
+image as stored (``DecodedImage.width``/``height``, img2dataset's ``original_width``/``original_height``): a
+portrait photo stored as 4000x3000 with orientation 6 reports 4000x3000 and is judged as 3000x4000.
+
+Animated GIF, WebP and PNG (APNG) images are judged on their first frame: the frame Pillow (and OpenCV, so
+img2dataset) decodes, and what a reader that does not animate shows.
 
 Images far larger than the model's input are first shrunk by an integer factor while decoding
 (``decode_for_model``: JPEG's DCT scaling through ``Image.draft``, ``Image.reduce`` for other formats),
 never below ``REDUCING_GAP`` times the model's size: PIL's own two-step resize (``reducing_gap``), which its
 documentation calls indistinguishable from fair resampling at 3. A 6000x6000 photo then costs a 1/4 or 1/8
 scale decode instead of 108 MB of pixels held for a batch; images up to 3x the model's size (what
-img2dataset writes at its default 384 px) decode exactly as before.
+img2dataset writes at its default 384 px) decode exactly as before. Rotation comes last, on the reduced image.
 """
 
 from __future__ import annotations
@@ -27,11 +50,78 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import ExifTags, Image
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 CLIP_MEAN = np.array(OPENAI_CLIP_MEAN, dtype=np.float32)  # BLIP's normalisation (transform_test)
 CLIP_STD = np.array(OPENAI_CLIP_STD, dtype=np.float32)
+
+WIDE_GREY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # 16-bit greyscale samples (see the module docstring)
+ALPHA_MODES = ("LA", "La", "PA", "RGBA", "RGBa")
+WHITE = (255, 255, 255)
+
+# EXIF orientation (TIFF 6.0, tag 274: where the stored 0th row and column lie) -> what makes the image upright
+ORIENTATION_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def has_transparency(image: Image.Image) -> bool:
+    """Whether any pixel of ``image`` may be (partly) transparent: alpha band, palette alpha or colour key."""
+    if image.mode in ALPHA_MODES or image.info.get("transparency") is not None:
+        return True
+    return image.mode == "P" and image.palette is not None and image.palette.mode == "RGBA"
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL image -> 8-bit RGB: high bit depths scaled, transparency on white (the module docstring).
+
+    Returns ``image`` itself when it already is RGB without a colour key.
+    """
+    if image.mode == "RGB" and image.info.get("transparency") is None:
+        return image
+    if image.mode in WIDE_GREY_MODES:
+        samples = np.asarray(image)
+        if image.mode == "I":
+            samples = np.clip(samples, 0, 65535)
+        grey = Image.fromarray((samples >> 8).astype(np.uint8))
+        key = image.info.get("transparency")
+        if isinstance(key, int):  # a tRNS grey level, in the 16-bit samples
+            grey.putalpha(Image.fromarray(np.where(samples == key, 0, 255).astype(np.uint8)))
+        image = grey
+    if not has_transparency(image):
+        return image.convert("RGB")
+    if image.mode == "La":  # premultiplied: Pillow converts it to LA only
+        image = image.convert("LA")
+    rgba = image.convert("RGBA")
+    matte = Image.new("RGB", rgba.size, WHITE)
+    matte.paste(rgba, mask=rgba)  # colour x alpha + white x (1 - alpha), rounded: img2dataset's matting exactly
+    return matte
+
+
+def exif_transpose_method(image: Image.Image) -> Image.Transpose | None:
+    """The transpose that turns ``image`` upright by its EXIF orientation; None if it has none (or a broken one).
+
+    Read from the image as opened (an image made by ``convert`` or ``reduce`` has lost its EXIF).
+    """
+    try:
+        orientation = image.getexif().get(ExifTags.Base.Orientation)
+    except Exception:  # noqa: BLE001 - damaged EXIF: the pixels are still good, judge them as stored
+        return None
+    return ORIENTATION_TRANSPOSE.get(orientation) if isinstance(orientation, int) else None
+
+
+def upright_rgb(image: Image.Image) -> Image.Image:
+    """A loaded image as 8-bit RGB, turned upright by its EXIF orientation: what the models judge."""
+    method = exif_transpose_method(image)
+    rgb = to_rgb(image)
+    return rgb if method is None else rgb.transpose(method)
 
 
 class ImagePreprocessor:
@@ -41,9 +131,8 @@ class ImagePreprocessor:
         self.image_size = image_size
 
     def one(self, image: Image.Image) -> torch.Tensor:
-        """One image -> ``[3, S, S]``: RGB, bicubic to S x S, [0, 1], CLIP mean and std."""
-        rgb = image if image.mode == "RGB" else image.convert("RGB")
-        pixels = np.asarray(rgb.resize((self.image_size, self.image_size), Image.BICUBIC), dtype=np.float32)
+        """One image -> ``[3, S, S]``: RGB (``to_rgb``), bicubic to S x S, [0, 1], CLIP mean and std."""
+        pixels = np.asarray(to_rgb(image).resize((self.image_size, self.image_size), Image.BICUBIC), dtype=np.float32)
         pixels = (pixels * np.float32(1 / 255) - CLIP_MEAN) / CLIP_STD
         return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
 
@@ -54,11 +143,14 @@ class ImagePreprocessor:
 
 
 def decode_image(data: bytes) -> Image.Image:
-    """Decode image bytes to an RGB PIL image; a clear ``ValueError`` when they are not an image."""
+    """Decode image bytes to an upright 8-bit RGB PIL image (``upright_rgb``; animated: the first frame).
+
+    A clear ``ValueError`` when they are not an image.
+    """
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()
-            return image.convert("RGB")
+            return upright_rgb(image)
     except Exception as error:
         raise ValueError(f"cannot decode image: {type(error).__name__}: {error}") from None
 
@@ -70,15 +162,16 @@ REDUCING_GAP = 3.0  # PIL's reducing_gap: shrink by whole factors down to 3x the
 class DecodedImage:
     """What the models and the output need of an image: its size as stored, and its model inputs."""
 
-    width: int  # of the image as stored (before any reduction)
+    width: int  # of the image as stored: before any reduction, and before the EXIF orientation is applied
     height: int
-    pixels: dict[int, torch.Tensor]  # model input size S -> [3, S, S]
+    pixels: dict[int, torch.Tensor]  # model input size S -> [3, S, S], of the upright image
 
 
 def decode_for_model(data: bytes, preprocessors: Sequence[ImagePreprocessor]) -> DecodedImage:
     """Decode ``data`` straight to each preprocessor's input; the full-size image is never kept.
 
-    A clear ``ValueError`` when the bytes are not an image.
+    The same pixels as ``decode_image`` (up to the reduction): ``to_rgb``, then the EXIF orientation. A clear
+    ``ValueError`` when the bytes are not an image.
     """
     sizes = {p.image_size: p for p in preprocessors}
     try:
@@ -88,10 +181,13 @@ def decode_for_model(data: bytes, preprocessors: Sequence[ImagePreprocessor]) ->
             if image.format == "JPEG":
                 image.draft("RGB", (floor, floor))  # DCT scaling: keeps each side >= floor
             image.load()
-            rgb = image if image.mode == "RGB" else image.convert("RGB")  # as decode_image, before any resampling
-            factor = min(rgb.size) // floor
+            method = exif_transpose_method(image)
+            rgb = to_rgb(image)  # as decode_image, before any resampling
+            factor = min(rgb.size) // floor  # the shorter side: the same whichever way up
             if factor > 1:
                 rgb = rgb.reduce(factor)  # box average over factor x factor blocks
+            if method is not None:
+                rgb = rgb.transpose(method)  # on the reduced image: cheaper (its blocks start at the stored corner)
     except Exception as error:
         raise ValueError(f"cannot decode image: {type(error).__name__}: {error}") from None
     return DecodedImage(width, height, {size: p.one(rgb) for size, p in sizes.items()})
