@@ -12,12 +12,16 @@
   file or a folder of them.
 
 URL lists are rewritten into one canonical Parquet file (``url``,
-``caption``, any columns asked for, and ``capfilt_error``), so that the
-download step reads one format whatever the source's quirks (CC12M has no
-header, CC3M puts the caption first, SBU is a JSON object of lists). Every
-source row becomes one row of it: a TSV/CSV line that does not parse is kept
-as a row without URL whose ``capfilt_error`` says why (null for every other
-row), and ends in ``failed/`` at stage ``parse``.
+``caption``, any columns asked for, then ``capfilt_error``, ``capfilt_stage``
+and ``capfilt_url``), so that the download step reads one format whatever the
+source's quirks (CC12M has no header, CC3M puts the caption first, SBU is a
+JSON object of lists). Every source row becomes one row of it: a TSV/CSV line
+that does not parse is kept as a row without URL whose ``capfilt_error`` says
+why, and ends in ``failed/`` at stage ``parse``; a URL that capfilt does not
+fetch (``capfilt.urls``: any scheme but http and https, loopback, private,
+link-local and other non-public addresses) is kept as a row without URL,
+the URL in ``capfilt_url`` and the reason in ``capfilt_error``, and ends in
+``failed/`` at stage ``download`` without img2dataset ever seeing it.
 """
 
 from __future__ import annotations
@@ -38,7 +42,8 @@ import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
-from capfilt.pipelines.schema import IMAGE_COLUMNS, INPUT_ERROR
+from capfilt.pipelines.schema import IMAGE_COLUMNS, INPUT_COLUMNS, INPUT_ERROR, INPUT_STAGE, INPUT_URL
+from capfilt.urls import refusals
 
 log = logging.getLogger(__name__)
 
@@ -372,24 +377,37 @@ def _extract_member(archive: Path, member: str, folder: Path) -> Path:
 
 # --- writing the canonical URL list ------------------------------------------------------------
 
-def write_url_list(url_list: UrlList, target: str | Path, extra: tuple[str, ...] = ()) -> dict:
-    """Rewrite ``url_list`` as one Parquet file: ``url``, ``caption``, the ``extra`` columns and ``capfilt_error``.
+def write_url_list(url_list: UrlList, target: str | Path, extra: tuple[str, ...] = (),
+                   allow_private_addresses: bool = False) -> dict:
+    """Rewrite ``url_list`` as one Parquet file: ``url``, ``caption``, the ``extra`` columns, then
+    ``capfilt_error``, ``capfilt_stage`` and ``capfilt_url`` (``capfilt.pipelines.schema.INPUT_COLUMNS``).
 
-    Every row is kept, even one without a URL: img2dataset then records it as
-    a failed download, so that it is accounted for in ``failed/``. A CSV/TSV
-    line that does not parse (too many or too few fields) is kept too, as a
-    row with ``url`` null, the line's text as ``caption`` and the reason in
-    ``capfilt_error`` (``malformed line 7 of urls.tsv: expected 2 fields, got
-    3``; null on every other row): the pipeline writes it to ``failed/`` at
-    stage ``parse``. Returns the counts (``rows`` includes the malformed
-    lines). Written through a temporary name.
+    Every row is kept, in the source's order, and the three ``capfilt_*`` columns are null on a good row:
+
+    - a row without a URL (empty or whitespace) as it is: img2dataset records it as a failed download,
+      so that it is accounted for in ``failed/``;
+    - a CSV/TSV line that does not parse (too many or too few fields, bytes that are not UTF-8): ``url``
+      null, the line's text as ``caption``, the reason in ``capfilt_error`` (``malformed line 7 of
+      urls.tsv: expected 2 fields, got 3``) and ``capfilt_stage`` ``parse``;
+    - a URL that ``capfilt.urls.check_url`` refuses (a scheme other than http and https, a loopback,
+      private, link-local or otherwise non-public address, an internal name): ``url`` null, so that
+      img2dataset never fetches it, the URL in ``capfilt_url``, the reason in ``capfilt_error``
+      (``refused: scheme 'file' (capfilt fetches only http and https URLs)``) and ``capfilt_stage``
+      ``download``. ``allow_private_addresses`` (``--allow-private-addresses``) lets loopback and private
+      addresses and internal names through; link-local addresses (the cloud metadata service's
+      169.254.169.254) stay refused.
+
+    The pipeline writes the last two kinds to ``failed/`` at their stage. Returns the counts: ``rows``
+    (all of them, malformed and refused included), ``without_url``, ``malformed`` and ``refused``.
+    Written through a temporary name.
     """
-    if INPUT_ERROR in extra:
-        raise DatasetError(f"{INPUT_ERROR!r} is capfilt's own column of the URL list; it cannot be kept")
+    kept = [name for name in extra if name in INPUT_COLUMNS]
+    if kept:
+        raise DatasetError(f"{kept[0]!r} is capfilt's own column of the URL list; it cannot be kept")
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(target.name + ".partial")
-    summary = {"rows": 0, "without_url": 0, "malformed": 0}
+    summary = {"rows": 0, "without_url": 0, "malformed": 0, "refused": 0}
     writer = None
     try:
         for table in _tables(url_list, extra, summary):
@@ -397,6 +415,7 @@ def write_url_list(url_list: UrlList, target: str | Path, extra: tuple[str, ...]
             has_url = pc.fill_null(pc.not_equal(pc.utf8_trim_whitespace(table["url"]), ""), False)
             summary["without_url"] += pc.sum(pc.and_(parsed, pc.invert(has_url))).as_py() or 0
             summary["rows"] += table.num_rows
+            table = _with_refusals(table, allow_private_addresses, summary)
             if writer is None:
                 writer = pq.ParquetWriter(partial, table.schema)
             writer.write_table(table)
@@ -409,10 +428,28 @@ def write_url_list(url_list: UrlList, target: str | Path, extra: tuple[str, ...]
         if writer is not None:
             writer.close()
         partial.unlink(missing_ok=True)
-    if summary["without_url"] or summary["malformed"]:
+    if summary["without_url"] or summary["malformed"] or summary["refused"]:
         log.warning("URL list: %(without_url)d row(s) without URL (they will fail to download), "
-                    "%(malformed)d malformed line(s) (they go to failed/ at stage parse)", summary)
+                    "%(malformed)d malformed line(s) (they go to failed/ at stage parse), "
+                    "%(refused)d refused URL(s) (not fetched: a scheme other than http/https or a non-public "
+                    "address; they go to failed/ at stage download)", summary)
     return summary
+
+
+def _with_refusals(table: pa.Table, allow_private_addresses: bool, summary: dict) -> pa.Table:
+    """One block of the canonical list with ``capfilt_stage`` and ``capfilt_url``: the URLs that
+    ``capfilt.urls`` refuses are taken out of ``url`` (a malformed row has none) and fail at stage download."""
+    url, error = table["url"].combine_chunks(), table[INPUT_ERROR].combine_chunks()
+    reasons = refusals(url, allow_private_addresses)
+    refused = pc.is_valid(reasons)
+    summary["refused"] += pc.sum(refused).as_py() or 0
+    no_string = pa.scalar(None, pa.string())
+    stage = pc.if_else(refused, pa.scalar("download"),
+                       pc.if_else(pc.is_valid(error), pa.scalar("parse"), no_string))
+    columns = {name: table[name] for name in table.column_names if name not in INPUT_COLUMNS}
+    columns["url"] = pc.if_else(refused, no_string, url)
+    return pa.table({**columns, INPUT_ERROR: pc.if_else(refused, reasons, error), INPUT_STAGE: stage,
+                     INPUT_URL: pc.if_else(refused, url, no_string)})
 
 
 def _decoded(raw: pa.Table, first: int, path: Path, delimiter: str) -> tuple[pa.Table, dict[int, tuple[str, str]]]:

@@ -4,10 +4,22 @@ img2dataset does the work with its own distributors: ``multiprocessing``
 on one machine, ``pyspark`` (or ``ray``) on a cluster. Its shards (Parquet by
 default, or webdataset) keep a row for every URL, failures included
 (``status`` != ``success`` with an ``error_message``), which the CapFilt
-pipeline turns into rows of ``failed/``; the canonical list's ``capfilt_error``
-column (a source line that did not parse) is carried along, so that such a
-row fails at stage ``parse`` rather than ``download``. Reruns resume: img2dataset skips
-shards whose ``_stats.json`` exists.
+pipeline turns into rows of ``failed/``. The canonical list's own columns
+(``capfilt_error``, ``capfilt_stage``, ``capfilt_url``) are carried along
+into the shards, so that a source line that did not parse fails at stage
+``parse``, and a URL that capfilt refused fails at stage ``download`` with
+its URL and reason. Reruns resume: img2dataset skips shards whose
+``_stats.json`` exists.
+
+URLs are checked before img2dataset sees them (``capfilt.urls``, in
+``capfilt.datasets.write_url_list``): only http and https URLs to public
+addresses reach it; a refused row has no URL, so img2dataset never fetches
+it. What that check cannot see: names are not resolved (a public name that
+resolves to a private address is fetched), and img2dataset fetches with
+``urllib.request.urlopen``, which follows redirects (301, 302, 303, 307,
+308; up to 10) to any http, https or ftp URL at any address, internal and
+metadata addresses included. On a cluster, keep the download workers off
+internal networks and the metadata address at the network level too.
 
 Images are resized so that their shorter side is at most ``image_size``
 (384: the fine-tuned BLIP models' resolution), keeping the aspect ratio; the
@@ -27,7 +39,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from capfilt.pipelines.schema import INPUT_ERROR
+from capfilt.pipelines.schema import INPUT_COLUMNS
 
 log = logging.getLogger(__name__)
 
@@ -87,10 +99,11 @@ def download(url_list: str | Path, output_folder: str | Path, settings: Download
         raise ImportError("downloading needs img2dataset: pip install 'capfilt[download]'") from error
 
     output_folder = str(output_folder)
-    # Lines of the source list that did not parse travel as rows without URL that carry their reason, so that
-    # the pipeline writes them to failed/ at stage parse (a URL list written before that column existed has none).
-    if INPUT_ERROR in pq.read_schema(url_list).names and INPUT_ERROR not in extra_columns:
-        extra_columns = (*extra_columns, INPUT_ERROR)
+    # Lines of the source list that did not parse and refused URLs travel as rows without URL that carry their
+    # reason (and a refused row its URL and stage), so that the pipeline writes them to failed/ at their stage.
+    # A URL list written before these columns existed has fewer or none of them.
+    names = pq.read_schema(url_list).names
+    extra_columns = (*extra_columns, *(c for c in INPUT_COLUMNS if c in names and c not in extra_columns))
     sigint = signal.getsignal(signal.SIGINT)  # img2dataset installs its own handler; ours comes back after
     try:
         img2dataset_download(

@@ -14,7 +14,7 @@ from PIL import Image
 
 from capfilt import datasets
 from capfilt.datasets import Columns, DatasetError, DatasetNotAvailableError, resolve, write_url_list
-from capfilt.pipelines.schema import INPUT_ERROR
+from capfilt.pipelines.schema import INPUT_COLUMNS, INPUT_ERROR, INPUT_STAGE, INPUT_URL
 from capfilt.pipelines.shards import ShardError, ShardReader, list_shards
 
 
@@ -29,8 +29,19 @@ def canonical(source, tmp_path, extra=()) -> list[dict]:
     target = tmp_path / "canonical.parquet"
     write_url_list(source.url_list, target, extra)
     rows = pq.read_table(target).to_pylist()
-    assert [row.pop(INPUT_ERROR) for row in rows] == [None] * len(rows)  # every line parsed
+    for column in INPUT_COLUMNS:  # every line parsed, no URL refused
+        assert [row.pop(column) for row in rows] == [None] * len(rows)
     return rows
+
+
+def ok(**row) -> dict:
+    """A canonical row that parsed and was not refused."""
+    return {**row, INPUT_ERROR: None, INPUT_STAGE: None, INPUT_URL: None}
+
+
+def bad(stage: str, error: str, capfilt_url: str | None = None, **row) -> dict:
+    """A canonical row that fails before the download (``parse``) or instead of it (``download``)."""
+    return {**row, INPUT_ERROR: error, INPUT_STAGE: stage, INPUT_URL: capfilt_url}
 
 
 def test_demo_and_unknown_names():
@@ -116,17 +127,17 @@ def test_rows_without_url_and_malformed_lines_are_kept(tmp_path):
                     "http://f.example/3.jpg\nhttp://f.example/4.jpg\tlast\n")
     target = tmp_path / "out.parquet"
     summary = write_url_list(resolve(str(path)).url_list, target)
-    assert summary == {"rows": 6, "without_url": 2, "malformed": 2}
+    assert summary == {"rows": 6, "without_url": 2, "malformed": 2, "refused": 0}
     rows = pq.read_table(target).to_pylist()
     assert rows == [
-        {"url": "http://f.example/1.jpg", "caption": "ok", INPUT_ERROR: None},
-        {"url": "", "caption": "no url", INPUT_ERROR: None},
-        {"url": "", "caption": "", INPUT_ERROR: None},  # the empty line 3: a row too, so that lines keep their numbers
-        {"url": None, "caption": "http://f.example/2.jpg\ttoo\tmany\tfields",
-         INPUT_ERROR: "malformed line 4 of list.tsv: expected 2 fields, got 4"},
-        {"url": None, "caption": "http://f.example/3.jpg",
-         INPUT_ERROR: "malformed line 5 of list.tsv: expected 2 fields, got 1"},
-        {"url": "http://f.example/4.jpg", "caption": "last", INPUT_ERROR: None},
+        ok(url="http://f.example/1.jpg", caption="ok"),
+        ok(url="", caption="no url"),  # not refused: img2dataset fails it at download
+        ok(url="", caption=""),  # the empty line 3: a row too, so that lines keep their numbers
+        bad("parse", "malformed line 4 of list.tsv: expected 2 fields, got 4",
+            url=None, caption="http://f.example/2.jpg\ttoo\tmany\tfields"),
+        bad("parse", "malformed line 5 of list.tsv: expected 2 fields, got 1",
+            url=None, caption="http://f.example/3.jpg"),
+        ok(url="http://f.example/4.jpg", caption="last"),
     ]
     # The same list writes the same rows in the same order (img2dataset's keys are positions in it).
     write_url_list(resolve(str(path)).url_list, tmp_path / "again.parquet")
@@ -135,9 +146,9 @@ def test_rows_without_url_and_malformed_lines_are_kept(tmp_path):
     csv = tmp_path / "list.csv"
     csv.write_text('url,caption,license\nhttp://f.example/1.jpg,"a, b",cc-by\nhttp://f.example/2.jpg,c,d,e\n')
     write_url_list(resolve(str(csv)).url_list, tmp_path / "csv.parquet", extra=("license",))
-    assert pq.read_table(tmp_path / "csv.parquet").to_pylist()[1] == {
-        "url": None, "caption": "http://f.example/2.jpg,c,d,e", "license": None,
-        INPUT_ERROR: "malformed line 3 of list.csv: expected 3 fields, got 4"}
+    assert pq.read_table(tmp_path / "csv.parquet").to_pylist()[1] == bad(
+        "parse", "malformed line 3 of list.csv: expected 3 fields, got 4",
+        url=None, caption="http://f.example/2.jpg,c,d,e", license=None)
 
 
 def test_malformed_lines_keep_their_place_across_blocks(tmp_path, monkeypatch):
@@ -149,7 +160,7 @@ def test_malformed_lines_keep_their_place_across_blocks(tmp_path, monkeypatch):
     path = tmp_path / "list.tsv"
     path.write_text("".join(line + "\n" for line in lines))
     summary = write_url_list(resolve(str(path)).url_list, tmp_path / "out.parquet")
-    assert summary == {"rows": 120, "without_url": 0, "malformed": 8}
+    assert summary == {"rows": 120, "without_url": 0, "malformed": 8, "refused": 0}
     rows = pq.read_table(tmp_path / "out.parquet").to_pylist()
     assert [row["caption"] if row[INPUT_ERROR] else f"{row['url']}\t{row['caption']}" for row in rows] == lines
     assert [row[INPUT_ERROR].split(":")[0] for row in rows if row[INPUT_ERROR]] == [
@@ -222,10 +233,9 @@ def test_an_odd_first_line_does_not_set_a_headerless_lists_width(tmp_path):
     path = tmp_path / "list.tsv"
     path.write_text("".join(line + "\n" for line in lines))
     summary = write_url_list(resolve(str(path)).url_list, tmp_path / "out.parquet")
-    assert summary == {"rows": 6, "without_url": 0, "malformed": 1}
+    assert summary == {"rows": 6, "without_url": 0, "malformed": 1, "refused": 0}
     rows = pq.read_table(tmp_path / "out.parquet").to_pylist()
-    assert rows[0] == {"url": None, "caption": lines[0],
-                       INPUT_ERROR: "malformed line 1 of list.tsv: expected 2 fields, got 3"}
+    assert rows[0] == bad("parse", "malformed line 1 of list.tsv: expected 2 fields, got 3", url=None, caption=lines[0])
     assert [(row["url"], row["caption"]) for row in rows[1:]] == [
         (f"http://j.example/{i}.jpg", f"caption {i}") for i in range(1, 6)]
     # A quoted CSV field may hold the delimiter: it is one column, not two.
@@ -233,8 +243,7 @@ def test_an_odd_first_line_does_not_set_a_headerless_lists_width(tmp_path):
     csv.write_text('http://j.example/1.jpg,"a, b"\nhttp://j.example/2.jpg,c\n')
     write_url_list(resolve(str(csv)).url_list, tmp_path / "csv.parquet")
     assert pq.read_table(tmp_path / "csv.parquet").to_pylist() == [
-        {"url": "http://j.example/1.jpg", "caption": "a, b", INPUT_ERROR: None},
-        {"url": "http://j.example/2.jpg", "caption": "c", INPUT_ERROR: None}]
+        ok(url="http://j.example/1.jpg", caption="a, b"), ok(url="http://j.example/2.jpg", caption="c")]
 
 
 @pytest.mark.parametrize("fmt", ["tsv", "csv"])
@@ -248,11 +257,104 @@ def test_a_line_that_is_not_utf8_fails_alone_at_parse(fmt, tmp_path, monkeypatch
     path = tmp_path / f"list.{fmt}"
     path.write_bytes(b"url" + sep.encode() + b"caption\n" + b"".join(line + b"\n" for line in lines))
     summary = write_url_list(resolve(str(path)).url_list, tmp_path / "out.parquet")
-    assert summary == {"rows": 40, "without_url": 0, "malformed": 2}
+    assert summary == {"rows": 40, "without_url": 0, "malformed": 2, "refused": 0}
     rows = pq.read_table(tmp_path / "out.parquet").to_pylist()
     assert [r["url"] for r in rows if r[INPUT_ERROR] is None] == [
         f"http://u.example/{i}.jpg" for i in range(40) if i not in (7, 31)]
-    assert rows[7] == {"url": None, "caption": f"http://u.example/7.jpg{sep}caf\ufffd au lait",
-                       INPUT_ERROR: f"line 9 of list.{fmt} is not UTF-8: byte 0xe9 in column 'caption'"}
+    assert rows[7] == bad("parse", f"line 9 of list.{fmt} is not UTF-8: byte 0xe9 in column 'caption'",
+                          url=None, caption=f"http://u.example/7.jpg{sep}caf\ufffd au lait")
     assert rows[31][INPUT_ERROR] == f"line 33 of list.{fmt} is not UTF-8: byte 0xff in column 'url'"
     assert rows[31]["url"] is None and rows[8]["caption"] == "caption 8"
+
+
+HOSTILE_LINES = [  # (url, reason without the flag or None, reason with --allow-private-addresses or None)
+    ("https://k.example/1.jpg", None, None),
+    ("file:///etc/passwd", "refused: scheme 'file'", "refused: scheme 'file'"),
+    ("ftp://k.example/2.jpg", "refused: scheme 'ftp'", "refused: scheme 'ftp'"),
+    ("data:image/png;base64,iVBORw0KGgo=", "refused: scheme 'data'", "refused: scheme 'data'"),
+    ("http://127.0.0.1:8000/3.jpg", "refused: 127.0.0.1 is a loopback address", None),
+    ("http://169.254.169.254/latest/meta-data/", "refused: 169.254.169.254 is a cloud metadata address",
+     "refused: 169.254.169.254 is a cloud metadata address"),
+    ("http://localhost/4.jpg", "refused: localhost is a loopback name", None),
+    ("http://10.0.0.7/5.jpg", "refused: 10.0.0.7 is a private address", None),
+    ("HTTPS://K.EXAMPLE/6.jpg", None, None),
+]
+
+
+@pytest.mark.parametrize("allow", [False, True])
+def test_refused_urls_are_kept_without_url_to_fail_at_download(allow, tmp_path, caplog):
+    """A URL capfilt does not fetch loses its ``url`` (img2dataset never sees it) and keeps it in capfilt_url."""
+    lines = [f"{url}\tcaption {i}" for i, (url, _, _) in enumerate(HOSTILE_LINES)]
+    lines.insert(3, "https://k.example/7.jpg\tcaption\twith a tab")  # malformed: fails at parse
+    path = tmp_path / "list.tsv"
+    path.write_text("".join(line + "\n" for line in lines))
+    target = tmp_path / "out.parquet"
+    with caplog.at_level("WARNING", logger="capfilt.datasets"):
+        summary = write_url_list(resolve(str(path)).url_list, target, allow_private_addresses=allow)
+    table = pq.read_table(target)
+    assert table.column_names == ["url", "caption", *INPUT_COLUMNS]
+    rows = table.to_pylist()
+    assert len(rows) == len(lines) == summary["rows"]
+    assert rows.pop(3) == bad("parse", "malformed line 4 of list.tsv: expected 2 fields, got 3",
+                              url=None, caption=lines[3])
+    for i, (row, (url, refused, refused_with_flag)) in enumerate(zip(rows, HOSTILE_LINES)):
+        reason = refused_with_flag if allow else refused
+        assert row["caption"] == f"caption {i}"
+        if reason is None:
+            assert row == ok(url=url, caption=f"caption {i}")
+        else:
+            assert row["url"] is None and row[INPUT_URL] == url and row[INPUT_STAGE] == "download", row
+            assert row[INPUT_ERROR].startswith(reason), row
+    refused = sum((with_flag if allow else without) is not None for _, without, with_flag in HOSTILE_LINES)
+    assert summary == {"rows": len(lines), "without_url": 0, "malformed": 1, "refused": refused}
+    assert refused == (4 if allow else 7)
+    assert f"{refused} refused URL(s)" in caplog.text and "stage download" in caplog.text
+
+
+def test_refusals_in_a_parquet_list_keep_the_extra_columns(tmp_path):
+    folder = tmp_path / "laion"
+    folder.mkdir()
+    pq.write_table(pa.table({"URL": ["http://g.example/1.jpg", "http://[::ffff:169.254.169.254]/", None],
+                             "TEXT": ["a", "b", "c"], "NSFW": ["UNLIKELY", "NSFW", None]}),
+                   folder / "part-00000.parquet")
+    target = tmp_path / "out.parquet"
+    summary = write_url_list(resolve(str(folder)).url_list, target, extra=("NSFW",))
+    assert summary == {"rows": 3, "without_url": 1, "malformed": 0, "refused": 1}
+    table = pq.read_table(target)
+    assert table.column_names == ["url", "caption", "NSFW", *INPUT_COLUMNS]
+    rows = table.to_pylist()
+    assert rows[0] == ok(url="http://g.example/1.jpg", caption="a", NSFW="UNLIKELY")
+    assert rows[1] == bad("download", rows[1][INPUT_ERROR], capfilt_url="http://[::ffff:169.254.169.254]/",
+                          url=None, caption="b", NSFW="NSFW")
+    assert "169.254.169.254" in rows[1][INPUT_ERROR] and "refused even with" in rows[1][INPUT_ERROR]
+    assert rows[2] == ok(url=None, caption="c", NSFW=None)  # no URL: not refused, img2dataset fails it
+
+
+@pytest.mark.parametrize("column", INPUT_COLUMNS)
+def test_capfilts_own_columns_cannot_be_kept(column, tmp_path):
+    path = tmp_path / "list.csv"
+    path.write_text(f"url,caption,{column}\nhttp://h.example/1.jpg,hello,x\n")
+    with pytest.raises(DatasetError, match="capfilt's own column"):
+        write_url_list(resolve(str(path)).url_list, tmp_path / "out.parquet", extra=(column,))
+
+
+def test_download_carries_capfilts_columns_into_the_shards(tmp_path, monkeypatch):
+    """img2dataset is asked to keep capfilt_error, capfilt_stage and capfilt_url (no download happens here)."""
+    import sys
+    import types
+
+    from capfilt.download import download
+
+    path = tmp_path / "list.tsv"
+    path.write_text("url\tcaption\tlicense\nfile:///etc/passwd\ta\tx\nhttp://l.example/1.jpg\tb\ty\n")
+    write_url_list(resolve(str(path)).url_list, tmp_path / "list.parquet", extra=("license",))
+    calls = []
+    monkeypatch.setitem(sys.modules, "img2dataset", types.SimpleNamespace(download=lambda **kw: calls.append(kw)))
+    download(tmp_path / "list.parquet", tmp_path / "shards", extra_columns=("license",))
+    assert calls[0]["save_additional_columns"] == ["license", *INPUT_COLUMNS]
+    # A list written before capfilt_stage and capfilt_url existed carries what it has.
+    pq.write_table(pa.table({"url": ["http://l.example/1.jpg"], "caption": ["b"], INPUT_ERROR: [None]},
+                            schema=pa.schema([("url", pa.string()), ("caption", pa.string()),
+                                              (INPUT_ERROR, pa.string())])), tmp_path / "old.parquet")
+    download(tmp_path / "old.parquet", tmp_path / "old-shards")
+    assert calls[1]["save_additional_columns"] == [INPUT_ERROR]
