@@ -30,6 +30,7 @@ import gzip
 import json
 import logging
 import os
+import re
 import shutil
 import tarfile
 import urllib.error
@@ -236,8 +237,9 @@ def detect_url_list(files: list[Path], columns: Columns = Columns()) -> UrlList:
     if fmt in ("tsv", "csv"):
         first = _first_line(files[0]).split("\t" if fmt == "tsv" else ",")
         fields = [f.strip().strip('"') for f in first]
-        if any(_looks_like_url(f) for f in fields):  # no header: find the URL by its look
-            url_index = next(i for i, f in enumerate(fields) if _looks_like_url(f))
+        if any(_looks_like_url(f) for f in fields):  # no header: find the URL by its look (http(s) first)
+            url_index = min((i for i, f in enumerate(fields) if _looks_like_url(f)),
+                            key=lambda i: (not fields[i].startswith(("http://", "https://")), i))
             others = [i for i in range(_headerless_width(files[0], fmt)) if i != url_index]
             caption_index = others[0] if len(others) == 1 else None
             url_col = int(columns.url) if columns.url is not None else url_index
@@ -255,8 +257,13 @@ def detect_url_list(files: list[Path], columns: Columns = Columns()) -> UrlList:
     return UrlList(tuple(files), fmt, url_col, caption_col, header=True)
 
 
+_URL_LOOK = re.compile(r"[A-Za-z][A-Za-z0-9+.-]{0,15}://|data:", re.IGNORECASE)
+
+
 def _looks_like_url(text: str) -> bool:
-    return text.startswith(("http://", "https://"))
+    """An http(s) URL, or one of another scheme (``file://``, ``ftp://``, ``data:``): those are refused at
+    download, but a headerless list that starts with one is still a headerless list."""
+    return _URL_LOOK.match(text) is not None
 
 
 WIDTH_SAMPLE_LINES = 1000  # lines read to find a headerless list's number of columns

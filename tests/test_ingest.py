@@ -358,3 +358,20 @@ def test_download_carries_capfilts_columns_into_the_shards(tmp_path, monkeypatch
                                               (INPUT_ERROR, pa.string())])), tmp_path / "old.parquet")
     download(tmp_path / "old.parquet", tmp_path / "old-shards")
     assert calls[1]["save_additional_columns"] == [INPUT_ERROR]
+
+
+def test_a_headerless_list_that_starts_with_a_refused_url_is_still_headerless(tmp_path):
+    """The first line's URL is file: (refused at download): the list has no header all the same, and every line
+    is a row; an http(s) field is taken as the URL before a field of another scheme."""
+    path = tmp_path / "list.tsv"
+    path.write_text("file:///etc/passwd\tthe first caption\nhttps://k.example/1.jpg\ta second caption\n")
+    url_list = resolve(str(path)).url_list
+    assert (url_list.header, url_list.url_col, url_list.caption_col) == (False, 0, 1)
+    summary = write_url_list(url_list, tmp_path / "out.parquet")
+    rows = pq.read_table(tmp_path / "out.parquet").to_pylist()
+    assert summary["rows"] == 2 and summary["refused"] == 1
+    assert rows[0]["url"] is None and rows[0][INPUT_URL] == "file:///etc/passwd"
+    assert rows[0][INPUT_STAGE] == "download" and rows[1]["url"] == "https://k.example/1.jpg"
+    both = tmp_path / "both.tsv"
+    both.write_text("ftp://k.example/x.jpg\thttps://k.example/2.jpg\n")
+    assert resolve(str(both)).url_list.url_col == 1
