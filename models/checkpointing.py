@@ -3,7 +3,8 @@
 A checkpoint is a folder ``OUT/checkpoints/step-00001000/`` holding
 ``training_state.pt`` (the MED's state dict with momentum encoders and
 queues, the optimizer, the step/epoch counters, every data stream's position,
-the run's configuration) and ``rng-rank{r}.pt`` (each process's random
+the files left out as unreadable and what was skipped so far, the run's
+configuration) and ``rng-rank{r}.pt`` (each process's random
 generators). It is written under a temporary name and renamed when complete,
 so the newest folder is always whole; older ones beyond ``keep`` are removed.
 The learning rate and ITC alpha are pure functions of the counters, so they
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -28,23 +29,40 @@ STATE_FILE = "training_state.pt"
 PREFIX = "step-"
 
 
+SKIP_COUNTS = ("files", "row_groups", "rows")
+
+
+def no_skips() -> dict[str, int]:
+    return dict.fromkeys(SKIP_COUNTS, 0)
+
+
 @dataclass
 class TrainState:
-    """Counters of a run: optimizer ``step``s done, the ``epoch`` and steps into it, stream positions."""
+    """Counters of a run: optimizer ``step``s done, the ``epoch`` and steps into it, stream positions.
+
+    ``left_out``: the files (absolute paths) the run left out at its start as unreadable (--skip-bad-files); a
+    resume leaves out the same ones, so that every stream keeps its files and positions. ``skipped``: what was
+    skipped up to ``step``, summed over ranks: files, row groups and their rows (a row group once per epoch).
+    Checkpoints written before these existed read as none.
+    """
 
     step: int = 0
     epoch: int = 0
     step_in_epoch: int = 0
     positions: dict[int, StreamPosition] = field(default_factory=dict)
+    left_out: list[str] = field(default_factory=list)
+    skipped: dict[str, int] = field(default_factory=no_skips)
 
     def to_dict(self) -> dict:
         return {"step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
-                "positions": {int(s): [p.file, p.row] for s, p in self.positions.items()}}
+                "positions": {int(s): [p.file, p.row] for s, p in self.positions.items()},
+                "left_out": list(self.left_out), "skipped": dict(self.skipped)}
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainState:
         positions = {int(s): StreamPosition(*p) for s, p in data["positions"].items()}
-        return cls(data["step"], data["epoch"], data["step_in_epoch"], positions)
+        return cls(data["step"], data["epoch"], data["step_in_epoch"], positions, list(data.get("left_out", [])),
+                   {**no_skips(), **data.get("skipped", {})})
 
 
 def checkpoints_folder(out: str | Path) -> Path:
@@ -85,7 +103,7 @@ def save_checkpoint(out: str | Path, model: torch.nn.Module, optimizer: torch.op
     positions = {}
     for rank_positions in distributed.gather_objects(state.positions):
         positions.update(rank_positions)
-    state = TrainState(state.step, state.epoch, state.step_in_epoch, positions)
+    state = replace(state, positions=positions)
     folder = checkpoints_folder(out) / f"{PREFIX}{state.step:08d}"
     partial = folder.with_name(folder.name + ".partial")
     if distributed.rank() == 0:

@@ -29,6 +29,16 @@ per stream whatever the dataset's size. An epoch ends when a stream runs out.
 Each sample's augmentation seed is derived from (seed, epoch, stream, file,
 row), and a stream's position is (file, rows read): a resumed run continues
 with exactly the batches an uninterrupted one would have seen.
+
+Files that cannot be read (a truncated file without its footer, a garbled
+data page) stop training with ``BadParquetFile``, which names the file and
+row group. With ``skip_bad_files`` (``--skip-bad-files``) they are left out
+instead, deterministically: a file whose footer does not read is left out of
+the file list at the start (``check_files``); a row group that fails while a
+stream reads it is skipped (``Skipped``, carried by the batch it fell in) and
+the stream goes on with the next row group. What is skipped depends only on
+the file's bytes, never on when the run started, so a resume still replays
+the uninterrupted run's batches.
 """
 
 from __future__ import annotations
@@ -46,6 +56,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
@@ -58,6 +69,50 @@ TOKEN_CACHE_SIZE = 200_000  # distinct texts whose token ids a loader keeps (a f
 
 # img2dataset's image columns (its --encode_format, as capfilt's pipelines list them), then a plain "image".
 IMAGE_CANDIDATES = (*IMAGE_COLUMNS, "jpeg", "image")
+# What pyarrow raises on bytes it cannot read: OSError (thrift, decompression, I/O) or an ArrowException
+# (ArrowInvalid: no footer, a 0-byte file). A file with the wrong columns (detect_layout) is a plain ValueError:
+# a mistake in --data, never skipped.
+READ_ERRORS = (OSError, pa.ArrowException)
+
+
+class BadParquetFile(ValueError):
+    """A Parquet file, or one of its row groups, that pyarrow cannot read: the message names it and the way on."""
+
+    def __init__(self, path: str, error: BaseException | str, row_group: int | None = None, note: str = ""):
+        self.path, self.row_group, self.error = path, row_group, _error_text(error)
+        where = path if row_group is None else f"{path}, row group {row_group}"
+        super().__init__(f"{where}: cannot be read ({self.error}){note}. Repair or remove the file, or pass "
+                         "--skip-bad-files (DataConfig.skip_bad_files) to leave out what cannot be read "
+                         "(logged and counted; a resume stays exact)")
+
+
+def _error_text(error: BaseException | str) -> str:
+    """An error on one line (pyarrow's thrift errors span several)."""
+    text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+    return " ".join(text.split())
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """Data left out with ``skip_bad_files``: a whole file (``row_group`` None) or rows ``start..end`` of a row group.
+
+    A file's rows are unknown when its footer does not read (``start == end == 0``).
+    """
+
+    path: str
+    row_group: int | None
+    start: int
+    end: int
+    error: str
+
+    @property
+    def rows(self) -> int:
+        return self.end - self.start
+
+    def __str__(self) -> str:
+        if self.row_group is None:
+            return f"{self.path} (unreadable: {self.error})"
+        return f"{self.path}, row group {self.row_group}, rows {self.start}-{self.end - 1} ({self.error})"
 
 
 @dataclass(frozen=True)
@@ -87,6 +142,10 @@ class DataConfig:
     # row's text as its image's hard negative text instead of one drawn by ITC similarity. "" (BLIP): no such
     # column. The shapes world writes two: "negative_caption" and "replaced_caption" (capfilt.shapes.negatives).
     negatives: str = ""
+    # A Parquet file or row group that cannot be read (no footer, a garbled page): False (default) stops with an
+    # error naming it, as losing training data should be a decision; True leaves it out (each one logged, counted in
+    # log.jsonl and the checkpoint) and trains on. Either way a resume replays the uninterrupted run exactly.
+    skip_bad_files: bool = False
 
     def __post_init__(self):
         if self.positives not in ("image", "text"):
@@ -120,6 +179,8 @@ class Batch:
     attention_mask: torch.Tensor
     image_ids: torch.Tensor
     positions: dict[int, StreamPosition] = field(default_factory=dict)
+    # What this rank's streams skipped (skip_bad_files) while reading this batch's rows, in stream order.
+    skipped: list[Skipped] = field(default_factory=list)
     # With DataConfig.negatives: each row's negative text (padded like input_ids) and whether it has one.
     negative_ids: torch.Tensor | None = None
     negative_mask: torch.Tensor | None = None
@@ -183,6 +244,22 @@ def find_files(patterns: tuple[str, ...] | list[str]) -> list[str]:
     return sorted(files)
 
 
+def check_files(files: list[str], skip_bad_files: bool = False) -> tuple[dict[str, int], list[Skipped]]:
+    """Each readable file's rows with an image (``count_rows``), and the files whose footer cannot be read.
+
+    Without ``skip_bad_files`` the first unreadable file is a ``BadParquetFile`` error instead.
+    """
+    counts, unreadable = {}, []
+    for path in files:
+        try:
+            counts[path] = count_rows(path)
+        except READ_ERRORS as error:
+            if not skip_bad_files:
+                raise BadParquetFile(path, error) from error
+            unreadable.append(Skipped(path, None, 0, 0, _error_text(error)))
+    return counts, unreadable
+
+
 def count_rows(path: str) -> int:
     """Rows of ``path`` with an image, from the footer's statistics (failed downloads have a null image)."""
     metadata = pq.ParquetFile(path).metadata
@@ -206,9 +283,15 @@ def epoch_streams(files: list[str], streams: int, epoch: int, seed: int, shuffle
     return [ordered[s::streams] for s in range(streams)]
 
 
-def steps_in_epoch(files: list[str], config: DataConfig, streams: int, epoch: int, seed: int) -> int:
-    """Global batches in ``epoch``, from the files' footers (a stream's rows with an image / its share)."""
-    counts = {path: count_rows(path) for path in files}
+def steps_in_epoch(files: list[str], config: DataConfig, streams: int, epoch: int, seed: int,
+                   counts: dict[str, int] | None = None) -> int:
+    """Global batches in ``epoch``, from the files' footers (a stream's rows with an image / its share).
+
+    ``counts``: rows per file already counted (``check_files``); the trainer passes 0 for a file a resumed run
+    keeps in its list but can no longer read. Rows in row groups skipped later are counted: like undecodable
+    images, they end an epoch a little early, the same way in a run and its resume.
+    """
+    counts = {path: count_rows(path) for path in files} if counts is None else counts
     rows = [sum(counts[path] for path in stream_files)
             for stream_files in epoch_streams(files, streams, epoch, seed, config.shuffle)]
     return min(rows) // (config.batch_size // streams)
@@ -223,12 +306,23 @@ class RawSample:
 
 
 class Stream:
-    """One stream's samples in order; ``position`` is always just past the last sample yielded."""
+    """One stream's samples in order; ``position`` is always just past the last sample yielded.
+
+    ``skipped`` collects what ``skip_bad_files`` left out since the loader last took it: only what lies at or
+    past the position the stream started from, so a resumed stream does not report again what the run that
+    wrote the checkpoint already reported.
+    """
 
     def __init__(self, files: list[str], index: int, epoch: int, seed: int, config: DataConfig,
                  position: StreamPosition = StreamPosition()):
         self.files, self.index, self.epoch, self.seed, self.config = files, index, epoch, seed, config
         self.position = position
+        self.skipped: list[Skipped] = []
+
+    def take_skipped(self) -> list[Skipped]:
+        """What was skipped since the last call (the loader attaches it to the batch being filled)."""
+        taken, self.skipped = self.skipped, []
+        return taken
 
     def __iter__(self) -> Iterator[RawSample]:
         start = self.position
@@ -239,7 +333,13 @@ class Stream:
 
     def _file_samples(self, file_index: int, skip: int) -> Iterator[RawSample]:
         path = self.files[file_index]
-        parquet = pq.ParquetFile(path)
+        try:
+            parquet = pq.ParquetFile(path)
+        except READ_ERRORS as error:  # readable when the run started (check_files), not any more
+            if not self.config.skip_bad_files:
+                raise BadParquetFile(path, error) from error
+            self.skipped.append(Skipped(path, None, 0, 0, _error_text(error)))
+            return
         layout = detect_layout(parquet.schema_arrow.names, path)
         columns = [layout.image, layout.text] + ([layout.status] if layout.status else [])
         if self.config.negatives:
@@ -247,11 +347,14 @@ class Stream:
                 raise ValueError(f"{path}: no negatives column {self.config.negatives!r} "
                                  f"among {parquet.schema_arrow.names}")
             columns.append(self.config.negatives)
-        block_start = 0
-        for block_index, block in enumerate(parquet.iter_batches(batch_size=self.config.block_rows, columns=columns)):
+        for block_index, block_start, block in _blocks(parquet, path, columns, self.config):
+            if isinstance(block, Skipped):
+                self.position = StreamPosition(file_index, block.end)
+                if block.end > skip:  # not passed before a resume: reported now
+                    self.skipped.append(block)
+                continue
             rows = block.num_rows
             if block_start + rows <= skip:
-                block_start += rows
                 continue
             rng = np.random.default_rng([self.seed, self.epoch, self.index, file_index, block_index])
             order = rng.permutation(rows) if self.config.shuffle else np.arange(rows)
@@ -266,7 +369,83 @@ class Stream:
                     continue
                 yield RawSample(image, texts[i], (self.seed, self.epoch, self.index, file_index, block_start + i),
                                 negatives[i] if negatives else None)
-            block_start += rows
+
+
+def _blocks(parquet: pq.ParquetFile, path: str, columns: list[str], config: DataConfig):
+    """A file's blocks as (block index, first row, record batch): ``block_rows`` rows at a time, across row groups.
+
+    When pyarrow fails, the row group at fault is found by reading the row groups one by one from the one that
+    holds the failed block's first row: the first that fails alone. Without ``skip_bad_files`` that is a
+    ``BadParquetFile`` naming it. With it, the rows before it come as one more block (or several, each at most
+    ``block_rows``), then a ``Skipped`` in place of a block for its unread rows, and reading goes on from the
+    next row group, block indices counting on. All of it is a function of the file's bytes: a resumed stream,
+    which reads its file again from the start, meets the same failure at the same row and skips the same rows.
+    """
+    metadata = parquet.metadata
+    sizes = [metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)]
+    ends = np.cumsum(sizes)
+    group, row, index = 0, 0, 0  # the first row group of the current read; the file row and block index next
+    while group < len(sizes):
+        # The whole file in one read when nothing fails: the very blocks this loader always read.
+        batches = parquet.iter_batches(batch_size=config.block_rows, columns=columns,
+                                       row_groups=list(range(group, len(sizes))) if group else None)
+        while True:
+            try:
+                block = next(batches, None)
+            except READ_ERRORS as error:
+                failed = error
+                break
+            if block is None:
+                return
+            yield index, row, block
+            index, row = index + 1, row + block.num_rows
+        first = int(np.searchsorted(ends, row, side="right"))  # the row group holding the failed block's first row
+        bad = next((g for g in range(first, len(sizes)) if not _reads(parquet, g, columns, config)), None)
+        if bad is None:
+            raise BadParquetFile(path, failed, min(first, len(sizes) - 1), note=f"; reading from row {row} failed "
+                                 "but every row group from there reads on its own (a passing I/O error?)") from failed
+        if not config.skip_bad_files:
+            raise BadParquetFile(path, failed, bad) from failed
+        bad_start = int(ends[bad]) - sizes[bad]
+        if row < bad_start:  # the good rows in front of the bad row group: read again, cut into blocks from `row`
+            kept = parquet.iter_batches(batch_size=config.block_rows, columns=columns,
+                                        row_groups=list(range(first, bad)))
+            for block in _recut(kept, row - (int(ends[first]) - sizes[first]), config.block_rows):
+                yield index, row, block
+                index, row = index + 1, row + block.num_rows
+        yield index, row, Skipped(path, bad, row, int(ends[bad]), _error_text(failed))
+        row, group = int(ends[bad]), bad + 1
+
+
+def _recut(batches: Iterator[pa.RecordBatch], drop: int, size: int) -> Iterator[pa.RecordBatch]:
+    """``batches`` without their first ``drop`` rows, cut into record batches of ``size`` rows (the last shorter).
+
+    Holds at most about two blocks at a time.
+    """
+    held: list[pa.RecordBatch] = []
+    count = 0
+    for batch in batches:
+        if drop >= batch.num_rows:
+            drop -= batch.num_rows
+            continue
+        held.append(batch.slice(drop))
+        count, drop = count + batch.num_rows - drop, 0
+        while count >= size:
+            table = pa.Table.from_batches(held)
+            yield table.slice(0, size).combine_chunks().to_batches()[0]
+            held, count = [b for b in table.slice(size).to_batches() if b.num_rows], count - size
+    if count:
+        yield pa.Table.from_batches(held).combine_chunks().to_batches()[0]
+
+
+def _reads(parquet: pq.ParquetFile, group: int, columns: list[str], config: DataConfig) -> bool:
+    """Whether row group ``group`` reads on its own (block by block: memory stays a block)."""
+    try:
+        for _ in parquet.iter_batches(batch_size=config.block_rows, columns=columns, row_groups=[group]):
+            pass
+    except READ_ERRORS:
+        return False
+    return True
 
 
 def image_id(data: bytes) -> int:
@@ -279,6 +458,8 @@ class EpochLoader:
 
     Iterating yields ``Batch`` objects until one of this rank's streams runs
     out (the trainer then asks every rank whether all still have a batch).
+    Once it has run out, ``tail_skipped`` holds what was skipped while trying
+    to fill the batch that could not be completed (``Batch.skipped`` the rest).
     """
 
     def __init__(self, files: list[str], config: DataConfig, tokenizer, image_size: int, augment: AugmentConfig,
@@ -295,6 +476,7 @@ class EpochLoader:
         self.chunk = config.batch_size // streams
         self.config, self.tokenizer, self.image_size, self.augment = config, tokenizer, image_size, augment
         self._token_cache: dict[str, list[int]] = {}
+        self.finished, self.tail_skipped = False, []
         self._queue: queue.Queue = queue.Queue(maxsize=max(config.prefetch, 1))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._produce, daemon=True)
@@ -304,6 +486,7 @@ class EpochLoader:
         while True:
             item = self._queue.get()
             if item is None:
+                self.finished = True
                 return
             if isinstance(item, BaseException):
                 raise item
@@ -327,6 +510,7 @@ class EpochLoader:
                 while not self._stop.is_set():
                     batch = self._make_batch(iterators, pool, workers)
                     if batch is None:
+                        self.tail_skipped = [item for stream in self.streams for item in stream.take_skipped()]
                         break
                     self._put(batch)
             finally:
@@ -363,6 +547,7 @@ class EpochLoader:
             attention_mask=attention_mask,
             image_ids=torch.tensor(ids),
             positions={stream.index: stream.position for stream in self.streams},
+            skipped=[item for stream in self.streams for item in stream.take_skipped()],
         )
         if self.config.negatives:
             negatives = [text if isinstance(text, str) and text.strip() else None for _, _, _, text in samples]

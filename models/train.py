@@ -41,10 +41,12 @@ from capfilt.configs import PRESETS, check_patch_size, preset_config
 from capfilt.models import distributed
 from capfilt.models.augment import AugmentConfig
 from capfilt.models.checkpointing import (
-    TrainState, config_dict, latest_checkpoint, load_checkpoint, read_checkpoint, save_checkpoint,
+    SKIP_COUNTS, TrainState, config_dict, latest_checkpoint, load_checkpoint, no_skips, read_checkpoint,
+    save_checkpoint,
 )
 from capfilt.models.data import (
-    DataConfig, EpochLoader, close_decoding_processes, find_files, longest_text, seed_for, steps_in_epoch, trim_padding,
+    DataConfig, EpochLoader, Skipped, check_files, close_decoding_processes, find_files, longest_text, seed_for,
+    steps_in_epoch, trim_padding,
 )
 from capfilt.models.med import MED, MEDSettings, init_sincos_positions, prompt_length
 from capfilt.tokenizer import TokenizerNotFoundError, load_tokenizer, special_ids
@@ -233,9 +235,9 @@ class ProgressLog:
     """Every ``every`` steps: losses averaged over ranks, a log line and a ``log.jsonl`` record (rank 0)."""
 
     def __init__(self, path: Path, every: int, total_steps: int, batch_size: int, is_main: bool,
-                 max_seconds: float = 0.0):
+                 max_seconds: float = 0.0, report_skipped: bool = False):
         self.path, self.every, self.total, self.batch = path, max(every, 1), total_steps, batch_size
-        self.max_seconds = max_seconds
+        self.max_seconds, self.report_skipped = max_seconds, report_skipped
         self.is_main = is_main
         self.last_time, self.last_step, self.start = time.perf_counter(), None, time.perf_counter()
 
@@ -256,15 +258,87 @@ class ProgressLog:
                   "elapsed_s": now - self.start, "eta_s": max(self.total - state.step, 0) / max(steps_per_s, 1e-9)}
         if self.max_seconds:  # a time-limited run ends at its limit at the latest
             record["eta_s"] = min(record["eta_s"], max(self.max_seconds - record["elapsed_s"], 0.0))
+        if self.report_skipped:  # --skip-bad-files: what was left out so far (run totals, all ranks)
+            record.update({f"skipped_{name}": state.skipped[name] for name in SKIP_COUNTS})
         if self.is_main:
             with self.path.open("a") as handle:
                 handle.write(json.dumps(record) + "\n")
             losses_text = " ".join(f"{n} {float(v):.4f}" for n, v in zip(names, values))
             eta = record["eta_s"]
             eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if eta < 86400 else f"{eta / 86400:.1f} days"
-            log.info("step %d/%d epoch %d | %s | lr %.2e | %.1f samples/s | eta %s", state.step, self.total,
-                     state.epoch, losses_text, lr, record["samples_per_s"], eta_text)
+            skipped_text = "" if not any(state.skipped.values()) else (
+                " | skipped %(files)d file(s), %(row_groups)d row group(s), %(rows)d row(s)" % state.skipped)
+            log.info("step %d/%d epoch %d | %s | lr %.2e | %.1f samples/s | eta %s%s", state.step, self.total,
+                     state.epoch, losses_text, lr, record["samples_per_s"], eta_text, skipped_text)
         return record
+
+
+class _SkipCounts:
+    """What --skip-bad-files skipped: run totals over all ranks in ``state.skipped``, plus this rank's since.
+
+    Each batch carries what its rows' reading skipped; it is logged and counted when the batch is trained on
+    (not when prefetched), so the totals in a checkpoint are those of its step and a resume counts on from them,
+    and the totals are the same with any number of processes reading the same streams. What a stream meets only
+    as it runs out at an epoch's end is logged, not counted: whether it is met at all depends on how the streams
+    are spread over processes (one process stops reading at the first stream that runs short).
+    """
+
+    def __init__(self, state: TrainState, device: torch.device, enabled: bool):
+        self.state, self.device, self.enabled, self.pending = state, device, enabled, no_skips()
+
+    def add(self, skipped: list[Skipped]) -> None:
+        for item in skipped:
+            log.warning("skipped %s", item)
+            self.pending["files" if item.row_group is None else "row_groups"] += 1
+            self.pending["rows"] += item.rows
+
+    def flush(self) -> None:
+        """Add every rank's pending counts to the totals; every rank calls this at the same steps."""
+        if not self.enabled:  # nothing is ever skipped: unreadable data is an error
+            return
+        counts = [self.pending[name] for name in SKIP_COUNTS]
+        if distributed.world_size() > 1:
+            counts = distributed.all_reduce_sum(torch.tensor(counts, device=self.device)).tolist()
+        for name, count in zip(SKIP_COUNTS, counts):
+            self.state.skipped[name] += int(count)
+        self.pending = no_skips()
+
+
+def _run_files(found: list[str], counts: dict[str, int], unreadable: list[Skipped], state: TrainState,
+               resumed: bool, is_main: bool) -> list[str]:
+    """The files this run reads: ``found`` less what is left out as unreadable (``check_files``' ``unreadable``,
+    which only --skip-bad-files leaves non-empty).
+
+    A new run leaves out the files whose footer does not read and records them in its state (so in every
+    checkpoint). A resumed run leaves out exactly the files its checkpoint records: which files each stream
+    reads, and so what its position means, stays the run's from its start, and the steps per epoch stay the
+    same. Such a file that reads again stays out (train on it in a new run); a file the run has been reading that
+    no longer reads stays in its stream's list with 0 rows and is skipped where its stream reaches it.
+    """
+    if not resumed:
+        if is_main:
+            for item in unreadable:
+                log.warning("left out %s", item)
+        state.left_out = [os.path.abspath(item.path) for item in unreadable]
+        state.skipped["files"] += len(unreadable)
+        bad = {item.path for item in unreadable}
+        return [path for path in found if path not in bad]
+    recorded = set(state.left_out)
+    files = [path for path in found if os.path.abspath(path) not in recorded]
+    for path in found:
+        if is_main and os.path.abspath(path) in recorded and path in counts:
+            log.warning("%s reads now but stays left out, as the run that wrote the checkpoint left it out "
+                        "(start a new run to train on it)", path)
+    for item in unreadable:
+        if os.path.abspath(item.path) in recorded:
+            if is_main:
+                log.warning("left out %s, as since the run's start", item)
+        else:
+            counts[item.path] = 0
+            if is_main:
+                log.warning("%s no longer reads (%s); this run has been reading it, so it stays in its stream "
+                            "and is skipped where the stream reaches it", item.path, item.error)
+    return files
 
 
 def _truncate_log(path: Path, step: int) -> None:
@@ -360,14 +434,21 @@ def _prepare(config: TrainConfig, world: distributed.World, out: Path) -> _Run:
 def _train(config: TrainConfig, world: distributed.World) -> dict:
     streams = config.data.streams or world.size
     _check(config, streams, world)
-    out, files = Path(config.out), find_files(config.data.data)
+    out, found = Path(config.out), find_files(config.data.data)
+    # Every footer is read before the run folder is touched: an unreadable file stops the run here, named,
+    # unless --skip-bad-files leaves it out.
+    counts, unreadable = check_files(found, config.data.skip_bad_files)
     run = _prepare(config, world, out)
     state, optim = run.state, config.optim
-    first_epoch_steps = steps_in_epoch(files, config.data, streams, 0, config.seed)
+    files = _run_files(found, counts, unreadable, state, run.resumed, world.is_main)
+    if not files:
+        raise ValueError(f"none of the {len(found)} Parquet file(s) of {list(config.data.data)} can be read")
+    first_epoch_steps = steps_in_epoch(files, config.data, streams, 0, config.seed, counts)
     if first_epoch_steps < 1:
         raise ValueError(f"{len(files)} file(s) hold less than one global batch ({config.data.batch_size}) per stream")
     progress = ProgressLog(out / "log.jsonl", config.log_every, optim.max_steps or first_epoch_steps * optim.epochs,
-                           config.data.batch_size, world.is_main, optim.max_seconds)
+                           config.data.batch_size, world.is_main, optim.max_seconds, config.data.skip_bad_files)
+    skips = _SkipCounts(state, world.device, config.data.skip_bad_files)
 
     started, out_of_time = time.monotonic(), False
 
@@ -375,6 +456,7 @@ def _train(config: TrainConfig, world: distributed.World) -> dict:
         return (bool(optim.max_steps) and state.step >= optim.max_steps) or out_of_time
 
     def checkpoint() -> None:
+        skips.flush()
         save_checkpoint(out, run.med, run.optimizer, state, run.info, config.keep_checkpoints)
 
     record, saved_step, losses, lr, alpha = None, state.step if run.resumed else -1, {}, 0.0, 0.0
@@ -391,6 +473,9 @@ def _train(config: TrainConfig, world: distributed.World) -> dict:
                                config, world)
                 state.step, state.step_in_epoch = state.step + 1, state.step_in_epoch + 1
                 state.positions = batch.positions
+                skips.add(batch.skipped)
+                if state.step % progress.every == 0:
+                    skips.flush()
                 if optim.max_seconds:  # every rank stops after the same step
                     out_of_time = not distributed.all_ranks_true(time.monotonic() - started < optim.max_seconds,
                                                                  world.device)
@@ -403,8 +488,12 @@ def _train(config: TrainConfig, world: distributed.World) -> dict:
         finally:
             loader.close()
         if not done():
+            if loader.finished:  # told, not counted: what a stream meets as it runs out depends on the processes
+                for item in loader.tail_skipped:
+                    log.warning("skipped %s, met as epoch %d ended (not in the counts)", item, state.epoch)
             state.epoch, state.step_in_epoch, state.positions = state.epoch + 1, 0, {}
     if losses and state.step % config.log_every:
+        skips.flush()
         record = progress.update(state, losses, lr, alpha, force=True)
     if config.checkpoint_every and saved_step != state.step:
         checkpoint()

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
+import shutil
 import socket
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -17,7 +20,8 @@ from PIL import Image, ImageDraw
 from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval
 
 from capfilt.models.checkpointing import latest_checkpoint, read_checkpoint
-from capfilt.models.train import configure, main, med_from_run, train
+from capfilt.models.data import BadParquetFile
+from capfilt.models.train import _parser, configure, main, med_from_run, train
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220)}
 SHAPES = ("square", "circle")
@@ -258,3 +262,87 @@ def test_freeze_vision_trains_the_text_side_only(tmp_path, dataset, tokenizer_di
     assert vision and all(torch.equal(before[key], after[key]) for key in vision)
     assert any(not torch.equal(before[key], after[key]) for key in decoder)
     assert tuned.settings.freeze_vision and not any(p.requires_grad for p in tuned.vision_model.parameters())
+
+
+def _copy_dataset(dataset, folder: Path) -> Path:
+    folder.mkdir()
+    for path in sorted(Path(dataset).parent.glob("*.parquet")):
+        shutil.copy(path, folder)
+    return folder
+
+
+def test_a_file_without_footer_is_named_or_left_out_and_stays_out_on_resume(tmp_path, dataset, tokenizer_dir,
+                                                                              caplog):
+    data = _copy_dataset(dataset, tmp_path / "data")
+    whole = (data / "part-1.parquet").read_bytes()
+    bad = data / "part-2.parquet"
+    bad.write_bytes(whole[:len(whole) // 2])  # a third file cut short: no footer
+    with pytest.raises(SystemExit, match=r"error: .*part-2\.parquet: cannot be read \(ArrowInvalid.*--skip-bad-files"):
+        main(["pretrain", "--data", str(data), "--out", str(tmp_path / "strict")])
+    assert not (tmp_path / "strict").exists()  # refused before the run folder is made
+    assert _parser().parse_args(["pretrain", "--skip-bad-files"]).skip_bad_files is True
+    out = tmp_path / "run"
+    with caplog.at_level(logging.WARNING, logger="capfilt.train"):
+        train(tiny("pretrain", str(data), tokenizer_dir, out, max_steps=2, skip_bad_files=True))
+    assert f"left out {bad} (unreadable: ArrowInvalid" in caplog.text
+    record = log_records(out)[-1]
+    assert (record["skipped_files"], record["skipped_row_groups"], record["skipped_rows"]) == (1, 0, 0)
+    state = read_checkpoint(latest_checkpoint(out))["state"]
+    assert state["left_out"] == [os.path.abspath(bad)] and state["skipped"]["files"] == 1
+    bad.write_bytes(whole)  # repaired: still left out of this run, whose streams keep their files
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="capfilt.train"):
+        train(tiny("pretrain", str(data), tokenizer_dir, out, max_steps=3, skip_bad_files=True))
+    assert f"{bad} reads now but stays left out" in caplog.text
+    assert read_checkpoint(latest_checkpoint(out))["state"]["left_out"] == [os.path.abspath(bad)]
+    # A file the run has been reading no longer reads: it keeps its place (the streams keep their files) and is
+    # skipped whole where its stream reaches it. Here it is epoch 0's first file, at whose end the checkpoint of
+    # step 3 stands: the resume opens it again and the skip counts in step 4.
+    gone = data / "part-0.parquet"
+    gone.write_bytes(gone.read_bytes()[:100])
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="capfilt.train"):
+        train(tiny("pretrain", str(data), tokenizer_dir, out, max_steps=6, skip_bad_files=True))
+    assert f"{gone} no longer reads" in caplog.text and f"skipped {gone} (unreadable: " in caplog.text
+    assert [r["skipped_files"] for r in log_records(out)] == [1] * 3 + [2] * 3
+
+
+def test_a_garbled_row_group_is_named_or_skipped_and_resume_stays_exact(tmp_path, dataset, tokenizer_dir, caplog):
+    data = _copy_dataset(dataset, tmp_path / "data")
+    bad = data / "part-1.parquet"  # row groups of 8 rows; garble the header of a data page of rows 16-23
+    offset = pq.ParquetFile(bad).metadata.row_group(2).column(0).data_page_offset
+    garbled = bytearray(bad.read_bytes())
+    garbled[offset:offset + 16] = bytes(range(240, 256))
+    bad.write_bytes(bytes(garbled))
+    with pytest.raises(OSError):
+        pq.ParquetFile(bad).read_row_group(2)
+    # 5-row blocks: the block that fails (rows 15-19) holds a good row. An epoch is 40 good rows, 5 steps. The bad
+    # file comes first in epoch 0: its rows 0-15 make steps 1-2, the skip counts in step 3. It comes last in epoch 1,
+    # whose steps 9-10 end at row 15: the stream meets the bad rows as it runs out (logged, not counted).
+    settings = dict(block_rows=5, skip_bad_files=True)
+    train(tiny("pretrain", str(data), tokenizer_dir, tmp_path / "straight", max_steps=11, **settings))
+    # Without the flag: step 1 trains and checkpoints, then the error names the file and row group.
+    out = tmp_path / "resumed"
+    with pytest.raises(BadParquetFile, match=r"part-1\.parquet, row group 2: cannot be read \(OSError"):
+        train(tiny("pretrain", str(data), tokenizer_dir, out, max_steps=11, checkpoint_every=1, block_rows=5))
+    assert latest_checkpoint(out).name == "step-00000001"
+    # The same run with the flag resumes from there; stopped at step 2 (the stream stands at the bad row group's
+    # first row), at step 10 (just before the skip at the end of epoch 1), then run to the end.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="capfilt.train"):
+        for steps in (2, 10, 11):
+            train(tiny("pretrain", str(data), tokenizer_dir, out, max_steps=steps, **settings))
+    assert caplog.text.count(f"skipped {bad}, row group 2, rows 16-23 (OSError") == 2  # once an epoch, not again
+    assert caplog.text.count("met as epoch 1 ended (not in the counts)") == 1
+    a, b = _final_state(tmp_path / "straight"), _final_state(out)
+    assert a["state"] == b["state"] and a["state"]["skipped"] == {"files": 0, "row_groups": 1, "rows": 8}
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    for (_, sa), (_, sb) in zip(sorted(a["optimizer"]["state"].items()), sorted(b["optimizer"]["state"].items())):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    straight, resumed = log_records(tmp_path / "straight"), log_records(out)
+    assert [r["step"] for r in resumed] == list(range(1, 12))
+    for name in ("loss_itc", "loss_itm", "loss_lm"):
+        assert [r[name] for r in straight] == [r[name] for r in resumed], name
+    assert [r["skipped_row_groups"] for r in straight] == [0, 0] + [1] * 9
+    assert [r["skipped_row_groups"] for r in resumed[1:]] == [0] + [1] * 9

@@ -13,7 +13,8 @@ from PIL import Image
 
 from capfilt.models.augment import AugmentConfig, random_resized_crop, transform
 from capfilt.models.data import (
-    DataConfig, EpochLoader, Layout, Stream, StreamPosition, count_rows, detect_layout, epoch_streams, find_files,
+    BadParquetFile, DataConfig, EpochLoader, Layout, Stream, StreamPosition, check_files, count_rows, detect_layout,
+    epoch_streams, find_files,
 )
 
 
@@ -212,3 +213,69 @@ def test_a_negatives_column_is_read_into_each_batch(tmp_path, tokenizer):
                          tokenizer, 16, AugmentConfig(augment=False), seed=0, epoch=0, streams=1, rank=0, world_size=1)
     with pytest.raises(ValueError, match="no negatives column 'x'"):
         list(loader)
+
+
+def garble_row_group(path, group: int, column: int = 0):
+    """Overwrite the header of a data page of row group ``group`` in place; pyarrow then fails on that group only."""
+    metadata = pq.ParquetFile(path).metadata
+    offset = metadata.row_group(group).column(column).data_page_offset
+    data = bytearray(open(path, "rb").read())
+    data[offset:offset + 16] = bytes(range(240, 256))
+    open(path, "wb").write(bytes(data))
+    parquet = pq.ParquetFile(path)
+    for other in range(metadata.num_row_groups):
+        if other == group:
+            with pytest.raises(OSError):
+                parquet.read_row_group(other)
+        else:
+            parquet.read_row_group(other)
+
+
+def truncate(path):
+    """Cut a file's last half: its footer (and the metadata pyarrow needs) gone, as after an interrupted copy."""
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[:len(data) // 2])
+
+
+def test_a_file_without_footer_is_named_or_left_out(tmp_path):
+    for part in range(3):
+        write_capfilt(tmp_path / f"{part}.parquet", [f"text {part} {i}" for i in range(6)])
+    truncate(tmp_path / "1.parquet")
+    files = find_files([str(tmp_path)])
+    with pytest.raises(BadParquetFile, match=r"1\.parquet: cannot be read \(ArrowInvalid.*--skip-bad-files"):
+        check_files(files)
+    counts, unreadable = check_files(files, skip_bad_files=True)
+    assert counts == {files[0]: 6, files[2]: 6}
+    assert [(s.path, s.row_group, s.rows) for s in unreadable] == [(files[1], None, 0)]
+    assert "magic bytes" in unreadable[0].error
+    # A file in a stream's list that no longer reads (a resumed run keeps it there): an error, or skipped whole.
+    with pytest.raises(BadParquetFile, match=r"1\.parquet: cannot be read"):
+        list(Stream(files, 0, 0, 0, DataConfig(shuffle=False)))
+    stream = Stream(files, 0, 0, 0, DataConfig(shuffle=False, skip_bad_files=True))
+    assert [s.text for s in stream] == [f"text {part} {i}" for part in (0, 2) for i in range(6)]
+    assert [(s.path, s.row_group) for s in stream.take_skipped()] == [(files[1], None)]
+
+
+@pytest.mark.parametrize("block_rows", [4, 100])
+def test_a_garbled_row_group_is_named_or_skipped_and_a_resume_replays_the_same_rows(tmp_path, block_rows):
+    texts = [f"text {i}" for i in range(12)]
+    write_capfilt(tmp_path / "0.parquet", texts)  # row groups of 3 rows
+    write_capfilt(tmp_path / "1.parquet", [f"more {i}" for i in range(5)])
+    garble_row_group(tmp_path / "0.parquet", 2)  # rows 6, 7, 8
+    files = find_files([str(tmp_path)])
+    with pytest.raises(BadParquetFile, match=r"0\.parquet, row group 2: cannot be read \(OSError.*--skip-bad-files"):
+        list(Stream(files, 0, 0, 0, DataConfig(block_rows=block_rows)))
+    config = DataConfig(block_rows=block_rows, skip_bad_files=True)
+    stream = Stream(files, 0, 3, 11, config)
+    whole = [(s.text, s.seed_parts) for s in stream]
+    kept = texts[:6] + texts[9:] + [f"more {i}" for i in range(5)]
+    assert sorted(t for t, _ in whole) == sorted(kept)
+    (skipped,) = stream.take_skipped()
+    assert (skipped.path, skipped.row_group, skipped.start, skipped.end) == (files[0], 2, 6, 9)
+    for stop in range(1, len(whole)):  # stopped anywhere, before or after the bad row group: the same rows follow
+        stream = Stream(files, 0, 3, 11, config)
+        head = [(s.text, s.seed_parts) for _, s in zip(range(stop), stream)]
+        before = stream.take_skipped()
+        resumed = Stream(files, 0, 3, 11, config, stream.position)
+        assert head + [(s.text, s.seed_parts) for s in resumed] == whole
+        assert len(before + resumed.take_skipped()) == 1  # reported once: by the run, or by its resume
