@@ -21,6 +21,16 @@ resolves to a private address is fetched), and img2dataset fetches with
 metadata addresses included. On a cluster, keep the download workers off
 internal networks and the metadata address at the network level too.
 
+Decompression bombs: an image of more than ``max_image_pixels`` pixels (50 M, the pipeline's own limit,
+``BootstrapSettings.max_image_pixels``) is refused by img2dataset's ``max_image_area``, and OpenCV (which
+img2dataset decodes with) is told the same limit through ``OPENCV_IO_MAX_IMAGE_PIXELS`` (default 2^30), so that
+it refuses such an image from its header instead of allocating the pixels first: a 12,000 x 12,000 PNG of a
+few hundred KB would otherwise cost 144 MB to 432 MB per download thread. The variable reaches the worker
+processes of the ``multiprocessing`` distributor; on a Spark or Ray cluster set it in the workers' environment.
+Two things img2dataset does to images that capfilt cannot undo (OpenCV's ``IMREAD_UNCHANGED`` and its JPEG
+re-encoding): it drops the EXIF orientation (capfilt applies the orientation img2dataset recorded in its
+``exif`` column instead, ``capfilt.pipelines.process``), and it clips 16-bit images to 8 bits by saturation.
+
 Images are resized so that their shorter side is at most ``image_size``
 (384: the fine-tuned BLIP models' resolution), keeping the aspect ratio; the
 models' own preprocessing makes the square input. img2dataset honours
@@ -45,6 +55,7 @@ log = logging.getLogger(__name__)
 
 DISTRIBUTORS = ("multiprocessing", "pyspark", "ray")
 OUTPUT_FORMATS = ("parquet", "webdataset")
+OPENCV_PIXELS = "OPENCV_IO_MAX_IMAGE_PIXELS"  # OpenCV's limit on an image's pixels, checked from its header
 
 
 @dataclass(frozen=True)
@@ -58,6 +69,7 @@ class DownloadSettings:
     resize_only_if_bigger: bool = True
     samples_per_shard: int = 10_000
     distributor: str = "multiprocessing"
+    max_image_pixels: int = 50_000_000  # larger images fail at download (BootstrapSettings.max_image_pixels)
     output_format: str = "parquet"
     timeout: int = 10
     retries: int = 0
@@ -105,6 +117,8 @@ def download(url_list: str | Path, output_folder: str | Path, settings: Download
     names = pq.read_schema(url_list).names
     extra_columns = (*extra_columns, *(c for c in INPUT_COLUMNS if c in names and c not in extra_columns))
     sigint = signal.getsignal(signal.SIGINT)  # img2dataset installs its own handler; ours comes back after
+    opencv_limit = os.environ.get(OPENCV_PIXELS)
+    os.environ[OPENCV_PIXELS] = str(settings.max_image_pixels)  # read by the worker processes' OpenCV
     try:
         img2dataset_download(
             url_list=str(url_list),
@@ -123,11 +137,16 @@ def download(url_list: str | Path, output_folder: str | Path, settings: Download
             number_sample_per_shard=settings.samples_per_shard,
             distributor=settings.distributor,
             timeout=settings.timeout,
+            max_image_area=settings.max_image_pixels,
             retries=settings.retries,
             incremental_mode="incremental",
             enable_wandb=False,
         )
     finally:
+        if opencv_limit is None:
+            os.environ.pop(OPENCV_PIXELS, None)
+        else:
+            os.environ[OPENCV_PIXELS] = opencv_limit
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, sigint)
     return output_folder

@@ -45,6 +45,7 @@ img2dataset writes at its default 384 px) decode exactly as before. Rotation com
 from __future__ import annotations
 
 import io
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -70,6 +71,34 @@ ORIENTATION_TRANSPOSE = {
     7: Image.Transpose.TRANSVERSE,
     8: Image.Transpose.ROTATE_90,
 }
+
+
+# img2dataset's ``exif`` column holds exifread's printable tags (JSON); its orientation names -> the tag's value
+EXIFREAD_ORIENTATIONS = {
+    "Horizontal (normal)": 1,
+    "Mirrored horizontal": 2,
+    "Rotated 180": 3,
+    "Mirrored vertical": 4,
+    "Mirrored horizontal then rotated 90 CCW": 5,
+    "Rotated 90 CW": 6,
+    "Mirrored horizontal then rotated 90 CW": 7,
+    "Rotated 90 CCW": 8,
+}
+
+
+def recorded_orientation(exif_json: str | None) -> int | None:
+    """The EXIF orientation img2dataset recorded in its ``exif`` column (JSON of exifread's tags), if any.
+
+    img2dataset reads the tags from the bytes it downloaded, then re-encodes the pixels as they are stored
+    and drops the tag: this is the only place the orientation survives. Anything unreadable gives None.
+    """
+    if not exif_json:
+        return None
+    try:
+        tags = json.loads(exif_json)
+    except (TypeError, ValueError):
+        return None
+    return EXIFREAD_ORIENTATIONS.get(tags.get("Image Orientation")) if isinstance(tags, dict) else None
 
 
 def has_transparency(image: Image.Image) -> bool:
@@ -105,16 +134,21 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return matte
 
 
-def exif_transpose_method(image: Image.Image) -> Image.Transpose | None:
-    """The transpose that turns ``image`` upright by its EXIF orientation; None if it has none (or a broken one).
+def exif_orientation(image: Image.Image) -> int | None:
+    """The EXIF orientation tag's value (1-8) of ``image`` as opened; None if it has none (or a broken one).
 
-    Read from the image as opened (an image made by ``convert`` or ``reduce`` has lost its EXIF).
+    An image made by ``convert`` or ``reduce`` has lost its EXIF.
     """
     try:
         orientation = image.getexif().get(ExifTags.Base.Orientation)
     except Exception:  # noqa: BLE001 - damaged EXIF: the pixels are still good, judge them as stored
         return None
-    return ORIENTATION_TRANSPOSE.get(orientation) if isinstance(orientation, int) else None
+    return orientation if isinstance(orientation, int) and 1 <= orientation <= 8 else None
+
+
+def exif_transpose_method(image: Image.Image) -> Image.Transpose | None:
+    """The transpose that turns ``image`` upright by its EXIF orientation; None if it needs none."""
+    return ORIENTATION_TRANSPOSE.get(exif_orientation(image))
 
 
 def upright_rgb(image: Image.Image) -> Image.Image:
@@ -167,11 +201,13 @@ class DecodedImage:
     pixels: dict[int, torch.Tensor]  # model input size S -> [3, S, S], of the upright image
 
 
-def decode_for_model(data: bytes, preprocessors: Sequence[ImagePreprocessor]) -> DecodedImage:
+def decode_for_model(data: bytes, preprocessors: Sequence[ImagePreprocessor],
+                     orientation: int | None = None) -> DecodedImage:
     """Decode ``data`` straight to each preprocessor's input; the full-size image is never kept.
 
-    The same pixels as ``decode_image`` (up to the reduction): ``to_rgb``, then the EXIF orientation. A clear
-    ``ValueError`` when the bytes are not an image.
+    The same pixels as ``decode_image`` (up to the reduction): ``to_rgb``, then the EXIF orientation.
+    ``orientation``: one recorded beside the bytes (``recorded_orientation``), applied when the bytes carry
+    none of their own. A clear ``ValueError`` when the bytes are not an image.
     """
     sizes = {p.image_size: p for p in preprocessors}
     try:
@@ -181,7 +217,8 @@ def decode_for_model(data: bytes, preprocessors: Sequence[ImagePreprocessor]) ->
             if image.format == "JPEG":
                 image.draft("RGB", (floor, floor))  # DCT scaling: keeps each side >= floor
             image.load()
-            method = exif_transpose_method(image)
+            own = exif_orientation(image)
+            method = ORIENTATION_TRANSPOSE.get(own if own is not None else orientation)
             rgb = to_rgb(image)  # as decode_image, before any resampling
             factor = min(rgb.size) // floor  # the shorter side: the same whichever way up
             if factor > 1:

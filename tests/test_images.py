@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import struct
 import zlib
 
@@ -13,7 +14,8 @@ from PIL import Image
 
 from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
-from capfilt.images import ImagePreprocessor, decode_for_model, decode_image, to_rgb
+from capfilt.images import (ImagePreprocessor, decode_for_model, decode_image, exif_transpose_method,
+                            recorded_orientation, to_rgb)
 
 GREY_LEVEL = 1 / 255 / 0.26862954  # one step of 8-bit colour after BLIP's normalisation (smallest std)
 
@@ -306,3 +308,32 @@ def test_animated_images_are_judged_on_their_first_frame(fmt, options):
     preprocessor = ImagePreprocessor(16)
     red = preprocessor([frames[0]])[0]
     assert torch.allclose(decode_for_model(buffer.getvalue(), [preprocessor]).pixels[16], red, atol=2 * GREY_LEVEL)
+
+
+@pytest.mark.parametrize("orientation", sorted(UPRIGHT))
+def test_the_orientation_img2dataset_recorded_turns_its_shards_images_upright(orientation):
+    """img2dataset drops the tag when it re-encodes; the orientation it read into its ``exif`` column (exifread's
+    names, as its downloader writes them) turns the stored pixels upright, as the original bytes decode."""
+    exifread = pytest.importorskip("exifread")
+    resizer = pytest.importorskip("img2dataset.resizer")
+    stored = np.random.default_rng(orientation).integers(0, 256, (6, 10, 3), dtype=np.uint8)
+    original = exif_bytes(Image.fromarray(stored), orientation, "JPEG")
+    tags = exifread.process_file(io.BytesIO(original), details=False)
+    exif_column = json.dumps({k: str(v).strip() for k, v in tags.items() if v is not None})
+    lossless = resizer.Resizer(image_size=384, resize_mode="no", resize_only_if_bigger=True, encode_format="png",
+                               encode_quality=1)
+    written, *_, error = lossless(io.BytesIO(original))
+    assert error is None and exif_transpose_method(Image.open(io.BytesIO(written))) is None  # the tag is gone
+    assert recorded_orientation(exif_column) == orientation
+    preprocessor = ImagePreprocessor(16)
+    from_shard = decode_for_model(written, [preprocessor], orientation=recorded_orientation(exif_column))
+    assert torch.equal(from_shard.pixels[16], decode_for_model(original, [preprocessor]).pixels[16])
+    # The tag of the bytes themselves wins over a recorded one (bytes img2dataset kept as downloaded).
+    assert torch.equal(decode_for_model(original, [preprocessor], orientation=3).pixels[16],
+                       decode_for_model(original, [preprocessor]).pixels[16])
+
+
+@pytest.mark.parametrize("column", [None, "", "not json", "[1, 2]", '{"Image Orientation": "Sideways"}',
+                                    '{"EXIF ExifVersion": "0230"}'])
+def test_no_recorded_orientation_is_none(column):
+    assert recorded_orientation(column) is None
