@@ -39,6 +39,11 @@ def beside(folder: Path, suffix: str) -> Path:
     return folder.with_name(folder.name + suffix)
 
 
+# Exit statuses: 0 every shard done; 1 shards unfinished (rerun to retry them); 2 bad usage; 3 done, but input
+# shards are damaged (rerunning will not help: replace the files; see print_summary).
+EXIT_UNFINISHED, EXIT_USAGE, EXIT_DAMAGED = 1, 2, 3
+
+
 class UsageError(ValueError):
     """Bad command-line input, reported without a traceback."""
 
@@ -60,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     boot = commands.add_parser(
         "bootstrap", help="caption and filter a dataset (CapFilt)",
         description="Caption and filter a dataset. Unknown --flags are passed to Beam as pipeline options.",
+        epilog="Exit status: 0 every shard done; 1 shards unfinished (rerun the same command to retry them); "
+               "2 bad usage; 3 every shard done, but input shards are damaged (rerunning will not help: see the "
+               "summary, stats.json and report.html).",
         formatter_class=_HelpWithDefaults,
     )
     data = boot.add_argument_group("data")
@@ -134,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="img2dataset's shard format")
     download.add_argument("--timeout", type=int, default=10, help="seconds per URL")
     download.add_argument("--retries", type=int, default=0, help="retries per URL")
+    download.add_argument("--allow-private-addresses", action="store_true",
+                          help="let URLs of loopback and private addresses through (for tests and internal "
+                               "mirrors); link-local and cloud metadata addresses stay refused")
 
     listing = commands.add_parser("datasets", help="list the named datasets and whether their URL lists are on disk")
     listing.add_argument("--cache-dir", default=str(datasets.DEFAULT_CACHE), help="named datasets' URL lists")
@@ -224,9 +235,11 @@ def prepare_download(source: datasets.UrlListInput, folder: Path, args) -> str:
         "url_col": source.url_list.url_col, "caption_col": source.url_list.caption_col, "keep_columns": list(extra),
         "image_size": settings.image_size,
         "samples_per_shard": settings.samples_per_shard, "output_format": settings.output_format,
+        "allow_private_addresses": args.allow_private_addresses,  # which URLs were refused before download
     })
     if not url_list.is_file():
-        summary = datasets.write_url_list(source.url_list, url_list, extra)
+        summary = datasets.write_url_list(source.url_list, url_list, extra,
+                                          allow_private_addresses=args.allow_private_addresses)
         _say(f"URL list: {summary['rows']} rows -> {url_list}")
     _say(f"downloading with img2dataset ({settings.distributor}, {settings.processes} processes) into {folder}; "
          "finished shards are kept")
@@ -328,6 +341,11 @@ def bootstrap(args, unknown: list[str]) -> int:
 
     shards = list_shards(location)
     shards = [shards[i] for i in parse_shard_selection(args.shards, len(shards))]
+    missing = [s.shard_id for s in shards if s.stats_missing]
+    if missing:
+        _say(f"warning: {len(missing)} shard(s) have no img2dataset _stats.json ({', '.join(missing[:10])}"
+             f"{' ...' if len(missing) > 10 else ''}): is a download still running? They are processed; one that "
+             "cannot be read whole is left unfinished, to rerun once the download is over")
     _say(f"CapFilt on {len(shards)} shard(s) from {location} with {args.runner}: "
          f"captioner {settings.captioner}, filter {settings.filter}, K={settings.num_captions}, "
          f"threshold {settings.threshold}, sampling {settings.sampling_overrides or 'defaults'}")
@@ -335,11 +353,22 @@ def bootstrap(args, unknown: list[str]) -> int:
         pipeline.run(shards, settings, str(args.out), runner=args.runner,
                      beam_args=beam_arguments(args, options), report=not args.no_report, workers=args.workers)
     stats = read_stats(layout)
-    print_summary(stats, layout)
-    return 1 if stats["shards"]["errors"] else 0
+    # From the markers, not stats.json: another job on the same OUT may have written stats.json last.
+    selected = {s.shard_id for s in shards}
+    unfinished = sorted(selected - layout.done_ids())
+    damaged = [d for d in stats["shards"]["damaged"] if d["shard"] in selected]
+    print_summary(stats, layout, unfinished, damaged)
+    return exit_status(unfinished, damaged)
 
 
-def print_summary(stats: dict, layout) -> None:
+def exit_status(unfinished: list[str], damaged: list[dict]) -> int:
+    """0: every shard done; 1: shards unfinished, a rerun retries them; 3: done, but input shards are damaged."""
+    if unfinished:
+        return EXIT_UNFINISHED
+    return EXIT_DAMAGED if damaged else 0
+
+
+def print_summary(stats: dict, layout, unfinished: list[str], damaged: list[dict]) -> None:
     failed = ", ".join(f"{stage} {n}" for stage, n in stats["failed"].items() if n) or "none"
     _say(f"{stats['rows']} input rows: {stats['images']} images judged, "
          f"{sum(stats['failed'].values())} failed ({failed})")
@@ -349,9 +378,23 @@ def print_summary(stats: dict, layout) -> None:
              f"removed {stats['rejected'][source]} (noise ratio "
              f"{'–' if ratio is None else f'{100 * ratio:.1f}%'})")
     _say(f"texts before CapFilt {stats['texts_before']}, after {stats['texts_after']}")
+    duplicates = stats.get("duplicate_keys")
+    if duplicates and duplicates["rows"]:
+        examples = ", ".join(str(e["key"]) for e in duplicates["examples"][:3])
+        _say(f"{duplicates['rows']} input rows repeat a key seen before ({duplicates['within_shards']} within a "
+             f"shard, {duplicates['across_shards']} across shards; e.g. {examples}): use sample_id to tell rows apart")
     _say(f"output in {layout.root}: kept/ rejected/ failed/ stats.json report.html")
-    for error in stats["shards"]["errors"]:
-        _say(f"shard {error['shard']} is unfinished ({error['error']}); rerun the same command to retry it")
+    errors = {error["shard"]: error["error"] for error in stats["shards"]["errors"]}
+    for shard in unfinished:
+        _say(f"shard {shard} is unfinished ({errors.get(shard, 'see the log above')}); rerun the same command to "
+             "retry it")
+    for damage in damaged:
+        lost = "" if damage["all_rows_accounted"] else ", and rows after the damage are not in the output"
+        _say(f"input shard {damage['shard']} is damaged: {damage['input']}: {'; '.join(damage['errors'])} "
+             f"({damage['rows_read']} rows read, {damage['rows_failed_read']} failed at stage read{lost})")
+    if damaged:
+        _say(f"rerunning will not change damaged shards: replace the input file (for img2dataset's shards, delete it "
+             f"and its _stats.json to download it again), delete {layout.root}/_done/SHARD.json, and rerun")
 
 
 def _say(text: str) -> None:
@@ -383,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.verbose:
             raise
         print(f"capfilt: error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

@@ -15,17 +15,53 @@ import html
 import json
 
 import capfilt
-from capfilt.pipelines.layout import FAILED, KEPT, REJECTED, OutputLayout, read_text, write_text
+from capfilt.pipelines.layout import FAILED, KEPT, REJECTED, OutputLayout, read_text
 from capfilt.pipelines.schema import SCHEMA_VERSION, SOURCES, STAGES
 from capfilt.pipelines.settings import BootstrapSettings
-from capfilt.pipelines.stats import HISTOGRAM_BINS, merge
+from capfilt.pipelines.stats import HISTOGRAM_BINS, MAX_KEY_EXAMPLES, duplicates_across, key_hash, merge
 
 EXAMPLES_PER_OUTCOME = 12
 
 
+def damaged_shards(markers: list[dict]) -> list[dict]:
+    """The finished shards whose input is damaged: path, what was broken, the rows read and failed at ``read``."""
+    return [{"shard": m["shard"], "input": m["input"], "rows_read": m["rows"], "rows_failed_read": m["failed"]["read"],
+             **m["damaged"]} for m in markers if m.get("damaged")]
+
+
+def duplicate_keys(layout: OutputLayout, markers: list[dict]) -> dict:
+    """Rows whose input key repeats one seen before, within a shard and across shards, with a few of those keys."""
+    within = sum(m["duplicate_keys"]["rows"] for m in markers)
+    examples = [{"key": key, "shards": [m["shard"]]} for m in markers for key in m["duplicate_keys"]["examples"]]
+    across, found = duplicates_across(layout.read_key_hashes([m["shard"] for m in markers]))
+    examples = examples[:MAX_KEY_EXAMPLES] + [{"key": _key_with_hash(layout, shards[0], digest), "shards": shards}
+                                              for digest, shards in found]
+    return {"rows": within + across, "within_shards": within, "across_shards": across, "examples": examples}
+
+
+def _key_with_hash(layout: OutputLayout, shard_id: str, digest: int) -> str | None:
+    """The key of a shard's output rows that has this hash (read from the key column of its output files)."""
+    import pyarrow.parquet as pq
+    from apache_beam.io.filesystems import FileSystems
+
+    for kind in (FAILED, REJECTED, KEPT):
+        path = layout.output(kind, shard_id)
+        if not FileSystems.exists(path):
+            continue
+        with FileSystems.open(path) as f:
+            for key in pq.read_table(f, columns=["key"]).column("key").to_pylist():
+                if key is not None and key_hash(key) == digest:
+                    return key
+    return None
+
+
 def build_stats(markers: list[dict], settings: BootstrapSettings, selected_shards: int,
-                shard_errors: list[dict] = ()) -> dict:
-    """The run's stats: every finished shard's counts summed, the settings, and what is unfinished."""
+                shard_errors: list[dict] = (), duplicates: dict | None = None) -> dict:
+    """The run's stats: every finished shard's counts summed, the settings, what is unfinished and damaged.
+
+    ``shards.errors``: shards left unfinished (a rerun retries them). ``shards.damaged``: finished shards whose
+    input file is damaged (a rerun will not change them: replace the file and delete the shard's marker).
+    """
     totals = merge(markers)
     totals.pop("shards")
     return {
@@ -33,8 +69,10 @@ def build_stats(markers: list[dict], settings: BootstrapSettings, selected_shard
         "capfilt_version": capfilt.__version__,
         # the sampling the captioner used: the paper's, its folder's or the run's (recorded by each shard)
         "settings": {**settings.provenance(), "sampling": markers[0]["sampling"] if markers else None},
-        "shards": {"selected": selected_shards, "done": len(markers), "errors": list(shard_errors)},
+        "shards": {"selected": selected_shards, "done": len(markers), "errors": list(shard_errors),
+                   "damaged": damaged_shards(markers)},
         **totals,
+        "duplicate_keys": duplicates,
         "outputs": {kind: f"{kind}/*.parquet" for kind in (KEPT, REJECTED, FAILED)},
     }
 
@@ -43,10 +81,10 @@ def write_summary(layout: OutputLayout, settings: BootstrapSettings, selected_sh
                   shard_errors: list[dict] = (), report: bool = True) -> dict:
     """Write ``stats.json`` (and ``report.html``) from the markers under ``layout``; returns the stats."""
     markers = layout.read_markers()
-    stats = build_stats(markers, settings, selected_shards, shard_errors)
-    write_text(layout.stats_file, json.dumps(stats, indent=2) + "\n")
+    stats = build_stats(markers, settings, selected_shards, shard_errors, duplicate_keys(layout, markers))
+    layout.write_atomically(layout.stats_file, json.dumps(stats, indent=2) + "\n")  # jobs on one OUT may race
     if report:
-        write_text(layout.report_file, render_report(stats, markers))
+        layout.write_atomically(layout.report_file, render_report(stats, markers))
     return stats
 
 
@@ -112,6 +150,32 @@ def _example_cards(examples: list[dict]) -> str:
     return '<div class="cards">' + "".join(cards) + "</div>"
 
 
+def _duplicates_paragraph(duplicates: dict | None) -> str:
+    if not duplicates or not duplicates["rows"]:
+        return ""
+    examples = ", ".join(f"<code>{html.escape(str(e['key']))}</code> ({html.escape(', '.join(e['shards']))})"
+                         for e in duplicates["examples"])
+    return (f"<p>Duplicate input keys: {duplicates['rows']} rows repeat a key seen before "
+            f"({duplicates['within_shards']} within a shard, {duplicates['across_shards']} across shards), "
+            f"e.g. {examples}. Every output row has its own <code>sample_id</code>.</p>")
+
+
+def _damaged_section(damaged: list[dict]) -> str:
+    if not damaged:
+        return ""
+    items = []
+    for d in damaged:
+        expected = f" of {d['rows_expected']} img2dataset wrote" if d.get("rows_expected") is not None else ""
+        lost = "" if d["all_rows_accounted"] else "; rows after the damage are not in the output"
+        more = f" (and {d['more_errors']} more)" if d.get("more_errors") else ""
+        items.append(f"<li><b>{html.escape(d['shard'])}</b> <code>{html.escape(d['input'])}</code>: "
+                     f"{d['rows_read']} rows read{expected}, {d['rows_failed_read']} failed at read{lost}."
+                     f"<ul>{''.join(f'<li>{html.escape(e)}</li>' for e in d['errors'])}</ul>{more}</li>")
+    return ("<h2>Damaged input shards</h2><p>These input files are damaged; what could be read is in the output. "
+            "Rerunning will not change them: replace the file, delete <code>_done/SHARD.json</code> "
+            f"and rerun.</p><ul>{''.join(items)}</ul>")
+
+
 def render_report(stats: dict, markers: list[dict]) -> str:
     """The report page for ``stats`` (from ``build_stats``) and the markers' examples."""
     settings = stats["settings"]
@@ -124,6 +188,7 @@ def render_report(stats: dict, markers: list[dict]) -> str:
     failed = "".join(f"<tr><td>{stage}</td><td>{stats['failed'][stage]}</td></tr>" for stage in STAGES)
     errors = stats["shards"]["errors"]
     error_list = "".join(f"<li>{html.escape(e['shard'])}: {html.escape(e['error'])}</li>" for e in errors)
+    damaged = stats["shards"]["damaged"]
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>CapFilt report</title>
 <style>
@@ -145,6 +210,7 @@ Schema version {stats['schema_version']}, capfilt {html.escape(stats['capfilt_ve
 {stats['images']} images judged, {sum(stats['failed'].values())} failed.
 Texts before CapFilt: {stats['texts_before']} web texts; after: {stats['texts_after']} texts.</p>
 <table><tr><th>failed at</th><th>rows</th></tr>{failed}</table>
+{_duplicates_paragraph(stats.get('duplicate_keys'))}
 <h2>Texts and noise ratio</h2>
 <table><tr><th>source</th><th>texts</th><th>kept</th><th>removed</th><th>noise ratio</th></tr>{rows}</table>
 <h2>ITM score histogram</h2>
@@ -154,5 +220,6 @@ Texts before CapFilt: {stats['texts_before']} web texts; after: {stats['texts_af
 <h2>Removed texts (examples)</h2>
 {_example_cards(_examples(markers, kept=False))}
 {f'<h2>Unfinished shards</h2><p>Rerun the same command to retry them.</p><ul>{error_list}</ul>' if errors else ''}
+{_damaged_section(damaged)}
 </body></html>
 """

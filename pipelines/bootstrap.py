@@ -14,11 +14,18 @@ the end of the job; a rerun skips finished shards. Models load once per
 worker, in ``DoFn.setup`` (on Beam's DaskRunner, which calls ``setup`` per
 shard, on a worker's first shard: ``capfilt.pipelines.dask_cluster``).
 
-A shard that cannot be processed at all (an unreadable file, a model that
-fails on every image) is reported, not marked done: the job finishes the
-other shards and says which to rerun. Its error goes down the same output as
-the other shards' stats (a dict with ``error``): Beam's DaskRunner does not
-tell a ParDo's tagged outputs apart.
+A shard that cannot be processed now (a storage error reading it, a model
+that fails on every image, a shard still being downloaded) is reported, not
+marked done: the job finishes the other shards and says which to rerun. Its
+error goes down the same output as the other shards' stats (a dict with
+``error``): Beam's DaskRunner does not tell a ParDo's tagged outputs apart.
+A damaged input file is not such an error: what of it can be read is
+processed and the shard is marked done and listed as damaged
+(``capfilt.pipelines.shards``), since rereading the same bytes cannot help.
+
+Each job writes its temporary files under its own ``_tmp/{run}/`` and
+removes only that folder at its end, so jobs on one output folder at the
+same time do not break each other's shards (``capfilt.pipelines.layout``).
 """
 
 from __future__ import annotations
@@ -40,6 +47,8 @@ log = logging.getLogger(__name__)
 
 # The in-process engine DirectRunner falls back to; unlike DirectRunner (Beam 2.77) it never tries to fetch Prism.
 DEFAULT_RUNNER = "FnApiRunner"
+# Runners whose workers run on this machine and end with this process (see OutputLayout.start_run).
+LOCAL_RUNNERS = ("DirectRunner", "FnApiRunner", "BundleBasedDirectRunner", "SwitchingDirectRunner")
 
 
 class CapFiltShard(beam.DoFn):
@@ -97,11 +106,12 @@ def _write_stats_and_report(results: list[dict], layout: OutputLayout, settings:
                             total_shards: int, report: bool) -> dict:
     from capfilt.report import write_summary
 
-    errors = sorted((r for r in results if "error" in r), key=lambda r: r["shard"])
-    stats = write_summary(layout, settings, total_shards, errors, report=report)
-    if not errors:
-        layout.clean_temp()
-    return stats
+    # A shard that failed here but was finished meanwhile by another job on the same OUT is not unfinished.
+    errors = sorted((r for r in results if "error" in r and not layout.is_done(r["shard"])), key=lambda r: r["shard"])
+    try:
+        return write_summary(layout, settings, total_shards, errors, report=report)
+    finally:
+        layout.end_run()  # this job's temporary files only: other jobs may be writing to the same OUT
 
 
 def capfilt_transform(p_shards, settings: BootstrapSettings, layout: OutputLayout, total_shards: int,
@@ -118,10 +128,16 @@ def capfilt_transform(p_shards, settings: BootstrapSettings, layout: OutputLayou
 
 
 def build_pipeline(pipeline: beam.Pipeline, shards: Sequence[InputShard], settings: BootstrapSettings,
-                   out: str, report: bool = True):
-    """Add the whole CapFilt job over ``shards`` to ``pipeline``; returns the stats PCollection."""
+                   out: str, report: bool = True, local: bool | None = None):
+    """Add the whole CapFilt job over ``shards`` to ``pipeline``; returns the stats PCollection.
+
+    ``local``: whether the job's workers run on this machine and end with this process (default: the runner is
+    one of ``LOCAL_RUNNERS``); a later job removes a dead local job's temporary files, and only lists others'.
+    """
     layout = OutputLayout(out)
     layout.claim(settings.provenance())
+    layout.sweep_temp()
+    layout = layout.start_run(local=type(pipeline.runner).__name__ in LOCAL_RUNNERS if local is None else local)
     p_shards = pipeline | "ListShards" >> beam.Create(list(shards))
     return capfilt_transform(p_shards, settings, layout, total_shards=len(shards), report=report)
 
@@ -144,11 +160,12 @@ def run(shards: Sequence[InputShard], settings: BootstrapSettings, out: str, run
     cluster started for this run and closed after it, also on error (the local runner's ``--workers`` are
     Beam options: ``capfilt.cli.beam_arguments``).
     """
+    local = runner in LOCAL_RUNNERS or (dask_cluster.is_dask(runner) and not dask_cluster.joins_cluster(beam_args))
     with ExitStack() as stack:
         if dask_cluster.is_dask(runner):
             beam_args = stack.enter_context(dask_cluster.dask_arguments(beam_args, workers, len(shards)))
         pipeline = beam.Pipeline(options=pipeline_options(runner, beam_args))
-        build_pipeline(pipeline, shards, settings, out, report=report)
+        build_pipeline(pipeline, shards, settings, out, report=report, local=local)
         result = pipeline.run()
         try:
             result.wait_until_finish()

@@ -7,8 +7,10 @@
       rejected/{shard}.parquet   removed texts with their scores
       failed/{shard}.parquet     rows that could not be judged, with stage and error
       _done/{shard}.json         completion marker: the shard's stats
-      _tmp/                      files being written (never read), and each running
-                                 attempt's progress.json (rows read so far)
+      _done/{shard}.keys         the 64-bit hashes of the shard's keys (duplicate keys across shards)
+      _tmp/{run}/                one folder per job: its run.json (host, pid), and per
+                                 attempt at a shard a folder of files being written
+                                 (never read) with its progress.json (rows read so far)
       stats.json, report.html    the whole run (see capfilt.report)
 
 A shard's three files are written under ``_tmp/`` with a unique name, then
@@ -20,15 +22,31 @@ equals an uninterrupted run's. This replaces Beam's ``WriteToParquet``,
 whose output appears all at once at the end of the job (a job killed at 99%
 keeps nothing), and needs no shuffle of image bytes: each shard is read,
 judged and written by one worker.
+
+Jobs sharing an output folder. Each job (``start_run``) writes only under
+its own ``_tmp/{run}/`` and removes only that folder when it ends
+(``end_run``); an attempt that fails removes its own files at once. So two
+jobs may run at the same time on one OUT: on disjoint shard sets, or even on
+the same shard (both write the same rows; the second commit replaces the
+first's identical files, and a shard done meanwhile is skipped). A job with
+other settings is refused by ``_run.json`` (``claim``). What a killed job
+left in ``_tmp/`` is removed by the next job that can tell it is dead
+(``sweep_temp``: a job on a local runner on this machine whose process is
+gone); any other job's folder is left alone and listed in a warning, to be
+deleted by hand once that job is over. Leftovers are never read.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import posixpath
+import socket
+import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 
 from apache_beam.io.filesystems import FileSystems
 
@@ -39,6 +57,8 @@ OUTPUTS = (KEPT, REJECTED, FAILED)
 DONE, TMP = "_done", "_tmp"
 STATS_FILE, REPORT_FILE, RUN_FILE = "stats.json", "report.html", "_run.json"
 PROGRESS_FILE = "progress.json"  # in an attempt's temp folder: {"rows": rows read so far}; gone at commit
+RUN_INFO = "run.json"  # in a job's temp folder: who runs it (host, pid, whether its workers run on that host)
+KEYS_SUFFIX = ".keys"  # beside a marker: the shard's key hashes (capfilt.pipelines.stats.KeyTally)
 
 
 class SettingsMismatchError(ValueError):
@@ -50,6 +70,7 @@ class OutputLayout:
     """Paths under one output root (a local folder or a ``gs://``/``s3://`` prefix)."""
 
     root: str
+    run: str = ""  # the job's id (``start_run``): its attempts write under _tmp/{run}/
 
     def _path(self, *parts: str) -> str:
         return FileSystems.join(self.root.rstrip("/"), *parts)
@@ -68,14 +89,68 @@ class OutputLayout:
     def report_file(self) -> str:
         return self._path(REPORT_FILE)
 
+    def keys_file(self, shard_id: str) -> str:
+        return self._path(DONE, f"{shard_id}{KEYS_SUFFIX}")
+
     def temp_dir(self, shard_id: str) -> str:
-        """A fresh folder for one attempt at a shard (concurrent attempts never collide)."""
-        return self._path(TMP, f"{shard_id}-{uuid.uuid4().hex[:12]}")
+        """A fresh folder for one attempt at a shard, in the job's own folder (concurrent attempts never collide)."""
+        return self._path(TMP, self.run or "norun", f"{shard_id}-{uuid.uuid4().hex[:12]}")
 
     def progress_files(self) -> dict[str, str]:
-        """The progress file of every attempt in ``_tmp/``, by path -> its shard id."""
-        files = _glob(self._path(TMP, "*", PROGRESS_FILE))
+        """The progress file of every attempt of every job in ``_tmp/``, by path -> its shard id."""
+        files = _glob(self._path(TMP, "*", "*", PROGRESS_FILE))
         return {path: posixpath.basename(posixpath.dirname(path)).rsplit("-", 1)[0] for path in files}
+
+    def start_run(self, local: bool) -> OutputLayout:
+        """This layout for a new job: its own ``_tmp/{run}/``, with ``run.json`` saying who runs it.
+
+        ``local``: the job's workers run on this machine and end with this process (a local runner, or a Dask
+        cluster started by this process), so that a later job can tell from the pid that this one is dead.
+        """
+        layout = replace(self, run=f"run-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}")
+        info = {"host": socket.gethostname(), "pid": os.getpid(), "process_start": _process_start(os.getpid()),
+                "local": local, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        write_text(layout._path(TMP, layout.run, RUN_INFO), json.dumps(info, sort_keys=True))
+        return layout
+
+    def end_run(self) -> None:
+        """Remove this job's temporary folder (only its own: other jobs may be writing to this OUT)."""
+        if self.run:
+            _delete_tree(self._path(TMP, self.run))
+        _remove_empty_dir(self._path(TMP))
+
+    def discard(self, temp_dir: str) -> None:
+        """Remove a failed attempt's files now rather than at the job's end."""
+        _delete_quietly(temp_dir)
+
+    def sweep_temp(self) -> list[str]:
+        """Remove the temporary folders of jobs that are provably dead; return the other jobs' folders left alone.
+
+        Provably dead: its ``run.json`` says its workers ran on this host with its process, and no process with
+        that pid (and start time) is alive. Anything else (a job on another machine or a remote runner, running
+        or killed; a folder without ``run.json``) is listed in a warning and left for a person to delete.
+        """
+        tmp = self._path(TMP)
+        files = _glob(self._path(TMP, "*", RUN_INFO)) + _glob(self._path(TMP, "*", "*", "*"))  # run.json, attempts'
+        runs = sorted({path[len(tmp):].lstrip("/").split("/")[0] for path in files} - {self.run})
+        others = []
+        for name in runs:
+            folder = self._path(TMP, name)
+            info_path = FileSystems.join(folder, RUN_INFO)
+            try:
+                info = json.loads(read_text(info_path)) if FileSystems.exists(info_path) else None
+            except (OSError, ValueError):  # being written
+                info = None
+            if isinstance(info, dict) and _dead_local_job(info):
+                log.info("removing %s, left by a killed job (pid %s on this host)", folder, info.get("pid"))
+                _delete_tree(folder)
+            else:
+                others.append(folder)
+        if others:
+            log.warning("%d temporary folder(s) of other jobs in %s (running now, or killed on another machine or "
+                        "runner): %s. They are never read; delete them once those jobs are over",
+                        len(others), self._path(TMP), ", ".join(others[:5]) + (" ..." if len(others) > 5 else ""))
+        return others
 
     def is_done(self, shard_id: str) -> bool:
         return FileSystems.exists(self.marker(shard_id))
@@ -94,23 +169,62 @@ class OutputLayout:
                 markers.append(json.loads(f.read()))
         return sorted(markers, key=lambda m: m["shard"])
 
-    def commit(self, shard_id: str, temp_files: dict[str, str], marker: dict) -> None:
-        """Move a shard's finished files into place, then write its marker: the shard is done."""
+    def commit(self, shard_id: str, temp_files: dict[str, str], marker: dict, keys: bytes | None = None) -> None:
+        """Move a shard's finished files (and its key hashes) into place, then write its marker: the shard is done."""
         if set(temp_files) != set(OUTPUTS):
             raise ValueError(f"a shard commits {OUTPUTS}, got {sorted(temp_files)}")
         for kind in OUTPUTS:
             _ensure_dir(self._path(kind))
+        folder = posixpath.dirname(temp_files[KEPT])
+        sources = [temp_files[kind] for kind in OUTPUTS]
         finals = [self.output(kind, shard_id) for kind in OUTPUTS]
+        if keys is not None:
+            _ensure_dir(self._path(DONE))
+            sources.append(FileSystems.join(folder, "keys.bin"))
+            finals.append(self.keys_file(shard_id))
+            with FileSystems.create(sources[-1]) as f:
+                f.write(keys)
         existing = [path for path in finals if FileSystems.exists(path)]
         if existing:  # left by a killed attempt (and some filesystems' rename will not overwrite)
             FileSystems.delete(existing)
-        FileSystems.rename([temp_files[kind] for kind in OUTPUTS], finals)
-        temp_marker = posixpath.join(posixpath.dirname(temp_files[KEPT]), "marker.json")
+        FileSystems.rename(sources, finals)
+        temp_marker = posixpath.join(folder, "marker.json")
         write_text(temp_marker, json.dumps(marker, sort_keys=True))
         _ensure_dir(self._path(DONE))
         FileSystems.rename([temp_marker], [self.marker(shard_id)])
-        remove_progress(posixpath.dirname(temp_files[KEPT]))  # explicitly: object stores keep "folders"' objects
-        _delete_quietly(posixpath.dirname(temp_files[KEPT]))
+        remove_progress(folder)  # explicitly: object stores keep "folders"' objects
+        _delete_quietly(folder)
+
+    def write_atomically(self, path: str, text: str) -> None:
+        """Write ``path`` through a temporary name: readers (and a job writing it at the same time) never see half."""
+        temp = self._path(TMP, self.run or "norun", f"{uuid.uuid4().hex[:12]}-{posixpath.basename(path)}")
+        write_text(temp, text)
+        try:
+            FileSystems.rename([temp], [path])  # replaces the file (a POSIX rename; an object store's copy)
+        except OSError:  # a filesystem whose rename will not overwrite
+            _delete_quietly(path)
+            FileSystems.rename([temp], [path])
+
+    def read_key_hashes(self, shard_ids: list[str]) -> Iterator[tuple[str, bytes]]:
+        """Each finished shard's key hashes file (``capfilt.pipelines.stats.KeyTally``), where it has one."""
+        for shard_id in shard_ids:
+            path = self.keys_file(shard_id)
+            if FileSystems.exists(path):
+                with FileSystems.open(path) as f:
+                    yield shard_id, f.read()
+
+    def commit_damaged(self, shard_id: str, marker: dict) -> None:
+        """Mark done a shard of which nothing could be read: it has no output files (a killed attempt's go)."""
+        stale = [self.output(kind, shard_id) for kind in OUTPUTS] + [self.keys_file(shard_id)]
+        existing = [path for path in stale if FileSystems.exists(path)]
+        if existing:
+            FileSystems.delete(existing)
+        folder = self.temp_dir(shard_id)
+        temp_marker = FileSystems.join(folder, "marker.json")
+        write_text(temp_marker, json.dumps(marker, sort_keys=True))
+        _ensure_dir(self._path(DONE))
+        FileSystems.rename([temp_marker], [self.marker(shard_id)])
+        _delete_quietly(folder)
 
     def claim(self, settings: dict) -> None:
         """Record the run's settings in ``_run.json``, or check them against an earlier run's.
@@ -130,9 +244,6 @@ class OutputLayout:
             return
         write_text(path, json.dumps(settings, indent=2, sort_keys=True) + "\n")
 
-    def clean_temp(self) -> None:
-        """Remove what unfinished attempts left under ``_tmp/``."""
-        _delete_quietly(self._path(TMP))
 
 
 def write_text(path: str, text: str) -> None:
@@ -153,6 +264,52 @@ def progress_path(temp_dir: str) -> str:
 def remove_progress(temp_dir: str) -> None:
     """Remove an attempt's progress file (when it commits or fails), so that ``Progress`` stops counting it."""
     _delete_quietly(progress_path(temp_dir))
+
+
+def _process_start(pid: int) -> str | None:
+    """The start time of process ``pid`` in clock ticks since boot (Linux), to tell a reused pid apart."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _dead_local_job(info: dict) -> bool:
+    """Whether the job ``run.json`` describes ran on this host with its workers and its process is gone."""
+    if not info.get("local") or info.get("host") != socket.gethostname() or not isinstance(info.get("pid"), int):
+        return False
+    pid = info["pid"]
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, another user's
+        return False
+    started = _process_start(pid)
+    return started is not None and info.get("process_start") is not None and started != info["process_start"]
+
+
+def _delete_tree(folder: str) -> None:
+    """Remove a job's temporary folder: on object stores its files one by one (a job's folder is two deep)."""
+    if "://" in folder:
+        files = _glob(FileSystems.join(folder, "*")) + _glob(FileSystems.join(folder, "*", "*"))
+        if files:
+            try:
+                FileSystems.delete(files)
+            except OSError as error:
+                log.warning("could not delete %s: %s", folder, error)
+    _delete_quietly(folder)
+
+
+def _remove_empty_dir(path: str) -> None:
+    """Remove a local folder if it is empty (another job may have put its folder there meanwhile)."""
+    if "://" in path:  # object stores have no folders
+        return
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass
 
 
 def _glob(pattern: str) -> list[str]:

@@ -21,6 +21,16 @@ A model error on a batch is retried image by image, so that one bad image
 fails alone (stage ``caption`` or ``filter``); when every image of a batch
 (or of the shard) fails, the error is the model's or the machine's, not the
 data's, and the shard fails (it is not marked done, and a rerun retries it).
+
+Damaged input (``capfilt.pipelines.shards``): rows that cannot be read fail
+at stage ``read``, the rest are processed, and the marker records the damage
+(``damaged``), so that the shard is done and listed, not retried forever. A
+shard of which nothing reads is marked done and damaged without output files.
+A damaged shard without img2dataset's ``_stats.json`` is most likely still
+being downloaded: it fails instead (``IncompleteInputError``) and a rerun
+retries it. Each row's keys go into the marker's duplicate count and the key
+hashes file (``capfilt.pipelines.stats.KeyTally``); each output row gets its
+``sample_id`` (``capfilt.pipelines.schema``).
 """
 
 from __future__ import annotations
@@ -47,7 +57,7 @@ from capfilt.pipelines.layout import FAILED, KEPT, REJECTED, OutputLayout, progr
 from capfilt.pipelines.models import Models
 from capfilt.pipelines.prefetch import ordered_map
 from capfilt.pipelines.settings import BootstrapSettings
-from capfilt.pipelines.shards import SUCCESS, InputRow, InputShard, ShardReader
+from capfilt.pipelines.shards import SUCCESS, DamagedShardError, InputRow, InputShard, ShardReader, expected_rows
 from capfilt.pipelines.stats import ShardStats
 
 FLUSH_ROWS = 256  # rows buffered per output file before a Parquet row group is written
@@ -68,6 +78,10 @@ class SampleError(ValueError):
 
 class ModelStageError(RuntimeError):
     """A model failed on every image of a batch: not the data's fault; the shard is retried later."""
+
+
+class IncompleteInputError(RuntimeError):
+    """A damaged shard without img2dataset's _stats.json: most likely still being downloaded; retried later."""
 
 
 @dataclass
@@ -185,6 +199,7 @@ class ShardWriter:
         provenance = {"config": config, "models": models.provenance(), "input": reader.shard.path}
         extra = reader.extra_fields
         self.folder = folder
+        self.shard_id = reader.shard.shard_id
         self.image_column = reader.image_column
         schemas = {
             KEPT: schema.kept_schema(extra, self.image_column),
@@ -200,16 +215,17 @@ class ShardWriter:
 
     def fail(self, row: InputRow, stage: str, error: str) -> None:
         self.writers[FAILED].add({
-            "key": row.key, "url": row.url, "caption": row.caption, "stage": stage, "error": error,
-            "status": row.status, **row.extra,
+            "sample_id": schema.sample_id(self.shard_id, row.index), "key": row.key, "url": row.url,
+            "caption": row.caption, "stage": stage, "error": error, "status": row.status, **row.extra,
         })
 
     def pair(self, judged: Judged, text: str, source: str, index: int, itm: float, itc: float, kept: bool) -> None:
         row = judged.row
         record = {
-            "key": row.key, "url": row.url, "caption": row.caption, "text": text, "source": source,
-            "source_index": index, "itm_score": itm, "itc_score": itc,
-            "width": judged.image.width, "height": judged.image.height, **self.provenance_columns, **row.extra,
+            "sample_id": schema.sample_id(self.shard_id, row.index, source, index), "key": row.key, "url": row.url,
+            "caption": row.caption, "text": text, "source": source, "source_index": index, "itm_score": itm,
+            "itc_score": itc, "width": judged.image.width, "height": judged.image.height, **self.provenance_columns,
+            **row.extra,
         }
         if kept:
             record[self.image_column] = row.image
@@ -257,7 +273,10 @@ class ShardJob:
 
     def run(self) -> dict:
         start = time.perf_counter()
-        reader = ShardReader(self.shard)
+        try:
+            reader = ShardReader(self.shard)
+        except DamagedShardError as damage:
+            return self.unreadable(damage)
         writer = ShardWriter(self.layout.temp_dir(self.shard.shard_id), reader, self.settings, self.models)
         try:
             batch: list[Judged] = []
@@ -265,6 +284,7 @@ class ShardJob:
             ahead = DECODE_AHEAD_BATCHES * self.settings.batch_size
             for row, admitted in ordered_map(self.admit, reader.rows(), self.settings.decode_threads, ahead):
                 self.stats.rows += 1
+                self.stats.keys.add(row.key)
                 if not isinstance(admitted, Judged):
                     self.failed(row, *admitted, writer)
                     continue
@@ -275,21 +295,49 @@ class ShardJob:
                     self.report_progress(writer.folder)
             if batch:
                 self.judge(batch, batch_index, writer)
+            model_failures = self.stats.failed["caption"] + self.stats.failed["filter"]
+            if model_failures and not self.stats.images:  # e.g. batch size 1 with a broken model
+                raise ModelStageError(f"the models failed on all {model_failures} image(s) of the shard")
+            if reader.damage_count:
+                self.incomplete_download("; ".join(reader.damage))
+            writer.close()
         except BaseException:
             remove_progress(writer.folder)  # a failed attempt's rows no longer count as running
             try:
                 writer.close()
             except Exception as error:  # noqa: BLE001 - the first error is the one to report
                 log.debug("closing shard %s's files after an error: %s", self.shard.shard_id, error)
+            self.layout.discard(writer.folder)
             raise
-        writer.close()
         self.stats.seconds = time.perf_counter() - start
-        model_failures = self.stats.failed["caption"] + self.stats.failed["filter"]
-        if model_failures and not self.stats.images:  # e.g. batch size 1 with a broken model
-            raise ModelStageError(f"the models failed on all {model_failures} image(s) of the shard")
+        if reader.damage_count:
+            self.stats.damaged = self.damage_record(reader.damage, reader.damage_count, complete=not reader.rows_lost)
         self.stats.check(self.settings.num_captions)
         marker = {**self.stats.to_dict(), "sampling": self.models.sampling}
-        self.layout.commit(self.shard.shard_id, writer.files, marker)
+        self.layout.commit(self.shard.shard_id, writer.files, marker, keys=self.stats.keys.hashes_file())
+        return marker
+
+    def incomplete_download(self, damage: str) -> None:
+        """Raise ``IncompleteInputError`` for damage in a shard without img2dataset's stats file."""
+        if self.shard.stats_missing:
+            raise IncompleteInputError(
+                f"{self.shard.path} cannot be read whole ({damage}), and it has no img2dataset _stats.json: its "
+                "download is most likely still running (or died, and img2dataset's next run redoes it); rerun once "
+                "the download is over")
+
+    def damage_record(self, errors: list[str], count: int, complete: bool) -> dict:
+        """The marker's ``damaged``: what was broken, whether every row is still in the output, img2dataset's count."""
+        return {"errors": list(errors), "more_errors": count - len(errors), "all_rows_accounted": complete,
+                "rows_expected": expected_rows(self.shard)}
+
+    def unreadable(self, damage: DamagedShardError) -> dict:
+        """A shard of which nothing can be read: no output files, a marker that says it is damaged."""
+        self.incomplete_download(damage.error)
+        self.stats.damaged = self.damage_record([damage.error], 1, complete=False)
+        self.stats.check(self.settings.num_captions)
+        marker = {**self.stats.to_dict(), "sampling": self.models.sampling}
+        self.layout.commit_damaged(self.shard.shard_id, marker)
+        log.error("input shard %s is damaged, nothing of it can be read: %s", self.shard.path, damage.error)
         return marker
 
     def report_progress(self, folder: str) -> None:
@@ -305,8 +353,11 @@ class ShardJob:
 
     def admit(self, row: InputRow) -> Judged | tuple[str, str]:
         """The decoded row, or the (stage, error) it fails with; runs in a decode thread."""
-        if row.input_error:  # a URL list line that did not parse: img2dataset only saw a row without URL
-            return "parse", row.input_error
+        if row.input_error:  # a URL list line that did not parse, or a URL refused: img2dataset saw no URL
+            stage = row.input_stage or "parse"  # older URL lists have no stage column: their errors are parse's
+            if stage not in schema.STAGES:
+                return "parse", f"{row.input_error} (unknown {schema.INPUT_STAGE} {stage!r})"
+            return stage, row.input_error
         if row.status != SUCCESS:
             return "download", row.error or row.status
         try:

@@ -4,7 +4,7 @@ It watches the output folder, not the runner, so it reports the same way
 for the DirectRunner in this process and for a remote runner writing to a
 bucket: shards done, images judged, images per second and an ETA, one line
 every ``interval`` seconds and a last one when the job ends. Images of shards
-still running count from their attempts' progress files (``_tmp/*/progress.json``,
+still running count from their attempts' progress files (``_tmp/{run}/*/progress.json``,
 rewritten every few seconds), so a job of a few large shards shows progress
 before its first shard is done.
 """

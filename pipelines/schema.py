@@ -7,8 +7,16 @@ An output folder holds, per input shard, three Parquet files:
 - ``rejected/{shard}.parquet``: one row per removed text, the same columns
   without the image bytes;
 - ``failed/{shard}.parquet``: one row per input row that could not be judged
-  (a URL list line that did not parse, a download, decode, size or model
-  error), with the stage and the error.
+  (a damaged input row, a URL list line that did not parse, a refused URL, a
+  download, decode, size or model error), with the stage and the error.
+
+``sample_id`` is unique per output row across the three folders:
+``{shard}_{row:09d}`` for a failed row and ``{shard}_{row:09d}_{source}{index}``
+(``00042_000000017_web0``, ``00042_000000017_synthetic2``) for a judged text,
+``row`` being the input row's place in its shard (from 0; for a webdataset
+shard, its row in the sidecar, else its sample in the tar). ``key`` is the
+input's own key, which may repeat (``stats.json`` counts duplicate keys); a row
+without one gets ``{shard}_{row:09d}``.
 
 Columns the input carries beyond img2dataset's reserved ones (``exif``,
 ``sha256``, a LAION ``NSFW``, the shapes world's ``kind`` and ``scene`` ...)
@@ -23,15 +31,18 @@ import json
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: sample_id; stage read (damaged input); null keys become {shard}_{row:09d}
 METADATA_KEY = b"capfilt"  # Parquet key-value metadata: JSON with schema_version, models, settings
 
 WEB, SYNTHETIC = "web", "synthetic"
 SOURCES = (WEB, SYNTHETIC)
 
-# Where a failed row failed, in pipeline order. ``parse``: a URL list line that could not be read (too many or
-# too few fields); it is carried through the download as a row without URL, its text as the caption.
-STAGES = ("parse", "download", "decode", "size", "caption", "filter")
+# Where a failed row failed, in pipeline order. ``read``: the input shard's bytes for the row could not be read (a
+# damaged Parquet row group, a tar that breaks before the row's sample, a sample whose .json/.txt does not
+# decode); its shard is listed as damaged (``capfilt.pipelines.shards``). ``parse``: a URL list line that could
+# not be read (too many or too few fields); it is carried through the download as a row without URL, its text
+# as the caption.
+STAGES = ("read", "parse", "download", "decode", "size", "caption", "filter")
 
 # The canonical URL list's (and so img2dataset's shards') column that marks a row as unparseable: null for good
 # rows, the reason for a line that did not parse (``capfilt.datasets.write_url_list``). Never passed through.
@@ -49,6 +60,7 @@ IMAGE_COLUMNS = ("jpg", "png", "webp")
 # Columns capfilt writes itself; an input column of the same name is not passed through.
 # ``status``/``error_message`` are img2dataset's download outcome: kept in failed/ as ``status``.
 _PAIR_FIELDS = [
+    pa.field("sample_id", pa.string()),  # unique per output row: {shard}_{row:09d}_{source}{source_index}
     pa.field("key", pa.string()),
     pa.field("url", pa.string()),
     pa.field("caption", pa.string()),  # the web text of the image, as the input gave it
@@ -64,6 +76,7 @@ _PAIR_FIELDS = [
     pa.field("capfilt_config", pa.string()),  # JSON: sampling settings, K, threshold, seed, schema_version
 ]
 _FAILED_FIELDS = [
+    pa.field("sample_id", pa.string()),  # unique per output row: {shard}_{row:09d}
     pa.field("key", pa.string()),
     pa.field("url", pa.string()),
     pa.field("caption", pa.string()),
@@ -81,7 +94,13 @@ def passthrough_fields(input_schema: pa.Schema) -> list[pa.Field]:
 
 
 def kept_schema(extra: list[pa.Field], image_column: str = "jpg") -> pa.Schema:
-    return pa.schema(_PAIR_FIELDS[:8] + [pa.field(image_column, pa.binary())] + _PAIR_FIELDS[8:] + extra)
+    at = [f.name for f in _PAIR_FIELDS].index("width")  # the image bytes come after the scores
+    return pa.schema(_PAIR_FIELDS[:at] + [pa.field(image_column, pa.binary())] + _PAIR_FIELDS[at:] + extra)
+
+
+def sample_id(shard_id: str, row: int, source: str | None = None, index: int = 0) -> str:
+    """The output row's ``sample_id``: ``{shard}_{row:09d}`` (failed), ``..._{source}{index}`` (a judged text)."""
+    return f"{shard_id}_{row:09d}" if source is None else f"{shard_id}_{row:09d}_{source}{index}"
 
 
 def rejected_schema(extra: list[pa.Field]) -> pa.Schema:

@@ -4,17 +4,87 @@ Every input row ends in exactly one of: a judged image (its web text and K
 synthetic captions each kept or rejected) or a failed row. ``check`` states
 that accounting as arithmetic, so a shard that loses a row cannot be marked
 done.
+
+Duplicate keys. Each shard counts the rows whose key it has already seen
+(``KeyTally``) and stores the sorted 64-bit hashes (BLAKE2b) of its distinct
+keys beside its marker (``_done/{shard}.keys``, 8 bytes per key). The run's
+summary counts the keys that also occur in another shard from those files
+(``duplicates_across``): it holds two arrays of 8 bytes per distinct
+(shard, key), about 200 MB for 1,200 shards of 10,000 rows, never the keys
+themselves. Two different keys share a hash with probability about n²/2⁶⁵
+(4·10⁻⁶ for 12 million keys).
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from capfilt.pipelines.schema import SOURCES, STAGES, SYNTHETIC, WEB
 
 HISTOGRAM_BINS = 20  # ITM match probability in [0, 1], bins of 0.05
 MAX_SAMPLES_PER_CELL = 3  # report examples per (source, kept/removed) and shard
+MAX_KEY_EXAMPLES = 5  # duplicate keys named per shard, and per run
+KEY_HASH_DTYPE = np.dtype("<u8")  # the key hashes file: little-endian uint64, sorted, distinct
+
+
+def key_hash(key: str) -> int:
+    """A key's 64-bit hash, the same in every process and on every machine."""
+    digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+class KeyTally:
+    """The keys of one shard: how many rows repeat a key, a few of those keys, and the distinct keys' hashes."""
+
+    def __init__(self):
+        self._hashes: set[int] = set()
+        self.duplicates = 0
+        self.examples: list[str] = []
+
+    def add(self, key: str) -> None:
+        digest = key_hash(key)
+        if digest in self._hashes:
+            self.duplicates += 1
+            if len(self.examples) < MAX_KEY_EXAMPLES and key not in self.examples:
+                self.examples.append(key)
+        else:
+            self._hashes.add(digest)
+
+    def hashes_file(self) -> bytes:
+        """The contents of ``_done/{shard}.keys``: the distinct keys' hashes, sorted."""
+        return np.sort(np.fromiter(self._hashes, dtype=KEY_HASH_DTYPE, count=len(self._hashes))).tobytes()
+
+
+def duplicates_across(shards: Iterable[tuple[str, bytes]]) -> tuple[int, list[tuple[int, list[str]]]]:
+    """From each shard's key hashes file (an iterable, read one at a time): the (shard, key)s whose key an earlier
+    shard has too, and a few of those keys' hashes with the shards that hold them.
+
+    Holds at most two arrays of 8 bytes per (shard, key): the hashes, then a sorted copy.
+    """
+    names, parts = [], []
+    for name, data in shards:
+        names.append(name)
+        parts.append(np.frombuffer(data, dtype=KEY_HASH_DTYPE))
+    starts = np.cumsum([0] + [part.size for part in parts])
+    hashes = np.concatenate(parts) if parts else np.empty(0, dtype=KEY_HASH_DTYPE)
+    del parts  # the files' bytes
+    ordered = np.sort(hashes)
+    repeated = ordered[1:][ordered[1:] == ordered[:-1]]
+    del ordered
+    count = int(repeated.size)
+    examples = np.unique(repeated)[:MAX_KEY_EXAMPLES]
+    found = []
+    if examples.size:
+        at = np.nonzero(np.isin(hashes, examples))[0]
+        holders = np.searchsorted(starts, at, side="right") - 1
+        for digest in examples:
+            found.append((int(digest), sorted(names[i] for i in holders[hashes[at] == digest])))
+    return count, found
 
 
 @dataclass
@@ -32,6 +102,8 @@ class ShardStats:
     histogram: dict = field(default_factory=lambda: {s: [0] * HISTOGRAM_BINS for s in SOURCES})
     seconds: float = 0.0
     samples: list = field(default_factory=list)  # a few judged pairs with thumbnails, for the report
+    damaged: dict | None = None  # the input shard is damaged: what was broken (``ShardJob.damage_record``)
+    keys: KeyTally = field(default_factory=KeyTally)  # not in the marker: its hashes go beside it
 
     def add_text(self, source: str, itm: float, kept: bool) -> None:
         (self.kept if kept else self.rejected)[source] += 1
@@ -66,6 +138,8 @@ class ShardStats:
             "itm_histogram": self.histogram,
             "seconds": round(self.seconds, 3),
             "samples": self.samples,
+            "damaged": self.damaged,
+            "duplicate_keys": {"rows": self.keys.duplicates, "examples": list(self.keys.examples)},
         }
 
 

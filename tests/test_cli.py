@@ -137,7 +137,8 @@ def test_bootstrap_a_url_list_end_to_end(loopback, captioner_folder, filter_fold
     urls = [(f"{loopback.url}/img/{i}.jpg", f"picture number {i}") for i in range(IMAGES)]
     urls += [(f"{loopback.url}/missing.jpg", "a lost picture"), (f"{loopback.url}/page.html", "a web page"),
              ("", "a row without URL")]
-    lines = [f"{url}\t{caption}" for url, caption in urls]  # CC12M's layout
+    metadata = "http://169.254.169.254/latest/meta-data/"  # link-local: refused even with --allow-private-addresses
+    lines = [f"{url}\t{caption}" for url, caption in urls + [(metadata, "instance metadata")]]  # CC12M's layout
     malformed = f"{loopback.url}/img/0.jpg\ta caption\twith a stray tab"
     lines.insert(3, malformed)  # line 4: three fields where the list has two
     url_list = tmp_path / "urls.tsv"
@@ -147,7 +148,7 @@ def test_bootstrap_a_url_list_end_to_end(loopback, captioner_folder, filter_fold
         "bootstrap", "--data", str(url_list), "--out", str(out),
         "--captioner", str(captioner_folder), "--filter", str(filter_folder),
         "--processes", "1", "--threads", "4", "--samples-per-shard", "4", "--timeout", "5",
-        "--batch-size", "4", "--torch-threads", "1", "--progress-interval", "1",
+        "--batch-size", "4", "--torch-threads", "1", "--progress-interval", "1", "--allow-private-addresses",
     ])
     assert code == 0
     # img2dataset kept a row for every URL; the pipeline accounted for each.
@@ -160,12 +161,15 @@ def test_bootstrap_a_url_list_end_to_end(loopback, captioner_folder, filter_fold
         group by url, source order by url, source""").fetchall()
     assert judged == sorted((url, source, 1) for url, _ in urls[:IMAGES] for source in ("synthetic", "web"))
     failed = {r["caption"]: r for r in pq.read_table(out / "failed").to_pylist()}
-    assert set(failed) == {"a lost picture", "a web page", "a row without URL", malformed}
+    assert set(failed) == {"a lost picture", "a web page", "a row without URL", "instance metadata", malformed}
     assert {r["stage"] for k, r in failed.items() if k != malformed} == {"download"}
     # The line that did not parse: its own stage, its line number and reason, its text; not downloaded.
     assert failed[malformed]["stage"] == "parse" and failed[malformed]["url"] is None
     assert failed[malformed]["error"] == "malformed line 4 of urls.tsv: expected 2 fields, got 3"
     assert json.loads((out / "stats.json").read_text())["failed"]["parse"] == 1
+    # The refused URL: never fetched, failed at download with its URL and the reason.
+    refused = failed["instance metadata"]
+    assert refused["url"] == metadata and refused["error"] and refused["status"] == "failed_to_download"
     assert "404" in failed["a lost picture"]["error"] and failed["a lost picture"]["status"] == "failed_to_download"
     assert failed["a web page"]["status"] == "failed_to_resize" and failed["a web page"]["error"]
     assert failed["a row without URL"]["status"] == "failed_to_download"
@@ -176,7 +180,8 @@ def test_bootstrap_a_url_list_end_to_end(loopback, captioner_folder, filter_fold
     kept_before = pq.read_table(out / "kept").to_pylist()
     assert cli.main(["bootstrap", "--data", str(url_list), "--out", str(out), "--captioner", str(captioner_folder),
                      "--filter", str(filter_folder), "--processes", "1", "--threads", "4",
-                     "--samples-per-shard", "4", "--batch-size", "4", "--torch-threads", "1"]) == 0
+                     "--samples-per-shard", "4", "--batch-size", "4", "--torch-threads", "1",
+                     "--allow-private-addresses"]) == 0
     assert pq.read_table(out / "kept").to_pylist() == kept_before
     assert {r["key"]: r for r in pq.read_table(out / "failed").to_pylist()}[failed[malformed]["key"]] == \
         failed[malformed]  # the same key
@@ -265,3 +270,19 @@ def test_worker_processes_share_the_cores_unless_told():
     defaults = BootstrapSettings()  # the flags' defaults are the settings' own
     assert (args.device, args.precision, args.decode_threads) == (
         defaults.device, defaults.precision, defaults.decode_threads)
+
+
+def test_loopback_urls_are_refused_unless_allowed(loopback, captioner_folder, filter_folder, tmp_path,
+                                                  one_torch_thread):
+    url_list = tmp_path / "urls.tsv"
+    url_list.write_text(f"{loopback.url}/img/0.jpg\tzero\n{loopback.url}/img/1.jpg\tone\n")
+    out = tmp_path / "out"
+    common = ["bootstrap", "--data", str(url_list), "--out", str(out), "--captioner", str(captioner_folder),
+              "--filter", str(filter_folder), "--processes", "1", "--threads", "2", "--torch-threads", "1"]
+    assert cli.main(common) == 0
+    failed = pq.read_table(out / "failed").to_pylist()
+    assert [(r["url"], r["stage"]) for r in sorted(failed, key=lambda r: r["caption"])] == [
+        (f"{loopback.url}/img/1.jpg", "download"), (f"{loopback.url}/img/0.jpg", "download")]
+    assert all(r["error"] for r in failed) and pq.read_table(out / "kept").num_rows == 0
+    # The shards were downloaded under the default policy: another policy in the same folder is refused, not mixed.
+    assert cli.main([*common, "--allow-private-addresses"]) == 2

@@ -84,7 +84,7 @@ def test_dask_runner_writes_what_the_local_runner_writes(tmp_path, monkeypatch, 
     cli.prepare_demo(DEMO, shards)
     broken = shards / "00001.parquet"
     readable = broken.read_bytes()
-    broken.write_bytes(b"not a parquet file")  # a shard that cannot be read: a shard error, reported once
+    broken.write_bytes(b"not a parquet file")  # a damaged shard: recorded once as damaged, not retried
 
     def run(out, *runner):
         return cli.main(["bootstrap", "--out", str(out), "--shards-dir", str(shards), "--demo-size", str(DEMO.size),
@@ -95,17 +95,21 @@ def test_dask_runner_writes_what_the_local_runner_writes(tmp_path, monkeypatch, 
     here = psutil.Process()
     children = set(here.children(recursive=True))
     local, dask = tmp_path / "local", tmp_path / "dask"
-    assert run(local) == 1
-    assert run(dask, "--runner", "DaskRunner", "--workers", "2") == 1
+    assert run(local) == cli.EXIT_DAMAGED
+    assert run(dask, "--runner", "DaskRunner", "--workers", "2") == cli.EXIT_DAMAGED
     assert_same_output(local, dask)
-    assert [error["shard"] for error in stats(dask)["shards"]["errors"]] == ["00001"]
+    assert [d["shard"] for d in stats(dask)["shards"]["damaged"]] == ["00001"]
+    assert stats(dask)["shards"]["errors"] == []
     assert (dask / "report.html").is_file()
 
-    # The shard made readable, a rerun does it alone; the local runner resumes the Dask run's output as its own.
+    # The shard replaced and its marker deleted, a rerun does it alone; the local runner resumes the Dask run's
+    # output as its own.
     broken.write_bytes(readable)
+    for out in (local, dask):
+        (out / "_done" / "00001.json").unlink()
     assert run(local) == 0 and run(dask) == 0
     assert_same_output(local, dask)
-    assert stats(dask)["shards"] == {"selected": 3, "done": 3, "errors": []}
+    assert stats(dask)["shards"] == {"selected": 3, "done": 3, "errors": [], "damaged": []}
     assert stats(dask)["rows"] == DEMO.size and len(rows(dask, "kept")) + len(rows(dask, "rejected")) == 2 * DEMO.size
 
     # The Dask run had its own cluster: on loopback only, two workers with this environment and this capfilt.

@@ -205,11 +205,11 @@ def test_image_shards_are_taken_as_they_are(tmp_path):
     assert [(r.key, r.status, r.image == data) for r in rows] == [("000000000", "success", True)]
 
 
-def test_unfinished_img2dataset_shards_are_left_out(tmp_path):
+def test_img2dataset_shards_without_stats_are_listed_and_flagged_never_left_out(tmp_path):
     for shard in ("00000", "00001"):
         pq.write_table(pa.table({"key": [shard], "jpg": [jpeg()]}), tmp_path / f"{shard}.parquet")
     (tmp_path / "00000_stats.json").write_text("{}")
-    assert [s.shard_id for s in list_shards(tmp_path)] == ["00000"]
+    assert [(s.shard_id, s.stats_missing) for s in list_shards(tmp_path)] == [("00000", False), ("00001", True)]
 
 
 def test_shard_errors(tmp_path):

@@ -12,6 +12,9 @@ import dataclasses
 import io
 import json
 import shutil
+import socket
+import subprocess
+import sys
 import tarfile
 from collections import Counter
 
@@ -174,13 +177,13 @@ def test_stats_match_the_files(full_run):
     ).fetchall())
     assert stats["schema_version"] == SCHEMA_VERSION
     assert stats["rows"] == 2 * ROWS_PER_SHARD and stats["images"] == 10
-    assert stats["failed"] == {"parse": 0, "download": 2, "decode": 2, "size": 2, "caption": 0, "filter": 0}
+    assert stats["failed"] == {"read": 0, "parse": 0, "download": 2, "decode": 2, "size": 2, "caption": 0, "filter": 0}
     assert stats["kept"] == {s: kept.get(s, 0) for s in ("web", "synthetic")}
     assert stats["rejected"] == {s: rejected.get(s, 0) for s in ("web", "synthetic")}
     assert stats["web_missing"] == 2
     assert stats["noise_ratio"]["web"] == pytest.approx(rejected.get("web", 0) / 8)
     assert sum(stats["itm_histogram"]["synthetic"]) == 10 * K
-    assert stats["shards"] == {"selected": 2, "done": 2, "errors": []}
+    assert stats["shards"] == {"selected": 2, "done": 2, "errors": [], "damaged": []}
     report = open(full_run.report_file).read()
     assert "<svg" in report and "noise ratio" in report and "data:image/jpeg;base64," in report
 
@@ -236,8 +239,12 @@ def test_killed_run_resumes_to_the_same_output(full_run, input_dir, settings, tm
     layout = run_pipeline(shards[:1], settings, out)  # the "killed" run finished shard 0 only
     first_marker = (out / "_done" / "00000.json").stat().st_mtime_ns
     # ... and was killed while writing shard 1: a temp file, and a stale final file without marker.
-    (out / "_tmp" / "00001-deadbeef").mkdir(parents=True)
-    (out / "_tmp" / "00001-deadbeef" / "kept.parquet").write_bytes(b"half a parquet file")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a process that is gone: the killed job's
+    killed = out / "_tmp" / "run-killed"
+    (killed / "00001-deadbeef").mkdir(parents=True)
+    (killed / "run.json").write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid, "local": True}))
+    (killed / "00001-deadbeef" / "kept.parquet").write_bytes(b"half a parquet file")
     pq.write_table(read(full_run, KEPT).slice(0, 3), out / "kept" / "00001.parquet")
     assert not layout.is_done("00001")
 
@@ -301,8 +308,8 @@ def test_a_running_shard_reports_the_rows_it_has_read(input_dir, settings, tmp_p
     monkeypatch.setattr(process, "write_text", spy)
     layout = run_pipeline(list_shards(input_dir)[:1], settings, tmp_path / "out", expected_rows=ROWS_PER_SHARD)
     assert written, "no progress was written"
-    assert all(path.startswith(str(tmp_path / "out" / "_tmp" / "00000-")) and path.endswith("/progress.json")
-               for path, _ in written)
+    assert all(path.startswith(str(tmp_path / "out" / "_tmp" / "run-")) and path.endswith("/progress.json")
+               and "/00000-" in path for path, _ in written)
     rows = [n for _, n in written]
     assert rows == sorted(rows) and BATCH <= rows[0] and rows[-1] <= ROWS_PER_SHARD
     assert layout.progress_files() == {}  # removed with the committed attempt's temp folder
@@ -310,7 +317,7 @@ def test_a_running_shard_reports_the_rows_it_has_read(input_dir, settings, tmp_p
 
 def test_progress_counts_running_shards_once_and_ignores_stale_attempts(tmp_path):
     def attempt(folder: str, rows: int):
-        path = tmp_path / "_tmp" / folder
+        path = tmp_path / "_tmp" / "run-x" / folder
         path.mkdir(parents=True, exist_ok=True)
         (path / "progress.json").write_text(json.dumps({"rows": rows}))
 
