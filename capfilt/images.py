@@ -146,14 +146,19 @@ def exif_orientation(image: Image.Image) -> int | None:
     return orientation if isinstance(orientation, int) and 1 <= orientation <= 8 else None
 
 
-def exif_transpose_method(image: Image.Image) -> Image.Transpose | None:
-    """The transpose that turns ``image`` upright by its EXIF orientation; None if it needs none."""
-    return ORIENTATION_TRANSPOSE.get(exif_orientation(image))
+def exif_transpose_method(image: Image.Image, recorded: int | None = None) -> Image.Transpose | None:
+    """The transpose that turns ``image`` upright by its EXIF orientation; None if it needs none.
+
+    ``recorded``: an orientation recorded beside the bytes (``recorded_orientation``), used when the image
+    has no tag of its own.
+    """
+    own = exif_orientation(image)
+    return ORIENTATION_TRANSPOSE.get(own if own is not None else recorded)
 
 
-def upright_rgb(image: Image.Image) -> Image.Image:
+def upright_rgb(image: Image.Image, recorded: int | None = None) -> Image.Image:
     """A loaded image as 8-bit RGB, turned upright by its EXIF orientation: what the models judge."""
-    method = exif_transpose_method(image)
+    method = exif_transpose_method(image, recorded)
     rgb = to_rgb(image)
     return rgb if method is None else rgb.transpose(method)
 
@@ -217,8 +222,7 @@ def decode_for_model(data: bytes, preprocessors: Sequence[ImagePreprocessor],
             if image.format == "JPEG":
                 image.draft("RGB", (floor, floor))  # DCT scaling: keeps each side >= floor
             image.load()
-            own = exif_orientation(image)
-            method = ORIENTATION_TRANSPOSE.get(own if own is not None else orientation)
+            method = exif_transpose_method(image, orientation)
             rgb = to_rgb(image)  # as decode_image, before any resampling
             factor = min(rgb.size) // floor  # the shorter side: the same whichever way up
             if factor > 1:

@@ -51,7 +51,7 @@ import torch
 from apache_beam.io.filesystems import FileSystems
 from PIL import Image
 
-from capfilt.images import DecodedImage, ImagePreprocessor, decode_for_model
+from capfilt.images import DecodedImage, ImagePreprocessor, decode_for_model, recorded_orientation, upright_rgb
 from capfilt.pipelines import schema
 from capfilt.pipelines.layout import FAILED, KEPT, REJECTED, OutputLayout, progress_path, remove_progress, write_text
 from capfilt.pipelines.models import Models
@@ -109,7 +109,7 @@ def decode(row: InputRow, settings: BootstrapSettings, preprocessors: Sequence[I
     if width * height > settings.max_image_pixels:
         raise SampleError("size", f"image is {width}x{height}, above max_image_pixels {settings.max_image_pixels}")
     try:
-        return Judged(row, decode_for_model(row.image, preprocessors))
+        return Judged(row, decode_for_model(row.image, preprocessors, orientation=_orientation(row)))
     except ValueError as error:
         raise SampleError("decode", _ADDRESS.sub("", str(error))) from None
 
@@ -245,11 +245,18 @@ class ShardWriter:
             self._background.shutdown(wait=True)
 
 
-def thumbnail(data: bytes) -> str:
+def _orientation(row: InputRow) -> int | None:
+    """The EXIF orientation img2dataset recorded for the row (its ``exif`` column): it drops the tag itself."""
+    exif = row.extra.get("exif")
+    return recorded_orientation(exif) if isinstance(exif, str) else None
+
+
+def thumbnail(data: bytes, orientation: int | None = None) -> str:
     """A small JPEG of the image in ``data`` as a ``data:`` URI (decoded again: only a few rows need one)."""
     with Image.open(io.BytesIO(data)) as image:
         image.draft("RGB", (THUMBNAIL_SIZE, THUMBNAIL_SIZE))  # JPEG: decode at a fraction of the size
-        small = image.convert("RGB")
+        image.load()
+        small = upright_rgb(image, orientation)  # as the models see it: 8-bit, composited, upright
     small.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
     buffer = io.BytesIO()
     small.save(buffer, format="JPEG", quality=80)
@@ -397,7 +404,7 @@ class ShardJob:
                 if self.stats.wants_sample(source, kept):
                     self.stats.samples.append({"key": judged.row.key, "text": text, "source": source,
                                                "itm": round(score.itm, 4), "kept": kept,
-                                               "thumbnail": thumbnail(judged.row.image)})
+                                               "thumbnail": thumbnail(judged.row.image, _orientation(judged.row))})
 
     def _caption(self, items: Sequence[Judged], k: int, seed: int) -> list[list[str]]:
         captioner = self.models.captioner

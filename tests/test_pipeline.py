@@ -369,3 +369,27 @@ def test_sampling_is_the_papers_then_the_model_folders_then_the_runs(captioner_f
                                               "min_length": 5, "top_p": 0.8}
     with pytest.raises(ValueError, match="unknown sampling"):
         BootstrapSettings(sampling_overrides={"temperature": 2.0})
+
+
+def test_the_orientation_img2dataset_recorded_is_applied(settings, tmp_path):
+    """img2dataset stores a photo's pixels as the camera wrote them, without the tag, and keeps the tag in its
+    ``exif`` column: the filter judges the photo upright (its scores are those of the upright image)."""
+    stored = Image.new("RGB", (48, 32), (220, 20, 20))
+    stored.paste((20, 20, 220), (24, 0, 48, 32))  # left red, right blue
+    buffer = io.BytesIO()
+    stored.save(buffer, format="PNG")
+    rows = [{"key": key, "url": None, "caption": "a red square above a blue square", "jpg": buffer.getvalue(),
+             "status": "success", "exif": exif}
+            for key, exif in (("rotated", json.dumps({"Image Orientation": "Rotated 90 CW"})), ("plain", None))]
+    folder = tmp_path / "input"
+    folder.mkdir()
+    pq.write_table(pa.Table.from_pylist(rows), folder / "00000.parquet")
+    layout = run_pipeline(list_shards(folder), dataclasses.replace(settings, threshold=0.0), tmp_path / "out")
+    web = {r["key"]: r for r in read(layout, KEPT).to_pylist() if r["source"] == "web"}
+    filter_ = Filter.load(settings.filter)
+    upright = stored.transpose(Image.Transpose.ROTATE_270)  # orientation 6: turned a quarter clockwise
+    for key, image in (("rotated", upright), ("plain", stored)):
+        (score,) = filter_.score([image], [[rows[0]["caption"]]])[0]
+        assert web[key]["itm_score"] == pytest.approx(score.itm, abs=1e-5), key
+    assert (web["rotated"]["width"], web["rotated"]["height"]) == (48, 32)  # the size as stored
+    assert web["rotated"]["itm_score"] != pytest.approx(web["plain"]["itm_score"], abs=1e-6)
