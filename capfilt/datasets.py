@@ -311,7 +311,12 @@ def _pick(names: list[str], candidates: tuple[str, ...], required: str | None, p
 def _read_json(path: Path) -> dict[str, list]:
     with _open_text(path) as f:
         data = json.load(f)
-    if isinstance(data, list):  # a list of records
+    return _json_columns(data, path)
+
+
+def _json_columns(data, path: Path) -> dict[str, list]:
+    """A JSON list of records or an object of lists, as columns."""
+    if isinstance(data, list) and all(isinstance(record, dict) for record in data):  # a list of records
         keys = list(dict.fromkeys(k for record in data for k in record))
         return {k: [record.get(k) for record in data] for k in keys}
     if isinstance(data, dict) and all(isinstance(v, list) for v in data.values()):
@@ -527,13 +532,104 @@ def _tables(url_list: UrlList, extra: tuple[str, ...], summary: dict):
             for batch in parquet.iter_batches(batch_size=WRITE_BATCH_ROWS):
                 yield _select(pa.Table.from_batches([batch]), url_list, extra)
         elif fmt == "jsonl":
-            import pyarrow.json as pa_json
-
-            yield _select(pa_json.read_json(path), url_list, extra)
+            yield from _jsonl_tables(path, url_list, extra, summary)
         elif fmt == "json":
-            yield _select(pa.table(_read_json(path)), url_list, extra)
+            yield _json_table(path, url_list, extra, summary)
         else:
             raise DatasetError(f"unknown URL list format {fmt!r}")
+
+
+def _records_table(records: list[dict], url_list: UrlList, extra: tuple[str, ...]) -> pa.Table:
+    """JSON records -> a table of the URL list's columns: URL and caption as text, extra columns as they infer."""
+    def text(value):
+        return value if value is None or isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+    columns = {}
+    for name in dict.fromkeys(c for c in (url_list.url_col, url_list.caption_col, *extra) if c is not None):
+        values = [record.get(name) for record in records]
+        if name in extra:
+            try:
+                columns[name] = pa.array(values)
+                continue
+            except (pa.ArrowInvalid, pa.ArrowTypeError):  # mixed types: kept as JSON text
+                pass
+        columns[name] = pa.array([text(v) for v in values], pa.string())
+    return pa.table(columns)
+
+
+def _not_utf8(data: bytes, where: str) -> str | None:
+    """Why ``data`` is not UTF-8 (``where`` names the line or file), or None."""
+    try:
+        data.decode("utf-8")
+        return None
+    except UnicodeDecodeError as error:
+        return f"{where} is not UTF-8: byte 0x{data[error.start]:02x} at offset {error.start}"
+
+
+def _jsonl_tables(path: Path, url_list: UrlList, extra: tuple[str, ...], summary: dict):
+    """A JSON Lines list, line by line: a line that is not UTF-8, not JSON or not an object fails alone at
+    stage ``parse`` (its text, bad bytes as U+FFFD, as caption); empty lines are no rows. One bad line used to
+    stop pyarrow's reader, and with it the whole job."""
+    opener = gzip.open if path.name.endswith(".gz") else open
+    records: list[dict] = []
+    bad: dict[int, tuple[str, str]] = {}
+    with opener(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            line = raw.rstrip(b"\r\n")
+            if not line.strip():
+                continue
+            where = f"line {number} of {path.name}"
+            reason = _not_utf8(line, where)
+            record = None
+            if reason is None:
+                try:
+                    record = json.loads(line)
+                    if not isinstance(record, dict):
+                        reason = f"{where} is not a JSON object"
+                except ValueError as error:
+                    reason = f"{where} is not JSON: {error}"
+            if reason is not None:
+                bad[len(records)] = (reason, line.decode("utf-8", errors="replace"))
+                record = {}
+            records.append(record)
+            if len(records) == WRITE_BATCH_ROWS:
+                summary["malformed"] += len(bad)
+                yield _select(_records_table(records, url_list, extra), url_list, extra, bad)
+                records, bad = [], {}
+    if records:
+        summary["malformed"] += len(bad)
+        yield _select(_records_table(records, url_list, extra), url_list, extra, bad)
+
+
+_BAD_BYTE = re.compile("[\udc80-\udcff]")  # a byte that is not UTF-8, as ``surrogateescape`` decodes it
+
+
+def _json_table(path: Path, url_list: UrlList, extra: tuple[str, ...], summary: dict) -> pa.Table:
+    """A JSON list (an object of lists, or a list of records): one document, so a syntax error is the file's
+    (a ``DatasetError`` naming it); a value with bytes that are not UTF-8 fails its row alone at ``parse``."""
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    try:
+        document = json.loads(data.decode("utf-8", errors="surrogateescape"))
+    except ValueError as error:
+        raise DatasetError(f"{path}: not a JSON document: {error}") from None
+    columns = _json_columns(document, path)
+    bad: dict[int, tuple[str, str]] = {}
+    if _not_utf8(data, path.name):
+        for name, values in columns.items():
+            for row, value in enumerate(values):
+                if isinstance(value, str) and _BAD_BYTE.search(value):
+                    byte = ord(_BAD_BYTE.search(value).group()) - 0xDC00
+                    bad.setdefault(row, (f"record {row + 1} of {path.name} is not UTF-8: byte 0x{byte:02x} in "
+                                         f"{name!r}", ""))
+                    values[row] = _BAD_BYTE.sub("\ufffd", value)
+        bad = {row: (reason, json.dumps({n: columns[n][row] for n in columns}, ensure_ascii=False))
+               for row, (reason, _) in bad.items()}
+    summary["malformed"] += len(bad)
+    rows = len(next(iter(columns.values()), []))
+    records = [{name: columns[name][row] for name in columns} for row in range(rows)]
+    return _select(_records_table(records, url_list, extra), url_list, extra, bad)
 
 
 def _csv_tables(path: Path, url_list: UrlList, extra: tuple[str, ...], summary: dict):

@@ -375,3 +375,42 @@ def test_a_headerless_list_that_starts_with_a_refused_url_is_still_headerless(tm
     both = tmp_path / "both.tsv"
     both.write_text("ftp://k.example/x.jpg\thttps://k.example/2.jpg\n")
     assert resolve(str(both)).url_list.url_col == 1
+
+
+def test_a_bad_jsonl_line_fails_alone_at_parse(tmp_path):
+    """Bytes that are not UTF-8, a line that is not JSON, one that is not an object: each its own failed row, in
+    its place; empty lines are no rows; the good lines go on (pyarrow's reader used to stop the whole list)."""
+    path = tmp_path / "list.jsonl"
+    path.write_bytes(b'{"url": "https://k.example/1.jpg", "caption": "one", "n": 1}\n'
+                     b'{"url": "https://k.example/2.jpg", "caption": "caf\xe9"}\n'
+                     b'\n'
+                     b'{"url": "https://k.example/3.jpg", "caption": broken}\n'
+                     b'["https://k.example/4.jpg"]\n'
+                     b'{"url": "https://k.example/5.jpg", "caption": 5, "n": "five"}\n')
+    summary = write_url_list(resolve(str(path)).url_list, tmp_path / "out.parquet", extra=("n",))
+    rows = pq.read_table(tmp_path / "out.parquet").to_pylist()
+    assert summary == {"rows": 5, "without_url": 0, "malformed": 3, "refused": 0}
+    assert [r["url"] for r in rows] == ["https://k.example/1.jpg", None, None, None, "https://k.example/5.jpg"]
+    assert [r[INPUT_STAGE] for r in rows] == [None, "parse", "parse", "parse", None]
+    assert rows[1][INPUT_ERROR] == "line 2 of list.jsonl is not UTF-8: byte 0xe9 at offset 50"
+    assert rows[1]["caption"] == '{"url": "https://k.example/2.jpg", "caption": "caf\ufffd"}'
+    assert rows[2][INPUT_ERROR].startswith("line 4 of list.jsonl is not JSON: ")
+    assert rows[3][INPUT_ERROR] == "line 5 of list.jsonl is not a JSON object"
+    assert (rows[4]["caption"], rows[0]["n"], rows[4]["n"]) == ("5", "1", "five")  # mixed types: as text
+
+
+def test_a_json_value_that_is_not_utf8_fails_its_row_and_a_broken_document_names_the_file(tmp_path):
+    path = tmp_path / "list.json"
+    path.write_bytes(b'{"image_urls": ["https://k.example/1.jpg", "https://k.example/2.jpg"], '
+                     b'"captions": ["one", "caf\xe9"]}')
+    summary = write_url_list(resolve(str(path)).url_list, tmp_path / "out.parquet")
+    rows = pq.read_table(tmp_path / "out.parquet").to_pylist()
+    assert summary["rows"] == 2 and summary["malformed"] == 1
+    assert rows[0]["url"] == "https://k.example/1.jpg" and rows[0][INPUT_ERROR] is None
+    assert rows[1]["url"] is None and rows[1][INPUT_STAGE] == "parse"
+    assert rows[1][INPUT_ERROR] == "record 2 of list.json is not UTF-8: byte 0xe9 in 'captions'"
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"image_urls": ["https://k.example/1.jpg"], "captions": ["one"]')
+    url_list = datasets.UrlList((broken,), "json", "image_urls", "captions", header=True)
+    with pytest.raises(DatasetError, match="broken.json: not a JSON document"):
+        write_url_list(url_list, tmp_path / "out2.parquet")
