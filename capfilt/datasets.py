@@ -211,8 +211,15 @@ def _are_image_shards(files: list[Path]) -> bool:
     parquets = [p for p in files if p.suffix == ".parquet"]
     if not parquets:
         return False
-    names = pq.read_schema(parquets[0]).names
-    return any(column in names for column in IMAGE_COLUMNS)
+    errors = []
+    for path in parquets:  # the first readable file decides: a damaged one is the pipeline's to record
+        try:
+            names = pq.read_schema(path).names
+        except (pa.ArrowException, OSError) as error:
+            errors.append(f"{path}: {type(error).__name__}: {error}")
+            continue
+        return any(column in names for column in IMAGE_COLUMNS)
+    raise DatasetError(f"no Parquet file of {len(parquets)} can be read: {'; '.join(errors[:3])}")
 
 
 def _list_format(path: Path) -> str | None:

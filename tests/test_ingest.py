@@ -414,3 +414,14 @@ def test_a_json_value_that_is_not_utf8_fails_its_row_and_a_broken_document_names
     url_list = datasets.UrlList((broken,), "json", "image_urls", "captions", header=True)
     with pytest.raises(DatasetError, match="broken.json: not a JSON document"):
         write_url_list(url_list, tmp_path / "out2.parquet")
+
+
+def test_a_damaged_first_shard_does_not_decide_what_the_folder_is(tmp_path):
+    """The folder's kind is read from the first Parquet file that reads; a damaged one is left to the pipeline
+    (which records it), and a folder where none reads is an error that names the files."""
+    (tmp_path / "00000.parquet").write_bytes(b"PAR1 cut short")
+    pq.write_table(pa.table({"key": ["1"], "jpg": [jpeg()]}), tmp_path / "00001.parquet")
+    assert isinstance(resolve(str(tmp_path)), datasets.ShardsInput)
+    (tmp_path / "00001.parquet").write_bytes(b"not parquet either")
+    with pytest.raises(DatasetError, match="no Parquet file of 2 can be read: .*00000.parquet"):
+        resolve(str(tmp_path))
