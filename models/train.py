@@ -7,9 +7,11 @@ the original ``configs/*.yaml``). From Python::
     config = configure("pretrain", data=["web/*.parquet"], out="runs/pt", model="base", tokenizer="bert/")
     train(config)
 
-From the shell (any field of the configuration is a ``--flag``)::
+From the shell (any field of the configuration is a ``--flag``; ``--model NAME`` picks a preset, which sets the
+model's shape and the settings that go with it, see ``TRAIN_PRESETS`` and ``--help``)::
 
     python -m capfilt.models.train pretrain --data 'web/*.parquet' --out runs/pt --tokenizer bert/
+    python -m capfilt.models.train pretrain --model demo --data out/bootstrap/kept --out runs/demo-pt
     torchrun --nproc_per_node 8 -m capfilt.models.train finetune-captioner --data 'coco/*.parquet' \\
         --out runs/cap --init runs/pt --tokenizer runs/pt/tokenizer
 
@@ -24,11 +26,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import inspect
 import json
 import logging
 import math
 import os
+import re
 import sys
+import textwrap
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -45,9 +50,10 @@ from capfilt.models.checkpointing import (
     save_checkpoint,
 )
 from capfilt.models.data import (
-    DataConfig, EpochLoader, Skipped, check_files, close_decoding_processes, find_files, longest_text, seed_for,
-    steps_in_epoch, trim_padding,
+    DataConfig, EpochLoader, Skipped, check_files, close_decoding_processes, epoch_streams, find_files, longest_text,
+    seed_for, steps_in_epoch, trim_padding,
 )
+from capfilt.models.export import SAMPLING_FILE, check_sampling_file, find_sampling_file
 from capfilt.models.med import MED, MEDSettings, init_sincos_positions, prompt_length
 from capfilt.tokenizer import TokenizerNotFoundError, load_tokenizer, special_ids
 
@@ -81,13 +87,16 @@ class TrainConfig:
 
     task: str = "pretrain"  # one of TASKS
     out: str = ""  # run folder: tokenizer, log.jsonl, checkpoints, exports
-    model: str = "base"  # preset (base, large, tiny) or a transformers BlipConfig config.json
+    # A preset (tiny, demo, base, large: its shape and the trainer settings that go with it, listed in --help) or a
+    # transformers BlipConfig config.json (a file, or a folder holding one)
+    model: str = "base"
     image_size: int = 224  # 224 pre-training, 384 fine-tuning (paper §4.1)
     patch_size: int = 0  # ViT patch side in pixels; 0 = the model's own (16 for base and large, 8 for demo)
     # How a randomly initialised ViT's position embeddings start: "random" (BLIP's truncated normal) or "sincos"
     # (2-D sine-cosine, MAE's; still trained). Weights from `init` or a checkpoint replace either.
     vision_position_init: str = "random"
-    tokenizer: str = ""  # folder or vocab.txt; "" = the --init folder's, else the run's own tokenizer/
+    # A tokenizer folder or vocab.txt; "" = the --init folder's, else the run's own tokenizer/, else the preset's
+    tokenizer: str = ""
     init: str = ""  # start from: a capfilt run/checkpoint, an HF captioner/filter folder, an original .pth; "" = random
     seed: int = 42  # model init, data order, augmentation and ITM negatives derive from it
     device: str = ""  # "" = CUDA when present, else CPU
@@ -122,6 +131,80 @@ def task_config(task: str) -> TrainConfig:
     raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
 
 
+# --- model presets: --model NAME sets the model's shape and the trainer settings that go with it ------------------
+@dataclass(frozen=True)
+class TrainPreset:
+    """What ``--model NAME`` sets beyond the model's shape (``capfilt.configs.PRESETS``); explicit flags win."""
+
+    about: str  # one line for --help
+    settings: dict  # flat settings for every task
+    per_task: dict = field(default_factory=dict)  # task -> flat settings for that task only (after ``settings``)
+    tokenizer: str = ""  # the tokenizer a run uses when neither --tokenizer nor --init gives one ("": none)
+    sampling: str = ""  # a captioner folder's capfilt_sampling.json that exported captioners carry ("": none)
+
+
+def _demo_tokenizer() -> str:
+    """The shapes-world tokenizer of the installed demo captioner (the package's folder, not the cwd's)."""
+    from capfilt.checkpoints import DEMO_MODELS
+
+    return str(DEMO_MODELS / "captioner")
+
+
+def _train_presets() -> dict[str, TrainPreset]:
+    # The demo's values are those of `make demo-models` (capfilt.demo.DemoRecipe, the one source of them),
+    # except the pre-training warm-up: the recipe's 300 steps are for 750 steps of 200,000 pairs; a loop on
+    # `make bootstrap`'s output (1,400 pairs kept) trains 21 steps an epoch, so 30.
+    from capfilt.demo import DemoRecipe
+
+    recipe, demo_vit, tiny_vit = DemoRecipe(), PRESETS["demo"][0], PRESETS["tiny"][0]
+    shapes_world = "the shapes-world tokenizer shipped in capfilt/demo_models/captioner"
+    finetune = dict(lr=recipe.finetune_lr, schedule="step", warmup_steps=0, freeze_vision=recipe.freeze_vision)
+    return {
+        "tiny": TrainPreset(
+            about=f"a 2-layer, 32-wide MED for tests and smoke runs; {shapes_world}",
+            settings=dict(image_size=tiny_vit.image_size, patch_size=tiny_vit.patch_size, batch_size=8,
+                          queue_size=64, lr=1e-3, warmup_steps=10),
+            tokenizer=_demo_tokenizer()),
+        "demo": TrainPreset(
+            about=f"the shapes-world demo MED (4 layers, 128 wide), `make demo-models`' recipe (capfilt.demo); "
+                  f"{shapes_world}; exported captioners get its capfilt_sampling.json",
+            settings=dict(image_size=demo_vit.image_size, patch_size=recipe.patch_size,
+                          vision_position_init=recipe.vision_position_init, batch_size=recipe.batch_size,
+                          queue_size=recipe.queue_size, max_tokens=recipe.max_tokens, augment=False),
+            per_task={"pretrain": dict(lr=recipe.pretrain_lr, warmup_steps=30),
+                      "finetune-captioner": finetune, "finetune-filter": dict(finetune, positives="text")},
+            tokenizer=_demo_tokenizer(), sampling=str(Path(_demo_tokenizer()) / SAMPLING_FILE)),
+        "base": TrainPreset(
+            about="BLIP w/ ViT-B/16 + BERT-base (224 px pre-training, 384 fine-tuning): every value BLIP's; "
+                  "needs --tokenizer (bert-base-uncased)", settings={}),
+        "large": TrainPreset(
+            about="BLIP w/ ViT-L/16 + BERT-base: as base, pre-training lr 2e-4 (paper §4.1) and gradient "
+                  "checkpointing (the original's vit_grad_ckpt); needs --tokenizer (bert-base-uncased)",
+            settings=dict(gradient_checkpointing=True), per_task={"pretrain": dict(lr=2e-4)}),
+    }
+
+
+TRAIN_PRESETS = _train_presets()
+if set(TRAIN_PRESETS) != set(PRESETS):
+    raise AssertionError(f"train presets {sorted(TRAIN_PRESETS)} differ from capfilt.configs {sorted(PRESETS)}")
+
+# How to get BERT's tokenizer onto a machine that cannot download it (base and large ship none).
+BERT_TOKENIZER_HELP = (
+    "BLIP's tokenizer is bert-base-uncased's WordPiece plus [DEC] and [ENC] (added on load). It is not shipped: on "
+    "a machine with internet run `hf download bert-base-uncased vocab.txt tokenizer_config.json tokenizer.json "
+    "--local-dir bert-base-uncased` (or use the folder of a downloaded BLIP checkpoint such as "
+    "Salesforce/blip-image-captioning-large, which holds its tokenizer files), copy the folder here and pass "
+    "--tokenizer bert-base-uncased (a folder, or its vocab.txt)")
+
+
+def preset_settings(model: str, task: str) -> dict:
+    """The flat settings that ``--model model`` gives ``task`` ({} for a config.json)."""
+    preset = TRAIN_PRESETS.get(model)
+    if preset is None:
+        return {}
+    return {**preset.settings, **preset.per_task.get(task, {})}
+
+
 # --- settings by flat name: configure(...) and the command line ------------------------------
 SECTIONS = ("med", "data", "augment", "optim")
 DERIVED = ("prompt_length",)  # computed from data.prompt and the tokenizer
@@ -146,11 +229,116 @@ def _settings() -> dict[str, tuple[str | None, dataclasses.Field]]:
 SETTINGS = _settings()
 
 
+# --- help texts: each flag's field comment, unit and defaults (written once, where the field is defined) -----------
+# The unit of a setting whose comment does not give one.
+UNITS = {
+    "image_size": "pixels, square", "patch_size": "pixels", "seed": "integer", "checkpoint_every": "steps",
+    "keep_checkpoints": "checkpoints", "log_every": "steps", "queue_size": "features", "batch_size": "pairs",
+    "streams": "streams", "block_rows": "rows", "max_words": "words", "max_tokens": "tokens", "workers": "count",
+    "prefetch": "batches", "lr": "learning rate", "weight_decay": "coefficient", "warmup_steps": "steps",
+    "warmup_lr": "learning rate", "lr_decay": "factor per epoch", "min_lr": "learning rate", "epochs": "epochs",
+    "max_steps": "steps", "max_seconds": "seconds", "alpha": "weight in [0, 1]", "momentum": "factor",
+    "temp_init": "temperature", "temp_min": "temperature", "temp_max": "temperature",
+    "label_smoothing": "probability", "crop_min_scale": "fraction of the area", "randaugment_ops": "ops",
+}
+# Settings whose field carries no comment of its own.
+EXTRA_HELP = {"temp_min": "lower clamp of the learned ITC temperature, applied before every use",
+              "temp_max": "upper clamp of the learned ITC temperature",
+              "randaugment_magnitude": "RandAugment's strength: every op's magnitude, out of 10 (BLIP: 5)",
+              "randaugment_ops": "RandAugment ops drawn per image (BLIP: 2)"}
+REQUIRED = ("out", "data")  # no default: every run names them
+_FIELD_LINE = re.compile(r"^(\w+)\s*:[^=#]*=[^#]*(?:#\s?(.*))?$")
+
+
+def _field_comments(cls) -> dict[str, str]:
+    """A dataclass's fields -> their comment in its source: the one on the field's line, else the lines above."""
+    comments, above = {}, []
+    for line in inspect.getsource(cls).splitlines():
+        text = line.strip()
+        if text.startswith("#"):
+            above.append(text.lstrip("#").strip())
+            continue
+        match = _FIELD_LINE.match(text)
+        if match:
+            comments[match.group(1)] = match.group(2) or " ".join(above)
+        above = []
+    return comments
+
+
+def _value_text(value) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, tuple):
+        return " ".join(map(str, value)) or "none"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return repr(value) if value == "" else str(value)
+
+
+def _by_task(values: dict[str, object]) -> str:
+    """``{task: value}`` as "V" when every task has V, else "V1 (task, task), V2 (task)"."""
+    groups: dict[str, list[str]] = {}
+    for task, value in values.items():
+        groups.setdefault(_value_text(value), []).append(task)
+    if len(groups) == 1 and len(values) == len(TASKS):
+        return next(iter(groups))
+    return ", ".join(f"{text} ({', '.join(tasks)})" for text, tasks in groups.items())
+
+
+def _preset_values(preset: str, name: str) -> dict[str, object]:
+    """``{task: value}`` where the preset sets ``name`` to other than the task's default."""
+    values = {task: preset_settings(preset, task).get(name, _setting(task_config(task), name)) for task in TASKS}
+    return {task: value for task, value in values.items() if value != _setting(task_config(task), name)}
+
+
+def _setting(config: TrainConfig, name: str):
+    section, _ = SETTINGS[name]
+    return getattr(getattr(config, section) if section else config, name)
+
+
+def setting_help(name: str) -> str:
+    """The --help text of a setting: its comment, unit, the tasks' defaults and what each preset sets."""
+    section, item = SETTINGS[name]
+    owner = {"med": MEDSettings, "data": DataConfig, "augment": AugmentConfig, "optim": OptimConfig}.get(
+        section, TrainConfig)
+    comment = EXTRA_HELP.get(name) or _field_comments(owner).get(name) or name.replace("_", " ")
+    unit = f"{UNITS[name]}; " if name in UNITS else ""
+    defaults = "required" if name in REQUIRED else \
+        f"default {_by_task({task: _setting(task_config(task), name) for task in TASKS})}"
+    text = f"{comment} [{unit}{defaults}"
+    for preset in TRAIN_PRESETS:
+        values = _preset_values(preset, name)
+        if values:
+            text += f"; --model {preset}: {_by_task(values)}"
+    return (text + "]").replace("%", "%%")
+
+
+def presets_help() -> str:
+    """The --help section that lists the presets."""
+    lines = ["model presets (--model NAME; explicit flags override what a preset sets):"]
+    for name, preset in TRAIN_PRESETS.items():
+        vit, text = PRESETS[name]
+        shape = (f"ViT {vit.depth}x{vit.width} patch {vit.patch_size}, text {text.num_layers}x{text.hidden_size}")
+        names = dict.fromkeys(setting for task in TASKS for setting in preset_settings(name, task))
+        sets = {setting: _by_task(values) for setting in names if (values := _preset_values(name, setting))}
+        settings = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in sets.items())
+        text = (f"{name}: {preset.about}. {shape}." + (f" Sets {settings}." if settings else "")
+                + (f" Tokenizer: {preset.tokenizer}." if preset.tokenizer else ""))
+        lines.append(textwrap.fill(text, width=118, initial_indent="  ", subsequent_indent="      "))
+    return "\n".join(lines)
+
+
 def configure(task: str, **overrides) -> TrainConfig:
-    """``task_config(task)`` with settings changed by flat name, e.g. ``configure("pretrain", lr=1e-4, data=[...])``."""
+    """``task_config(task)``, then what the ``model`` preset sets (``TRAIN_PRESETS``), then ``overrides`` by flat
+    name, e.g. ``configure("pretrain", model="demo", lr=1e-4, data=[...])``."""
     config = task_config(task)
+    model = overrides.get("model", config.model)
+    settings = preset_settings(model, task)
+    preset = TRAIN_PRESETS.get(model)
+    if preset and preset.tokenizer and not overrides.get("init"):  # with --init, the tokenizer its weights came with
+        settings["tokenizer"] = preset.tokenizer
     top, sections = {}, {name: {} for name in SECTIONS}
-    for name, value in overrides.items():
+    for name, value in {**settings, **overrides}.items():
         if name not in SETTINGS or name == "task":
             raise TypeError(f"unknown setting {name!r}; see capfilt.models.train.TrainConfig and its sections")
         section, _ = SETTINGS[name]
@@ -196,20 +384,71 @@ def model_config(config: TrainConfig, tokenizer) -> BlipConfig:
 
 
 def _tokenizer(config: TrainConfig, out: Path):
-    """``--tokenizer``, else the ``--init`` folder's (an HF folder or a capfilt run), else the run's own."""
+    """``--tokenizer``, else the ``--init`` folder's (an HF folder or a capfilt run), else the run's own, else the
+    preset's (tiny and demo: the shapes-world tokenizer)."""
+    preset = TRAIN_PRESETS.get(config.model)
     if config.tokenizer:
-        return load_tokenizer(config.tokenizer)
+        try:
+            return load_tokenizer(config.tokenizer)
+        except TokenizerNotFoundError as error:
+            raise TokenizerNotFoundError(f"{error}{_how_to_get_a_tokenizer(config)}") from None
     candidates = [out / "tokenizer"]
     if config.init and Path(config.init).is_dir():
         init = Path(config.init)
         candidates = [init, init / "tokenizer", init.parent.parent / "tokenizer"] + candidates
+    if preset and preset.tokenizer:
+        candidates.append(Path(preset.tokenizer))
     for candidate in candidates:
         try:
             return load_tokenizer(candidate)
         except TokenizerNotFoundError:
             continue
-    raise FileNotFoundError(f"no tokenizer for this run (looked in {[str(c) for c in candidates]}); "
-                            "pass --tokenizer FOLDER_OR_VOCAB_TXT")
+    raise FileNotFoundError(f"no tokenizer for this run (looked in {', '.join(map(str, candidates))}). Pass "
+                            f"--tokenizer FOLDER_OR_VOCAB_TXT{_how_to_get_a_tokenizer(config)}")
+
+
+def _how_to_get_a_tokenizer(config: TrainConfig) -> str:
+    """The end of a missing-tokenizer error: the presets that bring one, and how to get BERT's offline."""
+    shipped = [name for name, preset in TRAIN_PRESETS.items() if preset.tokenizer]
+    if config.model in shipped:
+        return f". --model {config.model} brings {TRAIN_PRESETS[config.model].tokenizer}, used without --tokenizer"
+    text = (f". The presets {' and '.join(shipped)} bring the shapes-world tokenizer (e.g. --model demo for a "
+            f"loop on `make bootstrap`'s output); --model {config.model} brings none")
+    if config.model in ("base", "large") or config.model not in TRAIN_PRESETS:
+        text += ". " + BERT_TOKENIZER_HELP
+    return text
+
+
+def _sampling_file(config: TrainConfig) -> Path | None:
+    """The captioner sampling defaults this run carries: those of the ``--init`` source (a captioner folder, or a
+    run or checkpoint that has them), else its preset's (demo); None for a run without LM (the filter's)."""
+    if "lm" not in config.med.losses:
+        return None
+    if config.init:
+        found = find_sampling_file(config.init)
+        if found is not None:
+            return found
+    preset = TRAIN_PRESETS.get(config.model)
+    return Path(preset.sampling) if preset and preset.sampling else None
+
+
+def _too_little_data(files: list[str], counts: dict[str, int], config: TrainConfig, streams: int) -> str:
+    """The error for data that makes no global batch: what was found, what a batch needs, what to pass."""
+    batch, rows = config.data.batch_size, sum(counts.get(path, 0) for path in files)
+    stream_rows = [sum(counts.get(path, 0) for path in group)
+                   for group in epoch_streams(files, streams, 0, config.seed, config.data.shuffle)]
+    text = (f"too little data for one step: {len(files)} file(s) hold {rows} pair(s) with an image, and a global batch "
+            f"is {batch} pairs (--batch-size)")
+    if streams > 1:
+        text += (f", {batch // streams} from each of {streams} streams, whose files hold {min(stream_rows)} to "
+                 f"{max(stream_rows)} pairs")
+    largest = min(stream_rows) * streams
+    if not largest:
+        return text + f". A stream has no data: pass fewer --streams (at most {len(files)}, one file each) or more data"
+    text += f". Pass a smaller --batch-size (at most {largest}"
+    if "itc" in config.med.losses:
+        text += f"; the ITC queue, --queue-size {config.med.queue_size}, must stay a multiple of it"
+    return text + ") or more data (--data takes several files, folders or globs)"
 
 
 def _check(config: TrainConfig, streams: int, world: distributed.World) -> None:
@@ -397,6 +636,10 @@ def _prepare(config: TrainConfig, world: distributed.World, out: Path) -> _Run:
     out.mkdir(parents=True, exist_ok=True)
     if world.is_main:
         tokenizer.save_pretrained(out / "tokenizer")
+        sampling = _sampling_file(config)
+        if sampling is not None:  # the run's captioner samples as its source did; export copies it on
+            check_sampling_file(sampling)
+            (out / SAMPLING_FILE).write_bytes(sampling.read_bytes())
     blip_config = model_config(config, tokenizer)
     settings = replace(config.med, prompt_length=prompt_length(tokenizer, config.data.prompt))
     torch.manual_seed(config.seed)
@@ -445,7 +688,7 @@ def _train(config: TrainConfig, world: distributed.World) -> dict:
         raise ValueError(f"none of the {len(found)} Parquet file(s) of {list(config.data.data)} can be read")
     first_epoch_steps = steps_in_epoch(files, config.data, streams, 0, config.seed, counts)
     if first_epoch_steps < 1:
-        raise ValueError(f"{len(files)} file(s) hold less than one global batch ({config.data.batch_size}) per stream")
+        raise ValueError(_too_little_data(files, counts, config, streams))
     progress = ProgressLog(out / "log.jsonl", config.log_every, optim.max_steps or first_epoch_steps * optim.epochs,
                            config.data.batch_size, world.is_main, optim.max_seconds, config.data.skip_bad_files)
     skips = _SkipCounts(state, world.device, config.data.skip_bad_files)
@@ -497,13 +740,33 @@ def _train(config: TrainConfig, world: distributed.World) -> dict:
         record = progress.update(state, losses, lr, alpha, force=True)
     if config.checkpoint_every and saved_step != state.step:
         checkpoint()
+    stopped, why = _stop_reason(config, state.step, out_of_time, first_epoch_steps)
+    log.info("%s", why)
     if config.export and config.task in EXPORT_ROLE and world.is_main:
         from capfilt.models.export import export
 
         role = EXPORT_ROLE[config.task]
-        log.info("exported the %s to %s", role, export(run.med, run.tokenizer, role, out / role))
+        sampling = out / SAMPLING_FILE if role == "captioner" and (out / SAMPLING_FILE).is_file() else None
+        log.info("exported the %s to %s%s", role, export(run.med, run.tokenizer, role, out / role, sampling),
+                 f" with the sampling defaults of {_sampling_file(config)}" if sampling else "")
     distributed.barrier()
-    return record or {}
+    return {**(record or {}), "stopped": stopped, "stop_reason": why}
+
+
+def _stop_reason(config: TrainConfig, step: int, out_of_time: bool, first_epoch_steps: int) -> tuple[str, str]:
+    """Why the run ended: ("max_steps" | "max_seconds" | "epochs", a sentence for the log)."""
+    optim = config.optim
+    if out_of_time:
+        return "max_seconds", f"stopped at step {step}: the time limit (--max-seconds {optim.max_seconds:g}) passed"
+    if optim.max_steps and step >= optim.max_steps:
+        return "max_steps", f"stopped at step {step}: --max-steps {optim.max_steps} reached"
+    why = (f"stopped at step {step}: the {optim.epochs} epoch(s) of --epochs ran out ({first_epoch_steps} steps in "
+           f"epoch 0: an epoch ends when a stream runs out of pairs, at a global batch of {config.data.batch_size})")
+    if optim.max_steps:
+        needed = math.ceil(optim.max_steps / first_epoch_steps)
+        why += (f"; --max-steps {optim.max_steps} was not reached: it needs about {needed} epochs, so pass "
+                f"--epochs {needed} (or more data)")
+    return "epochs", why
 
 
 def _step(model, optimizer, batch, lr: float, alpha: float, negatives_seed: int, config: TrainConfig,
@@ -545,22 +808,26 @@ def med_from_run(source: str | Path) -> tuple[MED, object]:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m capfilt.models.train", description="Pre-train the MED or fine-tune the captioner / filter.",
-        epilog="Every setting defaults to the task's BLIP value (see capfilt.models.train.task_config); "
-               "--print-config shows them.")
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=presets_help() + "\n\n" + textwrap.fill(
+            "Every other setting defaults to the task's BLIP value (capfilt.models.train.task_config); "
+            "--print-config shows the resolved configuration. The demo loop on `make bootstrap`'s output "
+            "(docs/training.md):", width=118) + "\n  python -m capfilt.models.train pretrain --model demo "
+               "--data out/bootstrap/kept --out runs/pretrain")
     parser.add_argument("task", choices=TASKS)
     parser.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
     for name, (section, item) in SETTINGS.items():
         if name == "task":
             continue
-        flag = "--" + name.replace("_", "-")
-        where = f"{section}.{name}" if section else name
+        flag, text = "--" + name.replace("_", "-"), setting_help(name)
         if item.type == "bool":
-            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=where)
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=text)
         elif item.type.startswith("tuple"):
-            parser.add_argument(flag, dest=name, nargs="+", default=None, help=where)
+            parser.add_argument(flag, dest=name, nargs="+", default=None, help=text)
         else:
             kind = {"int": int, "float": float, "str": str}[item.type]
-            parser.add_argument(flag, dest=name, type=kind, default=None, help=where)
+            parser.add_argument(flag, dest=name, type=kind, default=None, help=text,
+                                **({"metavar": "NAME_OR_CONFIG"} if name == "model" else {}))
     return parser
 
 

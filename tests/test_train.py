@@ -346,3 +346,70 @@ def test_a_garbled_row_group_is_named_or_skipped_and_resume_stays_exact(tmp_path
         assert [r[name] for r in straight] == [r[name] for r in resumed], name
     assert [r["skipped_row_groups"] for r in straight] == [0, 0] + [1] * 9
     assert [r["skipped_row_groups"] for r in resumed[1:]] == [0] + [1] * 9
+
+
+def test_no_tokenizer_says_which_presets_bring_one_and_how_to_get_berts(tmp_path, dataset):
+    with pytest.raises(SystemExit) as stopped:  # the README's first command, before presets: base needs BERT's
+        main(["pretrain", "--data", dataset, "--out", str(tmp_path / "run")])
+    message = str(stopped.value)
+    assert message.startswith("error: no tokenizer for this run (looked in ") and "Pass --tokenizer" in message
+    assert "The presets tiny and demo bring the shapes-world tokenizer (e.g. --model demo" in message
+    assert "hf download bert-base-uncased" in message and "Salesforce/blip-image-captioning-large" in message
+    with pytest.raises(SystemExit, match=r"no tokenizer at .*nowhere.*hf download bert-base-uncased"):
+        main(["pretrain", "--model", "large", "--data", dataset, "--out", str(tmp_path / "run"),
+              "--tokenizer", str(tmp_path / "nowhere")])
+
+
+def test_too_little_data_says_the_batch_the_rows_and_what_to_pass(tmp_path, dataset, tokenizer_dir):
+    with pytest.raises(ValueError) as error:  # 2 files of 24 pairs
+        train(tiny("pretrain", dataset, tokenizer_dir, tmp_path / "big", batch_size=64, queue_size=64))
+    assert str(error.value) == (
+        "too little data for one step: 2 file(s) hold 48 pair(s) with an image, and a global batch is 64 pairs "
+        "(--batch-size). Pass a smaller --batch-size (at most 48; the ITC queue, --queue-size 64, must stay a "
+        "multiple of it) or more data (--data takes several files, folders or globs)")
+    with pytest.raises(ValueError, match=r"each of 2 streams, whose files hold 24 to 24 pairs\. Pass a smaller "
+                                         r"--batch-size \(at most 48\) or more data"):
+        train(tiny("finetune-captioner", dataset, tokenizer_dir, tmp_path / "cap", batch_size=64, streams=2))
+
+
+def test_the_log_says_why_training_stopped(tmp_path, dataset, tokenizer_dir, caplog):
+    with caplog.at_level(logging.INFO, logger="capfilt.train"):
+        record = train(tiny("pretrain", dataset, tokenizer_dir, tmp_path / "steps", max_steps=3))
+    assert record["stopped"] == "max_steps" and "stopped at step 3: --max-steps 3 reached" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="capfilt.train"):  # an epoch is 48 pairs / 8 = 6 steps
+        record = train(tiny("pretrain", dataset, tokenizer_dir, tmp_path / "epochs", max_steps=20, epochs=2))
+    assert record["step"] == 12 and record["stopped"] == "epochs"
+    assert ("stopped at step 12: the 2 epoch(s) of --epochs ran out (6 steps in epoch 0: an epoch ends when a "
+            "stream runs out of pairs, at a global batch of 8); --max-steps 20 was not reached: it needs about 4 "
+            "epochs, so pass --epochs 4 (or more data)") in caplog.text
+    record = train(tiny("finetune-filter", dataset, tokenizer_dir, tmp_path / "time", max_seconds=0.001))
+    assert record["stopped"] == "max_seconds" and record["step"] == 1
+
+
+def test_an_exported_captioner_carries_its_sources_sampling_defaults(tmp_path, dataset, tokenizer_dir, pretrained):
+    from capfilt.captioner import SETTINGS_FILE, Captioner
+    from capfilt.checkpoints import DEMO_MODELS
+    from capfilt.models.export import export_run
+
+    first = tmp_path / "first"  # from a pre-training run without sampling defaults: the export has none
+    train(tiny("finetune-captioner", dataset, tokenizer_dir, first, init=str(pretrained), max_steps=1))
+    assert not (first / "captioner" / SETTINGS_FILE).exists() and not (first / SETTINGS_FILE).exists()
+    (first / "captioner" / SETTINGS_FILE).write_text(json.dumps({"min_length": 3, "max_length": 12}))
+    # The next round, from the exported captioner folder or from the run that holds it, samples the same way.
+    for source, out in ((first / "captioner", tmp_path / "from-folder"), (first, tmp_path / "from-run")):
+        train(tiny("finetune-captioner", dataset, tokenizer_dir, out, init=str(source), max_steps=1))
+        settings = Captioner.load(out / "captioner", device="cpu").settings
+        assert (settings.min_length, settings.max_length) == (3, 12), source
+    assert Captioner.load(export_run(tmp_path / "from-run", "captioner", tmp_path / "by-hand"),
+                          device="cpu").settings.min_length == 3
+    # The demo preset's captioner gets the shipped demo captioner's defaults (min length 5, not BLIP's 10).
+    demo = tmp_path / "demo"
+    train(configure("finetune-captioner", model="demo", data=[dataset], out=str(demo), batch_size=8, workers=1,
+                    device="cpu", max_steps=1, log_every=1))
+    shipped = DEMO_MODELS / "captioner" / SETTINGS_FILE
+    assert (demo / "captioner" / SETTINGS_FILE).read_text() == shipped.read_text()
+    assert Captioner.load(demo / "captioner", device="cpu").settings.min_length == 5
+    from capfilt.models.train import _sampling_file  # a filter has no sampling defaults
+
+    assert _sampling_file(configure("finetune-filter", model="demo", init=str(first / "captioner"))) is None
