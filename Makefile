@@ -53,10 +53,10 @@ bench-throughput: install  ## images/s of plain transformers, capfilt's engine a
 .PHONY: demo-models evaluate-demo experiment
 
 demo-models: install  ## train the demo captioner and filter into capfilt/demo_models (about 1 h 30 min on 2 cores; resumable; ARGS=--gpu: ~8 min on one GPU; ARGS="--continue-from DIR": go on fine-tuning installed models; docs/demo.md)
-	$(PY) -m capfilt.demo $(ARGS)
+	$(VENV)/bin/capfilt demo-models $(ARGS)
 
 evaluate-demo: install  ## the demo models on a fresh web split: removal per kind and scene type, caption correctness and errors, relation probe
-	$(PY) -m capfilt.shapes.evaluate --captioner demo --filter demo $(ARGS)
+	$(VENV)/bin/capfilt evaluate --captioner demo --filter demo $(ARGS)
 
 experiment: install  ## the bootstrapping experiment: pre-training on raw vs CapFilt web, scored on test (docs/experiment.md; about 1 h 15 min on 2 cores after demo-models; resumable)
-	$(PY) -m capfilt.experiment $(ARGS)
+	$(VENV)/bin/capfilt experiment $(ARGS)

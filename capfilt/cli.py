@@ -1,4 +1,10 @@
-"""``capfilt``: the command line.
+"""``capfilt``: the command line, one command for the whole loop.
+
+``capfilt COMMAND``: ``datasets``, ``shapes``, ``train``, ``export``,
+``evaluate``, ``bootstrap``, ``demo-models``, ``experiment`` (``COMMANDS``;
+``capfilt --help``). All but ``bootstrap`` and ``datasets`` are another
+module's ``main(argv)``, given every later argument unchanged and imported
+only when chosen (``capfilt train pretrain --help`` is the trainer's help).
 
 ``capfilt bootstrap`` runs CapFilt end to end with the paper's defaults:
 DATA → (download with img2dataset) → image shards → the Beam pipeline →
@@ -13,6 +19,7 @@ on to the runner. ``capfilt datasets`` lists the named datasets.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import math
@@ -40,8 +47,12 @@ def beside(folder: Path, suffix: str) -> Path:
 
 
 # Exit statuses: 0 every shard done; 1 shards unfinished (rerun to retry them); 2 bad usage; 3 done, but input
-# shards are damaged (rerunning will not help: replace the files; see print_summary).
-EXIT_UNFINISHED, EXIT_USAGE, EXIT_DAMAGED = 1, 2, 3
+# shards are damaged (rerunning will not help: replace the files; see print_summary); 4 (--strict) done, but the
+# filter kept almost none or almost all of a source's texts (see keep_share_warnings).
+EXIT_UNFINISHED, EXIT_USAGE, EXIT_DAMAGED, EXIT_KEEP_SHARE = 1, 2, 3, 4
+# A source (web texts, synthetic captions) of which the filter kept under 1% or over 99% is suspicious, once enough
+# of its texts were judged for one text to weigh less than 1%.
+KEEP_SHARE_LOW, KEEP_SHARE_HIGH, KEEP_SHARE_MIN_TEXTS = 0.01, 0.99, 100
 
 
 class UsageError(ValueError):
@@ -49,7 +60,7 @@ class UsageError(ValueError):
 
 
 class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows a flag's default unless it has none or its help already says it."""
+    """Shows a flag's default unless it has none (a switch) or its help already says it."""
 
     def _get_help_string(self, action):
         if action.default is None or action.default is False or action.default == "" or "default" in action.help:
@@ -57,35 +68,98 @@ class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="capfilt", description=__doc__.split("\n\n")[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
-    commands = parser.add_subparsers(dest="command", required=True)
+# The commands, in the order of the loop: data -> models -> CapFilt -> (pre-train again on kept/); then the loop's
+# two end-to-end runs in the shapes world. A command with a module is that module's main(argv), given every
+# argument after the command's name unchanged; it is imported only when chosen.
+COMMANDS: tuple[tuple[str, str | None, str], ...] = (
+    ("datasets", None, "data: the named web datasets and their URL lists"),
+    ("shapes", "capfilt.shapes.cli", "data: render shapes-world splits as shards (offline)"),
+    ("train", "capfilt.models.train", "models: TASK pretrain | finetune-captioner | finetune-filter"),
+    ("export", "capfilt.models.export", "models: a trained captioner/filter as an HF folder"),
+    ("evaluate", "capfilt.shapes.evaluate", "models: score captioner and filter on shapes data"),
+    ("bootstrap", None, "CapFilt: caption and filter a dataset into OUT/kept"),
+    ("demo-models", "capfilt.demo", "whole loop: train the demo captioner and filter"),
+    ("experiment", "capfilt.experiment", "whole loop: pre-train on raw vs CapFilt web, score"),
+)
+DELEGATED = {name: module for name, module, _ in COMMANDS if module}
 
-    boot = commands.add_parser(
-        "bootstrap", help="caption and filter a dataset (CapFilt)",
-        description="Caption and filter a dataset. Unknown --flags are passed to Beam as pipeline options.",
-        epilog="Exit status: 0 every shard done; 1 shards unfinished (rerun the same command to retry them); "
-               "2 bad usage; 3 every shard done, but input shards are damaged (rerunning will not help: see the "
-               "summary, stats.json and report.html).",
-        formatter_class=_HelpWithDefaults,
-    )
+BOOTSTRAP_EPILOG = (
+    "Exit status: 0 every shard done; 1 shards unfinished (rerun the same command to retry them); 2 bad usage; "
+    "3 every shard done, but input shards are damaged (rerunning will not help: see the summary, stats.json and "
+    f"report.html); {EXIT_KEEP_SHARE} (with --strict only) every shard done, but the filter kept under "
+    f"{KEEP_SHARE_LOW:.0%} or over {KEEP_SHARE_HIGH:.0%} of a source's texts (a warning without --strict)."
+)
+
+
+def build_parser(bootstrap_flags: bool = True) -> argparse.ArgumentParser:
+    """``capfilt``'s parser. Without ``bootstrap_flags`` (cheap: nothing heavy imported) ``bootstrap`` takes its
+    arguments unparsed, for ``bootstrap_parser``; a delegated command always takes them unparsed."""
+    parser = argparse.ArgumentParser(
+        prog="capfilt", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="CapFilt (BLIP's dataset bootstrapping) and the loop around it: data -> train -> export -> "
+                    "evaluate -> bootstrap -> train again on OUT/kept.",
+        epilog="`capfilt COMMAND --help` shows a command's own flags (a delegated command's help may name itself "
+               "`python -m capfilt...`; both forms run the same code).\nExit status: a command's own; bootstrap's "
+               "is in `capfilt bootstrap --help`.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level (bootstrap, datasets)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands (in loop order)")
+    for name, module, summary in COMMANDS:
+        if name == "datasets":
+            listing = commands.add_parser(name, help=summary, description="List the named web datasets (cc12m, "
+                                          "cc3m, sbu, laion400m) and whether their URL lists are on disk.")
+            listing.add_argument("--cache-dir", default=str(datasets.DEFAULT_CACHE),
+                                 help="where the named datasets' URL lists are (default: %(default)s)")
+        elif name == "bootstrap" and bootstrap_flags:
+            add_bootstrap_arguments(commands.add_parser(name, help=summary, **_bootstrap_parser_settings()))
+        else:
+            commands.add_parser(name, help=summary, add_help=False)
+    return parser
+
+
+def _bootstrap_parser_settings() -> dict:
+    return dict(description="Caption and filter a dataset (CapFilt). Unknown --flags are passed to Beam as "
+                            "pipeline options, as --opt=value or --opt value.",
+                epilog=BOOTSTRAP_EPILOG, formatter_class=_HelpWithDefaults)
+
+
+def bootstrap_parser() -> argparse.ArgumentParser:
+    """``capfilt bootstrap``'s own parser."""
+    parser = argparse.ArgumentParser(prog="capfilt bootstrap", **_bootstrap_parser_settings())
+    add_bootstrap_arguments(parser)
+    return parser
+
+
+def add_bootstrap_arguments(boot: argparse.ArgumentParser) -> None:
+    """The flags of ``capfilt bootstrap``; defaults that are settings' are read from their dataclasses."""
+    from capfilt.captioner import METHODS, SamplingSettings
+    from capfilt.device import PRECISIONS
+    from capfilt.download import DISTRIBUTORS, OUTPUT_FORMATS, DownloadSettings
+    from capfilt.pipelines.settings import BootstrapSettings
+
+    settings, sampling, fetch = BootstrapSettings(), SamplingSettings(), DownloadSettings()
+    demo = datasets.DemoInput
     data = boot.add_argument_group("data")
     data.add_argument("--data", default="demo",
                       help="demo, a named dataset (cc12m, cc3m, sbu, laion400m), a URL list file/folder, "
                            "or a file/folder of img2dataset shards")
     data.add_argument("--out", default="out/bootstrap", help="output folder (local or gs://...)")
-    data.add_argument("--shards", default=None, help="input shards to run, by index: e.g. 0-9,12 (default: all)")
+    data.add_argument("--shards", default=None,
+                      help="input shards to run, by index: e.g. 0-9,12 (default: all)")
     data.add_argument("--shards-dir", default=None,
-                      help="where downloaded (or demo) shards go (default: OUT/shards)")
-    data.add_argument("--cache-dir", default=str(datasets.DEFAULT_CACHE), help="named datasets' URL lists")
+                      help="folder where downloaded (or demo) shards go (default: OUT/shards)")
+    data.add_argument("--cache-dir", default=str(datasets.DEFAULT_CACHE),
+                      help="folder of the named datasets' URL lists")
     data.add_argument("--no-fetch", action="store_true", help="never fetch a named dataset's URL list")
-    data.add_argument("--url-col", default=None, help="URL column of a URL list (name, or index without header)")
-    data.add_argument("--caption-col", default=None, help="caption column of a URL list")
-    data.add_argument("--keep-columns", default="", help="comma-separated URL list columns to carry to the output")
-    data.add_argument("--demo-size", type=int, default=datasets.DemoInput.size, help="demo: image-text pairs")
-    data.add_argument("--demo-seed", type=int, default=datasets.DemoInput.seed, help="demo: seed of the web split")
-    data.add_argument("--demo-shard-size", type=int, default=datasets.DemoInput.shard_size, help="demo: pairs/shard")
+    data.add_argument("--url-col", default=None,
+                      help="URL column of a URL list: a name, or an index without header (default: the named "
+                           "dataset's, else detected)")
+    data.add_argument("--caption-col", default=None,
+                      help="caption column of a URL list (default: the named dataset's, else detected)")
+    data.add_argument("--keep-columns", default="",
+                      help="comma-separated URL list columns to carry to the output (default: none)")
+    data.add_argument("--demo-size", type=int, default=demo.size, help="demo: image-text pairs")
+    data.add_argument("--demo-seed", type=int, default=demo.seed, help="demo: seed of the web split")
+    data.add_argument("--demo-shard-size", type=int, default=demo.shard_size, help="demo: pairs per shard")
 
     models = boot.add_argument_group("models")
     models.add_argument("--captioner", default=None,
@@ -93,29 +167,43 @@ def build_parser() -> argparse.ArgumentParser:
                              f"(default: demo for DATA=demo, else {DEFAULT_CAPTIONER})")
     models.add_argument("--filter", default=None,
                         help=f"filter (default: demo for DATA=demo, else {DEFAULT_FILTER})")
-    models.add_argument("--captioner-tokenizer", default=None, help="tokenizer for a .pth captioner")
-    models.add_argument("--filter-tokenizer", default=None, help="tokenizer for a .pth filter")
-    models.add_argument("--device", default="auto",
+    models.add_argument("--captioner-tokenizer", default=None,
+                        help="tokenizer for a .pth captioner (default: the one beside the .pth)")
+    models.add_argument("--filter-tokenizer", default=None,
+                        help="tokenizer for a .pth filter (default: the one beside the .pth)")
+    models.add_argument("--device", default=settings.device,
                         help="auto (CUDA when present: on a node with G GPUs worker i takes GPU i mod G), cpu, "
                              "cuda or cuda:N")
-    models.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
+    models.add_argument("--precision", default=settings.precision, choices=PRECISIONS,
                         help="auto: bf16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16, AMX), "
                              "else fp32")
 
     capfilt = boot.add_argument_group("CapFilt (defaults: the paper's)")
-    capfilt.add_argument("--threshold", type=float, default=0.5, help="remove texts with ITM match prob below")
-    capfilt.add_argument("-k", "--num-captions", type=int, default=1, help="synthetic captions per image (K)")
-    # Sampling flags left out keep the paper's values (nucleus, top_p 0.9, top_k 50, lengths 30/10), or the
-    # captioner folder's own capfilt_sampling.json (the demo models write short captions).
-    capfilt.add_argument("--method", default=None, choices=("nucleus", "beam", "greedy"),
-                         help="caption decoding (paper: nucleus)")
-    capfilt.add_argument("--top-p", type=float, default=None, help="nucleus sampling p (paper: 0.9)")
-    capfilt.add_argument("--top-k", type=int, default=None, help="top-k applied with nucleus sampling (50)")
-    capfilt.add_argument("--max-length", type=int, default=None, help="caption tokens, prompt included (30)")
-    capfilt.add_argument("--min-length", type=int, default=None, help="caption tokens, prompt included (10)")
-    capfilt.add_argument("--batch-size", type=int, default=32, help="images per model call")
-    capfilt.add_argument("--seed", type=int, default=0, help="sampling seed (per shard and batch)")
-    capfilt.add_argument("--min-image-size", type=int, default=8, help="shorter side below this fails (size)")
+    capfilt.add_argument("--threshold", type=float, default=settings.threshold,
+                         help="remove texts whose ITM match probability (0-1) is below this")
+    capfilt.add_argument("-k", "--num-captions", type=int, default=settings.num_captions,
+                         help="synthetic captions per image (K)")
+    capfilt.add_argument("--strict", action="store_true",
+                         help=f"exit {EXIT_KEEP_SHARE} when the filter kept under {100 * KEEP_SHARE_LOW:.0f}%% or over "
+                              f"{100 * KEEP_SHARE_HIGH:.0f}%% of a source's texts (of {KEEP_SHARE_MIN_TEXTS} or more "
+                              "judged); without it, a warning")
+    # Sampling flags left out keep the paper's values, or the captioner folder's own capfilt_sampling.json (the
+    # demo models write short captions).
+    own = "the captioner folder's capfilt_sampling.json, else the paper's"
+    capfilt.add_argument("--method", default=None, choices=METHODS,
+                         help=f"caption decoding (default: {own} {sampling.method})")
+    capfilt.add_argument("--top-p", type=float, default=None,
+                         help=f"nucleus sampling probability mass p (default: {own} {sampling.top_p})")
+    capfilt.add_argument("--top-k", type=int, default=None,
+                         help=f"tokens kept by top-k with nucleus sampling (default: {own} {sampling.top_k})")
+    capfilt.add_argument("--max-length", type=int, default=None,
+                         help=f"most caption tokens, prompt included (default: {own} {sampling.max_length})")
+    capfilt.add_argument("--min-length", type=int, default=None,
+                         help=f"fewest caption tokens, prompt included (default: {own} {sampling.min_length})")
+    capfilt.add_argument("--batch-size", type=int, default=settings.batch_size, help="images per model call")
+    capfilt.add_argument("--seed", type=int, default=settings.seed, help="sampling seed (per shard and batch)")
+    capfilt.add_argument("--min-image-size", type=int, default=settings.min_image_size,
+                         help="pixels: an image with a shorter side fails (stage size)")
 
     run = boot.add_argument_group("runner")
     run.add_argument("--runner", default="FnApiRunner",
@@ -125,30 +213,27 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--workers", type=int, default=1,
                      help="worker processes of the local runner, or of the local Dask cluster")
     run.add_argument("--torch-threads", type=int, default=None,
-                     help="torch threads per worker (default: cores / --workers)")
-    run.add_argument("--decode-threads", type=int, default=4,
+                     help="torch threads per worker (default: cores / --workers; with one worker, torch's own)")
+    run.add_argument("--decode-threads", type=int, default=settings.decode_threads,
                      help="threads per worker decoding images ahead of the models (0: none)")
     run.add_argument("--no-report", action="store_true", help="write stats.json only")
     run.add_argument("--progress-interval", type=float, default=10.0, help="seconds between progress lines")
 
     download = boot.add_argument_group("download (img2dataset)")
-    download.add_argument("--processes", type=int, default=4, help="img2dataset processes")
-    download.add_argument("--threads", type=int, default=64, help="img2dataset threads per process")
-    download.add_argument("--image-size", type=int, default=384, help="shorter side at most (keep ratio)")
-    download.add_argument("--samples-per-shard", type=int, default=10_000, help="URLs per shard")
-    download.add_argument("--distributor", default="multiprocessing", choices=("multiprocessing", "pyspark", "ray"),
+    download.add_argument("--processes", type=int, default=fetch.processes, help="img2dataset processes")
+    download.add_argument("--threads", type=int, default=fetch.threads, help="img2dataset threads per process")
+    download.add_argument("--image-size", type=int, default=fetch.image_size,
+                          help="pixels: the shorter side at most (keeping the aspect ratio)")
+    download.add_argument("--samples-per-shard", type=int, default=fetch.samples_per_shard, help="URLs per shard")
+    download.add_argument("--distributor", default=fetch.distributor, choices=DISTRIBUTORS,
                           help="img2dataset's distributor")
-    download.add_argument("--output-format", default="parquet", choices=("parquet", "webdataset"),
+    download.add_argument("--output-format", default=fetch.output_format, choices=OUTPUT_FORMATS,
                           help="img2dataset's shard format")
-    download.add_argument("--timeout", type=int, default=10, help="seconds per URL")
-    download.add_argument("--retries", type=int, default=0, help="retries per URL")
+    download.add_argument("--timeout", type=int, default=fetch.timeout, help="seconds per URL")
+    download.add_argument("--retries", type=int, default=fetch.retries, help="retries per URL")
     download.add_argument("--allow-private-addresses", action="store_true",
                           help="let URLs of loopback and private addresses through (for tests and internal "
                                "mirrors); link-local and cloud metadata addresses stay refused")
-
-    listing = commands.add_parser("datasets", help="list the named datasets and whether their URL lists are on disk")
-    listing.add_argument("--cache-dir", default=str(datasets.DEFAULT_CACHE), help="named datasets' URL lists")
-    return parser
 
 
 def parse_shard_selection(spec: str | None, count: int) -> list[int]:
@@ -358,14 +443,52 @@ def bootstrap(args, unknown: list[str]) -> int:
     unfinished = sorted(selected - layout.done_ids())
     damaged = [d for d in stats["shards"]["damaged"] if d["shard"] in selected]
     print_summary(stats, layout, unfinished, damaged)
-    return exit_status(unfinished, damaged)
+    warnings = keep_share_warnings(stats, settings)
+    for warning in warnings:
+        _say(f"warning: {warning}")
+    return exit_status(unfinished, damaged, warnings if args.strict else [])
 
 
-def exit_status(unfinished: list[str], damaged: list[dict]) -> int:
-    """0: every shard done; 1: shards unfinished, a rerun retries them; 3: done, but input shards are damaged."""
+def exit_status(unfinished: list[str], damaged: list[dict], keep_share: list[str] = ()) -> int:
+    """0: every shard done; 1: shards unfinished, a rerun retries them; 3: done, but input shards are damaged;
+    4: done, but the keep share is suspicious (``keep_share``: the warnings that count, i.e. with --strict)."""
     if unfinished:
         return EXIT_UNFINISHED
-    return EXIT_DAMAGED if damaged else 0
+    if damaged:
+        return EXIT_DAMAGED
+    return EXIT_KEEP_SHARE if keep_share else 0
+
+
+def keep_share_warnings(stats: dict, settings) -> list[str]:
+    """What a keep share under 1% or over 99% likely means, per source (web texts, synthetic captions).
+
+    Per source, not pooled: the two fail differently (web texts: the data, the filter or the threshold;
+    synthetic captions: the captioner too), and a pooled share hides one source at 0% beside the other at 40%.
+    A source with fewer than ``KEEP_SHARE_MIN_TEXTS`` texts judged is not checked: one text would be over 1%.
+    """
+    warnings = []
+    for source, what in (("web", "web texts"), ("synthetic", "synthetic captions")):
+        judged = stats["texts"][source]
+        if judged < KEEP_SHARE_MIN_TEXTS:
+            continue
+        share = stats["kept"][source] / judged
+        kept = f"the filter kept {100 * share:.1f}% of the {judged} {what} it judged"
+        if share < KEEP_SHARE_LOW:
+            cause = ("the captioner likely writes captions that do not describe these images (a .pth captioner "
+                     "with the wrong tokenizer writes nonsense), or the captioner and filter do not belong together"
+                     if source == "synthetic" else "the filter likely does not know these images or texts")
+            warnings.append(
+                f"{kept} (under {KEEP_SHARE_LOW:.0%}): {cause}; the demo models know only the shapes world (give "
+                f"--captioner and --filter for real photos); or --threshold {settings.threshold} is too high for "
+                f"this filter (captioner {settings.captioner}, filter {settings.filter}). Look at rejected/ and "
+                "report.html before training on kept/")
+        elif share > KEEP_SHARE_HIGH:
+            warnings.append(
+                f"{kept} (over {KEEP_SHARE_HIGH:.0%}): the filter removes next to nothing: --threshold "
+                f"{settings.threshold} is likely too low (0 keeps every text), or the filter scores every pair "
+                f"alike (a model mismatch: an untrained or wrong filter {settings.filter}). Look at kept/ and "
+                "report.html before training on it")
+    return warnings
 
 
 def print_summary(stats: dict, layout, unfinished: list[str], damaged: list[dict]) -> None:
@@ -409,19 +532,55 @@ def _quiet_model_loading() -> None:
     hf_logging.disable_progress_bar()
 
 
+class _DropApitoolsWarning(logging.Filter):
+    """Beam's BigQuery client package, imported with apache_beam, warns through the root logger on every run
+    that apitools is missing (``apache_beam.io.gcp.internal.clients.bigquery``); capfilt uses no BigQuery."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.name == "root" and str(record.msg).startswith("apitools not found"))
+
+
+def silence_beam_apitools_warning() -> None:
+    """Drop exactly that one message, logged by the root logger itself (other loggers' records are untouched)."""
+    root = logging.getLogger()
+    if not any(isinstance(f, _DropApitoolsWarning) for f in root.filters):
+        root.addFilter(_DropApitoolsWarning())
+
+
+def delegate(command: str, rest: list[str]) -> int:
+    """Run a delegated command's ``main(rest)``; its exit status, whether it returns or calls ``sys.exit``."""
+    module = importlib.import_module(DELEGATED[command])
+    try:
+        code = module.main(list(rest))
+    except SystemExit as exit_:
+        code = exit_.code
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code
+    print(code, file=sys.stderr)  # sys.exit("message"): printed, status 1, as Python does
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args, unknown = parser.parse_known_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    silence_beam_apitools_warning()
+    parser = build_parser(bootstrap_flags=False)  # imports nothing heavy: --help and delegation stay fast
+    args, rest = parser.parse_known_args(argv)
+    if args.command in DELEGATED:
+        return delegate(args.command, rest)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if args.command == "datasets":
-        if unknown:
-            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
         print(datasets.describe_named(args.cache_dir))
         return 0
+    boot_args, unknown = bootstrap_parser().parse_known_args(rest)
+    boot_args.verbose = args.verbose
     _quiet_model_loading()
     try:
-        return bootstrap(args, unknown)
+        return bootstrap(boot_args, unknown)
     except (UsageError, ValueError, FileNotFoundError) as error:  # bad input: a message, not a traceback
         if args.verbose:
             raise

@@ -266,10 +266,44 @@ def test_worker_processes_share_the_cores_unless_told():
     assert cli.torch_threads(Namespace(torch_threads=None, workers=2)) == max(1, cores // 2)
     assert cli.torch_threads(Namespace(torch_threads=None, workers=4 * cores)) == 1
     assert cli.torch_threads(Namespace(torch_threads=3, workers=2)) == 3
+
+
+def test_the_flags_defaults_are_the_settings_own():
+    from capfilt.captioner import SamplingSettings
+    from capfilt.download import DownloadSettings
+
     args, _ = cli.build_parser().parse_known_args(["bootstrap"])
-    defaults = BootstrapSettings()  # the flags' defaults are the settings' own
-    assert (args.device, args.precision, args.decode_threads) == (
-        defaults.device, defaults.precision, defaults.decode_threads)
+    assert vars(cli.bootstrap_parser().parse_args([])) == {k: v for k, v in vars(args).items()
+                                                            if k not in ("command", "verbose")}
+    settings, download, demo = BootstrapSettings(), DownloadSettings(), datasets.DemoInput()
+    for flag, owner in (("device", settings), ("precision", settings), ("decode_threads", settings),
+                        ("threshold", settings), ("num_captions", settings), ("batch_size", settings),
+                        ("seed", settings), ("min_image_size", settings),
+                        ("processes", download), ("threads", download), ("image_size", download),
+                        ("samples_per_shard", download), ("distributor", download), ("output_format", download),
+                        ("timeout", download), ("retries", download)):
+        assert getattr(args, flag) == getattr(owner, flag), flag
+    assert (args.demo_size, args.demo_seed, args.demo_shard_size) == (demo.size, demo.seed, demo.shard_size)
+    # The flags left out keep the run's settings: the same as BootstrapSettings' own for the demo.
+    assert cli.settings_from_args(args) == settings
+    # The sampling flags default to None (the captioner folder's own, else the paper's): their help names the paper's.
+    help_of = {action.dest: action.help for action in cli.bootstrap_parser()._actions}
+    paper = SamplingSettings()
+    for name in ("method", "top_p", "top_k", "max_length", "min_length"):
+        assert args.__dict__[name] is None and help_of[name].endswith(f"the paper's {getattr(paper, name)})")
+
+
+def test_every_bootstrap_flag_shows_its_default(capsys):
+    parser = cli.bootstrap_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--help"])
+    text = "".join(capsys.readouterr().out.split())  # argparse wraps lines, also at hyphens
+    for action in parser._actions:
+        if action.option_strings and action.nargs != 0:  # switches are off unless given
+            formatted = cli._HelpWithDefaults("capfilt")._get_help_string(action)
+            assert "default" in formatted, action.option_strings
+            assert "".join(formatted.split()).replace("%(default)s", str(action.default)) in text
+    assert "Exitstatus:0" in text and "4(with--strictonly)" in text
 
 
 def test_loopback_urls_are_refused_unless_allowed(loopback, captioner_folder, filter_folder, tmp_path,

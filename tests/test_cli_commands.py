@@ -1,0 +1,156 @@
+"""``capfilt COMMAND``: one command for the whole loop; delegation, Beam options, warnings, exit statuses."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import types
+
+import pyarrow.parquet as pq
+import pytest
+
+from capfilt import cli
+
+LOOP = ("datasets", "shapes", "train", "export", "evaluate", "bootstrap", "demo-models", "experiment")
+
+
+def test_help_lists_every_command_in_loop_order(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    lines = [line.split() for line in out.splitlines()]
+    listed = [words[0] for words in lines if words and words[0] in LOOP and len(words) > 1]
+    assert listed == list(LOOP)  # each with a description on its own line
+    assert [name for name, _, _ in cli.COMMANDS] == list(LOOP)
+
+
+def test_help_and_delegation_import_only_the_chosen_command():
+    code = ("import sys\nfrom capfilt import cli\n"
+            "try:\n    cli.main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "assert cli.main(['shapes', 'vocab']) == 0\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'apache_beam', 'capfilt.models.train', "
+            "'capfilt.pipelines.settings') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.splitlines()[-1] == "[]"
+
+
+def test_shapes_vocab_prints_the_worlds_words(capsys):
+    from capfilt.shapes.captions import VOCABULARY
+
+    assert cli.main(["shapes", "vocab"]) == 0
+    assert capsys.readouterr().out.split() == list(VOCABULARY)
+
+
+def test_train_passes_every_argument_to_the_trainer(capsys):
+    assert cli.main(["train", "pretrain", "--print-config", "--seed", "7"]) == 0
+    config = json.loads(capsys.readouterr().out)
+    assert config["task"] == "pretrain" and config["seed"] == 7
+
+    assert cli.main(["train", "finetune-filter", "--help"]) == 0  # the trainer's own help, not capfilt's
+    help_text = capsys.readouterr().out
+    assert "--print-config" in help_text and "finetune-captioner" in help_text
+    assert cli.main(["train"]) == 2  # the trainer's usage error: no task
+    assert "required: task" in capsys.readouterr().err
+
+
+def test_export_and_evaluate_show_their_own_help(capsys):
+    assert cli.main(["export", "--help"]) == 0
+    assert "{captioner,filter}" in capsys.readouterr().out
+    assert cli.main(["evaluate", "--help"]) == 0
+    assert "--captioner" in capsys.readouterr().out
+
+
+def _exit(code):
+    sys.exit(code)
+
+
+@pytest.mark.parametrize("ends, status, message", [
+    (lambda: None, 0, ""), (lambda: 5, 5, ""), (lambda: _exit(None), 0, ""), (lambda: _exit(6), 6, ""),
+    (lambda: _exit("error: broken"), 1, "error: broken"),
+])
+def test_a_delegated_commands_exit_status_is_returned(ends, status, message, monkeypatch, capsys):
+    seen = []
+    module = types.ModuleType("capfilt_fake_command")
+    module.main = lambda argv: seen.append(argv) or ends()
+    monkeypatch.setitem(sys.modules, "capfilt_fake_command", module)
+    monkeypatch.setitem(cli.DELEGATED, "experiment", "capfilt_fake_command")
+    assert cli.main(["experiment", "--work", "w", "x", "--flag=1", "-q"]) == status
+    assert seen == [["--work", "w", "x", "--flag=1", "-q"]]  # every argument, unchanged
+    assert message in capsys.readouterr().err
+
+
+def test_beam_options_pass_through_in_both_forms():
+    """The parsing ``capfilt bootstrap`` does: the command, then its own flags; the rest are Beam's."""
+    argv = ["-v", "bootstrap", "--runner", "DaskRunner", "--dask_client_address", "tcp://127.0.0.1:8786",
+            "--workers", "2", "--project=P", "--streaming", "--region", "europe-west4", "--threshold", "0.4"]
+    args, rest = cli.build_parser(bootstrap_flags=False).parse_known_args(argv)
+    assert args.command == "bootstrap" and args.verbose
+    boot, unknown = cli.bootstrap_parser().parse_known_args(rest)
+    assert (boot.runner, boot.workers, boot.threshold) == ("DaskRunner", 2, 0.4)
+    assert cli.beam_options(unknown) == [
+        "--dask_client_address=tcp://127.0.0.1:8786", "--project=P", "--streaming", "--region=europe-west4"]
+    # The full parser (build_parser()) reads the same.
+    full, full_unknown = cli.build_parser().parse_known_args(argv)
+    assert full.runner == "DaskRunner" and cli.beam_options(full_unknown) == cli.beam_options(unknown)
+
+
+def test_the_apitools_warning_is_dropped_and_nothing_else(caplog):
+    cli.silence_beam_apitools_warning()
+    cli.silence_beam_apitools_warning()  # once is enough; twice adds nothing
+    assert sum(isinstance(f, cli._DropApitoolsWarning) for f in logging.getLogger().filters) == 1
+    with caplog.at_level(logging.WARNING):
+        logging.warning("apitools not found, and bigquery client libraries are not available despite ...")
+        logging.warning("another root warning")
+        logging.getLogger("capfilt.somewhere").warning("apitools not found: a message of another logger")
+    assert [r.getMessage() for r in caplog.records] == [
+        "another root warning", "apitools not found: a message of another logger"]
+
+
+def test_importing_beam_after_the_cli_prints_no_apitools_warning():
+    code = ("import logging\nfrom capfilt import cli\nlogging.basicConfig()\ncli.silence_beam_apitools_warning()\n"
+            "import apache_beam\nlogging.warning('still here')\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "apitools" not in result.stderr and "still here" in result.stderr
+
+
+def stats(web_kept, web_rejected, synthetic_kept, synthetic_rejected):
+    return {"kept": {"web": web_kept, "synthetic": synthetic_kept},
+            "rejected": {"web": web_rejected, "synthetic": synthetic_rejected},
+            "texts": {"web": web_kept + web_rejected, "synthetic": synthetic_kept + synthetic_rejected}}
+
+
+def test_keep_share_warnings_per_source():
+    from capfilt.pipelines.settings import BootstrapSettings
+
+    settings = BootstrapSettings(threshold=0.5)
+    assert cli.keep_share_warnings(stats(600, 400, 500, 500), settings) == []
+    assert cli.keep_share_warnings(stats(0, 99, 99, 0), settings) == []  # too few texts to tell
+    (low,) = cli.keep_share_warnings(stats(0, 1000, 500, 500), settings)
+    assert "kept 0.0% of the 1000 web texts" in low and "shapes world" in low and "--threshold 0.5" in low
+    (captions,) = cli.keep_share_warnings(stats(500, 500, 9, 991), settings)
+    assert "synthetic captions" in captions and "captioner" in captions
+    high = cli.keep_share_warnings(stats(1000, 0, 995, 5), BootstrapSettings(threshold=0.0))
+    assert len(high) == 2 and all("over 99%" in w and "--threshold 0.0" in w for w in high)
+    # --strict: 4, after the statuses that ask for something else first (1: rerun, 3: replace damaged input).
+    assert cli.exit_status([], [], high) == cli.EXIT_KEEP_SHARE == 4
+    assert cli.exit_status([], [], []) == 0
+    assert cli.exit_status(["00000"], [], high) == 1
+    assert cli.exit_status([], [{"shard": "00000"}], high) == 3
+
+
+def test_a_run_that_keeps_everything_warns_and_fails_with_strict(captioner_folder, filter_folder, tmp_path,
+                                                                  monkeypatch, capsys):
+    monkeypatch.setattr(cli, "KEEP_SHARE_MIN_TEXTS", 4)  # a tiny run: 4 images
+    common = ["bootstrap", "--out", str(tmp_path / "out"), "--captioner", str(captioner_folder),
+              "--filter", str(filter_folder), "--demo-size", "4", "--demo-shard-size", "4", "--torch-threads", "1",
+              "--threshold", "0"]
+    assert cli.main(common) == 0  # a warning only
+    err = capsys.readouterr().err
+    assert "warning: the filter kept 100.0% of the 4 web texts" in err and "--threshold 0.0 is likely too low" in err
+    assert "warning: the filter kept 100.0% of the 4 synthetic captions" in err
+    assert pq.read_table(tmp_path / "out" / "kept").num_rows == 8
+    assert cli.main([*common, "--strict"]) == 4  # the same finished run, judged strictly
+    assert "warning: the filter kept 100.0%" in capsys.readouterr().err
