@@ -8,7 +8,7 @@
 #
 # With AB set, a second run (the same flags, then AB's) trains side by side with the first on the same
 # rendered splits, and its results go to OUT_DIR/b/. Each gets half of the 14 loader processes. Measured at
-# batch 256 on an H100 (docs/demo.md): side by side, each run pre-trained at ~710 samples/s (one step alone,
+# batch 256 on an H100 (docs/research-log.md): side by side, each run pre-trained at ~710 samples/s (one step alone,
 # batch already on the GPU: 2,046) and fine-tuned its captioner at ~3,000 and its filter at ~1,600 samples/s,
 # so an A/B costs each run half its pre-training; use it to compare, and a single run to make models.
 # That machine has python3 with a CUDA torch and no internet: capfilt is put on PYTHONPATH as it is laid

@@ -1,4 +1,4 @@
-"""Does the demo ViT say where each object is? Linear probes on its tokens; a probe, not a test (docs/demo.md).
+"""Does the demo ViT say where each object is? Linear probes on its tokens; a probe, not a test (docs/research-log.md).
 
     python bench/probe_binding.py                         # the shipped captioner's ViT
     python bench/probe_binding.py --captioner PATH --n 1500

@@ -1,4 +1,4 @@
-"""What a trained captioner and filter see of shapes and where things are. A probe, not a test (docs/demo.md).
+"""What a trained captioner and filter see of shapes and where things are. A probe, not a test (docs/research-log.md).
 
     python bench/probe_demo_models.py --captioner demo --filter demo
     python bench/probe_demo_models.py --captioner /work/sincos/install/captioner --filter /work/sincos/install/filter

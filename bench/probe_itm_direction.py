@@ -1,4 +1,4 @@
-"""Can a filter's text encoder learn a relation's direction through ITM? A probe, not a test (docs/demo.md).
+"""Can a filter's text encoder learn a relation's direction through ITM? A probe, not a test (docs/research-log.md).
 
     python bench/probe_itm_direction.py                                  # the shipped filter, lr 1e-4
     python bench/probe_itm_direction.py --lr 5e-4 --steps 2000

@@ -1,4 +1,4 @@
-"""Does a from-scratch demo ViT learn where things are? A probe, not a test (docs/demo.md, "Where the gap is").
+"""Does a from-scratch demo ViT learn where things are? A probe, not a test (docs/research-log.md, "Where the gap is").
 
     python bench/probe_vit_positions.py --init random sincos --steps 2000
     python bench/probe_vit_positions.py --task shape --patch-size 8 4 --steps 600

@@ -20,7 +20,7 @@ edges), higher learning rates for a small model trained from scratch, the
 filter treats pairs with the same caption as positives (many scenes share one
 exact caption, so in-batch "negatives" would often be correct), and
 fine-tuning trains the text side only, the ViT frozen (the captioner learned a
-relation's direction only so; docs/demo.md).
+relation's direction only so; docs/research-log.md).
 """
 
 from __future__ import annotations
@@ -56,17 +56,17 @@ class DemoRecipe:
     finetune_lr: float = 2e-4
     queue_size: int = 4096  # ITC queue: a multiple of the batch; 57,600 in the paper is for 2,880-pair batches
     max_tokens: int = 32
-    patch_size: int = 8  # the demo preset's (an 8x8 grid); 4 gives a 16x16 grid, 4x the ViT tokens (docs/demo.md)
+    patch_size: int = 8  # the demo preset's (an 8x8 grid); 4 gives a 16x16 grid, 4x the ViT tokens (docs/research-log.md)
     vision_position_init: str = "random"  # BLIP's; "sincos" starts pre-training's ViT positions at 2-D sin-cos
     # The human split's column of hard negative texts that the filter's fine-tuning gives ITM in place of drawn
     # ones (capfilt.shapes.negatives). "" (BLIP's): negatives drawn by ITC similarity only. "negative_caption":
     # two-object captions with their words swapped or the relation changed; on CPU it did not teach the filter a
     # relation's direction in 1,500 steps and made it stricter on clean texts ("Compositional negatives").
     # "replaced_caption": half the captions with one word replaced, a relation only by one on the other axis
-    # (docs/demo.md, "Replaced words").
+    # (docs/research-log.md, "Replaced words").
     negatives: str = ""
     # Fine-tuning trains the text side only, the ViT frozen as pre-training (or the models continued from) left it.
-    # BLIP fine-tunes the ViT too; with it frozen the captioner learned a relation's direction (docs/demo.md).
+    # BLIP fine-tunes the ViT too; with it frozen the captioner learned a relation's direction (docs/research-log.md).
     freeze_vision: bool = True
     shard_size: int = 10_000  # pairs per rendered Parquet shard
     streams: int = 0  # loader streams of every stage (0: one, which reads the files one after another)
@@ -84,7 +84,7 @@ class DemoRecipe:
     continue_from: str = ""
     # With continue_from: the filter goes on from its own text side on the captioner's ViT, so that both models
     # read one image encoder, as two fine-tunes of one pre-trained MED with the ViT frozen do. The shipped
-    # captioner's ViT trained longer than the filter's and sees shapes better (docs/demo.md, "The filter on the
+    # captioner's ViT trained longer than the filter's and sees shapes better (docs/research-log.md, "The filter on the
     # captioner's ViT"). No effect without continue_from (both fine-tunes then start from one pre-training).
     shared_vision: bool = False
 
@@ -101,7 +101,7 @@ NEGATIVE_CHOICES = ("", *NEGATIVE_COLUMNS)  # DemoRecipe.negatives: none (BLIP's
 # that 16 streams mix files within every batch. Batch 256: a step of this small model costs about the same at 256
 # as at 64 on an H100 (bench/bench_gpu_step.py), so the learning rates are the CPU recipe's times 2 (the square
 # root of 4). The ViT starts from 2-D sin-cos positions: from BLIP's random start the relation stayed at chance in
-# every run; from sin-cos the shipped models learned its axis (docs/demo.md, "The shipped models").
+# every run; from sin-cos the shipped models learned its axis (docs/research-log.md, "The shipped models").
 GPU_RECIPE = DemoRecipe(shard_size=6_250, streams=16, batch_size=256, pretrain_lr=1e-3, finetune_lr=4e-4,
                         vision_position_init="sincos", pretrain_steps=10**7, captioner_steps=10**7,
                         filter_steps=10**7, pretrain_seconds=170.0, finetune_seconds=220.0, loader_workers=14,

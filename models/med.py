@@ -61,7 +61,7 @@ class MEDSettings:
     same_image_positives: bool = False  # ITC/ITM: all pairs of one image are positives (retrieval fine-tuning)
     # Train the text side only: the ViT keeps the weights it was loaded with (no gradient, no dropout). BLIP
     # fine-tunes the ViT too; the shapes-world captioner learns a relation's direction only with it frozen
-    # (docs/demo.md, "The captioner's ViT frozen").
+    # (docs/research-log.md, "The captioner's ViT frozen").
     freeze_vision: bool = False
 
     def __post_init__(self):
@@ -360,7 +360,7 @@ def init_sincos_positions(med: MED) -> None:
 
     From scratch, a small ViT learns positions slowly from BLIP's start (std
     0.02): a demo ViT told horizontal from vertical object pairs only from
-    this one (docs/demo.md).
+    this one (docs/research-log.md).
     """
     for name in ("vision_model", "vision_model_m"):
         if hasattr(med, name):

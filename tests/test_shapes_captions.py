@@ -1,4 +1,4 @@
-"""Captions, the parser and the web texts (spec: shapes-world.md, "Captions", "Web texts")."""
+"""Captions, the parser and the web texts (docs/shapes.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The shapes-world generator against the contract (spec: shapes-world.md, "Images").
+"""The shapes-world generator against the contract (docs/shapes.md).
 
 The contract's numbers are restated here, not imported, so the tests check
 capfilt.shapes against the spec rather than against itself. Rendered images

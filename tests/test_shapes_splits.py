@@ -1,4 +1,4 @@
-"""Splits: determinism per seed, iteration, Parquet shards and the CLI (spec: shapes-world.md, "Splits")."""
+"""Splits: determinism per seed, iteration, Parquet shards and the CLI (docs/shapes.md)."""
 
 from __future__ import annotations
 

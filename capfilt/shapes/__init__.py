@@ -1,4 +1,4 @@
-"""The shapes world: capfilt's offline image–text world (spec: shapes-world.md).
+"""The shapes world: capfilt's offline image–text world (docs/shapes.md).
 
 Procedurally rendered 64×64 images of one or two coloured shapes, captions
 under a small grammar whose correctness is decidable, noisy web texts of

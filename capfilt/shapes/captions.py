@@ -1,4 +1,4 @@
-"""Captions of the shapes world: the grammar, its parser and correctness (spec: shapes-world.md, "Captions").
+"""Captions of the shapes world: the grammar, its parser and correctness (docs/shapes.md).
 
     caption  := phrase | phrase relation phrase
     phrase   := "a" size colour shape

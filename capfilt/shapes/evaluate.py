@@ -1,4 +1,4 @@
-"""How good are a captioner and a filter on the shapes world? (shapes-world.md, "What is measured on it")
+"""How good are a captioner and a filter on the shapes world? (docs/shapes.md)
 
 - Filter, on a ``web`` split: the fraction of each noisy kind (``mismatch``,
   ``partial``, ``alt``) removed and the fraction of ``clean`` texts kept, at

@@ -1,4 +1,4 @@
-"""Which points each shape covers (spec: shapes-world.md, "Images").
+"""Which points each shape covers (docs/shapes.md).
 
 Coordinates are in pixels with y growing downwards; pixel (i, j) has its
 centre at x = i, y = j, as in PIL's drawing. Every shape lies in the square

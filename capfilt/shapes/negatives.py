@@ -1,6 +1,6 @@
 """Hard negative texts for ITM: a caption with its words bound wrongly, its relation wrong, or one word replaced.
 
-A departure from BLIP for the demo filter (docs/demo.md, "Compositional
+A departure from BLIP for the demo filter (docs/research-log.md, "Compositional
 negatives"). ITM's hard negative text for an image is drawn from the batch by
 ITC similarity (paper §3.2). In a batch of 64 scenes out of 100,000, a
 caption naming the same two objects with the other relation almost never
@@ -21,7 +21,7 @@ NegCLIP also replaces words; here the one word that carries geometry:
 
 The swaps hold the true caption's words, so they test binding alone; in
 training, ITM sat at chance on the objects swap for ~1,000 steps before it
-learned the direction (docs/demo.md), and a filter trained on swaps still
+learned the direction (docs/research-log.md), and a filter trained on swaps still
 passed almost every web text whose relation was changed. A third of the
 draws swap the objects, a third change the relation, a third swap an
 attribute. Every negative is checked wrong for its scene with the caption
@@ -33,7 +33,7 @@ correct).
 replaced (a size, colour or shape of one object, or the relation by one on
 the other axis), for half the rows of any scene. These are the same kind of
 edit as the world's ``partial`` web texts, except a relation's converse; the
-shipped demo filter trained on them (docs/demo.md, "Replaced words").
+shipped demo filter trained on them (docs/research-log.md, "Replaced words").
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Rendering a scene to a 64×64 RGB image and encoding it (spec: shapes-world.md, "Images").
+"""Rendering a scene to a 64×64 RGB image and encoding it (docs/shapes.md).
 
 Each image draws its own ``RenderStyle``: hard edges (each pixel takes the
 colour under its centre) or anti-aliased edges (coverage averaged over a

@@ -1,4 +1,4 @@
-"""Scenes: what is in one shapes-world image (spec: shapes-world.md, "Images").
+"""Scenes: what is in one shapes-world image (docs/shapes.md).
 
 A scene holds one or two objects, the relation of A to B when there are two,
 the background colour and the noise level. ``sample_scene`` draws one with
@@ -72,7 +72,7 @@ class SceneConfig:
 
 
 def relation_of(a: ShapeObject, b: ShapeObject, margin: float = 0.0) -> str | None:
-    """The relation of A to B from their centres, or None where none holds (spec: "Images").
+    """The relation of A to B from their centres, or None where none holds (docs/shapes.md).
 
     With ``margin`` > 0 the dominant offset must also exceed both the other one
     and RELATION_MIN_OFFSET by ``margin`` px.
@@ -86,7 +86,7 @@ def relation_of(a: ShapeObject, b: ShapeObject, margin: float = 0.0) -> str | No
 
 
 def apart(a: ShapeObject, b: ShapeObject, exact: bool = True) -> bool:
-    """Whether two objects do not overlap: centres at least rA + rB + MIN_GAP apart (spec: "Images")."""
+    """Whether two objects do not overlap: centres at least rA + rB + MIN_GAP apart (docs/shapes.md)."""
     if math.hypot(a.cx - b.cx, a.cy - b.cy) < a.radius + b.radius + MIN_GAP:
         return False
     return not exact or not shapes_intersect((a.shape, a.cx, a.cy, a.radius), (b.shape, b.cx, b.cy, b.radius))

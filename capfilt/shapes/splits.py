@@ -1,4 +1,4 @@
-"""The three splits, generated in memory (spec: shapes-world.md, "Splits").
+"""The three splits, generated in memory (docs/shapes.md).
 
 - ``human``: clean captions only (the stand-in for COCO);
 - ``web``: one noisy web text per image (the stand-in for CC12M);

@@ -1,4 +1,4 @@
-"""Web texts: one noisy text per web image, drawn by kind (spec: shapes-world.md, "Web texts").
+"""Web texts: one noisy text per web image, drawn by kind (docs/shapes.md).
 
 - ``clean``: a correct caption of its own image;
 - ``mismatch``: the correct caption of another scene, one that is wrong for this image;

@@ -1,4 +1,4 @@
-"""The shapes world's numbers, as the contract states them (spec: shapes-world.md).
+"""The shapes world's numbers, as the contract states them (docs/shapes.md).
 
 Every other module of ``capfilt.shapes`` takes its sizes, colours, shapes,
 relations and ranges from here, so the contract lives in one place.
