@@ -11,7 +11,6 @@ import io
 import json
 import os
 import tarfile
-import threading
 
 import duckdb
 import pyarrow.parquet as pq
@@ -22,6 +21,7 @@ from PIL import Image
 from capfilt import cli, datasets
 from capfilt.pipelines.settings import BootstrapSettings
 from capfilt.cli import UsageError, parse_shard_selection
+from loopback import LoopbackHTTP, keep_proxies_away
 
 IMAGES = 6
 
@@ -32,7 +32,7 @@ def jpeg(i: int) -> bytes:
     return buffer.getvalue()
 
 
-class LoopbackServer:
+class LoopbackServer(LoopbackHTTP):
     """An HTTP server on 127.0.0.1 answering from a dict of path -> (content type, body); 404 otherwise."""
 
     def __init__(self, routes: dict[str, tuple[str, bytes]]):
@@ -53,23 +53,12 @@ class LoopbackServer:
             def log_message(self, *args):
                 pass
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(Handler)
 
 
 @pytest.fixture
 def loopback(monkeypatch):
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")  # a proxy must never see these requests
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    keep_proxies_away(monkeypatch)
     archive = io.BytesIO()
     with tarfile.open(fileobj=archive, mode="w:gz") as tar:
         data = b'{"image_urls": ["http://127.0.0.1/1.jpg"], "captions": ["one"]}'

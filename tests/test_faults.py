@@ -25,7 +25,6 @@ import json
 import random
 import socket
 import struct
-import threading
 import time
 import zlib
 
@@ -35,6 +34,7 @@ import pytest
 from PIL import Image
 
 from capfilt import cli
+from loopback import LoopbackHTTP, keep_proxies_away
 
 TIMEOUT_S = 2  # img2dataset's --timeout for these runs
 BOMB_SIDE = 12_000  # a PNG of 144 M pixels in a few hundred KB: above max_image_pixels (50 M)
@@ -93,7 +93,7 @@ def animated_gif() -> bytes:
     return buffer.getvalue()
 
 
-class FaultServer:
+class FaultServer(LoopbackHTTP):
     """127.0.0.1: each path is a fault (or a good image); counts the requests it answered."""
 
     def __init__(self):
@@ -157,29 +157,12 @@ class FaultServer:
             def log_message(self, *args):
                 pass
 
-        class Server(http.server.ThreadingHTTPServer):
-            daemon_threads = True
-
-            def handle_error(self, request, client_address):  # a reset or a client that left: expected here
-                pass
-
-        self.server = Server(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(Handler)
 
 
 @pytest.fixture
 def faults(monkeypatch):
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")  # a proxy must never see these requests
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    keep_proxies_away(monkeypatch)
     with FaultServer() as server:
         yield server
 
