@@ -6,6 +6,20 @@ import http.server
 import threading
 
 
+class Handler(http.server.BaseHTTPRequestHandler):
+    """A request handler that answers with ``answer`` and logs nothing."""
+
+    def answer(self, status: int, content_type: str, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
 class QuietServer(http.server.ThreadingHTTPServer):
     """Handler threads never hold up shutdown; a client that resets or leaves is expected, not an error."""
 

@@ -6,7 +6,6 @@ The only network is a loopback HTTP server in a thread (PIL-made JPEGs, a
 
 from __future__ import annotations
 
-import http.server
 import io
 import json
 import os
@@ -21,7 +20,7 @@ from PIL import Image
 from capfilt import cli, datasets
 from capfilt.pipelines.settings import BootstrapSettings
 from capfilt.cli import UsageError, parse_shard_selection
-from loopback import LoopbackHTTP, keep_proxies_away
+from loopback import Handler, LoopbackHTTP, keep_proxies_away
 
 IMAGES = 6
 
@@ -38,22 +37,14 @@ class LoopbackServer(LoopbackHTTP):
     def __init__(self, routes: dict[str, tuple[str, bytes]]):
         routes_ = routes
 
-        class Handler(http.server.BaseHTTPRequestHandler):
+        class Routes(Handler):
             def do_GET(self):  # noqa: N802 - the stdlib's name
                 if self.path not in routes_:
                     self.send_error(404, "Not Found")
                     return
-                content_type, body = routes_[self.path]
-                self.send_response(200)
-                self.send_header("Content-Type", content_type)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                self.answer(200, *routes_[self.path])
 
-            def log_message(self, *args):
-                pass
-
-        super().__init__(Handler)
+        super().__init__(Routes)
 
 
 @pytest.fixture

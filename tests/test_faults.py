@@ -19,7 +19,6 @@ never by sending anything there. Time is bounded: img2dataset's timeout is
 from __future__ import annotations
 
 import base64
-import http.server
 import io
 import json
 import random
@@ -34,7 +33,7 @@ import pytest
 from PIL import Image
 
 from capfilt import cli
-from loopback import LoopbackHTTP, keep_proxies_away
+from loopback import Handler, LoopbackHTTP, keep_proxies_away
 
 TIMEOUT_S = 2  # img2dataset's --timeout for these runs
 BOMB_SIDE = 12_000  # a PNG of 144 M pixels in a few hundred KB: above max_image_pixels (50 M)
@@ -113,13 +112,13 @@ class FaultServer(LoopbackHTTP):
         }
         requests = self.requests = []
 
-        class Handler(http.server.BaseHTTPRequestHandler):
+        class Faults(Handler):
             def do_GET(self):  # noqa: N802 - the stdlib's name
                 path = self.path.split("?")[0]
                 requests.append(path)
                 if path in bodies:
                     content_type, body = bodies[path]
-                    self._answer(200, content_type, body)
+                    self.answer(200, content_type, body)
                 elif path == "/500":
                     self.send_error(500, "Internal Server Error")
                 elif path == "/loop":
@@ -133,7 +132,7 @@ class FaultServer(LoopbackHTTP):
                     self.close_connection = True
                 elif path == "/timeout":  # answers after the client gave up
                     time.sleep(TIMEOUT_S + 2)
-                    self._answer(200, "image/jpeg", good["/good/0.jpg"][1])
+                    self.answer(200, "image/jpeg", good["/good/0.jpg"][1])
                 elif path == "/drip":  # a promised 5,000 bytes, 10 of them sent slowly, then the connection ends
                     self.send_response(200)
                     self.send_header("Content-Type", "image/jpeg")
@@ -147,17 +146,7 @@ class FaultServer(LoopbackHTTP):
                 else:
                     self.send_error(404, "Not Found")
 
-            def _answer(self, status, content_type, body):
-                self.send_response(status)
-                self.send_header("Content-Type", content_type)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        super().__init__(Handler)
+        super().__init__(Faults)
 
 
 @pytest.fixture
