@@ -1,4 +1,4 @@
-"""The ViT's forward pass with transformers' eager attention and with capfilt's SDPA (models/attention.py).
+"""The ViT's forward pass with transformers' eager attention and with capfilt's SDPA (capfilt/attention.py).
 
     python bench/bench_attention.py                          # ViT-B/16 at 384 px, batch 4, this CPU
     python bench/bench_attention.py --preset large --batch 32 --device cuda --dtype bfloat16
@@ -19,7 +19,7 @@ import torch
 from transformers import BlipVisionModel
 
 from capfilt.configs import preset_config
-from capfilt.models.attention import use_sdpa
+from capfilt.attention import use_sdpa
 
 
 def measure(model: BlipVisionModel, images: torch.Tensor, repeats: int) -> tuple[float, float | None, torch.Tensor]:

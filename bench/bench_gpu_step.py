@@ -8,7 +8,7 @@ For each task's losses (pre-training ITC + ITM + LM, captioner LM, filter
 ITC + ITM) it times forward, backward and AdamW on one random batch of
 shapes-world size (64 px, 32 tokens), after warm-up steps, synchronising the
 device before reading the clock. ``--attention eager`` turns the ViT's
-attention back into transformers' eager one (models/attention.py). Set against a training log's samples/s, it
+attention back into transformers' eager one (capfilt/attention.py). Set against a training log's samples/s, it
 says whether the model or the loader limits training.
 """
 
@@ -27,7 +27,7 @@ TASKS = {"pretrain": ("itc", "itm", "lm"), "captioner": ("lm",), "filter": ("itc
 def step_ms(losses: tuple[str, ...], batch: int, steps: int, device: torch.device,
             attention: str = "sdpa") -> float:
     from capfilt.configs import preset_config
-    from capfilt.models.attention import use_eager
+    from capfilt.attention import use_eager
     from capfilt.models.med import MED, MEDSettings
     from capfilt.shapes import VOCABULARY
     from capfilt.tokenizer import special_ids

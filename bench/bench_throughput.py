@@ -54,7 +54,7 @@ from capfilt.captioner import Captioner, SamplingSettings
 from capfilt.configs import preset_config
 from capfilt.device import autocast, pick_device, precision_name
 from capfilt.filter import MAX_TEXT_TOKENS, Filter
-from capfilt.models.attention import use_sdpa
+from capfilt.attention import use_sdpa
 from capfilt.vocab import compact_tokenizer
 
 WORDS = "a picture of the small large red green blue circle square triangle left right above below".split()

@@ -29,7 +29,7 @@ from torch import nn
 from transformers import BlipConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from capfilt.configs import PRESETS, TextSize, VitSize, config_from_med, make_config, preset_config
-from capfilt.models.attention import use_sdpa
+from capfilt.attention import use_sdpa
 from capfilt.tokenizer import SpecialIds, TokenizerNotFoundError, load_tokenizer, special_ids
 
 CAPTIONER = "captioner"
@@ -272,7 +272,7 @@ def load_model(
     if source.kind == "hf":
         if config is not None:
             raise CheckpointError(f"{source.path} carries its own config.json; config= is for .pth files")
-        model = use_sdpa(load_hf_folder(model_class, source.path))  # same maths, fused (models/attention.py)
+        model = use_sdpa(load_hf_folder(model_class, source.path))  # same maths, fused (capfilt/attention.py)
         return model, tokenizer_for(source, model.config, tokenizer), source
     state_dict = load_original_state_dict(source.path)
     loaded_tokenizer = _tokenizer_at(tokenizer or source.path.parent, source)

@@ -401,7 +401,7 @@ def bootstrap(args, unknown: list[str]) -> int:
     from capfilt.pipelines.layout import OutputLayout
     from capfilt.pipelines.progress import Progress
     from capfilt.pipelines.shards import list_shards
-    from capfilt.report import read_stats
+    from capfilt.pipelines.report import read_stats
 
     options = beam_options(unknown)
     if dask_cluster.is_dask(args.runner):

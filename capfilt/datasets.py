@@ -43,7 +43,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
-from capfilt.pipelines.schema import IMAGE_COLUMNS, INPUT_COLUMNS, INPUT_ERROR, INPUT_STAGE, INPUT_URL
+from capfilt.columns import IMAGE_COLUMNS, INPUT_COLUMNS, INPUT_ERROR, INPUT_STAGE, INPUT_URL
 from capfilt.urls import refusals
 
 log = logging.getLogger(__name__)
@@ -399,7 +399,7 @@ def _extract_member(archive: Path, member: str, folder: Path) -> Path:
 def write_url_list(url_list: UrlList, target: str | Path, extra: tuple[str, ...] = (),
                    allow_private_addresses: bool = False) -> dict:
     """Rewrite ``url_list`` as one Parquet file: ``url``, ``caption``, the ``extra`` columns, then
-    ``capfilt_error``, ``capfilt_stage`` and ``capfilt_url`` (``capfilt.pipelines.schema.INPUT_COLUMNS``).
+    ``capfilt_error``, ``capfilt_stage`` and ``capfilt_url`` (``capfilt.columns.INPUT_COLUMNS``).
 
     Every row is kept, in the source's order, and the three ``capfilt_*`` columns are null on a good row:
 

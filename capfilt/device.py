@@ -140,7 +140,7 @@ def compute_in_fp32(module: torch.nn.Module) -> torch.nn.Module:
     """Make ``module`` compute in fp32 inside an autocast region (its inputs cast up), in place; returns it.
 
     Same parameters, same state-dict keys (its class becomes a subclass whose ``forward`` turns autocast off,
-    as ``capfilt.models.attention.use_sdpa`` swaps classes), and a deep copy keeps it. For output heads, where
+    as ``capfilt.attention.use_sdpa`` swaps classes), and a deep copy keeps it. For output heads, where
     bf16 rounding would change what is drawn or decided and fp32 costs little.
     """
     cls = type(module)

@@ -49,7 +49,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from capfilt.pipelines.schema import INPUT_COLUMNS
+from capfilt.columns import INPUT_COLUMNS
 
 log = logging.getLogger(__name__)
 

@@ -62,7 +62,7 @@ import torch
 
 from capfilt.images import decode_image
 from capfilt.models.augment import AugmentConfig, augmented_image, normalise
-from capfilt.pipelines.schema import IMAGE_COLUMNS
+from capfilt.columns import IMAGE_COLUMNS
 from capfilt.tokenizer import pre_caption
 
 TOKEN_CACHE_SIZE = 200_000  # distinct texts whose token ids a loader keeps (a few hundred bytes each)

@@ -35,7 +35,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.models.blip.modeling_blip_text import BlipTextLMHeadModel, BlipTextModel
 
 from capfilt.models import distributed
-from capfilt.models.attention import use_sdpa
+from capfilt.attention import use_sdpa
 from capfilt.models.losses import (
     itc_targets, lm_labels, loss_itc, loss_itm, loss_lm, num_lm_targets, sample_hard_negatives,
 )
@@ -102,7 +102,7 @@ class MED(nn.Module):
         if max(ids.pad, ids.cls, ids.sep, ids.dec, ids.enc) >= text.vocab_size:
             raise ValueError(f"special ids {ids} do not fit the text vocabulary of {text.vocab_size}")
         self.config, self.ids, self.settings = config, ids, settings
-        self.vision_model = use_sdpa(BlipVisionModel(config.vision_config))  # same maths, fused (models/attention.py)
+        self.vision_model = use_sdpa(BlipVisionModel(config.vision_config))  # same maths, fused (capfilt/attention.py)
         if settings.freeze_vision:
             self.vision_model.requires_grad_(False)
         if self.has("itc"):

@@ -104,7 +104,7 @@ def _unfinished(shard: InputShard, layout: OutputLayout) -> bool:
 
 def _write_stats_and_report(results: list[dict], layout: OutputLayout, settings: BootstrapSettings,
                             total_shards: int, report: bool) -> dict:
-    from capfilt.report import write_summary
+    from capfilt.pipelines.report import write_summary
 
     # A shard that failed here but was finished meanwhile by another job on the same OUT is not unfinished.
     errors = sorted((r for r in results if "error" in r and not layout.is_done(r["shard"])), key=lambda r: r["shard"])

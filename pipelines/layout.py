@@ -11,7 +11,7 @@
       _tmp/{run}/                one folder per job: its run.json (host, pid), and per
                                  attempt at a shard a folder of files being written
                                  (never read) with its progress.json (rows read so far)
-      stats.json, report.html    the whole run (see capfilt.report)
+      stats.json, report.html    the whole run (see capfilt.pipelines.report)
 
 A shard's three files are written under ``_tmp/`` with a unique name, then
 renamed to their final names, and only then is the marker written (itself

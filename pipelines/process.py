@@ -51,6 +51,7 @@ import torch
 from apache_beam.io.filesystems import FileSystems
 from PIL import Image
 
+from capfilt.columns import INPUT_STAGE
 from capfilt.images import DecodedImage, ImagePreprocessor, decode_for_model, recorded_orientation, upright_rgb
 from capfilt.pipelines import schema
 from capfilt.pipelines.layout import FAILED, KEPT, REJECTED, OutputLayout, progress_path, remove_progress, write_text
@@ -363,7 +364,7 @@ class ShardJob:
         if row.input_error:  # a URL list line that did not parse, or a URL refused: img2dataset saw no URL
             stage = row.input_stage or "parse"  # older URL lists have no stage column: their errors are parse's
             if stage not in schema.STAGES:
-                return "parse", f"{row.input_error} (unknown {schema.INPUT_STAGE} {stage!r})"
+                return "parse", f"{row.input_error} (unknown {INPUT_STAGE} {stage!r})"
             return stage, row.input_error
         if row.status != SUCCESS:
             return "download", row.error or row.status

@@ -31,6 +31,8 @@ import json
 
 import pyarrow as pa
 
+from capfilt.columns import IMAGE_COLUMNS, INPUT_COLUMNS
+
 SCHEMA_VERSION = 2  # 2: sample_id; stage read (damaged input); null keys become {shard}_{row:09d}
 METADATA_KEY = b"capfilt"  # Parquet key-value metadata: JSON with schema_version, models, settings
 
@@ -43,19 +45,6 @@ SOURCES = (WEB, SYNTHETIC)
 # not be read (too many or too few fields); it is carried through the download as a row without URL, its text
 # as the caption.
 STAGES = ("read", "parse", "download", "decode", "size", "caption", "filter")
-
-# The canonical URL list's (and so img2dataset's shards') column that marks a row as unparseable: null for good
-# rows, the reason for a line that did not parse (``capfilt.datasets.write_url_list``). Never passed through.
-INPUT_ERROR = "capfilt_error"
-# With ``capfilt_error`` set, the stage the row fails at: null or ``parse`` for a line that did not parse,
-# ``download`` for a URL refused before img2dataset saw it (``capfilt.urls``). Never passed through.
-INPUT_STAGE = "capfilt_stage"
-# The URL of a refused row: its ``url`` is null so that img2dataset never fetches it; the output's ``url`` is this.
-INPUT_URL = "capfilt_url"
-INPUT_COLUMNS = (INPUT_ERROR, INPUT_STAGE, INPUT_URL)  # capfilt's own columns of the URL list, in this order
-
-# img2dataset's image columns (its --encode_format), in order of preference.
-IMAGE_COLUMNS = ("jpg", "png", "webp")
 
 # Columns capfilt writes itself; an input column of the same name is not passed through.
 # ``status``/``error_message`` are img2dataset's download outcome: kept in failed/ as ``status``.

@@ -8,7 +8,7 @@ Two layouts are read, both as img2dataset writes them:
   included (``status`` != ``success``, no image bytes), the image in a
   ``jpg`` (or ``png``/``webp``) column. A row whose ``capfilt_error`` is set
   failed before download: a URL list line that did not parse, or a URL that
-  was refused (``schema.INPUT_ERROR``, ``INPUT_STAGE``, ``INPUT_URL``).
+  was refused (``capfilt.columns``).
 - webdataset (``--output_format webdataset``): ``{shard}.tar`` with
   ``{key}.jpg``/``.txt``/``.json`` for each success, and beside it
   ``{shard}.parquet`` with the metadata of every row, failures included.
@@ -64,8 +64,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
-from capfilt.pipelines.schema import IMAGE_COLUMNS, INPUT_COLUMNS, INPUT_ERROR, INPUT_STAGE, INPUT_URL, \
-    passthrough_fields
+from capfilt.columns import IMAGE_COLUMNS, INPUT_COLUMNS, INPUT_ERROR, INPUT_STAGE, INPUT_URL
+from capfilt.pipelines.schema import passthrough_fields
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""The ViT's SDPA attention (models/attention.py) against transformers' own eager BLIP attention."""
+"""The ViT's SDPA attention (capfilt/attention.py) against transformers' own eager BLIP attention."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from transformers.models.blip.modeling_blip import BlipAttention
 
 from capfilt.checkpoints import load_model
 from capfilt.configs import preset_config
-from capfilt.models.attention import SdpaBlipAttention, use_eager, use_sdpa
+from capfilt.attention import SdpaBlipAttention, use_eager, use_sdpa
 from capfilt.models.med import MED, MEDSettings
 from capfilt.tokenizer import special_ids
 

@@ -14,7 +14,7 @@ from PIL import Image
 
 from capfilt import datasets
 from capfilt.datasets import Columns, DatasetError, DatasetNotAvailableError, resolve, write_url_list
-from capfilt.pipelines.schema import INPUT_COLUMNS, INPUT_ERROR, INPUT_STAGE, INPUT_URL
+from capfilt.columns import INPUT_COLUMNS, INPUT_ERROR, INPUT_STAGE, INPUT_URL
 from capfilt.pipelines.shards import ShardError, ShardReader, list_shards
 
 

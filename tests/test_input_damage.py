@@ -18,10 +18,10 @@ import pytest
 from test_pipeline import ROWS_PER_SHARD, read, run_pipeline, shard_rows
 
 from capfilt.pipelines.layout import FAILED, KEPT, REJECTED
-from capfilt.pipelines.schema import INPUT_ERROR, INPUT_STAGE, INPUT_URL
+from capfilt.columns import INPUT_ERROR, INPUT_STAGE, INPUT_URL
 from capfilt.pipelines.settings import BootstrapSettings
 from capfilt.pipelines.shards import list_shards
-from capfilt.report import read_stats
+from capfilt.pipelines.report import read_stats
 
 K = 1
 
@@ -314,7 +314,7 @@ def test_a_storage_error_is_retried_not_recorded_as_damage(settings, tmp_path, m
 
 
 def test_the_report_escapes_damage_and_keys():
-    from capfilt.report import _damaged_section, _duplicates_paragraph
+    from capfilt.pipelines.report import _damaged_section, _duplicates_paragraph
 
     damaged = _damaged_section([{"shard": "<b>s</b>", "input": "/data/<script>x</script>.parquet", "rows_read": 0,
                                  "rows_failed_read": 0, "errors": ["<img src=x onerror=alert(1)>"],

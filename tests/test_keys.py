@@ -16,7 +16,7 @@ from capfilt.pipelines.layout import FAILED, KEPT, REJECTED
 from capfilt.pipelines.settings import BootstrapSettings
 from capfilt.pipelines.shards import list_shards
 from capfilt.pipelines.stats import KEY_HASH_DTYPE, duplicates_across
-from capfilt.report import read_stats
+from capfilt.pipelines.report import read_stats
 
 K = 2
 

@@ -38,7 +38,7 @@ from capfilt.pipelines.progress import Progress
 from capfilt.pipelines.schema import SCHEMA_VERSION, read_provenance
 from capfilt.pipelines.settings import BootstrapSettings
 from capfilt.pipelines.shards import list_shards
-from capfilt.report import read_stats
+from capfilt.pipelines.report import read_stats
 
 K = 2
 BATCH = 3

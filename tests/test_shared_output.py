@@ -17,7 +17,7 @@ from capfilt.pipelines.layout import OutputLayout
 from capfilt.pipelines.models import Models
 from capfilt.pipelines.settings import BootstrapSettings
 from capfilt.pipelines.shards import list_shards
-from capfilt.report import read_stats
+from capfilt.pipelines.report import read_stats
 
 
 @pytest.fixture(scope="module")
