@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from capfilt.checkpoints import DEMO_MODELS
+from capfilt.models.presets import DEMO_TRAINING
 from capfilt.shapes.shards import NEGATIVE_COLUMNS
 
 WORK = Path("runs/demo")
@@ -48,16 +49,17 @@ class DemoRecipe:
 
     human: int = 100_000  # human (clean) pairs, seed 11
     web: int = 100_000  # web (noisy) pairs, seed 12
-    batch_size: int = 64
+    # The training values start from capfilt.models.presets (what `--model demo` trains with; comments there).
+    batch_size: int = DEMO_TRAINING.batch_size
     pretrain_steps: int = 750
-    pretrain_lr: float = 5e-4
+    pretrain_lr: float = DEMO_TRAINING.pretrain_lr
     captioner_steps: int = 3000
     filter_steps: int = 1250
-    finetune_lr: float = 2e-4
-    queue_size: int = 4096  # ITC queue: a multiple of the batch; 57,600 in the paper is for 2,880-pair batches
-    max_tokens: int = 32
-    patch_size: int = 8  # the demo preset's (an 8x8 grid); 4 gives a 16x16 grid, 4x the ViT tokens (docs/research-log.md)
-    vision_position_init: str = "random"  # BLIP's; "sincos" starts pre-training's ViT positions at 2-D sin-cos
+    finetune_lr: float = DEMO_TRAINING.finetune_lr
+    queue_size: int = DEMO_TRAINING.queue_size
+    max_tokens: int = DEMO_TRAINING.max_tokens
+    patch_size: int = DEMO_TRAINING.patch_size
+    vision_position_init: str = DEMO_TRAINING.vision_position_init
     # The human split's column of hard negative texts that the filter's fine-tuning gives ITM in place of drawn
     # ones (capfilt.shapes.negatives). "" (BLIP's): negatives drawn by ITC similarity only. "negative_caption":
     # two-object captions with their words swapped or the relation changed; on CPU it did not teach the filter a
@@ -66,8 +68,7 @@ class DemoRecipe:
     # (docs/research-log.md, "Replaced words").
     negatives: str = ""
     # Fine-tuning trains the text side only, the ViT frozen as pre-training (or the models continued from) left it.
-    # BLIP fine-tunes the ViT too; with it frozen the captioner learned a relation's direction (docs/research-log.md).
-    freeze_vision: bool = True
+    freeze_vision: bool = DEMO_TRAINING.freeze_vision
     shard_size: int = 10_000  # pairs per rendered Parquet shard
     streams: int = 0  # loader streams of every stage (0: one, which reads the files one after another)
     pretrain_seconds: float = 0.0  # wall-clock limit of pre-training (0: none; the steps above end it)

@@ -55,6 +55,7 @@ from capfilt.models.data import (
 )
 from capfilt.models.export import SAMPLING_FILE, check_sampling_file, find_sampling_file
 from capfilt.models.med import MED, MEDSettings, init_sincos_positions, prompt_length
+from capfilt.models.presets import DEMO_TRAINING
 from capfilt.tokenizer import TokenizerNotFoundError, load_tokenizer, special_ids
 
 log = logging.getLogger("capfilt.train")
@@ -151,12 +152,10 @@ def _demo_tokenizer() -> str:
 
 
 def _train_presets() -> dict[str, TrainPreset]:
-    # The demo's values are those of `make demo-models` (capfilt.demo.DemoRecipe, the one source of them),
-    # except the pre-training warm-up: the recipe's 300 steps are for 750 steps of 200,000 pairs; a loop on
-    # `make bootstrap`'s output (1,400 pairs kept) trains 21 steps an epoch, so 30.
-    from capfilt.demo import DemoRecipe
-
-    recipe, demo_vit, tiny_vit = DemoRecipe(), PRESETS["demo"][0], PRESETS["tiny"][0]
+    # The demo's values are `make demo-models`' (capfilt.models.presets, which capfilt.demo.DemoRecipe starts
+    # from), except the pre-training warm-up: the recipe's 300 steps are for 750 steps of 200,000 pairs; a loop
+    # on `make bootstrap`'s output (1,400 pairs kept) trains 21 steps an epoch, so 30.
+    recipe, demo_vit, tiny_vit = DEMO_TRAINING, PRESETS["demo"][0], PRESETS["tiny"][0]
     shapes_world = "the shapes-world tokenizer shipped in capfilt/demo_models/captioner"
     finetune = dict(lr=recipe.finetune_lr, schedule="step", warmup_steps=0, freeze_vision=recipe.freeze_vision)
     return {
