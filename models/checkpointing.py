@@ -19,10 +19,12 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
+from transformers import BlipConfig
 
 from capfilt.models import distributed
 from capfilt.models.data import StreamPosition
-from capfilt.models.med import MEDSettings
+from capfilt.models.med import MED, MEDSettings
+from capfilt.tokenizer import load_tokenizer, special_ids
 
 log = logging.getLogger(__name__)
 STATE_FILE = "training_state.pt"
@@ -172,3 +174,17 @@ def _check_same_run(previous: dict, current: dict, folder) -> None:
 def config_dict(config) -> dict:
     """A dataclass configuration as plain data, for the checkpoint and the log."""
     return asdict(config)
+
+
+def med_from_run(source: str | Path) -> tuple[MED, object]:
+    """The MED (weights, momentum encoders, queues) and tokenizer of a run's newest checkpoint (or a given one)."""
+    checkpoint = latest_checkpoint(source)
+    if checkpoint is None:
+        raise FileNotFoundError(f"no capfilt training checkpoint in {source}")
+    saved = read_checkpoint(checkpoint)
+    run = checkpoint if (checkpoint / "tokenizer").is_dir() else checkpoint.parent.parent
+    tokenizer = load_tokenizer(run / "tokenizer")
+    settings = MEDSettings(**{**saved["config"]["med"], "losses": tuple(saved["config"]["med"]["losses"])})
+    med = MED(BlipConfig.from_dict(saved["config"]["blip"]), special_ids(tokenizer), settings)
+    med.load_state_dict(saved["model"], strict=True)
+    return med, tokenizer

@@ -90,7 +90,7 @@ def export(med: MED, tokenizer, role: str, folder: str | Path, sampling: str | P
 
 def export_run(source: str | Path, role: str, folder: str | Path) -> Path:
     """Export ``role`` from a capfilt run (or one of its checkpoints); a captioner gets the run's sampling file."""
-    from capfilt.models.train import med_from_run
+    from capfilt.models.checkpointing import med_from_run
 
     med, tokenizer = med_from_run(source)
     return export(med, tokenizer, role, folder, sampling=find_sampling_file(source) if role == "captioner" else None)

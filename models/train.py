@@ -46,7 +46,7 @@ from capfilt.configs import PRESETS, check_patch_size, preset_config
 from capfilt.models import distributed
 from capfilt.models.augment import AugmentConfig
 from capfilt.models.checkpointing import (
-    SKIP_COUNTS, TrainState, config_dict, latest_checkpoint, load_checkpoint, no_skips, read_checkpoint,
+    SKIP_COUNTS, TrainState, config_dict, latest_checkpoint, load_checkpoint, no_skips,
     save_checkpoint,
 )
 from capfilt.models.data import (
@@ -787,20 +787,6 @@ def _step(model, optimizer, batch, lr: float, alpha: float, negatives_seed: int,
     sum(losses.values()).backward()
     optimizer.step()
     return {name: value.detach() for name, value in losses.items()}
-
-
-def med_from_run(source: str | Path) -> tuple[MED, object]:
-    """The MED (weights, momentum encoders, queues) and tokenizer of a run's newest checkpoint (or a given one)."""
-    checkpoint = latest_checkpoint(source)
-    if checkpoint is None:
-        raise FileNotFoundError(f"no capfilt training checkpoint in {source}")
-    saved = read_checkpoint(checkpoint)
-    run = checkpoint if (checkpoint / "tokenizer").is_dir() else checkpoint.parent.parent
-    tokenizer = load_tokenizer(run / "tokenizer")
-    settings = MEDSettings(**{**saved["config"]["med"], "losses": tuple(saved["config"]["med"]["losses"])})
-    med = MED(BlipConfig.from_dict(saved["config"]["blip"]), special_ids(tokenizer), settings)
-    med.load_state_dict(saved["model"], strict=True)
-    return med, tokenizer
 
 
 # --- command line -----------------------------------------------------------------------------

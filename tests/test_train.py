@@ -21,7 +21,8 @@ from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval
 
 from capfilt.models.checkpointing import latest_checkpoint, read_checkpoint
 from capfilt.models.data import BadParquetFile
-from capfilt.models.train import _parser, configure, main, med_from_run, train
+from capfilt.models.checkpointing import med_from_run
+from capfilt.models.train import _parser, configure, main, train
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220)}
 SHAPES = ("square", "circle")
