@@ -65,14 +65,27 @@ def _say(text: str, start: float) -> None:
     print(f"[experiment] {text} ({(time.time() - start) / 60:.1f} min)", file=sys.stderr, flush=True)
 
 
-def run_capfilt(web: Path, out: Path, config: ExperimentConfig, *extra: str) -> Path:
-    """Step 3: ``capfilt bootstrap`` over the web shards (resumes finished shards)."""
-    from capfilt.cli import main as capfilt_main
+def run_capfilt(web: Path, out: Path, config: ExperimentConfig, method: str | None = None,
+                shards: str | None = None) -> Path:
+    """Step 3: the CapFilt pipeline over the web shards (``shards``: indices such as ``0-3``; default all),
+    with the captioner's own sampling or ``method``; resumes finished shards."""
+    from capfilt.cli import parse_shard_selection
+    from capfilt.pipelines import bootstrap
+    from capfilt.pipelines.layout import OutputLayout
+    from capfilt.pipelines.report import read_stats
+    from capfilt.pipelines.settings import BootstrapSettings
+    from capfilt.pipelines.shards import list_shards
 
-    code = capfilt_main(["bootstrap", "--data", str(web), "--out", str(out), "--runner", config.runner,
-                         "--captioner", config.captioner, "--filter", config.filter, *extra])
-    if code != 0:
-        raise RuntimeError(f"capfilt bootstrap into {out} exited with {code}; rerun to resume")
+    settings = BootstrapSettings(captioner=config.captioner, filter=config.filter,
+                                 sampling_overrides={"method": method} if method else {})
+    found = list_shards(str(web))
+    selected = [found[i] for i in parse_shard_selection(shards, len(found))]
+    bootstrap.run(selected, settings, str(out), runner=config.runner)
+    stats = read_stats(OutputLayout(str(out)))
+    unfinished = stats["shards"]["errors"] + stats["shards"].get("damaged", [])
+    if unfinished:
+        raise RuntimeError(f"CapFilt into {out} left {len(unfinished)} shard(s) unfinished or damaged: "
+                           f"{unfinished[:3]}; rerun to resume")
     return out
 
 
@@ -197,8 +210,7 @@ def run_experiment(recipe: DemoRecipe = DemoRecipe(), work: Path = WORK,
     nucleus = run_capfilt(folders["web"], here / "capfilt-nucleus", config)
     _say("CapFilt over web (nucleus) done", start)
     _check_paired(folders["web"], nucleus / "kept")
-    beam = run_capfilt(folders["web"], here / "capfilt-beam", config, "--method", "beam", "--shards",
-                       config.beam_shards)
+    beam = run_capfilt(folders["web"], here / "capfilt-beam", config, method="beam", shards=config.beam_shards)
     _say("CapFilt over the compared shards (beam) done", start)
     table = capfilt_table(nucleus, beam)
     results = {"recipe": asdict(recipe), "config": asdict(config), "test_seed": TEST_SEED, "capfilt": table,
