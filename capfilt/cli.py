@@ -563,6 +563,14 @@ def delegate(command: str, rest: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:  # `capfilt datasets | head`: the reader left; no traceback for that
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit must not fail
+        return 0
+
+
+def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     silence_beam_apitools_warning()
     parser = build_parser(bootstrap_flags=False)  # imports nothing heavy: --help and delegation stay fast

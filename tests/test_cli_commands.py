@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 import types
@@ -154,3 +155,14 @@ def test_a_run_that_keeps_everything_warns_and_fails_with_strict(captioner_folde
     assert pq.read_table(tmp_path / "out" / "kept").num_rows == 8
     assert cli.main([*common, "--strict"]) == 4  # the same finished run, judged strictly
     assert "warning: the filter kept 100.0%" in capsys.readouterr().err
+
+
+def test_a_reader_that_leaves_early_is_no_error(tmp_path):
+    """`capfilt datasets | head`: the reader is gone before capfilt writes; it ends quietly with status 0."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # every write to the pipe now fails: EPIPE, as after `head` has read its lines
+    code = "import sys; from capfilt import cli; sys.exit(cli.main(['datasets', '--cache-dir', sys.argv[1]]))"
+    writer = subprocess.run([sys.executable, "-c", code, str(tmp_path)], stdout=write_end, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    os.close(write_end)
+    assert writer.returncode == 0 and "Traceback" not in writer.stderr, writer.stderr
