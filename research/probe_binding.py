@@ -1,8 +1,8 @@
 """Does the demo ViT say where each object is? Linear probes on its tokens; a probe, not a test (docs/research-log.md).
 
-    python bench/probe_binding.py                         # the shipped captioner's ViT
-    python bench/probe_binding.py --captioner PATH --n 1500
-    python bench/probe_binding.py --filter demo           # the shipped filter's ViT
+    python research/probe_binding.py                         # the shipped captioner's ViT
+    python research/probe_binding.py --captioner PATH --n 1500
+    python research/probe_binding.py --filter demo           # the shipped filter's ViT
 
 On the two-object scenes of a fresh ``human`` split (seed 77), ridge
 regressions on the ViT's tokens at the objects' centres, per layer, fitted

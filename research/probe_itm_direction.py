@@ -1,9 +1,9 @@
 """Can a filter's text encoder learn a relation's direction through ITM? A probe, not a test (docs/research-log.md).
 
-    python bench/probe_itm_direction.py                                  # the shipped filter, lr 1e-4
-    python bench/probe_itm_direction.py --lr 5e-4 --steps 2000
-    python bench/probe_itm_direction.py --text-from-captioner demo       # encoder started from a captioner's decoder
-    python bench/probe_itm_direction.py --swap colour                    # a control: an attribute swapped instead
+    python research/probe_itm_direction.py                                  # the shipped filter, lr 1e-4
+    python research/probe_itm_direction.py --lr 5e-4 --steps 2000
+    python research/probe_itm_direction.py --text-from-captioner demo       # encoder started from a captioner's decoder
+    python research/probe_itm_direction.py --swap colour                    # a control: an attribute swapped instead
 
 Two-object scenes of fresh ``human`` splits (training seed 11, validation
 seed 31337). Each image is paired with its canonical caption (a match) and

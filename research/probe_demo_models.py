@@ -1,7 +1,7 @@
 """What a trained captioner and filter see of shapes and where things are. A probe, not a test (docs/research-log.md).
 
-    python bench/probe_demo_models.py --captioner demo --filter demo
-    python bench/probe_demo_models.py --captioner /work/sincos/install/captioner --filter /work/sincos/install/filter
+    python research/probe_demo_models.py --captioner demo --filter demo
+    python research/probe_demo_models.py --captioner /work/sincos/install/captioner --filter /work/sincos/install/filter
 
 On the evaluation split (``web``, seed 20221, the first ``--n`` pairs, as ``python -m capfilt.shapes.evaluate``):
 - captioner: greedy one-object captions, the shape said for each true size and shape (a confusion table);

@@ -1,10 +1,10 @@
 """Does a from-scratch demo ViT learn where things are? A probe, not a test (docs/research-log.md, "Where the gap is").
 
-    python bench/probe_vit_positions.py --init random sincos --steps 2000
-    python bench/probe_vit_positions.py --task shape --patch-size 8 4 --steps 600
-    python bench/probe_vit_positions.py --task shape --init sincos --lr 5e-4 1e-3 --steps 600
-    python bench/probe_vit_positions.py --task shape --init random --steps 300 --warmup 100 --lr 2e-3
-    python bench/probe_vit_positions.py --task shape --model cnn --steps 300
+    python research/probe_vit_positions.py --init random sincos --steps 2000
+    python research/probe_vit_positions.py --task shape --patch-size 8 4 --steps 600
+    python research/probe_vit_positions.py --task shape --init sincos --lr 5e-4 1e-3 --steps 600
+    python research/probe_vit_positions.py --task shape --init random --steps 300 --warmup 100 --lr 2e-3
+    python research/probe_vit_positions.py --task shape --model cnn --steps 300
 
 A bare ``demo``-preset ViT (``BlipVisionModel``) with a linear head on its
 first token learns one question about freshly rendered shapes-world images:
