@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test clean
+.PHONY: install test test-slow clean
 
 install: $(VENV)/.installed  ## set up everything from a fresh clone
 
@@ -21,8 +21,11 @@ $(VENV)/.installed: setup.py
 	$(PY) -m pip install --quiet -e ".[dev,dask]"
 	touch $@
 
-test: install  ## run the test suite (CPU, offline)
-	$(PY) -m pytest -q tests
+test: install  ## run the test suite (CPU, offline) but for the slow set
+	$(PY) -m pytest -q -m "not slow" tests
+
+test-slow: install  ## the slow set apart: whole recipes, the Dask cluster, multi-process training
+	$(PY) -m pytest -q -m slow tests
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -18,6 +18,11 @@ from capfilt.vocab import compact_tokenizer
 TEST_WORDS = "a picture of the small large red green blue circle square triangle left right above below dog cat on".split()
 
 
+def pytest_configure(config):
+    # `make test` leaves these out to stay fast; `make test-slow` runs them, and CI runs both (.ci/run).
+    config.addinivalue_line("markers", "slow: whole recipes, clusters and multi-process runs (make test-slow)")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def one_torch_thread():
     """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine spinning threads cost a lot."""

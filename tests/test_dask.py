@@ -79,6 +79,7 @@ def watched_cluster(monkeypatch):
     return seen
 
 
+@pytest.mark.slow
 def test_dask_runner_writes_what_the_local_runner_writes(tmp_path, monkeypatch, watched_cluster):
     shards = tmp_path / "shards"
     cli.prepare_demo(DEMO, shards)

@@ -30,6 +30,7 @@ def miniature(tmp_path_factory):
     return work, install
 
 
+@pytest.mark.slow
 def test_the_gpu_recipe_runs_in_miniature_with_time_limits_and_decoding_processes(miniature):
     work, install = miniature
     assert sorted(p.name for p in (work / "data" / "human").glob("*.parquet")) == [f"{i:05d}.parquet" for i in range(4)]
@@ -66,6 +67,7 @@ def stage_settings(work, section: str, name: str) -> dict:
             for stage in runs}
 
 
+@pytest.mark.slow
 def test_continue_from_fine_tunes_the_installed_models_without_pre_training(miniature, tmp_path):
     _, start = miniature
     work, install = tmp_path / "work", tmp_path / "install"
@@ -93,6 +95,7 @@ def test_continue_from_fine_tunes_the_installed_models_without_pre_training(mini
         demo.DemoRecipe(negatives="negative")
 
 
+@pytest.mark.slow
 def test_shared_vision_puts_the_captioners_vit_under_the_filters_text_side(miniature, tmp_path):
     import shutil
 

@@ -65,6 +65,7 @@ def experiment(tmp_path_factory):
     return work, recipe, run_experiment(recipe, work, config)
 
 
+@pytest.mark.slow
 def test_experiment_runs_every_step_and_writes_its_tables(experiment):
     work, recipe, results = experiment
     here = work / "experiment"
@@ -76,6 +77,7 @@ def test_experiment_runs_every_step_and_writes_its_tables(experiment):
         assert sum(pair[name]["captions"][kind]["n"] for kind in ("one object", "two objects")) == 16
 
 
+@pytest.mark.slow
 def test_bootstrapped_run_trains_on_human_and_the_kept_pairs_with_the_raw_runs_steps_and_seed(experiment):
     work, recipe, _ = experiment
     raw = read_checkpoint(latest_checkpoint(work / "experiment" / "raw-streams2-seed42"))
@@ -88,6 +90,7 @@ def test_bootstrapped_run_trains_on_human_and_the_kept_pairs_with_the_raw_runs_s
         ["data", "human"], ["capfilt-nucleus", "kept"]]
 
 
+@pytest.mark.slow
 def test_capfilt_table_counts_every_text_of_the_pipeline_output(experiment):
     work, recipe, results = experiment
     nucleus, beam = work / "experiment" / "capfilt-nucleus", work / "experiment" / "capfilt-beam"

@@ -108,6 +108,7 @@ def _final_state(out):
     return read_checkpoint(latest_checkpoint(out))
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(tmp_path, dataset, tokenizer_dir):
     # Same global batch (8) and the same 2 data streams; ITC keys, queues and ITM negatives are global.
     one = tiny("pretrain", dataset, tokenizer_dir, tmp_path / "one", streams=2, max_steps=3)
