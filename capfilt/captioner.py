@@ -2,9 +2,11 @@
 
 Generation follows the original BLIP code (``BLIP_Decoder.generate``): the
 prompt ``a picture of `` is tokenised, its ``[CLS]`` replaced by ``[DEC]``,
-its ``[SEP]`` dropped; the decoder continues from there and the prompt is
-stripped from the decoded text. Each image is encoded once by the ViT and
-its embedding reused for all its K captions.
+its ``[SEP]`` dropped; the decoder continues from there and the first
+``len(prompt)`` characters are cut from the decoded text. Each image is
+encoded once by the ViT and its embedding reused for all its K captions.
+Beam search ranks finished captions as BLIP's pinned transformers 4.15 did
+(``beam_search_blip``), not as transformers 5 does.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from capfilt.images import ImagePreprocessor
 from capfilt.tokenizer import special_ids
 
 METHODS = ("nucleus", "beam", "greedy")
+BEAM_LENGTH_RULES = ("blip", "transformers")
 # A model folder may carry its own caption lengths etc. (the demo models do: their captions are short).
 SETTINGS_FILE = "capfilt_sampling.json"
 
@@ -46,6 +49,12 @@ class SamplingSettings:
       defaults; both count the prompt's tokens (``[DEC] a picture of``), as
       transformers' generate does. COCO evaluation used 20 / 5 with beams.
     - ``prompt`` ``a picture of ``: BLIP's captioning prompt.
+    - ``beam_length_rule`` ``blip``: how beam search ranks finished captions.
+      ``blip``: as transformers 4.15, which BLIP pins, did: summed log-prob
+      divided by the whole sequence's length, prompt included, final
+      ``[SEP]`` not (``beam_search_blip``). ``transformers``: transformers 5's
+      ``generate``, which divides by the generated length, ``[SEP]`` included.
+      They rank captions that end before ``max_length`` differently.
     """
 
     method: str = "nucleus"
@@ -56,10 +65,13 @@ class SamplingSettings:
     max_length: int = 30
     min_length: int = 10
     prompt: str = "a picture of "
+    beam_length_rule: str = "blip"
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, not {self.method!r}")
+        if self.beam_length_rule not in BEAM_LENGTH_RULES:
+            raise ValueError(f"beam_length_rule must be one of {BEAM_LENGTH_RULES}, not {self.beam_length_rule!r}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], not {self.top_p}")
         if self.min_length > self.max_length:
@@ -144,6 +156,9 @@ class Captioner:
         kwargs = self.settings.generate_kwargs(num_captions)
         with autocast(self.device, self.precision):
             image_embeds = self.model.vision_model(pixel_values=pixel_values).last_hidden_state  # encoded once
+            if self.settings.method == "beam" and self.settings.beam_length_rule == "blip":
+                return beam_search_blip(self.model.text_decoder, image_embeds, self.prompt_ids.to(self.device),
+                                        self.ids, self.settings, num_captions)
             if kwargs["do_sample"] and num_captions > 1:
                 image_embeds = image_embeds.repeat_interleave(num_captions, dim=0)
             rows = image_embeds.shape[0]
@@ -162,10 +177,14 @@ class Captioner:
                 )
 
     def decode(self, ids: torch.Tensor) -> list[str]:
-        """Decoded captions without special tokens and without the prompt."""
-        prompt = self.settings.prompt.strip()
+        """Captions as BLIP returns them: special tokens skipped, then the first ``len(prompt)`` characters cut.
+
+        BLIP's rule (``BLIP_Decoder.generate``: ``caption[len(self.prompt):]``) counts characters, not words: a
+        caption whose first token is a word piece or punctuation loses that many characters of its own text
+        (``a picture ofing red`` -> ``ng red``; ``a picture of, red`` -> `` red``), and nothing is stripped.
+        """
         texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
-        return [text[len(prompt):].strip() if text.startswith(prompt) else text.strip() for text in texts]
+        return [text[len(self.settings.prompt):] for text in texts]
 
     def caption(self, images: Sequence[Image.Image], num_captions: int = 1, seed: int | None = None) -> list[list[str]]:
         """K captions for each image (nucleus sampling with p = 0.9 by default); seeded runs repeat exactly."""
@@ -178,6 +197,95 @@ class Captioner:
         """``caption`` of images already preprocessed to ``[B, 3, S, S]`` (``self.preprocess``)."""
         captions = self.decode(self.generate_ids(pixel_values, num_captions, seed))
         return [captions[i * num_captions : (i + 1) * num_captions] for i in range(len(pixel_values))]
+
+
+@torch.no_grad()
+def beam_search_blip(decoder, image_embeds: torch.Tensor, prompt_ids: torch.Tensor, ids, settings: SamplingSettings,
+                     num_captions: int = 1) -> torch.Tensor:
+    """Beam search as transformers 4.15 ran it for BLIP; ids ``[B * K, T]`` laid out like ``generate``'s.
+
+    Facts from transformers 4.15 (``generation_utils.py`` ``GenerationMixin.beam_search``,
+    ``generation_beam_search.py`` ``BeamSearchScorer.process`` / ``finalize`` and ``BeamHypotheses``):
+    log-softmax, then the logits processors (repetition penalty on the log-probs, ``[SEP]`` at -inf while the
+    sequence, prompt included, is shorter than ``min_length``), plus the beam's running sum; the best
+    ``2 * num_beams`` of all beams' continuations in order: a ``[SEP]`` among the first ``num_beams`` finishes its
+    beam (``BeamHypotheses.add``: score = sum / ``hyp.shape[-1] ** length_penalty``, ``hyp`` the sequence so far,
+    prompt included, ``[SEP]`` not yet appended; length_penalty 1.0, BLIP's config default), the other tokens
+    fill the ``num_beams`` running beams. An image is done when it holds ``num_beams`` finished captions and
+    (early_stopping False, the config default) the best continuation's sum / current length is no better than the
+    worst kept (``BeamHypotheses.is_done``). At ``max_length`` the running beams join the finished ones, scored by
+    ``max_length``; each image returns its best ``K``, ``[SEP]`` appended where it fits, ``[PAD]`` after.
+    transformers 5 instead divides by the generated length with ``[SEP]`` (``_update_finished_beams``).
+    """
+    beams = max(settings.num_beams, num_captions)
+    batch = image_embeds.shape[0]
+    penalty = 1.0 if settings.repetition_penalty is None else settings.repetition_penalty
+    embeds = image_embeds.repeat_interleave(beams, dim=0)
+    embeds_mask = torch.ones(embeds.shape[:-1], dtype=torch.long, device=embeds.device)
+    seqs = prompt_ids.expand(batch * beams, -1)
+    sums = torch.zeros(batch, beams, device=embeds.device)
+    sums[:, 1:] = -1e9  # the beams start equal: only the first one's continuations count at step one
+    finished = [[] for _ in range(batch)]  # per image: (score, ids) of at most `beams` captions
+    done = [False] * batch
+    step, cache = seqs, None
+
+    def add(kept, hyp, total):
+        score = total / hyp.shape[-1]
+        if len(kept) < beams or score > min(k[0] for k in kept):
+            kept.append((score, hyp))
+            if len(kept) > beams:
+                kept.remove(min(kept, key=lambda k: k[0]))
+
+    while True:
+        out = decoder(input_ids=step, encoder_hidden_states=embeds, encoder_attention_mask=embeds_mask,
+                      cache=cache, use_cache=True, is_decoder=True)
+        cache = out.cache
+        logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+        if penalty != 1.0:
+            seen = logp.gather(1, seqs)
+            logp.scatter_(1, seqs, torch.where(seen < 0, seen * penalty, seen / penalty))
+        if seqs.shape[1] < settings.min_length:
+            logp[:, ids.sep] = -float("inf")
+        vocab = logp.shape[-1]
+        top, where = (logp + sums.view(-1, 1)).view(batch, -1).topk(2 * beams, dim=1)
+        new_sums = torch.zeros(batch, beams, device=embeds.device)
+        new_tokens = torch.full((batch, beams), ids.pad, dtype=torch.long, device=embeds.device)
+        rows = torch.arange(batch, device=embeds.device).repeat_interleave(beams).view(batch, beams) * beams
+        for b in range(batch):
+            if done[b]:
+                continue  # padded along: score 0, [PAD], its first beam
+            slot = 0
+            for rank, (total, flat) in enumerate(zip(top[b].tolist(), where[b].tolist())):
+                row, token = b * beams + flat // vocab, flat % vocab
+                if token == ids.sep:
+                    if rank < beams:
+                        add(finished[b], seqs[row], total)
+                else:
+                    new_sums[b, slot], new_tokens[b, slot], rows[b, slot] = total, token, row
+                    slot += 1
+                    if slot == beams:
+                        break
+            worst = min((k[0] for k in finished[b]), default=None)
+            done[b] = len(finished[b]) >= beams and worst >= top[b].max().item() / seqs.shape[1]
+        rows, sums = rows.view(-1), new_sums
+        seqs = torch.cat([seqs[rows], new_tokens.view(-1, 1)], dim=1)
+        cache.reorder_cache(rows)
+        step = new_tokens.view(-1, 1)
+        if all(done) or seqs.shape[1] >= settings.max_length:
+            break
+    best = []
+    for b in range(batch):
+        if not done[b]:
+            for row in range(b * beams, (b + 1) * beams):
+                add(finished[b], seqs[row], sums.view(-1)[row].item())
+        best += [hyp for _, hyp in sorted(finished[b], key=lambda k: k[0])[::-1][:num_captions]]  # ties: the latest
+    width = min(max(len(hyp) for hyp in best) + 1, settings.max_length)
+    result = torch.full((len(best), width), ids.pad, dtype=torch.long, device=embeds.device)
+    for i, hyp in enumerate(best):
+        result[i, : len(hyp)] = hyp
+        if len(hyp) < settings.max_length:
+            result[i, len(hyp)] = ids.sep
+    return result
 
 
 @contextlib.contextmanager

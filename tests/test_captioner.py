@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
+import types
+
 import pytest
 import torch
 
-from capfilt.captioner import Captioner, SamplingSettings
+from capfilt.captioner import Captioner, SamplingSettings, beam_search_blip
 
 
 def reference_generate(hf_model, tokenizer, pixel_values, settings: SamplingSettings, **kwargs):
@@ -30,14 +33,52 @@ def test_greedy_matches_transformers(captioner, hf_captioner, tokenizer, images)
 
 
 def test_beam_matches_transformers(captioner, hf_captioner, tokenizer, images):
-    captioner.settings = settings = SamplingSettings(method="beam", num_beams=3, max_length=20, min_length=5)
+    captioner.settings = settings = SamplingSettings(method="beam", num_beams=3, max_length=20, min_length=5,
+                                                     beam_length_rule="transformers")
     pixel_values = captioner.preprocess(images)
     ours = captioner.generate_ids(pixel_values)
     theirs = reference_generate(hf_captioner, tokenizer, pixel_values, settings, do_sample=False, num_beams=3,
                                 repetition_penalty=1.0)
     assert torch.equal(ours, theirs)
     decoded = tokenizer.batch_decode(theirs, skip_special_tokens=True)
-    assert captioner.decode(ours) == [text.removeprefix("a picture of").strip() for text in decoded]
+    assert captioner.decode(ours) == [text[len("a picture of "):] for text in decoded]
+
+
+@pytest.mark.parametrize("num_captions", [1, 2])
+@pytest.mark.parametrize("lengths", [(12, 12), (5, 20)])
+def test_blip_beam_search_matches_transformers_when_no_caption_ends_early(captioner, hf_captioner, tokenizer, images,
+                                                                          lengths, num_captions):
+    """Both rules divide captions that reach max_length alike; the tiny random model's beams all do."""
+    min_length, max_length = lengths
+    captioner.settings = settings = SamplingSettings(method="beam", min_length=min_length, max_length=max_length)
+    assert settings.beam_length_rule == "blip"
+    pixel_values = captioner.preprocess(images)
+    ours = captioner.generate_ids(pixel_values, num_captions=num_captions)
+    theirs = reference_generate(hf_captioner, tokenizer, pixel_values, settings, num_beams=3,
+                                num_return_sequences=num_captions, repetition_penalty=1.0)
+    assert ours.shape == (len(images) * num_captions, max_length)  # nothing ended early
+    assert torch.equal(ours, theirs)
+
+
+def _ids(tokenizer, tokens):
+    return tokenizer.convert_tokens_to_ids(tokens)
+
+
+@pytest.mark.parametrize("first", [["##i", "##n", "##g"], [","], ["red"]])
+def test_decode_cuts_the_prompt_characters_as_blip(captioner, tokenizer, tmp_path, first):
+    """BLIP returns ``decoded[len(prompt):]``: a word-piece or punctuation start loses characters of its own."""
+    from capfilt.vocab import compact_tokenizer
+
+    tok = compact_tokenizer("a picture of red circle ,".split(), tmp_path)  # with a punctuation mark
+    captioner.tokenizer, saved = tok, captioner.tokenizer
+    try:
+        ids = torch.tensor([_ids(tok, ["[DEC]", "a", "picture", "of", *first, "red", "circle", "[SEP]", "[PAD]"])])
+        decoded = tok.decode(ids[0], skip_special_tokens=True)
+        assert captioner.decode(ids) == [decoded[len("a picture of "):]]
+    finally:
+        captioner.tokenizer = saved
+    expected = {"##i": "ng red circle", ",": " red circle", "red": "red red circle"}[first[0]]
+    assert decoded[len("a picture of "):] == expected
 
 
 def test_nucleus_sampling_matches_transformers_and_repeats_per_seed(captioner, hf_captioner, tokenizer, images):
@@ -78,7 +119,8 @@ def test_k_captions_encode_each_image_once(captioner, images):
 
 
 def test_k_beam_captions_are_the_top_beams(captioner, hf_captioner, tokenizer, images):
-    captioner.settings = settings = SamplingSettings(method="beam", num_beams=3, max_length=12, min_length=5)
+    captioner.settings = settings = SamplingSettings(method="beam", num_beams=3, max_length=12, min_length=5,
+                                                     beam_length_rule="transformers")
     pixel_values = captioner.preprocess(images)
     ours = captioner.generate_ids(pixel_values, num_captions=2)
     theirs = reference_generate(hf_captioner, tokenizer, pixel_values, settings, num_beams=3,
@@ -91,6 +133,8 @@ def test_settings_are_checked():
         SamplingSettings(method="topk")
     with pytest.raises(ValueError, match="top_p"):
         SamplingSettings(top_p=1.5)
+    with pytest.raises(ValueError, match="beam_length_rule"):
+        SamplingSettings(beam_length_rule="hf")
     with pytest.raises(ValueError, match="greedy"):
         SamplingSettings(method="greedy").generate_kwargs(num_captions=2)
 
@@ -101,6 +145,7 @@ def test_original_defaults():
                                                repetition_penalty=1.1)
     assert (settings.max_length, settings.min_length, settings.prompt) == (30, 10, "a picture of ")
     assert SamplingSettings(method="beam").generate_kwargs(1)["repetition_penalty"] == 1.0
+    assert settings.beam_length_rule == "blip"
 
 
 def test_model_folder_can_carry_its_sampling_defaults(tmp_path, hf_captioner, tokenizer):
@@ -114,3 +159,47 @@ def test_model_folder_can_carry_its_sampling_defaults(tmp_path, hf_captioner, to
     (tmp_path / "capfilt_sampling.json").write_text('{"min_len": 5}')
     with pytest.raises(ValueError, match="unknown settings"):
         Captioner.load(tmp_path)
+
+
+class MarkovDecoder:
+    """A text decoder whose next-token distribution depends on the last token only (a table): the beams, their
+    summed log-probabilities and where they end can be worked out by hand."""
+
+    PAD, SEP, P, A, B, C, F = range(7)
+
+    def __init__(self):
+        table = {  # last token -> {token: probability}; the rest of the mass spread evenly over the other tokens
+            self.P: {self.A: 0.55, self.B: 0.40},
+            self.A: {self.SEP: 0.55, self.C: 0.406},
+            self.B: {self.C: 0.90},
+            self.C: {self.SEP: 0.552, self.C: 0.40},
+        }
+        self.logp = torch.full((7, 7), math.log(1 / 7))
+        for last, given in table.items():
+            rest = (1 - sum(given.values())) / (7 - len(given))
+            row = torch.full((7,), rest)
+            for token, p in given.items():
+                row[token] = p
+            self.logp[last] = row.log()
+
+    def __call__(self, input_ids, cache=None, **_):
+        logits = self.logp[input_ids[:, -1]].unsqueeze(1)  # log-probs as logits: log_softmax leaves them
+        return types.SimpleNamespace(logits=logits, cache=types.SimpleNamespace(reorder_cache=lambda rows: None))
+
+
+def test_blip_beam_rule_picks_what_transformers_4_15_picked_where_transformers_5_picks_otherwise():
+    """Two captions end early: "A" after one token, "B C" after two; prompt of three tokens. Worked by hand
+    with two beams: step 1 keeps A and B; step 2 finishes "A" (rank 1) and keeps "B C", "A C"; step 3 finishes
+    "B C" (rank 0) and the search is done. BLIP's rule (sum / whole length without [SEP]) prefers "A"; transformers
+    5's (sum / generated length with [SEP]) prefers "B C"."""
+    m = MarkovDecoder()
+    lp = m.logp
+    caption_a = lp[m.P, m.A] + lp[m.A, m.SEP]
+    caption_bc = lp[m.P, m.B] + lp[m.B, m.C] + lp[m.C, m.SEP]
+    assert caption_a / 4 > caption_bc / 5  # BLIP: prompt 3 + A; prompt 3 + B C
+    assert caption_a / 2 < caption_bc / 3  # transformers 5: A [SEP]; B C [SEP]
+    settings = SamplingSettings(method="beam", num_beams=2, min_length=0, max_length=12, repetition_penalty=1.0)
+    ids = types.SimpleNamespace(pad=m.PAD, sep=m.SEP)
+    prompt = torch.tensor([[m.P, m.P, m.P]])
+    out = beam_search_blip(m, torch.zeros(1, 1, 4), prompt, ids, settings, num_captions=2)
+    assert out.tolist() == [[m.P, m.P, m.P, m.A, m.SEP, m.PAD], [m.P, m.P, m.P, m.B, m.C, m.SEP]]
