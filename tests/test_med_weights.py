@@ -2,13 +2,58 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 from capfilt.checkpoints import CheckpointError, hf_to_original
+from capfilt.configs import preset_config
 from capfilt.models.med import MEDSettings, build_med
-from capfilt.models.weights import load_med_weights, resize_position_embedding
+from capfilt.models.weights import fit_queue, load_med_weights, resize_position_embedding
 
+QUEUE_KEYS = ("image_queue", "text_queue", "idx_queue", "queue_ptr")
+
+
+def blip_layout(state_dict, momentum=True, queues=True):
+    """A MED state dict in the layout of BLIP's pre-training checkpoint (``model_base.pth``).
+
+    Online modules under the original names; momentum copies as
+    ``visual_encoder_m.*``, ``vision_proj_m.*``, ``text_encoder_m.*``,
+    ``text_proj_m.*``; queues as columns (``[embed_dim, queue_size]``) and
+    ``queue_ptr`` ``[1]``. BLIP's pre-training model has no ``idx_queue``.
+    """
+    is_momentum = {key: key.split(".")[0].endswith("_m") for key in state_dict}
+    original = hf_to_original({k: v for k, v in state_dict.items() if not is_momentum[k] and k not in QUEUE_KEYS})
+    if momentum:
+        for key, tensor in state_dict.items():
+            if is_momentum[key]:
+                head, rest = key.split(".", 1)
+                (name,) = hf_to_original({f"{head[:-2]}.{rest}": tensor})
+                head, rest = name.split(".", 1)
+                original[f"{head}_m.{rest}"] = tensor
+    if queues:
+        original["image_queue"] = state_dict["image_queue"].t().contiguous()
+        original["text_queue"] = state_dict["text_queue"].t().contiguous()
+        original["queue_ptr"] = state_dict["queue_ptr"].reshape(1)
+    return original
+
+
+def pretrained_source(tiny_config, tokenizer, queue_size=4, pointer=0):
+    """A random MED whose momentum copies differ from its online modules and whose queues hold known features."""
+    torch.manual_seed(0)
+    source = build_med(tiny_config, tokenizer, MEDSettings(queue_size=queue_size))
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        source.temp.fill_(0.05)
+        for _, momentum in source.momentum_pairs():
+            for param in momentum.parameters():
+                param.add_(torch.randn(param.shape, generator=generator))
+        for queue in (source.image_queue, source.text_queue):
+            queue.copy_(F.normalize(torch.randn(queue.shape, generator=generator), dim=1))
+        source.queue_ptr.fill_(pointer)
+    return source
 
 
 def _same(model, med, prefixes):
@@ -33,18 +78,87 @@ def test_captioner_and_filter_folders_initialise_their_roles(tmp_path, tiny_conf
         load_med_weights(full, tmp_path / "captioner")
 
 
-def test_original_checkpoint_initialises_a_med(tmp_path, tiny_config, tokenizer):
-    torch.manual_seed(0)
-    source = build_med(tiny_config, tokenizer, MEDSettings(queue_size=4))
-    with torch.no_grad():
-        source.temp.fill_(0.05)
-    torch.save({"model": hf_to_original(source.state_dict())}, tmp_path / "model_base.pth")
+def test_original_checkpoint_initialises_a_med(tmp_path, tiny_config, tokenizer, caplog):
+    source = pretrained_source(tiny_config, tokenizer)
+    saved = {k: v.clone() for k, v in source.state_dict().items()}
+    original = blip_layout(saved)
+    assert "visual_encoder_m.pos_embed" in original
+    assert original["image_queue"].shape == (tiny_config.image_text_hidden_size, 4)
+    torch.save({"model": original}, tmp_path / "model_base.pth")
     torch.manual_seed(1)
     med = build_med(tiny_config, tokenizer, MEDSettings(queue_size=4))
-    load_med_weights(med, tmp_path / "model_base.pth")
-    online = [k for k in source.state_dict() if "_m." not in k and "queue" not in k and k != "queue_ptr"]
-    assert all(torch.equal(source.state_dict()[k], med.state_dict()[k]) for k in online)
+    with caplog.at_level(logging.INFO, logger="capfilt.models.weights"):
+        load_med_weights(med, tmp_path / "model_base.pth")
+    mine = med.state_dict()
+    assert all(torch.equal(saved[k], mine[k]) for k in saved if k != "idx_queue")  # online, momentum, queues, ptr
+    assert torch.equal(mine["idx_queue"], torch.full((4,), -100))
+    momentum = [k for k in saved if k.split(".")[0].endswith("_m")]
+    assert len(momentum) > 20 and not torch.equal(mine["vision_proj_m.weight"], mine["vision_proj.weight"])
+    assert not torch.equal(mine["vision_model_m.embeddings.patch_embedding.weight"],
+                           mine["vision_model.embeddings.patch_embedding.weight"])
     assert med.temp.item() == pytest.approx(0.05)
+    assert "momentum encoders loaded" in caplog.text and "ITC queues of 4 features loaded" in caplog.text
+
+
+def test_original_checkpoint_without_momentum_or_queues_starts_them(tmp_path, tiny_config, tokenizer, caplog):
+    source = pretrained_source(tiny_config, tokenizer)
+    torch.save({"model": blip_layout(source.state_dict(), momentum=False, queues=False)}, tmp_path / "ft.pth")
+    torch.manual_seed(1)
+    med = build_med(tiny_config, tokenizer, MEDSettings(queue_size=4))
+    fresh = {key: getattr(med, key).clone() for key in QUEUE_KEYS}
+    with caplog.at_level(logging.INFO, logger="capfilt.models.weights"):
+        load_med_weights(med, tmp_path / "ft.pth")
+    for online, momentum in med.momentum_pairs():  # copies of the online modules, not the source's momentum
+        assert all(torch.equal(p, p_m) for p, p_m in zip(online.parameters(), momentum.parameters(), strict=True))
+    assert all(torch.equal(getattr(med, key), fresh[key]) for key in QUEUE_KEYS)
+    assert "no momentum encoders" in caplog.text and "no ITC queues: they start fresh" in caplog.text
+
+
+@pytest.mark.parametrize("size", [4, 6, 8])
+def test_original_queues_of_another_size_keep_the_newest_features(tmp_path, tiny_config, tokenizer, caplog, size):
+    source = pretrained_source(tiny_config, tokenizer, queue_size=6, pointer=2)
+    original = blip_layout(source.state_dict())
+    original["ptr_queue"] = original.pop("queue_ptr")  # the retrieval model's names, with its image ids
+    original["idx_queue"] = torch.arange(6).reshape(1, 6)
+    torch.save({"model": original}, tmp_path / "model_retrieval.pth")
+    med = build_med(tiny_config, tokenizer, MEDSettings(queue_size=size))
+    fresh, fresh_images = med.text_queue.clone(), med.image_queue.clone()
+    with caplog.at_level(logging.INFO, logger="capfilt.models.weights"):
+        load_med_weights(med, tmp_path / "model_retrieval.pth")
+    oldest_first = source.text_queue[[2, 3, 4, 5, 0, 1]]  # the write pointer was at row 2: rows 2..5 are older
+    expected = {4: oldest_first[2:], 6: oldest_first, 8: torch.cat([fresh[:2], oldest_first])}[size]
+    assert torch.equal(med.text_queue, expected) and int(med.queue_ptr) == 0
+    assert torch.equal(med.image_queue, fit_queue(source.image_queue, 2, fresh_images))
+    assert torch.equal(med.idx_queue, torch.full((size,), -100))  # the source's ids name its own images
+    assert f"this run's hold {size}" in caplog.text or size == 6
+    assert "image ids are not loaded" in caplog.text
+
+
+def test_original_momentum_keys_are_loaded_strictly(tmp_path, tiny_config, tokenizer):
+    source = pretrained_source(tiny_config, tokenizer)
+    med = build_med(tiny_config, tokenizer, MEDSettings(queue_size=4))
+    for change, error in [
+        (lambda sd: sd.__setitem__("text_proj_m.weight", torch.zeros(3, 3)), r"text_proj_m\.weight \(3, 3\)"),
+        (lambda sd: sd.pop("vision_proj_m.bias"), r"missing: \['vision_proj_m\.bias'\]"),
+        (lambda sd: sd.__setitem__("itm_head_m.weight", torch.zeros(2, 32)), r"itm_head_m\.weight"),
+        (lambda sd: sd.__setitem__("text_queue", torch.zeros(7, 4)), r"text_queue \(4, 7\)"),
+        (lambda sd: sd.pop("text_queue"), "image_queue but not the other"),
+    ]:
+        original = blip_layout(source.state_dict())
+        change(original)
+        torch.save({"model": original}, tmp_path / "bad.pth")
+        with pytest.raises(CheckpointError, match=error):
+            load_med_weights(med, tmp_path / "bad.pth")
+
+
+def test_momentum_position_embeddings_are_interpolated_too(tmp_path, tiny_config, tokenizer):
+    source = pretrained_source(tiny_config, tokenizer)
+    torch.save({"model": blip_layout(source.state_dict())}, tmp_path / "model_base.pth")
+    med = build_med(preset_config("tiny", image_size=48, tokenizer=tokenizer), tokenizer, MEDSettings(queue_size=4))
+    load_med_weights(med, tmp_path / "model_base.pth")
+    for name in ("vision_model", "vision_model_m"):
+        table = getattr(source, name).embeddings.position_embedding
+        assert torch.equal(getattr(med, name).embeddings.position_embedding, resize_position_embedding(table, 37))
 
 
 def test_bad_sources_are_clear_errors(tmp_path, tiny_config, tokenizer):
