@@ -28,7 +28,10 @@ import torch
 from torch import nn
 from transformers import BlipConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from capfilt.configs import PRESETS, TextSize, VitSize, config_from_med, make_config, preset_config
+from capfilt.configs import (
+    ITC_EMBED_DIM, PRESETS, VIT_LAYER_NORM_EPS, TextSize, VitSize, config_from_med, default_heads, make_config,
+    preset_config,
+)
 from capfilt.attention import use_sdpa
 from capfilt.tokenizer import SpecialIds, TokenizerNotFoundError, load_tokenizer, special_ids
 
@@ -168,17 +171,36 @@ def load_original_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return state_dict
 
 
+_FC1 = "visual_encoder.blocks.0.mlp.fc1.weight"
+_ITC_KEYS = ("vision_proj.weight", "text_proj.weight")
+
+
+def _itc_size(state_dict: dict[str, torch.Tensor]) -> int | None:
+    """The ITC projections' size (``embed_dim``) in the shapes, or None for a file without them (a captioner)."""
+    sizes = {key: state_dict[key].shape[0] for key in _ITC_KEYS if key in state_dict}
+    if len(set(sizes.values())) > 1:
+        raise CheckpointError("the ITC projections disagree: " + ", ".join(f"{k} {v}" for k, v in sizes.items()))
+    return next(iter(sizes.values()), None)
+
+
 def infer_config(state_dict: dict[str, torch.Tensor]) -> BlipConfig:
     """The sizes of an original checkpoint, read from its tensors' shapes.
 
-    Head counts are not visible in shapes; they follow the preset of the same
-    width (768: ViT-B/16 and BERT-base, 12 heads; 1024: ViT-L/16, 16 heads)
-    or 64 dimensions per head otherwise.
+    Widths, depths, the ViT's MLP ratio (``fc1``'s rows / width), the ITC size
+    (``vision_proj``/``text_proj`` rows; 256 for a file without them), the
+    patch and image size, the vocabulary and positions are all in the shapes.
+    Head counts are not (a ``width x width`` projection splits into any number
+    of heads); they follow ``capfilt.configs.default_heads``: the preset of the
+    same width (768: ViT-B/16 and BERT-base, 12 heads; 1024: ViT-L/16, 16 heads)
+    or 64 dimensions per head otherwise. A model with other heads needs a config
+    that states them (``med_config.json`` + ``"vit"``, or a ``config.json``).
     """
     try:
         pos_embed = state_dict["visual_encoder.pos_embed"]
         patch = state_dict["visual_encoder.patch_embed.proj.weight"]
-        prefix = "text_decoder.bert." if "text_decoder.bert.embeddings.word_embeddings.weight" in state_dict else "text_encoder."
+        fc1 = state_dict[_FC1]
+        decoder = "text_decoder.bert.embeddings.word_embeddings.weight" in state_dict
+        prefix = "text_decoder.bert." if decoder else "text_encoder."
         words = state_dict[prefix + "embeddings.word_embeddings.weight"]
         positions = state_dict[prefix + "embeddings.position_embeddings.weight"]
         intermediate = state_dict[prefix + "encoder.layer.0.intermediate.dense.weight"]
@@ -187,16 +209,38 @@ def infer_config(state_dict: dict[str, torch.Tensor]) -> BlipConfig:
     width, patch_size = patch.shape[0], patch.shape[-1]
     grid = round((pos_embed.shape[-2] - 1) ** 0.5)
     depth = 1 + max(int(m.group(1)) for k in state_dict if (m := re.match(r"visual_encoder\.blocks\.(\d+)\.", k)))
-    layers = 1 + max(int(m.group(1)) for k in state_dict if (m := re.match(re.escape(prefix) + r"encoder\.layer\.(\d+)\.", k)))
-    vit_heads = {vit.width: vit.heads for vit, _ in PRESETS.values()}
-    text_heads = {text.hidden_size: text.num_heads for _, text in PRESETS.values()}
-    vit = VitSize(width=width, depth=depth, heads=vit_heads.get(width, width // 64), patch_size=patch_size,
-                  image_size=grid * patch_size)
+    layer = re.escape(prefix) + r"encoder\.layer\.(\d+)\."
+    layers = 1 + max(int(m.group(1)) for k in state_dict if (m := re.match(layer, k)))
+    vit = VitSize(width=width, depth=depth, heads=default_heads(width), patch_size=patch_size,
+                  image_size=grid * patch_size, mlp_ratio=fc1.shape[0] / width)
     hidden = words.shape[1]
-    text = TextSize(hidden_size=hidden, num_layers=layers, num_heads=text_heads.get(hidden, hidden // 64),
+    text = TextSize(hidden_size=hidden, num_layers=layers, num_heads=default_heads(hidden),
                     intermediate_size=intermediate.shape[0], vocab_size=words.shape[0],
                     max_positions=positions.shape[0])
-    return make_config(vit, text)
+    itc = _itc_size(state_dict)
+    return make_config(vit, text, embed_dim=ITC_EMBED_DIM if itc is None else itc)
+
+
+def check_sizes(config: BlipConfig, state_dict: dict[str, torch.Tensor]) -> None:
+    """Refuse a stated MLP ratio, ITC size or head count that the checkpoint's shapes contradict, naming both.
+
+    Other sizes (widths, depths, vocabulary) show up as mis-shaped keys in ``load_strict``.
+    """
+    vision = config.vision_config
+    for name, part in (("ViT", vision), ("text", config.text_config)):
+        if part.hidden_size % part.num_attention_heads:
+            raise CheckpointError(f"the config's {name} heads ({part.num_attention_heads}) do not divide "
+                                  f"its width ({part.hidden_size})")
+    fc1 = state_dict.get(_FC1)
+    if fc1 is not None and fc1.shape[1] == vision.hidden_size and fc1.shape[0] != vision.intermediate_size:
+        raise CheckpointError(
+            f"the config states a ViT MLP ratio of {vision.intermediate_size / vision.hidden_size:g} "
+            f"(intermediate size {vision.intermediate_size}) but the checkpoint's {_FC1} has "
+            f"{fc1.shape[0]} rows (MLP ratio {fc1.shape[0] / fc1.shape[1]:g})")
+    itc = _itc_size(state_dict)
+    if itc is not None and itc != config.image_text_hidden_size:
+        raise CheckpointError(f"the config states an ITC size (embed_dim) of {config.image_text_hidden_size} "
+                              f"but the checkpoint's vision_proj/text_proj give {itc}")
 
 
 def original_config(state_dict: dict[str, torch.Tensor], config: str | Path | BlipConfig | None) -> BlipConfig:
@@ -204,18 +248,32 @@ def original_config(state_dict: dict[str, torch.Tensor], config: str | Path | Bl
 
     A JSON file is either a transformers ``config.json`` or BLIP's own
     ``med_config.json`` extended with a ``"vit"`` entry (``width``, ``depth``,
-    ``heads``, ``patch_size``, ``image_size``).
+    ``patch_size``, ``image_size``, and optionally ``heads``, ``mlp_ratio``,
+    ``embed_dim``: see ``capfilt.configs.config_from_med``). A ``config.json``
+    without ``vision_config.layer_norm_eps`` gets BLIP's 1e-6 (timm's ViT),
+    not transformers' 1e-5. A stated size that the shapes contradict is an
+    error (``check_sizes``).
     """
     if config is None:
         return infer_config(state_dict)
     if isinstance(config, BlipConfig):
-        return config
-    if str(config) in PRESETS:
-        return preset_config(str(config))
-    data = json.loads(Path(config).read_text())
-    if "vit" in data:
-        return config_from_med(data, VitSize(**data["vit"]))
-    return BlipConfig.from_dict(data)
+        blip_config = config
+    elif str(config) in PRESETS:
+        blip_config = preset_config(str(config))
+    else:
+        data = json.loads(Path(config).read_text())
+        if "vit" in data:
+            try:
+                blip_config = config_from_med(data)
+            except (TypeError, ValueError, KeyError) as error:
+                raise CheckpointError(f"{config}: {error}") from error
+        else:
+            vision = data.setdefault("vision_config", {})
+            if isinstance(vision, dict):
+                vision.setdefault("layer_norm_eps", VIT_LAYER_NORM_EPS)
+            blip_config = BlipConfig.from_dict(data)
+    check_sizes(blip_config, state_dict)
+    return blip_config
 
 
 def load_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str = "checkpoint") -> None:

@@ -12,6 +12,9 @@ and ``models/vit.py``); where transformers' defaults differ, the original wins:
   (bert-base-uncased's 30522 + ``[DEC]`` + ``[ENC]``), 512 positions,
   LayerNorm eps 1e-12; cross-attention width = the ViT's width.
 - ITC projections to 256-d (``embed_dim`` in the original configs).
+- ViT MLP ratio 4 (intermediate size = 4 x width).
+- Heads 64 wide where nothing states a count (ViT-B/16 and BERT-base: 12,
+  ViT-L/16: 16); a checkpoint's shapes give widths, never head counts.
 - Image size 384, the fine-tuned captioners' and filters' resolution; the
   pre-trained checkpoints are 224 (pass ``image_size=224``).
 """
@@ -31,6 +34,17 @@ TEXT_LAYER_NORM_EPS = 1e-12  # BERT
 ITC_EMBED_DIM = 256  # paper §3.2: ITC features are 256-d
 BERT_VOCAB_SIZE = 30522
 BLIP_VOCAB_SIZE = BERT_VOCAB_SIZE + 2  # + [DEC] (30522) + [ENC] (30523)
+
+
+def default_heads(width: int) -> int:
+    """The head count assumed for a ``width``-wide transformer: the preset's of that width, else 64-wide heads.
+
+    Shapes cannot tell heads apart (a ``width x width`` projection splits into any
+    number of them), so a count not stated anywhere follows this rule.
+    """
+    known = {vit.width: vit.heads for vit, _ in PRESETS.values()}
+    known.update({text.hidden_size: text.num_heads for _, text in PRESETS.values()})
+    return known.get(width, max(1, width // 64))
 
 
 @dataclass(frozen=True)
@@ -81,15 +95,16 @@ def make_config(
     vit: VitSize,
     text: TextSize,
     *,
+    embed_dim: int = ITC_EMBED_DIM,
     vit_layer_norm_eps: float = VIT_LAYER_NORM_EPS,
     bos_token_id: int = BERT_VOCAB_SIZE,
     pad_token_id: int = 0,
     sep_token_id: int = 102,
 ) -> BlipConfig:
-    """A ``BlipConfig`` for the given sizes and special ids (BERT's by default)."""
+    """A ``BlipConfig`` for the given sizes, ITC size ``embed_dim`` and special ids (BERT's by default)."""
     vision_config = BlipVisionConfig(
         hidden_size=vit.width,
-        intermediate_size=int(vit.width * vit.mlp_ratio),
+        intermediate_size=round(vit.width * vit.mlp_ratio),
         num_hidden_layers=vit.depth,
         num_attention_heads=vit.heads,
         image_size=vit.image_size,
@@ -116,7 +131,7 @@ def make_config(
     return BlipConfig(
         vision_config=vision_config.to_dict(),
         text_config=text_config.to_dict(),
-        image_text_hidden_size=ITC_EMBED_DIM,
+        image_text_hidden_size=embed_dim,
     )
 
 
@@ -149,15 +164,44 @@ def preset_config(name: str, *, image_size: int | None = None, patch_size: int |
     return make_config(vit, text, bos_token_id=ids.dec, pad_token_id=ids.pad, sep_token_id=ids.sep)
 
 
-def config_from_med(med_config: str | Path | dict, vit: VitSize) -> BlipConfig:
+VIT_KEYS = ("width", "depth", "heads", "patch_size", "image_size", "mlp_ratio", "embed_dim")
+
+
+def config_from_med(med_config: str | Path | dict, vit: VitSize | dict | None = None,
+                    embed_dim: int | None = None) -> BlipConfig:
     """A config from BLIP's own ``med_config.json`` and the ViT's sizes.
 
     The original repository describes its text transformer with a BERT-style
     ``med_config.json`` (``hidden_size``, ``num_hidden_layers``, ...,
-    ``encoder_width``) and its ViT with arguments; this reads the same.
+    ``encoder_width``) and its ViT with arguments; this reads the same. The
+    ViT comes as ``vit`` or as the file's ``"vit"`` entry: ``width``,
+    ``depth``, ``patch_size``, ``image_size`` and optionally ``heads`` (else
+    64-wide heads, see ``default_heads``), ``mlp_ratio`` (else 4) and
+    ``embed_dim``, the ITC projections' size (else 256; also read from the
+    top level of the file, as the original's ``embed_dim`` argument).
     """
     if not isinstance(med_config, dict):
         med_config = json.loads(Path(med_config).read_text())
+    if vit is None:
+        vit = med_config.get("vit")
+        if not isinstance(vit, dict):
+            raise ValueError('med_config has no "vit" entry giving the ViT\'s sizes')
+    if isinstance(vit, dict):
+        vit = dict(vit)
+        unknown = sorted(set(vit) - set(VIT_KEYS))
+        if unknown:
+            raise ValueError(f'unknown "vit" keys {unknown}; known: {list(VIT_KEYS)}')
+        vit_embed_dim = vit.pop("embed_dim", None)
+        top_embed_dim = med_config.get("embed_dim")
+        if None not in (vit_embed_dim, top_embed_dim) and vit_embed_dim != top_embed_dim:
+            raise ValueError(f'"vit" embed_dim {vit_embed_dim} contradicts the top-level embed_dim {top_embed_dim}')
+        if embed_dim is None:
+            embed_dim = vit_embed_dim if vit_embed_dim is not None else top_embed_dim
+        missing = sorted({"width", "depth"} - set(vit))
+        if missing:
+            raise ValueError(f'the "vit" entry needs {missing}')
+        vit.setdefault("heads", default_heads(vit["width"]))
+        vit = VitSize(**vit)
     encoder_width = med_config.get("encoder_width", vit.width)
     if encoder_width != vit.width:
         raise ValueError(f"med_config encoder_width {encoder_width} does not match the ViT width {vit.width}")
@@ -170,4 +214,5 @@ def config_from_med(med_config: str | Path | dict, vit: VitSize) -> BlipConfig:
         max_positions=med_config.get("max_position_embeddings", 512),
         dropout=med_config.get("hidden_dropout_prob", 0.1),
     )
-    return make_config(vit, text, pad_token_id=med_config.get("pad_token_id", 0))
+    return make_config(vit, text, embed_dim=ITC_EMBED_DIM if embed_dim is None else embed_dim,
+                       pad_token_id=med_config.get("pad_token_id", 0))

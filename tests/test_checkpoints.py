@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import copy
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import BlipForImageTextRetrieval
+from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval
 
 from capfilt.captioner import Captioner, SamplingSettings
 from capfilt.checkpoints import CheckpointError, hf_to_original, infer_config, original_to_hf, resolve
+from capfilt.configs import PRESETS, VitSize, make_config
 from capfilt.filter import Filter
+from capfilt.tokenizer import special_ids
 
 GREEDY = SamplingSettings(method="greedy")
 
@@ -168,3 +172,84 @@ def test_bad_references_and_tokenizers(tmp_path, hf_captioner, captioner_folder)
     (other / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "a"]) + "\n")
     with pytest.raises(CheckpointError, match="does not fit the model"):
         Captioner.load(path, tokenizer=other)
+
+
+def test_config_json_without_vit_eps_gets_blips(tmp_path, hf_captioner, tiny_config, captioner_folder):
+    data = tiny_config.to_dict()
+    del data["vision_config"]["layer_norm_eps"]
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    path = save_pth(original_captioner_dict(hf_captioner), tmp_path / "model.pth")
+    captioner = Captioner.load(path, tokenizer=captioner_folder, config=tmp_path / "config.json")
+    assert captioner.model.config.vision_config.layer_norm_eps == 1e-6
+    assert captioner.model.vision_model.post_layernorm.eps == 1e-6
+    assert captioner.model.vision_model.encoder.layers[0].layer_norm1.eps == 1e-6
+
+
+def odd_sized_models(tokenizer, mlp_ratio, itc):
+    """A tiny captioner and retrieval model with a ViT MLP ratio and an ITC size other than BLIP's 4 and 256."""
+    vit, text = PRESETS["tiny"]
+    vit = VitSize(width=vit.width, depth=vit.depth, heads=vit.heads, patch_size=vit.patch_size,
+                  image_size=vit.image_size, mlp_ratio=mlp_ratio)
+    ids = special_ids(tokenizer)
+    text = replace(text, vocab_size=len(tokenizer))
+    config = make_config(vit, text, embed_dim=itc, bos_token_id=ids.dec, pad_token_id=ids.pad, sep_token_id=ids.sep)
+    torch.manual_seed(3)
+    return BlipForConditionalGeneration(config).eval(), BlipForImageTextRetrieval(config).eval()
+
+
+@pytest.mark.parametrize("mlp_ratio, itc", [(2, 32), (3, 24)])
+def test_mlp_ratio_and_itc_size_are_read_from_shapes(tmp_path, tokenizer, captioner_folder, images, mlp_ratio, itc):
+    captioner_model, retrieval_model = odd_sized_models(tokenizer, mlp_ratio, itc)
+    path = save_pth(original_pretrained_dict(captioner_model, retrieval_model), tmp_path / "model_odd.pth")
+    inferred = infer_config(torch.load(path, weights_only=True)["model"])
+    assert inferred.vision_config.intermediate_size == 32 * mlp_ratio and inferred.image_text_hidden_size == itc
+
+    captioner = Captioner.load(path, tokenizer=captioner_folder, settings=GREEDY, precision="fp32")
+    assert captioner.model.config.vision_config.intermediate_size == 32 * mlp_ratio
+    reference = Captioner(model=copy.deepcopy(captioner_model), tokenizer=tokenizer, settings=GREEDY, precision="fp32")
+    pixel_values = reference.preprocess(images)
+    assert torch.equal(captioner.generate_ids(pixel_values), reference.generate_ids(pixel_values))
+
+    filter_ = Filter.load(path, tokenizer=captioner_folder, precision="fp32")
+    assert filter_.model.config.image_text_hidden_size == itc
+    assert filter_.model.vision_proj.out_features == itc
+    expected_model = copy.deepcopy(retrieval_model)
+    expected_model.vision_model.load_state_dict(captioner_model.vision_model.state_dict())
+    expected = Filter(model=expected_model, tokenizer=tokenizer, precision="fp32")
+    texts = [["a red circle", "a dog"]] * len(images)
+    for got, want in zip(filter_.score(images, texts), expected.score(images, texts)):
+        assert [s.itm for s in got] == pytest.approx([s.itm for s in want], abs=1e-6)
+        assert [s.itc for s in got] == pytest.approx([s.itc for s in want], abs=1e-6)
+
+
+def write_med(tmp_path, tokenizer, **vit):
+    med = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
+           "vocab_size": len(tokenizer), "max_position_embeddings": 64, "encoder_width": 32,
+           "vit": {"width": 32, "depth": 2, "patch_size": 8, "image_size": 32, **vit}}
+    (tmp_path / "med_config.json").write_text(json.dumps(med))
+    return tmp_path / "med_config.json"
+
+
+def test_med_config_states_mlp_ratio_itc_size_and_heads(tmp_path, tokenizer, captioner_folder):
+    captioner_model, retrieval_model = odd_sized_models(tokenizer, 2, 32)
+    path = save_pth(original_pretrained_dict(captioner_model, retrieval_model), tmp_path / "model_odd.pth")
+    med = write_med(tmp_path, tokenizer, mlp_ratio=2, embed_dim=32)
+    filter_ = Filter.load(path, tokenizer=captioner_folder, config=med)
+    vision = filter_.model.config.vision_config
+    assert (vision.intermediate_size, filter_.model.config.image_text_hidden_size) == (64, 32)
+    assert vision.num_attention_heads == 2  # not stated: the tiny preset's count for width 32
+    med = write_med(tmp_path, tokenizer, mlp_ratio=2, embed_dim=32, heads=4)
+    assert Filter.load(path, tokenizer=captioner_folder, config=med).model.config.vision_config.num_attention_heads == 4
+
+    contradictions = [
+        ({"mlp_ratio": 4, "embed_dim": 32}, "MLP ratio of 4 .*intermediate size 128.* 64 rows .*MLP ratio 2"),
+        ({"mlp_ratio": 2, "embed_dim": 256}, r"ITC size \(embed_dim\) of 256 .* give 32"),
+        ({"mlp_ratio": 2}, r"ITC size \(embed_dim\) of 256 .* give 32"),  # BLIP's 256 when not stated
+        ({"mlp_ratio": 2, "embed_dim": 32, "heads": 3}, r"ViT heads \(3\) do not divide its width \(32\)"),
+        ({"mlp_ratio": 2, "embed_dim": 32, "mlp": 2}, r"unknown \"vit\" keys \['mlp'\]"),
+    ]
+    for vit, message in contradictions:
+        with pytest.raises(CheckpointError, match=message):
+            Filter.load(path, tokenizer=captioner_folder, config=write_med(tmp_path, tokenizer, **vit))
+    with pytest.raises(CheckpointError, match="MLP ratio of 4 .*MLP ratio 2"):
+        Captioner.load(path, tokenizer=captioner_folder, config="tiny")
