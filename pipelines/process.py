@@ -39,7 +39,6 @@ import base64
 import io
 import json
 import logging
-import re
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
@@ -58,7 +57,9 @@ from capfilt.pipelines.layout import FAILED, KEPT, REJECTED, OutputLayout, progr
 from capfilt.pipelines.models import Models
 from capfilt.pipelines.prefetch import ordered_map
 from capfilt.pipelines.settings import BootstrapSettings
-from capfilt.pipelines.shards import SUCCESS, DamagedShardError, InputRow, InputShard, ShardReader, expected_rows
+from capfilt.pipelines.shards import (
+    SUCCESS, DamagedShardError, InputRow, InputShard, ShardReader, error_text, expected_rows, without_addresses,
+)
 from capfilt.pipelines.stats import ShardStats
 
 FLUSH_ROWS = 256  # rows buffered per output file before a Parquet row group is written
@@ -104,7 +105,7 @@ def decode(row: InputRow, settings: BootstrapSettings, preprocessors: Sequence[I
         with Image.open(io.BytesIO(row.image)) as header:  # reads the header only
             width, height = header.size
     except Exception as error:
-        raise SampleError("decode", f"cannot decode image: {_describe(error)}") from None
+        raise SampleError("decode", f"cannot decode image: {error_text(error)}") from None
     if min(width, height) < settings.min_image_size:
         raise SampleError("size", f"image is {width}x{height}, below min_image_size {settings.min_image_size}")
     if width * height > settings.max_image_pixels:
@@ -112,7 +113,7 @@ def decode(row: InputRow, settings: BootstrapSettings, preprocessors: Sequence[I
     try:
         return Judged(row, decode_for_model(row.image, preprocessors, orientation=_orientation(row)))
     except ValueError as error:
-        raise SampleError("decode", _ADDRESS.sub("", str(error))) from None
+        raise SampleError("decode", without_addresses(str(error))) from None
 
 
 def per_image(call: Callable[[list], list], items: list, what: str) -> list[tuple[object, str | None]]:
@@ -124,25 +125,17 @@ def per_image(call: Callable[[list], list], items: list, what: str) -> list[tupl
         if isinstance(batch_error, (MemoryError, torch.OutOfMemoryError)):  # the machine, not the data
             raise
         if len(items) == 1:
-            return [(None, _describe(batch_error))]
+            return [(None, error_text(batch_error))]
         outcomes = []
         for item in items:
             try:
                 outcomes.append((call([item])[0], None))
             except Exception as error:  # noqa: BLE001
-                outcomes.append((None, _describe(error)))
+                outcomes.append((None, error_text(error)))
         if all(error is not None for _, error in outcomes):
-            raise ModelStageError(f"the {what} failed on every image of a batch: {_describe(batch_error)}") \
+            raise ModelStageError(f"the {what} failed on every image of a batch: {error_text(batch_error)}") \
                 from batch_error
         return outcomes
-
-
-_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
-
-
-def _describe(error: BaseException) -> str:
-    """``Type: message`` without memory addresses, so that a rerun writes the same error text."""
-    return _ADDRESS.sub("", f"{type(error).__name__}: {error}")
 
 
 class TableWriter:

@@ -132,9 +132,19 @@ def row_key(shard_id: str, index: int) -> str:
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 
+def without_addresses(text: str) -> str:
+    """``text`` without memory addresses (`` at 0x7f...``), so that a rerun writes the same error text."""
+    return _ADDRESS.sub("", text)
+
+
+def error_text(error: BaseException) -> str:
+    """``Type: message`` without memory addresses."""
+    return without_addresses(f"{type(error).__name__}: {error}")
+
+
 def describe(error: BaseException) -> str:
-    """``Type: message`` on one line, without memory addresses: a rerun writes the same text."""
-    return " ".join(_ADDRESS.sub("", f"{type(error).__name__}: {error}").split())
+    """``error_text`` on one line: a damage note of the shard's."""
+    return " ".join(error_text(error).split())
 
 
 class _Storage:
