@@ -295,9 +295,13 @@ def _headerless_width(path: Path, fmt: str) -> int:
 
 def _open_text(path: Path, newline: str | None = None):
     """A URL list file as UTF-8 text, gunzipped when its name ends in ``.gz``."""
-    opener = gzip.open if path.name.endswith(".gz") else open
     # Bad bytes as U+FFFD: this reads the header and a sample of lines; the rows themselves are checked apart.
-    return opener(path, "rt", encoding="utf-8", errors="replace", newline=newline)
+    return _open(path, "rt", encoding="utf-8", errors="replace", newline=newline)
+
+
+def _open(path: Path, mode: str, **options):
+    """``path`` opened in ``mode``, gunzipped when its name ends in ``.gz``."""
+    return (gzip.open if path.name.endswith(".gz") else open)(path, mode, **options)
 
 
 def _first_line(path: Path) -> str:
@@ -577,10 +581,9 @@ def _jsonl_tables(path: Path, url_list: UrlList, extra: tuple[str, ...], summary
     """A JSON Lines list, line by line: a line that is not UTF-8, not JSON or not an object fails alone at
     stage ``parse`` (its text, bad bytes as U+FFFD, as caption); empty lines are no rows. One bad line used to
     stop pyarrow's reader, and with it the whole job."""
-    opener = gzip.open if path.name.endswith(".gz") else open
     records: list[dict] = []
     bad: dict[int, tuple[str, str]] = {}
-    with opener(path, "rb") as f:
+    with _open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
             line = raw.rstrip(b"\r\n")
             if not line.strip():
@@ -614,25 +617,26 @@ _BAD_BYTE = re.compile("[\udc80-\udcff]")  # a byte that is not UTF-8, as ``surr
 def _json_table(path: Path, url_list: UrlList, extra: tuple[str, ...], summary: dict) -> pa.Table:
     """A JSON list (an object of lists, or a list of records): one document, so a syntax error is the file's
     (a ``DatasetError`` naming it); a value with bytes that are not UTF-8 fails its row alone at ``parse``."""
-    opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rb") as f:
+    with _open(path, "rb") as f:
         data = f.read()
     try:
         document = json.loads(data.decode("utf-8", errors="surrogateescape"))
     except ValueError as error:
         raise DatasetError(f"{path}: not a JSON document: {error}") from None
     columns = _json_columns(document, path)
-    bad: dict[int, tuple[str, str]] = {}
+    reasons: dict[int, str] = {}
     if _not_utf8(data, path.name):
         for name, values in columns.items():
             for row, value in enumerate(values):
-                if isinstance(value, str) and _BAD_BYTE.search(value):
-                    byte = ord(_BAD_BYTE.search(value).group()) - 0xDC00
-                    bad.setdefault(row, (f"record {row + 1} of {path.name} is not UTF-8: byte 0x{byte:02x} in "
-                                         f"{name!r}", ""))
+                found = _BAD_BYTE.search(value) if isinstance(value, str) else None
+                if found:
+                    byte = ord(found.group()) - 0xDC00
+                    reasons.setdefault(row, f"record {row + 1} of {path.name} is not UTF-8: byte 0x{byte:02x} in "
+                                            f"{name!r}")
                     values[row] = _BAD_BYTE.sub("\ufffd", value)
-        bad = {row: (reason, json.dumps({n: columns[n][row] for n in columns}, ensure_ascii=False))
-               for row, (reason, _) in bad.items()}
+    # Each failed record's text: the record as JSON, its bad bytes as U+FFFD.
+    bad = {row: (reason, json.dumps({n: columns[n][row] for n in columns}, ensure_ascii=False))
+           for row, reason in reasons.items()}
     summary["malformed"] += len(bad)
     rows = len(next(iter(columns.values()), []))
     records = [{name: columns[name][row] for name in columns} for row in range(rows)]
