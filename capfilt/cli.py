@@ -257,6 +257,14 @@ def parse_shard_selection(spec: str | None, count: int) -> list[int]:
     return sorted(chosen)
 
 
+def select_shards(location: str, spec: str | None):
+    """The input shards at ``location`` that ``spec`` (``--shards``: ``0-9,12``; None: all) selects, by index."""
+    from capfilt.pipelines.shards import list_shards
+
+    shards = list_shards(location)
+    return [shards[i] for i in parse_shard_selection(spec, len(shards))]
+
+
 def default_models(data: str) -> tuple[str, str]:
     """The captioner and filter a dataset runs with unless told otherwise."""
     return (DEMO_MODEL, DEMO_MODEL) if data == "demo" else (DEFAULT_CAPTIONER, DEFAULT_FILTER)
@@ -400,7 +408,6 @@ def bootstrap(args, unknown: list[str]) -> int:
     from capfilt.pipelines import bootstrap as pipeline
     from capfilt.pipelines.layout import OutputLayout
     from capfilt.pipelines.progress import Progress
-    from capfilt.pipelines.shards import list_shards
     from capfilt.pipelines.report import read_stats
 
     options = beam_options(unknown)
@@ -424,8 +431,7 @@ def bootstrap(args, unknown: list[str]) -> int:
     else:
         location = prepare_download(source, shards_folder(args), args)
 
-    shards = list_shards(location)
-    shards = [shards[i] for i in parse_shard_selection(args.shards, len(shards))]
+    shards = select_shards(location, args.shards)
     missing = [s.shard_id for s in shards if s.stats_missing]
     if missing:
         _say(f"warning: {len(missing)} shard(s) have no img2dataset _stats.json ({', '.join(missing[:10])}"

@@ -69,18 +69,15 @@ def run_capfilt(web: Path, out: Path, config: ExperimentConfig, method: str | No
                 shards: str | None = None) -> Path:
     """Step 3: the CapFilt pipeline over the web shards (``shards``: indices such as ``0-3``; default all),
     with the captioner's own sampling or ``method``; resumes finished shards."""
-    from capfilt.cli import parse_shard_selection
+    from capfilt.cli import select_shards
     from capfilt.pipelines import bootstrap
     from capfilt.pipelines.layout import OutputLayout
     from capfilt.pipelines.report import read_stats
     from capfilt.pipelines.settings import BootstrapSettings
-    from capfilt.pipelines.shards import list_shards
 
     settings = BootstrapSettings(captioner=config.captioner, filter=config.filter,
                                  sampling_overrides={"method": method} if method else {})
-    found = list_shards(str(web))
-    selected = [found[i] for i in parse_shard_selection(shards, len(found))]
-    bootstrap.run(selected, settings, str(out), runner=config.runner)
+    bootstrap.run(select_shards(str(web), shards), settings, str(out), runner=config.runner)
     stats = read_stats(OutputLayout(str(out)))
     unfinished = stats["shards"]["errors"] + stats["shards"].get("damaged", [])
     if unfinished:
