@@ -69,6 +69,10 @@ class DemoRecipe:
     negatives: str = ""
     # Fine-tuning trains the text side only, the ViT frozen as pre-training (or the models continued from) left it.
     freeze_vision: bool = DEMO_TRAINING.freeze_vision
+    # The share of training images whose rendering details are changed (AugmentConfig.render_jitter: size, edges,
+    # colour curve, JPEG), in every stage, so that the models read the world and not one renderer's habits
+    # (docs/demo.md, "Changed rendering").
+    render_jitter: float = 0.5
     shard_size: int = 10_000  # pairs per rendered Parquet shard
     streams: int = 0  # loader streams of every stage (0: one, which reads the files one after another)
     pretrain_seconds: float = 0.0  # wall-clock limit of pre-training (0: none; the steps above end it)
@@ -163,7 +167,8 @@ def write_splits(recipe: DemoRecipe, work: Path) -> dict[str, Path]:
 def _common(recipe: DemoRecipe, work: Path) -> dict:
     return dict(model="demo", image_size=64, patch_size=recipe.patch_size,
                 vision_position_init=recipe.vision_position_init, tokenizer=str(work / "tokenizer"),
-                batch_size=recipe.batch_size, augment=False, max_tokens=recipe.max_tokens,
+                batch_size=recipe.batch_size, augment=False, render_jitter=recipe.render_jitter,
+                max_tokens=recipe.max_tokens,
                 checkpoint_every=recipe.checkpoint_every, log_every=50, workers=recipe.loader_workers,
                 worker_processes=recipe.decode_in == "processes")
 

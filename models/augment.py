@@ -21,12 +21,13 @@ after a resume.
 
 from __future__ import annotations
 
+import io
 import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image, ImageEnhance, ImageOps
+from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 FILL = (128, 128, 128)
@@ -45,6 +46,10 @@ class AugmentConfig:
     randaugment: bool = True  # RandAugment as in BLIP's recipe
     randaugment_ops: int = 2  # ops drawn per image
     randaugment_magnitude: int = 5  # out of 10
+    # capfilt's, not BLIP's: the probability that an image's rendering details are changed (``jitter_rendering``:
+    # size and position by a fraction, edge blur, colour curve, JPEG re-compression) before anything above. For
+    # synthetic worlds, so that a model learns the scene and not one renderer's habits (the demo models). 0: never.
+    render_jitter: float = 0.0
 
 
 def random_resized_crop(image: Image.Image, size: int, rng: np.random.Generator, min_scale: float,
@@ -106,6 +111,44 @@ def apply_op(image: Image.Image, op: str, magnitude: int, rng: np.random.Generat
     raise ValueError(f"unknown RandAugment op {op!r}; choose from {RANDAUGMENT_OPS}")
 
 
+def _border_colour(image: Image.Image) -> tuple[int, ...]:
+    """The median colour of the image's outermost pixels: the background, where objects leave it."""
+    pixels = np.asarray(image)
+    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+    return tuple(int(v) for v in np.median(border, axis=0))
+
+
+def jitter_rendering(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """The image as another renderer might have drawn it; each change applied with p 0.5 (``render_jitter``).
+
+    Size: scaled by 0.94..1.06 about the centre and moved by up to 0.75 px
+    (bilinear; the uncovered border takes the background's colour). Edges:
+    Gaussian blur of radius 0.2..1 px. Colour: a gamma curve of 0.85..1.15,
+    then per channel a gain of 0.95..1.05 and an offset of up to ±6.
+    Compression: JPEG re-encoded at quality 60..95, chroma 4:4:4, 4:2:2 or
+    4:2:0. Small enough that every word of a caption stays true.
+    """
+    if rng.random() < 0.5:
+        scale = rng.uniform(0.94, 1.06)
+        dx, dy = rng.uniform(-0.75, 0.75, size=2)
+        cx, cy = image.width / 2, image.height / 2
+        # Output pixel (x, y) reads input ((x - cx) / scale + cx - dx, (y - cy) / scale + cy - dy).
+        coefficients = (1 / scale, 0, cx - cx / scale - dx, 0, 1 / scale, cy - cy / scale - dy)
+        image = image.transform(image.size, Image.AFFINE, coefficients, Image.BILINEAR,
+                                fillcolor=_border_colour(image))
+    if rng.random() < 0.5:
+        image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0.2, 1.0)))
+    if rng.random() < 0.5:
+        pixels = 255.0 * (np.asarray(image, dtype=np.float64) / 255.0) ** rng.uniform(0.85, 1.15)
+        pixels = pixels * rng.uniform(0.95, 1.05, size=3) + rng.uniform(-6, 6, size=3)
+        image = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))
+    if rng.random() < 0.5:
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=int(rng.integers(60, 96)), subsampling=int(rng.integers(0, 3)))
+        image = Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
+    return image
+
+
 def rand_augment(image: Image.Image, rng: np.random.Generator, num_ops: int, magnitude: int) -> Image.Image:
     """``num_ops`` ops drawn with replacement from BLIP's list, each applied with p 0.5."""
     for op in rng.choice(RANDAUGMENT_OPS, size=num_ops):
@@ -131,8 +174,11 @@ def to_normalised_tensor(image: Image.Image) -> torch.Tensor:
 
 def augmented_image(image: Image.Image, size: int, config: AugmentConfig, rng: np.random.Generator | None
                     ) -> Image.Image:
-    """BLIP's training augmentation (or, with ``augment=False``, its square resize), before normalisation."""
+    """BLIP's training augmentation (or, with ``augment=False``, its square resize), before normalisation; first,
+    with ``render_jitter``, the rendering changes of ``jitter_rendering``."""
     image = image.convert("RGB")
+    if config.render_jitter and rng.random() < config.render_jitter:
+        image = jitter_rendering(image, rng)
     if not config.augment:
         return image if image.size == (size, size) else image.resize((size, size), Image.BICUBIC)
     image = random_resized_crop(image, size, rng, config.crop_min_scale)

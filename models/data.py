@@ -628,5 +628,5 @@ def decode_sample(job: tuple[bytes, tuple[int, ...], int, AugmentConfig]) -> np.
         image = decode_image(image_bytes)
     except ValueError:
         return None
-    rng = np.random.default_rng(seed_for(*seed_parts)) if augment.augment else None
+    rng = np.random.default_rng(seed_for(*seed_parts)) if augment.augment or augment.render_jitter else None
     return np.asarray(augmented_image(image, size, augment, rng))

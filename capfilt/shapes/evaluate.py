@@ -17,6 +17,8 @@
   objects, or one attribute between them: ``capfilt.shapes.negatives``);
   does the true caption score higher, and is the swap removed?
   (``evaluate_swaps``: which object is where, apart from the web mixture.)
+- Changed rendering (``--rendering changed``): the same split's scenes and
+  texts, their images drawn by a second renderer (``capfilt.shapes.rerender``).
 - Retrieval, on a clean split (``test``): image→text and text→image
   recall@1 of a filter's ITC, and of ITC's top k re-ranked by ITM.
 
@@ -38,6 +40,7 @@ from capfilt.device import autocast
 from capfilt.filter import ITM_THRESHOLD, Filter
 from capfilt.shapes.captions import ERRORS, caption_errors, describe, is_correct
 from capfilt.shapes.negatives import ATTRIBUTE_SWAPS, possible_swaps, swapped
+from capfilt.shapes.rerender import rerender
 from capfilt.shapes.scene import Scene
 from capfilt.shapes.splits import Sample, iter_split
 from capfilt.shapes.web import KINDS
@@ -45,6 +48,7 @@ from capfilt.shapes.world import RELATIONS
 
 EVALUATION_SEED = 20221  # a seed no training split of `make demo-models` uses
 METHODS = ("greedy", "beam", "nucleus")
+RENDERINGS = ("plain", "changed")  # --rendering: capfilt's renderer, or the second one of capfilt.shapes.rerender
 
 
 def _batches(samples: list[Sample], size: int):
@@ -291,10 +295,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n", type=int, default=1000, help="web pairs to score / scenes to caption")
     parser.add_argument("--seed", type=int, default=EVALUATION_SEED, help="seed of the fresh web split")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--rendering", default="plain", choices=RENDERINGS,
+                        help="plain: the images as capfilt's renderer draws them; changed: the same scenes drawn by "
+                             "a second renderer with other edges, colours, sizes and compression (rerender.py)")
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     args = parser.parse_args(argv)
     samples = list(iter_split("web", args.n, args.seed))
+    if args.rendering == "changed":
+        samples = [rerender(sample, args.seed) for sample in samples]
     filter_ = Filter.load(args.filter, device=args.device) if args.filter else None
     filter_results = evaluate_filter(filter_, samples) if filter_ else None
     swaps = evaluate_swaps(filter_, samples) if filter_ else None
@@ -312,7 +321,7 @@ def main(argv: list[str] | None = None) -> None:
               f"(chance 50%); ranked first: " + ", ".join(f"{r} {p:.0%}" for r, p in relation["predicted"].items()))
     if args.json:
         with open(args.json, "w") as out:
-            json.dump({"n": args.n, "seed": args.seed, "filter": filter_results, "captioner": captioner_results,
+            json.dump({"n": args.n, "seed": args.seed, "rendering": args.rendering, "filter": filter_results, "captioner": captioner_results,
                        "relation": relation, "swaps": swaps},
                       out, indent=2)
 
