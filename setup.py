@@ -36,8 +36,9 @@ INSTALL_REQUIRES = [
 EXTRAS_REQUIRE = {
     # Downloading URL lists; img2dataset brings its own distributors.
     "download": ["img2dataset>=1.45"],
-    # Tests read the output back as downstream trainers do: pyarrow, DuckDB and HF datasets.
-    "dev": ["pytest>=8", "duckdb>=1.0", "datasets>=3", "img2dataset>=1.45"],
+    # Tests read the output back as downstream trainers do: pyarrow, DuckDB, HF datasets, and webdataset (the
+    # tars of `capfilt export-dataset`, as open_clip reads them; pure Python, img2dataset depends on it too).
+    "dev": ["pytest>=8", "duckdb>=1.0", "datasets>=3", "img2dataset>=1.45", "webdataset>=0.2"],
     # `--runner DaskRunner`: Beam's DaskRunner on a dask.distributed cluster (docs/pipeline.md, "Dask"). The
     # floor is that of Beam 2.77's `apache-beam[dask]` extra, which has no ceiling; 2024.4.2 and 2026.8.0 both
     # pass tests/test_dask.py. The ceiling: Beam's runner builds on dask.bag and Dask releases monthly, so a new

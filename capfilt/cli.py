@@ -1,7 +1,7 @@
 """``capfilt``: the command line, one command for the whole loop.
 
 ``capfilt COMMAND``: ``datasets``, ``shapes``, ``train``, ``export``,
-``evaluate``, ``bootstrap``, ``demo-models``, ``experiment`` (``COMMANDS``;
+``evaluate``, ``bootstrap``, ``export-dataset``, ``demo-models``, ``experiment`` (``COMMANDS``;
 ``capfilt --help``). All but ``bootstrap`` and ``datasets`` are another
 module's ``main(argv)``, given every later argument unchanged and imported
 only when chosen (``capfilt train pretrain --help`` is the trainer's help).
@@ -29,6 +29,7 @@ from pathlib import Path
 
 from capfilt import datasets
 from capfilt.pipelines import dask_cluster
+from capfilt.pipelines.schema import BELOW_THRESHOLD, REASONS
 
 DEMO_MODEL = "demo"
 # BLIP w/ ViT-L, fine-tuned on COCO: the paper's captioner and filter, as transformers hub ids.
@@ -74,10 +75,11 @@ class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
 COMMANDS: tuple[tuple[str, str | None, str], ...] = (
     ("datasets", None, "data: the named web datasets and their URL lists"),
     ("shapes", "capfilt.shapes.cli", "data: render shapes-world splits as shards (offline)"),
-    ("train", "capfilt.models.train", "models: TASK pretrain | finetune-captioner | finetune-filter"),
+    ("train", "capfilt.models.train", "models: TASK pretrain|finetune-captioner|finetune-filter"),
     ("export", "capfilt.models.export", "models: a trained captioner/filter as an HF folder"),
     ("evaluate", "capfilt.shapes.evaluate", "models: score captioner and filter on shapes data"),
     ("bootstrap", None, "CapFilt: caption and filter a dataset into OUT/kept"),
+    ("export-dataset", "capfilt.pipelines.export_dataset", "data: OUT/kept as webdataset tars (open_clip)"),
     ("demo-models", "capfilt.demo", "whole loop: train the demo captioner and filter"),
     ("experiment", "capfilt.experiment", "whole loop: pre-train on raw vs CapFilt web, score"),
 )
@@ -91,11 +93,20 @@ BOOTSTRAP_EPILOG = (
 )
 
 
+class _CommandsHelp(argparse.RawDescriptionHelpFormatter):
+    """``capfilt --help``'s layout: each command's summary on the command's line. Python < 3.13 sizes the column
+    without the commands' indent, which would put ``export-dataset``'s summary on a line of its own."""
+
+    def __init__(self, prog: str):
+        super().__init__(prog, max_help_position=30)
+        self._action_max_length = 4 + max(len(name) for name, _, _ in COMMANDS)  # the commands' indent + names
+
+
 def build_parser(bootstrap_flags: bool = True) -> argparse.ArgumentParser:
     """``capfilt``'s parser. Without ``bootstrap_flags`` (cheap: nothing heavy imported) ``bootstrap`` takes its
     arguments unparsed, for ``bootstrap_parser``; a delegated command always takes them unparsed."""
     parser = argparse.ArgumentParser(
-        prog="capfilt", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="capfilt", formatter_class=_CommandsHelp,
         description="CapFilt (BLIP's dataset bootstrapping) and the loop around it: data -> train -> export -> "
                     "evaluate -> bootstrap -> train again on OUT/kept.",
         epilog="`capfilt COMMAND --help` shows a command's own flags (a delegated command's help may name itself "
@@ -183,6 +194,14 @@ def add_bootstrap_arguments(boot: argparse.ArgumentParser) -> None:
                          help="remove texts whose ITM match probability (0-1) is below this")
     capfilt.add_argument("-k", "--num-captions", type=int, default=settings.num_captions,
                          help="synthetic captions per image (K)")
+    capfilt.add_argument("--select", default=settings.select, metavar="all|top-N",
+                         help="texts of an image kept among those that pass: all (the paper's), or top-N, the N best "
+                              "by ITM score, web and synthetic together (BLIP-2 kept its top two); identical "
+                              "texts of an image are kept once either way")
+    capfilt.add_argument("--dedup-images", action="store_true",
+                         help="drop exact duplicate images (SHA-256 of the bytes): an image is kept at its first "
+                              "(shard, row) with a kept text, the others' texts go to rejected/ (reason duplicate "
+                              "image); without it they are only counted")
     capfilt.add_argument("--strict", action="store_true",
                          help=f"exit {EXIT_KEEP_SHARE} when the filter kept under {100 * KEEP_SHARE_LOW:.0f}%% or over "
                               f"{100 * KEEP_SHARE_HIGH:.0f}%% of a source's texts (of {KEEP_SHARE_MIN_TEXTS} or more "
@@ -400,7 +419,8 @@ def settings_from_args(args):
         sampling_overrides={name: value for name, value in (
             ("method", args.method), ("top_p", args.top_p), ("top_k", args.top_k),
             ("max_length", args.max_length), ("min_length", args.min_length)) if value is not None},
-        threshold=args.threshold, batch_size=args.batch_size, seed=args.seed, min_image_size=args.min_image_size,
+        threshold=args.threshold, select=args.select, dedup_images=args.dedup_images, batch_size=args.batch_size,
+        seed=args.seed, min_image_size=args.min_image_size,
     )
 
 
@@ -439,7 +459,9 @@ def bootstrap(args, unknown: list[str]) -> int:
              "cannot be read whole is left unfinished, to rerun once the download is over")
     _say(f"CapFilt on {len(shards)} shard(s) from {location} with {args.runner}: "
          f"captioner {settings.captioner}, filter {settings.filter}, K={settings.num_captions}, "
-         f"threshold {settings.threshold}, sampling {settings.sampling_overrides or 'defaults'}")
+         f"threshold {settings.threshold}, select {settings.select}"
+         f"{', duplicate images dropped' if settings.dedup_images else ''}, "
+         f"sampling {settings.sampling_overrides or 'defaults'}")
     with Progress(layout, [s.shard_id for s in shards], interval=args.progress_interval):
         pipeline.run(shards, settings, str(args.out), runner=args.runner,
                      beam_args=beam_arguments(args, options), report=not args.no_report, workers=args.workers)
@@ -471,13 +493,14 @@ def keep_share_warnings(stats: dict, settings) -> list[str]:
     Per source, not pooled: the two fail differently (web texts: the data, the filter or the threshold;
     synthetic captions: the captioner too), and a pooled share hides one source at 0% beside the other at 40%.
     A source with fewer than ``KEEP_SHARE_MIN_TEXTS`` texts judged is not checked: one text would be over 1%.
+    The share is the filter's: texts removed as duplicates or by ``--select`` passed it.
     """
     warnings = []
     for source, what in (("web", "web texts"), ("synthetic", "synthetic captions")):
         judged = stats["texts"][source]
         if judged < KEEP_SHARE_MIN_TEXTS:
             continue
-        share = stats["kept"][source] / judged
+        share = 1 - stats["rejected_reasons"][BELOW_THRESHOLD][source] / judged
         kept = f"the filter kept {100 * share:.1f}% of the {judged} {what} it judged"
         if share < KEEP_SHARE_LOW:
             cause = ("the captioner likely writes captions that do not describe these images (a .pth captioner "
@@ -504,9 +527,17 @@ def print_summary(stats: dict, layout, unfinished: list[str], damaged: list[dict
     for source in ("web", "synthetic"):
         ratio = stats["noise_ratio"][source]
         _say(f"{source:9} texts {stats['texts'][source]}: kept {stats['kept'][source]}, "
-             f"removed {stats['rejected'][source]} (noise ratio "
-             f"{'–' if ratio is None else f'{100 * ratio:.1f}%'})")
-    _say(f"texts before CapFilt {stats['texts_before']}, after {stats['texts_after']}")
+             f"removed {stats['rejected'][source]} ({stats['rejected_reasons'][BELOW_THRESHOLD][source]} by the "
+             f"filter: noise ratio {'–' if ratio is None else f'{100 * ratio:.1f}%'})")
+    removed = [f"{reason} {sum(stats['rejected_reasons'][reason].values())}" for reason in REASONS
+               if sum(stats["rejected_reasons"][reason].values())]
+    _say(f"texts before CapFilt {stats['texts_before']}, after {stats['texts_after']}; removed: "
+         f"{', '.join(removed) or 'none'}")
+    images = stats.get("duplicate_images")
+    if images and images["images"]:
+        fate = "dropped (their texts are in rejected/)" if images["dropped"] else "kept (--dedup-images drops them)"
+        _say(f"{images['images']} images with a kept text repeat the bytes of one kept before "
+             f"({images['within_shards']} within a shard, {images['across_shards']} across shards): {fate}")
     duplicates = stats.get("duplicate_keys")
     if duplicates and duplicates["rows"]:
         examples = ", ".join(str(e["key"]) for e in duplicates["examples"][:3])

@@ -133,32 +133,39 @@ def evaluate_run(run: Path, config: ExperimentConfig) -> dict:
 
 
 def _rows(folder: Path, names: set[str] | None = None) -> list[dict]:
-    """``text``, ``source``, ``kind`` and ``scene`` of the kept or rejected pairs of a CapFilt output."""
+    """``text``, ``source``, ``kind``, ``scene`` and (rejected/) ``reason`` of the pairs of a CapFilt output."""
     import pyarrow.parquet as pq
 
     files = sorted(folder.glob("*.parquet"))
     files = [f for f in files if names is None or f.name in names]
-    return [row for f in files for row in pq.read_table(f, columns=["text", "source", "kind", "scene"]).to_pylist()]
+    rows = []
+    for f in files:
+        columns = ["text", "source", "kind", "scene"] + (["reason"] if "reason" in pq.read_schema(f).names else [])
+        rows += pq.read_table(f, columns=columns).to_pylist()
+    return rows
 
 
 def capfilt_table(nucleus: Path, beam: Path) -> dict:
     """Step 3's measures: removal per web-text kind; noise ratio and correctness of synthetic captions."""
+    from capfilt.pipelines.schema import BELOW_THRESHOLD
     from capfilt.shapes import is_correct, scene_from_json
     from capfilt.shapes.evaluate import scene_type
 
     def tally(out: Path, names: set[str] | None) -> dict:
         counts: Counter = Counter()
-        for removed, folder in ((False, out / "kept"), (True, out / "rejected")):
+        for kept, folder in ((True, out / "kept"), (False, out / "rejected")):
             for row in _rows(folder, names):
                 scene = scene_from_json(row["scene"])
                 kind = row["kind"] if row["source"] == "web" else "synthetic"
                 correct = is_correct(row["text"], scene)
+                # Removed by the filter: a duplicate text (or one outside --select's top n) passed it.
+                removed = not kept and row.get("reason", BELOW_THRESHOLD) == BELOW_THRESHOLD
                 for group in (kind, f"{kind}/{scene_type(scene)}"):
                     counts[(group, "n")] += 1
                     counts[(group, "removed")] += removed
                     counts[(group, "correct")] += correct
-                    counts[(group, "kept correct")] += correct and not removed
-                    counts[(group, "kept")] += not removed
+                    counts[(group, "kept correct")] += correct and kept
+                    counts[(group, "kept")] += kept
         groups = sorted({group for group, _ in counts})
         return {group: {"n": counts[(group, "n")],
                         "removed": counts[(group, "removed")] / counts[(group, "n")],

@@ -23,6 +23,11 @@ A damaged input file is not such an error: what of it can be read is
 processed and the shard is marked done and listed as damaged
 (``capfilt.pipelines.shards``), since rereading the same bytes cannot help.
 
+With ``--dedup-images``, the summary step first drops duplicate images across
+all finished shards (``capfilt.pipelines.image_dedup``): no shard can know,
+while it runs, what the others hold, so the cross-shard rule runs once they
+are done, on one worker, rewriting only the shards it changes.
+
 Each job writes its temporary files under its own ``_tmp/{run}/`` and
 removes only that folder at its end, so jobs on one output folder at the
 same time do not break each other's shards (``capfilt.pipelines.layout``).
@@ -104,11 +109,14 @@ def _unfinished(shard: InputShard, layout: OutputLayout) -> bool:
 
 def _write_stats_and_report(results: list[dict], layout: OutputLayout, settings: BootstrapSettings,
                             total_shards: int, report: bool) -> dict:
+    from capfilt.pipelines.image_dedup import drop_duplicate_images
     from capfilt.pipelines.report import write_summary
 
     # A shard that failed here but was finished meanwhile by another job on the same OUT is not unfinished.
     errors = sorted((r for r in results if "error" in r and not layout.is_done(r["shard"])), key=lambda r: r["shard"])
     try:
+        if settings.dedup_images:  # across every finished shard, also those of earlier runs and other jobs
+            drop_duplicate_images(layout)
         return write_summary(layout, settings, total_shards, errors, report=report)
     finally:
         layout.end_run()  # this job's temporary files only: other jobs may be writing to the same OUT

@@ -8,6 +8,9 @@
       failed/{shard}.parquet     rows that could not be judged, with stage and error
       _done/{shard}.json         completion marker: the shard's stats
       _done/{shard}.keys         the 64-bit hashes of the shard's keys (duplicate keys across shards)
+      _done/{shard}.images       the 64-bit hashes of its images with a kept text (duplicate images across shards)
+      _done/{shard}.dedup        --dedup-images: the rows moved from kept/ to rejected/ at a run's end
+                                 because an earlier shard kept the same image (capfilt.pipelines.image_dedup)
       _tmp/{run}/                one folder per job: its run.json (host, pid), and per
                                  attempt at a shard a folder of files being written
                                  (never read) with its progress.json (rows read so far)
@@ -59,6 +62,8 @@ STATS_FILE, REPORT_FILE, RUN_FILE = "stats.json", "report.html", "_run.json"
 PROGRESS_FILE = "progress.json"  # in an attempt's temp folder: {"rows": rows read so far}; gone at commit
 RUN_INFO = "run.json"  # in a job's temp folder: who runs it (host, pid, whether its workers run on that host)
 KEYS_SUFFIX = ".keys"  # beside a marker: the shard's key hashes (capfilt.pipelines.stats.KeyTally)
+IMAGES_SUFFIX = ".images"  # beside a marker: the hashes of the shard's images with a kept text (stats.HashTally)
+DEDUP_SUFFIX = ".dedup"  # beside a marker: JSON, the rows moved by the cross-shard image dedup (image_dedup)
 
 
 class SettingsMismatchError(ValueError):
@@ -91,6 +96,12 @@ class OutputLayout:
 
     def keys_file(self, shard_id: str) -> str:
         return self._path(DONE, f"{shard_id}{KEYS_SUFFIX}")
+
+    def images_file(self, shard_id: str) -> str:
+        return self._path(DONE, f"{shard_id}{IMAGES_SUFFIX}")
+
+    def dedup_file(self, shard_id: str) -> str:
+        return self._path(DONE, f"{shard_id}{DEDUP_SUFFIX}")
 
     def temp_dir(self, shard_id: str) -> str:
         """A fresh folder for one attempt at a shard, in the job's own folder (concurrent attempts never collide)."""
@@ -169,8 +180,10 @@ class OutputLayout:
                 markers.append(json.loads(f.read()))
         return sorted(markers, key=lambda m: m["shard"])
 
-    def commit(self, shard_id: str, temp_files: dict[str, str], marker: dict, keys: bytes | None = None) -> None:
-        """Move a shard's finished files (and its key hashes) into place, then write its marker: the shard is done."""
+    def commit(self, shard_id: str, temp_files: dict[str, str], marker: dict, keys: bytes | None = None,
+               images: bytes | None = None) -> None:
+        """Move a shard's finished files (and its key and image hashes) into place, then write its marker: the
+        shard is done. A cross-shard dedup record of an earlier commit of the shard goes: it was about those files."""
         if set(temp_files) != set(OUTPUTS):
             raise ValueError(f"a shard commits {OUTPUTS}, got {sorted(temp_files)}")
         for kind in OUTPUTS:
@@ -178,13 +191,16 @@ class OutputLayout:
         folder = posixpath.dirname(temp_files[KEPT])
         sources = [temp_files[kind] for kind in OUTPUTS]
         finals = [self.output(kind, shard_id) for kind in OUTPUTS]
-        if keys is not None:
+        for name, data, final in (("keys.bin", keys, self.keys_file(shard_id)),
+                                  ("images.bin", images, self.images_file(shard_id))):
+            if data is None:
+                continue
             _ensure_dir(self._path(DONE))
-            sources.append(FileSystems.join(folder, "keys.bin"))
-            finals.append(self.keys_file(shard_id))
+            sources.append(FileSystems.join(folder, name))
+            finals.append(final)
             with FileSystems.create(sources[-1]) as f:
-                f.write(keys)
-        existing = [path for path in finals if FileSystems.exists(path)]
+                f.write(data)
+        existing = [path for path in finals + [self.dedup_file(shard_id)] if FileSystems.exists(path)]
         if existing:  # left by a killed attempt (and some filesystems' rename will not overwrite)
             FileSystems.delete(existing)
         FileSystems.rename(sources, finals)
@@ -207,15 +223,35 @@ class OutputLayout:
 
     def read_key_hashes(self, shard_ids: list[str]) -> Iterator[tuple[str, bytes]]:
         """Each finished shard's key hashes file (``capfilt.pipelines.stats.KeyTally``), where it has one."""
+        return self._read_each(shard_ids, self.keys_file)
+
+    def read_image_hashes(self, shard_ids: list[str]) -> Iterator[tuple[str, bytes]]:
+        """Each finished shard's image hashes file (its images with a kept text), where it has one."""
+        return self._read_each(shard_ids, self.images_file)
+
+    @staticmethod
+    def _read_each(shard_ids: list[str], path_of) -> Iterator[tuple[str, bytes]]:
         for shard_id in shard_ids:
-            path = self.keys_file(shard_id)
+            path = path_of(shard_id)
             if FileSystems.exists(path):
                 with FileSystems.open(path) as f:
                     yield shard_id, f.read()
 
+    def replace_files(self, sources: list[str], finals: list[str]) -> None:
+        """Rename finished temporary files over existing ones, one by one (each replacement is atomic where the
+        filesystem's rename is)."""
+        for source, final in zip(sources, finals):
+            try:
+                FileSystems.rename([source], [final])
+            except OSError:  # a filesystem whose rename will not overwrite
+                _delete_quietly(final)
+                FileSystems.rename([source], [final])
+
     def commit_damaged(self, shard_id: str, marker: dict) -> None:
         """Mark done a shard of which nothing could be read: it has no output files (a killed attempt's go)."""
-        stale = [self.output(kind, shard_id) for kind in OUTPUTS] + [self.keys_file(shard_id)]
+        stale = [self.output(kind, shard_id) for kind in OUTPUTS] + [self.keys_file(shard_id),
+                                                                     self.images_file(shard_id),
+                                                                     self.dedup_file(shard_id)]
         existing = [path for path in stale if FileSystems.exists(path)]
         if existing:
             FileSystems.delete(existing)

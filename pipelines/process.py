@@ -12,7 +12,11 @@ never travel between workers. The steps are the paper's:
    p = 0.9), in fixed-size batches, each batch seeded by (seed, shard, batch);
 3. the filter scores the web text and every synthetic caption of an image
    against that image (one image encoding); texts whose ITM match probability
-   is below the threshold are removed;
+   is below the threshold are removed, then duplicate texts of the image and,
+   with ``--select top-N``, all but its N best (``capfilt.pipelines.selection``);
+   with ``--dedup-images``, an image whose bytes the shard already kept loses
+   its kept texts (reason ``duplicate image``; across shards:
+   ``capfilt.pipelines.image_dedup``, at the run's end);
 4. kept pairs, removed texts and failed rows go to the shard's three files,
    which ``OutputLayout.commit`` moves into place before writing the marker.
    Parquet row groups are encoded and written in a thread behind the models.
@@ -29,13 +33,15 @@ shard of which nothing reads is marked done and damaged without output files.
 A damaged shard without img2dataset's ``_stats.json`` is most likely still
 being downloaded: it fails instead (``IncompleteInputError``) and a rerun
 retries it. Each row's keys go into the marker's duplicate count and the key
-hashes file (``capfilt.pipelines.stats.KeyTally``); each output row gets its
-``sample_id`` (``capfilt.pipelines.schema``).
+hashes file (``capfilt.pipelines.stats.KeyTally``), each image with a kept text
+into the image hashes file; each output row gets its ``sample_id``
+(``capfilt.pipelines.schema``).
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import logging
@@ -56,11 +62,12 @@ from capfilt.pipelines import schema
 from capfilt.pipelines.layout import FAILED, KEPT, REJECTED, OutputLayout, progress_path, remove_progress, write_text
 from capfilt.pipelines.models import Models
 from capfilt.pipelines.prefetch import ordered_map
+from capfilt.pipelines.selection import reasons
 from capfilt.pipelines.settings import BootstrapSettings
 from capfilt.pipelines.shards import (
     SUCCESS, DamagedShardError, InputRow, InputShard, ShardReader, error_text, expected_rows, without_addresses,
 )
-from capfilt.pipelines.stats import ShardStats
+from capfilt.pipelines.stats import ShardStats, image_hash
 
 FLUSH_ROWS = 256  # rows buffered per output file before a Parquet row group is written
 THUMBNAIL_SIZE = 96  # px, for the report's examples
@@ -92,6 +99,7 @@ class Judged:
 
     row: InputRow
     image: DecodedImage
+    sha256: str = ""  # hex SHA-256 of the image bytes, hashed in the decode thread
 
     def pixels(self, preprocessor: ImagePreprocessor) -> torch.Tensor:
         return self.image.pixels[preprocessor.image_size]
@@ -111,7 +119,8 @@ def decode(row: InputRow, settings: BootstrapSettings, preprocessors: Sequence[I
     if width * height > settings.max_image_pixels:
         raise SampleError("size", f"image is {width}x{height}, above max_image_pixels {settings.max_image_pixels}")
     try:
-        return Judged(row, decode_for_model(row.image, preprocessors, orientation=_orientation(row)))
+        decoded = decode_for_model(row.image, preprocessors, orientation=_orientation(row))
+        return Judged(row, decoded, hashlib.sha256(row.image).hexdigest())
     except ValueError as error:
         raise SampleError("decode", without_addresses(str(error))) from None
 
@@ -210,20 +219,24 @@ class ShardWriter:
     def fail(self, row: InputRow, stage: str, error: str) -> None:
         self.writers[FAILED].add({
             "sample_id": schema.sample_id(self.shard_id, row.index), "key": row.key, "url": row.url,
-            "caption": row.caption, "stage": stage, "error": error, "status": row.status, **row.extra,
+            "web_text": row.caption, "stage": stage, "error": error, "status": row.status, **row.extra,
         })
 
-    def pair(self, judged: Judged, text: str, source: str, index: int, itm: float, itc: float, kept: bool) -> None:
+    def pair(self, judged: Judged, text: str, source: str, index: int, itm: float, itc: float,
+             reason: str | None) -> None:
+        """One judged text: kept (``reason`` None, with the image) or rejected for ``reason``."""
         row = judged.row
         record = {
             "sample_id": schema.sample_id(self.shard_id, row.index, source, index), "key": row.key, "url": row.url,
-            "caption": row.caption, "text": text, "source": source, "source_index": index, "itm_score": itm,
-            "itc_score": itc, "width": judged.image.width, "height": judged.image.height, **self.provenance_columns,
-            **row.extra,
+            "caption": text, "text": text, "web_text": row.caption, "source": source, "source_index": index,
+            "itm_score": itm, "itc_score": itc, "image_sha256": judged.sha256, "width": judged.image.width,
+            "height": judged.image.height, **self.provenance_columns, **row.extra,
         }
-        if kept:
-            record[self.image_column] = row.image
-        self.writers[KEPT if kept else REJECTED].add(record)
+        if reason is None:
+            record[self.image_column] = schema.image_value(row.image)
+        else:
+            record["reason"] = reason
+        self.writers[KEPT if reason is None else REJECTED].add(record)
 
     def close(self) -> None:
         try:
@@ -315,7 +328,8 @@ class ShardJob:
             self.stats.damaged = self.damage_record(reader.damage, reader.damage_count, complete=not reader.rows_lost)
         self.stats.check(self.settings.num_captions)
         marker = {**self.stats.to_dict(), "sampling": self.models.sampling}
-        self.layout.commit(self.shard.shard_id, writer.files, marker, keys=self.stats.keys.hashes_file())
+        self.layout.commit(self.shard.shard_id, writer.files, marker, keys=self.stats.keys.hashes_file(),
+                           images=self.stats.kept_images.hashes_file())
         return marker
 
     def incomplete_download(self, damage: str) -> None:
@@ -391,14 +405,24 @@ class ShardJob:
             self.stats.images += 1
             if texts[0][0] != schema.WEB:
                 self.stats.web_missing += 1
-            for (source, index, text), score in zip(texts, text_scores):
-                kept = score.itm >= self.settings.threshold
-                writer.pair(judged, text, source, index, score.itm, score.itc, kept)
-                self.stats.add_text(source, score.itm, kept)
+            why = self.select(judged, [text for _, _, text in texts], [score.itm for score in text_scores])
+            for (source, index, text), score, reason in zip(texts, text_scores, why):
+                kept = reason is None
+                writer.pair(judged, text, source, index, score.itm, score.itc, reason)
+                self.stats.add_text(source, score.itm, reason)
                 if self.stats.wants_sample(source, kept):
                     self.stats.samples.append({"key": judged.row.key, "text": text, "source": source,
-                                               "itm": round(score.itm, 4), "kept": kept,
+                                               "itm": round(score.itm, 4), "kept": kept, "reason": reason,
                                                "thumbnail": thumbnail(judged.row.image, _orientation(judged.row))})
+
+    def select(self, judged: Judged, texts: list[str], itm: list[float]) -> list[str | None]:
+        """Per text, None (kept) or why it is removed: the selection rules, then this shard's duplicate images."""
+        why = reasons(texts, itm, self.settings.threshold, self.settings.top_n)
+        if any(reason is None for reason in why):
+            repeated = self.stats.kept_images.add(judged.sha256, image_hash(judged.sha256))
+            if repeated and self.settings.dedup_images:  # kept at the shard's first row that kept a text of it
+                why = [schema.DUPLICATE_IMAGE if reason is None else reason for reason in why]
+        return why
 
     def _caption(self, items: Sequence[Judged], k: int, seed: int) -> list[list[str]]:
         captioner = self.models.captioner

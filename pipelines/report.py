@@ -5,8 +5,11 @@ histogram and a few example pairs with thumbnails, so the run's summary
 needs no second pass over the data and includes shards finished by earlier
 (interrupted) runs. The report shows the counts per source, the paper's
 noise ratio (the share of web texts and of synthetic captions the filter
-removes; §4.2), an ITM score histogram (inline SVG) and examples of kept and
-removed pairs.
+removes; §4.2), why texts were removed (below the threshold, duplicate text,
+not in the top n, duplicate image), duplicate keys and images, an ITM score
+histogram (inline SVG) and examples of kept and removed pairs. With
+``--dedup-images`` a shard's counts include the rows the cross-shard step moved
+(``capfilt.pipelines.image_dedup``).
 """
 
 from __future__ import annotations
@@ -15,10 +18,13 @@ import html
 import json
 
 import capfilt
+from capfilt.pipelines.image_dedup import apply_record, read_record
 from capfilt.pipelines.layout import FAILED, KEPT, REJECTED, OutputLayout, read_text
-from capfilt.pipelines.schema import SCHEMA_VERSION, SOURCES, STAGES
+from capfilt.pipelines.schema import DUPLICATE_IMAGE, REASONS, SCHEMA_VERSION, SOURCES, STAGES
 from capfilt.pipelines.settings import BootstrapSettings
-from capfilt.pipelines.stats import HISTOGRAM_BINS, MAX_KEY_EXAMPLES, duplicates_across, key_hash, merge
+from capfilt.pipelines.stats import (
+    HISTOGRAM_BINS, MAX_KEY_EXAMPLES, duplicates_across, image_hash, key_hash, merge,
+)
 
 EXAMPLES_PER_OUTCOME = 12
 
@@ -34,29 +40,45 @@ def duplicate_keys(layout: OutputLayout, markers: list[dict]) -> dict:
     within = sum(m["duplicate_keys"]["rows"] for m in markers)
     examples = [{"key": key, "shards": [m["shard"]]} for m in markers for key in m["duplicate_keys"]["examples"]]
     across, found = duplicates_across(layout.read_key_hashes([m["shard"] for m in markers]))
-    examples = examples[:MAX_KEY_EXAMPLES] + [{"key": _key_with_hash(layout, shards[0], digest), "shards": shards}
-                                              for digest, shards in found]
+    examples = examples[:MAX_KEY_EXAMPLES] + [
+        {"key": _value_with_hash(layout, shards[0], digest, "key", key_hash, (FAILED, REJECTED, KEPT)),
+         "shards": shards} for digest, shards in found]
     return {"rows": within + across, "within_shards": within, "across_shards": across, "examples": examples}
 
 
-def _key_with_hash(layout: OutputLayout, shard_id: str, digest: int) -> str | None:
-    """The key of a shard's output rows that has this hash (read from the key column of its output files)."""
+def duplicate_images(layout: OutputLayout, markers: list[dict], dropped: bool) -> dict:
+    """Images with a kept text whose bytes (SHA-256) an earlier row had, within a shard and across shards, a few
+    of them, and whether they were dropped (``--dedup-images``: their texts are in rejected/, reason
+    ``duplicate image``) or are still in kept/."""
+    within = sum(m["duplicate_images"]["images"] for m in markers)
+    examples = [{"sha256": sha, "shards": [m["shard"]]} for m in markers for sha in m["duplicate_images"]["examples"]]
+    across, found = duplicates_across(layout.read_image_hashes([m["shard"] for m in markers]))
+    examples = examples[:MAX_KEY_EXAMPLES] + [
+        {"sha256": _value_with_hash(layout, shards[0], digest, "image_sha256", image_hash, (KEPT, REJECTED)),
+         "shards": shards} for digest, shards in found]
+    return {"images": within + across, "within_shards": within, "across_shards": across, "dropped": dropped,
+            "examples": examples}
+
+
+def _value_with_hash(layout: OutputLayout, shard_id: str, digest: int, column: str, hash_of,
+                     kinds: tuple[str, ...]) -> str | None:
+    """The value of ``column`` in a shard's output rows whose hash (``hash_of``) is ``digest``."""
     import pyarrow.parquet as pq
     from apache_beam.io.filesystems import FileSystems
 
-    for kind in (FAILED, REJECTED, KEPT):
+    for kind in kinds:
         path = layout.output(kind, shard_id)
         if not FileSystems.exists(path):
             continue
         with FileSystems.open(path) as f:
-            for key in pq.read_table(f, columns=["key"]).column("key").to_pylist():
-                if key is not None and key_hash(key) == digest:
-                    return key
+            for value in pq.read_table(f, columns=[column]).column(column).to_pylist():
+                if value is not None and hash_of(value) == digest:
+                    return value
     return None
 
 
 def build_stats(markers: list[dict], settings: BootstrapSettings, selected_shards: int,
-                shard_errors: list[dict] = (), duplicates: dict | None = None) -> dict:
+                shard_errors: list[dict] = (), duplicates: dict | None = None, images: dict | None = None) -> dict:
     """The run's stats: every finished shard's counts summed, the settings, what is unfinished and damaged.
 
     ``shards.errors``: shards left unfinished (a rerun retries them). ``shards.damaged``: finished shards whose
@@ -73,15 +95,18 @@ def build_stats(markers: list[dict], settings: BootstrapSettings, selected_shard
                    "damaged": damaged_shards(markers)},
         **totals,
         "duplicate_keys": duplicates,
+        "duplicate_images": images,
         "outputs": {kind: f"{kind}/*.parquet" for kind in (KEPT, REJECTED, FAILED)},
     }
 
 
 def write_summary(layout: OutputLayout, settings: BootstrapSettings, selected_shards: int,
                   shard_errors: list[dict] = (), report: bool = True) -> dict:
-    """Write ``stats.json`` (and ``report.html``) from the markers under ``layout``; returns the stats."""
-    markers = layout.read_markers()
-    stats = build_stats(markers, settings, selected_shards, shard_errors, duplicate_keys(layout, markers))
+    """Write ``stats.json`` (and ``report.html``) from the markers under ``layout`` (with the cross-shard image
+    dedup's records applied); returns the stats."""
+    markers = [apply_record(m, read_record(layout, m["shard"])) for m in layout.read_markers()]
+    stats = build_stats(markers, settings, selected_shards, shard_errors, duplicate_keys(layout, markers),
+                        duplicate_images(layout, markers, settings.dedup_images))
     layout.write_atomically(layout.stats_file, json.dumps(stats, indent=2) + "\n")  # jobs on one OUT may race
     if report:
         layout.write_atomically(layout.report_file, render_report(stats, markers))
@@ -144,10 +169,41 @@ def _example_cards(examples: list[dict]) -> str:
     cards = [
         f'<figure><img src="{e["thumbnail"]}" alt="{html.escape(e["key"])}">'
         f'<figcaption><b>{html.escape(e["source"])}</b> · ITM {e["itm"]:.3f}<br>{html.escape(e["text"])}'
-        f'<br><small>{html.escape(e["key"])}</small></figcaption></figure>'
+        f'<br><small>{html.escape(e["key"])}{_reason_note(e.get("reason"))}</small></figcaption></figure>'
         for e in examples
     ]
     return '<div class="cards">' + "".join(cards) + "</div>"
+
+
+def _reason_note(reason: str | None) -> str:
+    return f" · {html.escape(reason)}" if reason else ""
+
+
+def _reasons_table(stats: dict) -> str:
+    """Removed texts per reason and source: only the first reason is the filter's judgement."""
+    rows = "".join(f"<tr><td>{reason}</td>" + "".join(f"<td>{stats['rejected_reasons'][reason][source]}</td>"
+                                                     for source in SOURCES) + "</tr>" for reason in REASONS)
+    heads = "".join(f"<th>{source}</th>" for source in SOURCES)
+    return (f"<table><tr><th>removed because</th>{heads}</tr>{rows}</table><p>Only texts below the threshold are "
+            "noise (the noise ratio); a duplicate text of an image, a text outside the top n "
+            "(<code>--select</code>) and the texts of a duplicate image (<code>--dedup-images</code>) passed the "
+            "filter.</p>")
+
+
+def _duplicate_images_paragraph(images: dict | None, stats: dict) -> str:
+    if not images or not images["images"]:
+        return ""
+    examples = ", ".join(f"<code>{html.escape(str(e['sha256'])[:16])}…</code> ({html.escape(', '.join(e['shards']))})"
+                         for e in images["examples"])
+    moved = sum(stats["rejected_reasons"][DUPLICATE_IMAGE].values())
+    if images["dropped"]:
+        fate = (f"dropped (<code>--dedup-images</code>): their {moved} texts are in rejected/, reason "
+                "<i>duplicate image</i>")
+    else:
+        fate = "still in kept/ (<code>--dedup-images</code> drops them)"
+    return (f"<p>Duplicate images: {images['images']} images with a kept text repeat the bytes of one kept before "
+            f"({images['within_shards']} within a shard, {images['across_shards']} across shards), e.g. {examples}; "
+            f"{fate}.</p>")
 
 
 def _duplicates_paragraph(duplicates: dict | None) -> str:
@@ -203,7 +259,9 @@ figure img {{ width: 96px; height: 96px; object-fit: contain; background: #eee; 
 <h1>CapFilt report</h1>
 <p>Captioner <code>{html.escape(settings['captioner'])}</code>, filter <code>{html.escape(settings['filter'])}</code>;
 K = {settings['num_captions']} synthetic caption(s) per image by {html.escape(sampling['method'])}
-(top_p {sampling['top_p']}); a text is removed when its ITM match probability is below {settings['threshold']}.
+(top_p {sampling['top_p']}); a text is removed when its ITM match probability is below {settings['threshold']};
+of the texts of an image that pass, {html.escape(settings['select'])} are kept, each distinct text once{
+'' if not settings['dedup_images'] else '; duplicate images are dropped'}.
 Schema version {stats['schema_version']}, capfilt {html.escape(stats['capfilt_version'])}.</p>
 <h2>Rows</h2>
 <p>{stats['rows']} input rows in {stats['shards']['done']} shard(s):
@@ -213,6 +271,8 @@ Texts before CapFilt: {stats['texts_before']} web texts; after: {stats['texts_af
 {_duplicates_paragraph(stats.get('duplicate_keys'))}
 <h2>Texts and noise ratio</h2>
 <table><tr><th>source</th><th>texts</th><th>kept</th><th>removed</th><th>noise ratio</th></tr>{rows}</table>
+{_reasons_table(stats)}
+{_duplicate_images_paragraph(stats.get('duplicate_images'), stats)}
 <h2>ITM score histogram</h2>
 {histogram_svg(stats['itm_histogram'], settings['threshold'])}
 <h2>Kept pairs (examples)</h2>

@@ -4,8 +4,10 @@ An output folder holds, per input shard, three Parquet files:
 
 - ``kept/{shard}.parquet``: one row per kept (image, text) pair, with the
   image bytes, the input's key, url and metadata under img2dataset's names;
+  ``caption`` is the pair's text (what a trainer reads), ``web_text`` the
+  image's web text as the input gave it;
 - ``rejected/{shard}.parquet``: one row per removed text, the same columns
-  without the image bytes;
+  without the image bytes, and ``reason``: why it was removed (``REASONS``);
 - ``failed/{shard}.parquet``: one row per input row that could not be judged
   (a damaged input row, a URL list line that did not parse, a refused URL, a
   download, decode, size or model error), with the stage and the error.
@@ -17,6 +19,15 @@ An output folder holds, per input shard, three Parquet files:
 shard, its row in the sidecar, else its sample in the tar). ``key`` is the
 input's own key, which may repeat (``stats.json`` counts duplicate keys); a row
 without one gets ``{shard}_{row:09d}``.
+
+The image column (named as the input's: ``jpg``, ``png`` or ``webp``) is a struct ``{bytes, path}``, Hugging
+Face ``datasets``' storage of its ``Image`` feature, and every kept file says so in its Parquet metadata
+(``huggingface``: ``{"info": {"features": {"jpg": {"_type": "Image"}}}}``). Why not plain binary with that
+metadata: ``datasets`` takes a feature from the metadata only when its storage type matches the column's
+(``Features.from_arrow_schema``), so a binary column stays ``Value("binary")``. The struct costs pyarrow and
+DuckDB readers one field access (``jpg.bytes``); loaders that want img2dataset's files get them from
+``capfilt export-dataset`` (webdataset tars: ``.jpg``, ``.txt``, ``.json``). ``path`` is always null: the bytes
+are the image.
 
 Columns the input carries beyond img2dataset's reserved ones (``exif``,
 ``sha256``, a LAION ``NSFW``, the shapes world's ``kind`` and ``scene`` ...)
@@ -33,8 +44,13 @@ import pyarrow as pa
 
 from capfilt.columns import IMAGE_COLUMNS, INPUT_COLUMNS
 
-SCHEMA_VERSION = 2  # 2: sample_id; stage read (damaged input); null keys become {shard}_{row:09d}
+# 2: sample_id; stage read (damaged input); null keys become {shard}_{row:09d}.
+# 3: ``caption`` is the pair's text (was the web text; ``text`` stays, the same value, for readers of 1-2); the web
+#    text moved to ``web_text`` (in failed/ too); the image column is a struct {bytes, path} typed as an HF datasets
+#    ``Image``; ``image_sha256``; rejected/ has ``reason``; duplicate texts of an image are kept once.
+SCHEMA_VERSION = 3
 METADATA_KEY = b"capfilt"  # Parquet key-value metadata: JSON with schema_version, models, settings
+HF_METADATA_KEY = b"huggingface"  # Parquet key-value metadata that HF datasets reads its features from
 
 WEB, SYNTHETIC = "web", "synthetic"
 SOURCES = (WEB, SYNTHETIC)
@@ -46,18 +62,32 @@ SOURCES = (WEB, SYNTHETIC)
 # as the caption.
 STAGES = ("read", "parse", "download", "decode", "size", "caption", "filter")
 
+# Why a judged text is in rejected/ (its ``reason``): the first rule that removes it, in this order
+# (``capfilt.pipelines.selection``, ``capfilt.pipelines.image_dedup``). Only the first is the filter's judgement
+# (the paper's noise); the others remove texts the filter passed.
+BELOW_THRESHOLD = "below threshold"  # ITM match probability below the threshold
+DUPLICATE_TEXT = "duplicate text"  # the same normalised text as a text of the same image kept before it
+NOT_IN_TOP_N = "not in top n"  # --select top-N: the image has N better-scoring texts that passed
+DUPLICATE_IMAGE = "duplicate image"  # --dedup-images: the same image bytes are kept at an earlier (shard, row)
+REASONS = (BELOW_THRESHOLD, DUPLICATE_TEXT, NOT_IN_TOP_N, DUPLICATE_IMAGE)
+
+# The image column's type: HF datasets' Image storage (see the module's docstring).
+IMAGE_TYPE = pa.struct([pa.field("bytes", pa.binary()), pa.field("path", pa.string())])
+
 # Columns capfilt writes itself; an input column of the same name is not passed through.
 # ``status``/``error_message`` are img2dataset's download outcome: kept in failed/ as ``status``.
 _PAIR_FIELDS = [
     pa.field("sample_id", pa.string()),  # unique per output row: {shard}_{row:09d}_{source}{source_index}
     pa.field("key", pa.string()),
     pa.field("url", pa.string()),
-    pa.field("caption", pa.string()),  # the web text of the image, as the input gave it
-    pa.field("text", pa.string()),  # the text of this pair: the web text or a synthetic caption
+    pa.field("caption", pa.string()),  # the text of this pair: the web text or a synthetic caption
+    pa.field("text", pa.string()),  # the same as caption (its name in schema versions 1-2)
+    pa.field("web_text", pa.string()),  # the web text of the image, as the input gave it (null: none)
     pa.field("source", pa.string()),  # 'web' or 'synthetic'
     pa.field("source_index", pa.int32()),  # 0 for the web text; 0..K-1 for the K synthetic captions
     pa.field("itm_score", pa.float32()),  # the filter's ITM match probability
     pa.field("itc_score", pa.float32()),  # the filter's ITC cosine similarity
+    pa.field("image_sha256", pa.string()),  # hex SHA-256 of the image bytes (exact duplicates share it)
     pa.field("width", pa.int32()),  # of the image bytes as stored
     pa.field("height", pa.int32()),
     pa.field("captioner", pa.string()),  # the captioner reference (folder, hub id, .pth or 'demo')
@@ -68,13 +98,14 @@ _FAILED_FIELDS = [
     pa.field("sample_id", pa.string()),  # unique per output row: {shard}_{row:09d}
     pa.field("key", pa.string()),
     pa.field("url", pa.string()),
-    pa.field("caption", pa.string()),
+    pa.field("web_text", pa.string()),  # the input's text for the row, as in kept/ and rejected/
     pa.field("stage", pa.string()),  # one of STAGES
     pa.field("error", pa.string()),
     pa.field("status", pa.string()),  # img2dataset's status for the row (null when the input had none)
 ]
-RESERVED = ({f.name for f in _PAIR_FIELDS + _FAILED_FIELDS} | {"error_message", "txt", *INPUT_COLUMNS}
-            | set(IMAGE_COLUMNS))
+_REASON_FIELD = pa.field("reason", pa.string())  # rejected/ only: one of REASONS
+RESERVED = ({f.name for f in _PAIR_FIELDS + _FAILED_FIELDS} | {_REASON_FIELD.name, "error_message", "txt",
+                                                                 *INPUT_COLUMNS} | set(IMAGE_COLUMNS))
 
 
 def passthrough_fields(input_schema: pa.Schema) -> list[pa.Field]:
@@ -82,9 +113,21 @@ def passthrough_fields(input_schema: pa.Schema) -> list[pa.Field]:
     return [field for field in input_schema if field.name not in RESERVED]
 
 
+def _after_scores() -> int:
+    return [f.name for f in _PAIR_FIELDS].index("image_sha256")
+
+
 def kept_schema(extra: list[pa.Field], image_column: str = "jpg") -> pa.Schema:
-    at = [f.name for f in _PAIR_FIELDS].index("width")  # the image bytes come after the scores
-    return pa.schema(_PAIR_FIELDS[:at] + [pa.field(image_column, pa.binary())] + _PAIR_FIELDS[at:] + extra)
+    """kept/'s columns: the image (an HF ``Image`` struct) comes after the scores."""
+    at = _after_scores()
+    features = {"info": {"features": {image_column: {"_type": "Image"}}}}
+    return pa.schema(_PAIR_FIELDS[:at] + [pa.field(image_column, IMAGE_TYPE)] + _PAIR_FIELDS[at:] + extra,
+                     metadata={HF_METADATA_KEY: json.dumps(features)})
+
+
+def image_value(data: bytes) -> dict:
+    """An image column's value for these bytes."""
+    return {"bytes": data, "path": None}
 
 
 def sample_id(shard_id: str, row: int, source: str | None = None, index: int = 0) -> str:
@@ -93,7 +136,9 @@ def sample_id(shard_id: str, row: int, source: str | None = None, index: int = 0
 
 
 def rejected_schema(extra: list[pa.Field]) -> pa.Schema:
-    return pa.schema(_PAIR_FIELDS + extra)
+    """rejected/'s columns: kept/'s without the image, ``reason`` after the scores."""
+    at = _after_scores()
+    return pa.schema(_PAIR_FIELDS[:at] + [_REASON_FIELD] + _PAIR_FIELDS[at:] + extra)
 
 
 def failed_schema(extra: list[pa.Field]) -> pa.Schema:
@@ -102,7 +147,8 @@ def failed_schema(extra: list[pa.Field]) -> pa.Schema:
 
 def with_provenance(schema: pa.Schema, provenance: dict) -> pa.Schema:
     """``schema`` carrying capfilt's provenance JSON in its Parquet metadata."""
-    return schema.with_metadata({METADATA_KEY: json.dumps({"schema_version": SCHEMA_VERSION, **provenance})})
+    metadata = {**(schema.metadata or {}), METADATA_KEY: json.dumps({"schema_version": SCHEMA_VERSION, **provenance})}
+    return schema.with_metadata(metadata)
 
 
 def read_provenance(schema: pa.Schema) -> dict:

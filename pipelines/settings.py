@@ -14,6 +14,7 @@ from capfilt.captioner import SamplingSettings
 from capfilt.device import PRECISIONS
 from capfilt.filter import ITM_THRESHOLD
 from capfilt.pipelines.schema import SCHEMA_VERSION
+from capfilt.pipelines.selection import SELECT_ALL, parse_select
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,13 @@ class BootstrapSettings:
       actually used is written into every output row.
     - ``threshold`` 0.5: a text whose ITM match probability is below it is
       removed (paper §3.3).
+    - ``select`` ``all`` (the paper's): every text of an image that passes is
+      kept; ``top-N``: the N best by ITM match probability, web and synthetic
+      together (BLIP-2 kept two). Identical normalised texts of an image are
+      kept once whatever it is (``capfilt.pipelines.selection``).
+    - ``dedup_images`` False (the paper's): exact duplicate images (SHA-256 of
+      the bytes) are counted in stats.json; True: they are also dropped, each
+      image kept at its first (shard, row) with a kept text (``capfilt.pipelines.image_dedup``).
     - ``batch_size``: images per model call; with ``seed`` it fixes the
       sampled captions (each batch's sampling is seeded by (seed, shard,
       batch), so a rerun writes the same captions; another batch size writes
@@ -51,6 +59,8 @@ class BootstrapSettings:
     num_captions: int = 1
     sampling_overrides: dict = field(default_factory=dict)  # SamplingSettings fields the run sets
     threshold: float = ITM_THRESHOLD
+    select: str = SELECT_ALL  # all, or top-N: which passing texts of an image are kept
+    dedup_images: bool = False  # drop exact duplicate images (they are always counted)
     batch_size: int = 32
     seed: int = 0
     min_image_size: int = 8
@@ -71,6 +81,12 @@ class BootstrapSettings:
         if unknown:
             raise ValueError(f"unknown sampling settings {sorted(unknown)}")
         SamplingSettings(**self.sampling_overrides)  # checks the values
+        parse_select(self.select)
+
+    @property
+    def top_n(self) -> int | None:
+        """The texts kept per image at most (``select`` top-N), None for all."""
+        return parse_select(self.select)
 
     def provenance(self) -> dict:
         """The settings as JSON-able data, with the schema version."""

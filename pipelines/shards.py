@@ -281,6 +281,11 @@ def image_column(schema: pa.Schema) -> str | None:
     return next((name for name in IMAGE_COLUMNS if name in schema.names), None)
 
 
+def _image_bytes(value: bytes | dict | None) -> bytes | None:
+    """An image column's bytes: img2dataset's binary, or an HF datasets ``Image`` struct (capfilt's own kept/)."""
+    return value.get("bytes") if isinstance(value, dict) else value
+
+
 class ShardReader:
     """Reads one shard's rows in order; ``extra_fields`` and ``image_column`` describe its columns.
 
@@ -367,7 +372,7 @@ class ShardReader:
             key=row_key(self.shard.shard_id, index) if key is None else str(key),
             url=url,
             caption=values["caption"][i] if "caption" in values else None,
-            image=values[self.image_column][i] if with_images else None,
+            image=_image_bytes(values[self.image_column][i]) if with_images else None,
             status=(values["status"][i] if "status" in values else None) or SUCCESS,
             error=values["error_message"][i] if "error_message" in values else None,
             extra={f.name: values[f.name][i] for f in self.extra_fields},

@@ -6,13 +6,19 @@ that accounting as arithmetic, so a shard that loses a row cannot be marked
 done.
 
 Duplicate keys. Each shard counts the rows whose key it has already seen
-(``KeyTally``) and stores the sorted 64-bit hashes (BLAKE2b) of its distinct
+(``HashTally``) and stores the sorted 64-bit hashes (BLAKE2b) of its distinct
 keys beside its marker (``_done/{shard}.keys``, 8 bytes per key). The run's
 summary counts the keys that also occur in another shard from those files
 (``duplicates_across``): it holds two arrays of 8 bytes per distinct
 (shard, key), about 200 MB for 1,200 shards of 10,000 rows, never the keys
 themselves. Two different keys share a hash with probability about n²/2⁶⁵
 (4·10⁻⁶ for 12 million keys).
+
+Duplicate images, the same way: an image counts once it has a kept text;
+each shard counts the images whose bytes (SHA-256) it has already kept and
+stores its kept images' 64-bit hashes (the SHA-256's first 8 bytes) in
+``_done/{shard}.images``, which both the summary's count across shards and
+``--dedup-images``' drop across shards (``capfilt.pipelines.image_dedup``) read.
 """
 
 from __future__ import annotations
@@ -24,12 +30,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from capfilt.pipelines.schema import SOURCES, STAGES, SYNTHETIC, WEB
+from capfilt.pipelines.schema import BELOW_THRESHOLD, DUPLICATE_TEXT, REASONS, SOURCES, STAGES, SYNTHETIC, WEB
 
 HISTOGRAM_BINS = 20  # ITM match probability in [0, 1], bins of 0.05
 MAX_SAMPLES_PER_CELL = 3  # report examples per (source, kept/removed) and shard
-MAX_KEY_EXAMPLES = 5  # duplicate keys named per shard, and per run
-KEY_HASH_DTYPE = np.dtype("<u8")  # the key hashes file: little-endian uint64, sorted, distinct
+MAX_KEY_EXAMPLES = 5  # duplicate keys (and images) named per shard, and per run
+KEY_HASH_DTYPE = np.dtype("<u8")  # the key (and image) hashes files: little-endian uint64, sorted, distinct
 
 
 def key_hash(key: str) -> int:
@@ -38,31 +44,45 @@ def key_hash(key: str) -> int:
     return int.from_bytes(digest, "little")
 
 
-class KeyTally:
-    """The keys of one shard: how many rows repeat a key, a few of those keys, and the distinct keys' hashes."""
+def image_hash(sha256_hex: str) -> int:
+    """An image's 64-bit hash: the first 8 bytes of its SHA-256 (``image_sha256``, hex), little-endian."""
+    return int.from_bytes(bytes.fromhex(sha256_hex[:16]), "little")
+
+
+class HashTally:
+    """Values of one shard by their 64-bit hashes: how many repeat one seen before, a few of those values, and the
+    distinct hashes (the ``_done/{shard}.keys`` or ``.images`` file)."""
 
     def __init__(self):
         self._hashes: set[int] = set()
         self.duplicates = 0
         self.examples: list[str] = []
 
-    def add(self, key: str) -> None:
-        digest = key_hash(key)
+    def add(self, value: str, digest: int) -> bool:
+        """Count ``value`` (whose hash is ``digest``); True when its hash was seen before."""
         if digest in self._hashes:
             self.duplicates += 1
-            if len(self.examples) < MAX_KEY_EXAMPLES and key not in self.examples:
-                self.examples.append(key)
-        else:
-            self._hashes.add(digest)
+            if len(self.examples) < MAX_KEY_EXAMPLES and value not in self.examples:
+                self.examples.append(value)
+            return True
+        self._hashes.add(digest)
+        return False
 
     def hashes_file(self) -> bytes:
-        """The contents of ``_done/{shard}.keys``: the distinct keys' hashes, sorted."""
+        """The distinct hashes, sorted, as little-endian uint64."""
         return np.sort(np.fromiter(self._hashes, dtype=KEY_HASH_DTYPE, count=len(self._hashes))).tobytes()
 
 
+class KeyTally(HashTally):
+    """The keys of one shard: how many rows repeat a key, a few of those keys, and the distinct keys' hashes."""
+
+    def add(self, key: str) -> bool:  # type: ignore[override]
+        return super().add(key, key_hash(key))
+
+
 def duplicates_across(shards: Iterable[tuple[str, bytes]]) -> tuple[int, list[tuple[int, list[str]]]]:
-    """From each shard's key hashes file (an iterable, read one at a time): the (shard, key)s whose key an earlier
-    shard has too, and a few of those keys' hashes with the shards that hold them.
+    """From each shard's hashes file (an iterable, read one at a time): the (shard, value)s whose hash an earlier
+    shard has too, and a few of those hashes with the shards that hold them.
 
     Holds at most two arrays of 8 bytes per (shard, key): the hashes, then a sorted copy.
     """
@@ -104,9 +124,16 @@ class ShardStats:
     samples: list = field(default_factory=list)  # a few judged pairs with thumbnails, for the report
     damaged: dict | None = None  # the input shard is damaged: what was broken (``ShardJob.damage_record``)
     keys: KeyTally = field(default_factory=KeyTally)  # not in the marker: its hashes go beside it
+    kept_images: HashTally = field(default_factory=HashTally)  # images with a kept text, by SHA-256 (hex); the same
+    reasons: Counter = field(default_factory=Counter)  # (reason, source) -> rejected texts
 
-    def add_text(self, source: str, itm: float, kept: bool) -> None:
-        (self.kept if kept else self.rejected)[source] += 1
+    def add_text(self, source: str, itm: float, reason: str | None) -> None:
+        """One judged text: kept (``reason`` None) or rejected for ``reason`` (one of ``schema.REASONS``)."""
+        if reason is None:
+            self.kept[source] += 1
+        else:
+            self.rejected[source] += 1
+            self.reasons[(reason, source)] += 1
         self.histogram[source][min(int(itm * HISTOGRAM_BINS), HISTOGRAM_BINS - 1)] += 1
 
     def wants_sample(self, source: str, kept: bool) -> bool:
@@ -124,6 +151,11 @@ class ShardStats:
                 f"shard {self.shard}: {self.images} images ({self.web_missing} without web text), K={num_captions}, "
                 f"but {web} web and {synthetic} synthetic texts judged"
             )
+        for source in SOURCES:
+            reasons = sum(self.reasons[(reason, source)] for reason in REASONS)
+            if reasons != self.rejected[source]:
+                raise AssertionError(f"shard {self.shard}: {self.rejected[source]} {source} texts rejected but "
+                                     f"{reasons} with a reason")
 
     def to_dict(self) -> dict:
         return {
@@ -140,6 +172,10 @@ class ShardStats:
             "samples": self.samples,
             "damaged": self.damaged,
             "duplicate_keys": {"rows": self.keys.duplicates, "examples": list(self.keys.examples)},
+            "rejected_reasons": {reason: {source: self.reasons[(reason, source)] for source in SOURCES}
+                                 for reason in REASONS},
+            # Images with a kept text whose bytes an earlier row of the shard had (sha256 hex examples).
+            "duplicate_images": {"images": self.kept_images.duplicates, "examples": list(self.kept_images.examples)},
         }
 
 
@@ -154,9 +190,12 @@ def merge(markers: list[dict]) -> dict:
         "rejected": Counter(),
         "web_missing": 0,
         "itm_histogram": {s: [0] * HISTOGRAM_BINS for s in SOURCES},
+        "rejected_reasons": {reason: Counter() for reason in REASONS},
         "shard_seconds": 0.0,
     }
     for m in markers:
+        for reason in REASONS:
+            total["rejected_reasons"][reason].update(m["rejected_reasons"][reason])
         for key in ("rows", "images", "web_missing"):
             total[key] += m[key]
         for key in ("failed", "kept", "rejected"):
@@ -169,11 +208,15 @@ def merge(markers: list[dict]) -> dict:
     total["kept"] = {source: total["kept"][source] for source in SOURCES}
     total["rejected"] = {source: total["rejected"][source] for source in SOURCES}
     total["texts"] = {source: total["kept"][source] + total["rejected"][source] for source in SOURCES}
-    # The paper's noise ratio (§4.2): the share of texts the filter removes, per source.
+    total["rejected_reasons"] = {reason: {source: counts[source] for source in SOURCES}
+                                 for reason, counts in total["rejected_reasons"].items()}
+    noise = total["rejected_reasons"][BELOW_THRESHOLD]
+    # The paper's noise ratio (§4.2): the share of texts the filter removes (below the threshold), per source.
+    # Texts removed as duplicates or by --select passed the filter: they are not noise.
     total["noise_ratio"] = {
-        source: (total["rejected"][source] / total["texts"][source]) if total["texts"][source] else None
-        for source in SOURCES
+        source: (noise[source] / total["texts"][source]) if total["texts"][source] else None for source in SOURCES
     }
+    total["duplicate_texts"] = dict(total["rejected_reasons"][DUPLICATE_TEXT])
     total["texts_before"] = total["texts"][WEB]  # web texts judged
     total["texts_after"] = sum(total["kept"].values())  # kept web texts + kept synthetic captions
     total["shard_seconds"] = round(total["shard_seconds"], 3)

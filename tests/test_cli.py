@@ -140,7 +140,7 @@ def test_bootstrap_a_url_list_end_to_end(loopback, captioner_folder, filter_fold
             union all select url, source from read_parquet('{out}/rejected/*.parquet'))
         group by url, source order by url, source""").fetchall()
     assert judged == sorted((url, source, 1) for url, _ in urls[:IMAGES] for source in ("synthetic", "web"))
-    failed = {r["caption"]: r for r in pq.read_table(out / "failed").to_pylist()}
+    failed = {r["web_text"]: r for r in pq.read_table(out / "failed").to_pylist()}
     assert set(failed) == {"a lost picture", "a web page", "a row without URL", "instance metadata", malformed}
     assert {r["stage"] for k, r in failed.items() if k != malformed} == {"download"}
     # The line that did not parse: its own stage, its line number and reason, its text; not downloaded.
@@ -174,9 +174,10 @@ def test_bootstrap_the_demo_world(captioner_folder, filter_folder, tmp_path, one
                      "--shards", "1", "--torch-threads", "1", "-k", "2", "--threshold", "0"])
     assert code == 0
     kept = pq.read_table(out / "kept").to_pylist()
-    assert pq.read_table(out / "rejected").num_rows == 0  # threshold 0 keeps every pair
+    rejected = pq.read_table(out / "rejected").to_pylist()
+    assert {r["reason"] for r in rejected} <= {"duplicate text"}  # threshold 0 passes every pair
     assert {r["key"][:5] for r in kept} == {"00001"}  # only the selected shard
-    assert len(kept) == 4 * 3  # four images, the web text and K=2 captions each
+    assert len(kept) + len(rejected) == 4 * 3  # four images, the web text and K=2 captions each
     assert {r["kind"] for r in kept} <= {"clean", "mismatch", "partial", "alt"} and all(r["scene"] for r in kept)
     read_back_by_downstream_trainers(out / "kept", captioner_folder)
 
@@ -197,7 +198,7 @@ def test_a_remote_out_needs_a_local_shards_folder():
 
 def read_back_by_downstream_trainers(kept, tokenizer_folder):
     """kept/ as HF datasets and capfilt's own MED trainer read it: the same rows, images that decode."""
-    from datasets import load_dataset
+    from datasets import Image, load_dataset
 
     from capfilt.models.augment import AugmentConfig
     from capfilt.models.data import DataConfig, EpochLoader, detect_layout, find_files
@@ -206,8 +207,11 @@ def read_back_by_downstream_trainers(kept, tokenizer_folder):
     expected = pq.read_table(kept).to_pylist()
     files = [str(path) for path in sorted(kept.glob("*.parquet"))]
     hf = load_dataset("parquet", data_files=files, split="train")
-    assert len(hf) == len(expected) and sorted(hf["text"]) == sorted(row["text"] for row in expected)
-    assert detect_layout(pq.read_schema(files[0]).names).text == "text"  # trains on the kept text, not the web one
+    assert len(hf) == len(expected) and sorted(hf["caption"]) == sorted(row["caption"] for row in expected)
+    assert isinstance(hf.features["jpg"], Image)  # typed as an image: rows decode to PIL images
+    assert [row["jpg"].size for row in hf] == [(row["width"], row["height"]) for row in hf]
+    layout = detect_layout(pq.read_schema(files[0]).names)
+    assert all(row[layout.text] == row["caption"] for row in expected)  # trains on the kept text, not the web one
     config = DataConfig(batch_size=len(expected), workers=1, max_tokens=16, shuffle=False)
     (batch,) = list(EpochLoader(find_files(files), config, load_tokenizer(tokenizer_folder), 32,
                                 AugmentConfig(augment=False), seed=0, epoch=0, streams=1, rank=0, world_size=1))
@@ -295,7 +299,7 @@ def test_loopback_urls_are_refused_unless_allowed(loopback, captioner_folder, fi
               "--filter", str(filter_folder), "--processes", "1", "--threads", "2", "--torch-threads", "1"]
     assert cli.main(common) == 0
     failed = pq.read_table(out / "failed").to_pylist()
-    assert [(r["url"], r["stage"]) for r in sorted(failed, key=lambda r: r["caption"])] == [
+    assert [(r["url"], r["stage"]) for r in sorted(failed, key=lambda r: r["web_text"])] == [
         (f"{loopback.url}/img/1.jpg", "download"), (f"{loopback.url}/img/0.jpg", "download")]
     assert all(r["error"] for r in failed) and pq.read_table(out / "kept").num_rows == 0
     # The shards were downloaded under the default policy: another policy in the same folder is refused, not mixed.

@@ -14,7 +14,8 @@ import pytest
 
 from capfilt import cli
 
-LOOP = ("datasets", "shapes", "train", "export", "evaluate", "bootstrap", "demo-models", "experiment")
+LOOP = ("datasets", "shapes", "train", "export", "evaluate", "bootstrap", "export-dataset", "demo-models",
+        "experiment")
 
 
 def test_help_lists_every_command_in_loop_order(capsys):
@@ -62,6 +63,8 @@ def test_export_and_evaluate_show_their_own_help(capsys):
     assert "{captioner,filter}" in capsys.readouterr().out
     assert cli.main(["evaluate", "--help"]) == 0
     assert "--captioner" in capsys.readouterr().out
+    assert cli.main(["export-dataset", "--help"]) == 0
+    assert "--samples-per-tar" in capsys.readouterr().out
 
 
 def _exit(code):
@@ -117,9 +120,12 @@ def test_importing_beam_after_the_cli_prints_no_apitools_warning():
     assert "apitools" not in result.stderr and "still here" in result.stderr
 
 
-def stats(web_kept, web_rejected, synthetic_kept, synthetic_rejected):
-    return {"kept": {"web": web_kept, "synthetic": synthetic_kept},
-            "rejected": {"web": web_rejected, "synthetic": synthetic_rejected},
+def stats(web_kept, web_rejected, synthetic_kept, synthetic_rejected, duplicates=0):
+    """Run stats with these counts; ``duplicates`` of the kept web texts were removed as duplicates instead."""
+    return {"kept": {"web": web_kept - duplicates, "synthetic": synthetic_kept},
+            "rejected": {"web": web_rejected + duplicates, "synthetic": synthetic_rejected},
+            "rejected_reasons": {"below threshold": {"web": web_rejected, "synthetic": synthetic_rejected},
+                                 "duplicate text": {"web": duplicates, "synthetic": 0}},
             "texts": {"web": web_kept + web_rejected, "synthetic": synthetic_kept + synthetic_rejected}}
 
 
@@ -129,6 +135,10 @@ def test_keep_share_warnings_per_source():
     settings = BootstrapSettings(threshold=0.5)
     assert cli.keep_share_warnings(stats(600, 400, 500, 500), settings) == []
     assert cli.keep_share_warnings(stats(0, 99, 99, 0), settings) == []  # too few texts to tell
+    # The share is the filter's: texts removed as duplicates passed it.
+    assert cli.keep_share_warnings(stats(600, 400, 500, 500, duplicates=595), settings) == []
+    (duplicates,) = cli.keep_share_warnings(stats(1000, 0, 500, 500, duplicates=600), settings)
+    assert "kept 100.0% of the 1000 web texts" in duplicates
     (low,) = cli.keep_share_warnings(stats(0, 1000, 500, 500), settings)
     assert "kept 0.0% of the 1000 web texts" in low and "shapes world" in low and "--threshold 0.5" in low
     (captions,) = cli.keep_share_warnings(stats(500, 500, 9, 991), settings)

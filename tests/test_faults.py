@@ -202,9 +202,9 @@ def outcomes(out) -> dict[str, list[tuple[str, dict]]]:
             if row["key"] in judged_keys:
                 continue  # one entry per judged image (its texts are checked below)
             judged_keys.add(row["key"])
-            found.setdefault(row["caption"], []).append(("judged", row))
+            found.setdefault(row["web_text"], []).append(("judged", row))
     for row in pq.read_table(out / "failed").to_pylist():
-        found.setdefault(row["caption"], []).append(("failed", row))
+        found.setdefault(row["web_text"], []).append(("failed", row))
     return found
 
 

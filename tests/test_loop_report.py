@@ -8,6 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from capfilt import loop_report
+from capfilt.pipelines.schema import BELOW_THRESHOLD
 from capfilt.pipelines.stats import ShardStats, merge
 from capfilt.shapes import caption, iter_split, scene_to_json
 
@@ -38,7 +39,7 @@ def _write_out(folder, web: dict, synthetic: list[tuple[bool, bool]]) -> None:
     shard = ShardStats(shard="00000")
     for is_kept in (True, False):
         for row in rows[is_kept]:
-            shard.add_text(row["source"], row["itm_score"], is_kept)
+            shard.add_text(row["source"], row["itm_score"], None if is_kept else BELOW_THRESHOLD)
     shard.images = shard.rows = len(synthetic)
     stats = merge([shard.to_dict()])
     (folder / "stats.json").write_text(json.dumps(stats))

@@ -9,6 +9,7 @@ captioner's for the seeded batch, reruns resume to the same output.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
 import shutil
@@ -190,10 +191,12 @@ def test_stats_match_the_files(full_run):
 
 def test_schema_and_provenance(full_run, settings):
     kept = read(full_run, KEPT)
-    for name in ("key", "url", "caption", "text", "source", "itm_score", "itc_score", "jpg", "width", "height",
-                 "captioner", "filter", "capfilt_config", "kind"):
+    for name in ("key", "url", "caption", "text", "web_text", "source", "itm_score", "itc_score", "jpg",
+                 "image_sha256", "width", "height", "captioner", "filter", "capfilt_config", "kind"):
         assert name in kept.schema.names
-    assert "jpg" not in read(full_run, REJECTED).schema.names
+    rejected = read(full_run, REJECTED)
+    assert "jpg" not in rejected.schema.names and "reason" not in kept.schema.names
+    assert set(rejected.column("reason").to_pylist()) <= {"below threshold", "duplicate text"}
     assert set(kept.column("source").to_pylist()) <= {"web", "synthetic"}
     assert set(kept.column("captioner").to_pylist()) == {settings.captioner}
     config = json.loads(kept.column("capfilt_config")[0].as_py())
@@ -201,9 +204,17 @@ def test_schema_and_provenance(full_run, settings):
     provenance = read_provenance(pq.read_schema(f"{full_run.root}/kept/00000.parquet"))
     assert provenance["schema_version"] == SCHEMA_VERSION
     assert provenance["models"]["filter"]["path"] == settings.filter
-    # The image bytes are the input's, unchanged.
-    inputs = {r["key"]: r["jpg"] for r in shard_rows(0) + shard_rows(1)}
-    assert all(inputs[r["key"]] == r["jpg"] for r in kept.to_pylist())
+    # The pair's text is caption (text: the same); the input's text is web_text.
+    inputs = {r["key"]: r for r in shard_rows(0) + shard_rows(1)}
+    for row in kept.to_pylist() + rejected.to_pylist():
+        assert row["caption"] == row["text"] and row["web_text"] == inputs[row["key"]]["caption"]
+        if row["source"] == "web":
+            assert row["caption"] == row["web_text"]
+    # The image bytes are the input's, unchanged, in HF datasets' Image struct; image_sha256 is theirs.
+    for row in kept.to_pylist():
+        assert row["jpg"] == {"bytes": inputs[row["key"]]["jpg"], "path": None}
+        assert row["image_sha256"] == hashlib.sha256(row["jpg"]["bytes"]).hexdigest()
+    assert json.loads(kept.schema.metadata[b"huggingface"]) == {"info": {"features": {"jpg": {"_type": "Image"}}}}
 
 
 def test_written_scores_are_the_filters_and_captions_the_captioners(full_run, settings):
@@ -230,7 +241,8 @@ def test_written_scores_are_the_filters_and_captions_the_captioners(full_run, se
                 assert p["itm_score"] == pytest.approx(score.itm, abs=1e-5)
                 assert p["itc_score"] == pytest.approx(score.itc, abs=1e-5)
                 if abs(score.itm - settings.threshold) > 1e-5:  # clear of float noise
-                    assert ("jpg" in p) == (score.itm >= settings.threshold)
+                    assert (p.get("reason") == "below threshold") == (score.itm < settings.threshold)
+                    assert ("jpg" in p) == (score.itm >= settings.threshold and p.get("reason") is None)
 
 
 def test_killed_run_resumes_to_the_same_output(full_run, input_dir, settings, tmp_path):
@@ -356,7 +368,7 @@ def test_webdataset_shards_with_sidecar(settings, tmp_path):
     failed = {r["key"]: r["stage"] for r in read(layout, FAILED).to_pylist()}
     assert failed == {"000000002": "download", "000000004": "decode", "000000005": "size"}
     kept = read(layout, KEPT).to_pylist()
-    assert all(r["jpg"] == rows[int(r["key"][-4:])]["jpg"] for r in kept)
+    assert all(r["jpg"]["bytes"] == rows[int(r["key"][-4:])]["jpg"] for r in kept)
 
 
 def test_sampling_is_the_papers_then_the_model_folders_then_the_runs(captioner_folder, filter_folder, tmp_path):
@@ -393,3 +405,15 @@ def test_the_orientation_img2dataset_recorded_is_applied(settings, tmp_path):
         assert web[key]["itm_score"] == pytest.approx(score.itm, abs=1e-5), key
     assert (web["rotated"]["width"], web["rotated"]["height"]) == (48, 32)  # the size as stored
     assert web["rotated"]["itm_score"] != pytest.approx(web["plain"]["itm_score"], abs=1e-6)
+
+
+def test_a_runs_kept_folder_is_input_for_another_run(full_run, settings, tmp_path):
+    """kept/ stores images as HF ``Image`` structs; read as input shards, its rows are judged on their bytes."""
+    kept = read(full_run, KEPT).to_pylist()
+    layout = run_pipeline(list_shards(full_run.root + "/kept"), settings, tmp_path / "again",
+                          expected_rows=len(kept))
+    again = read(layout, KEPT).to_pylist() + read(layout, REJECTED).to_pylist()
+    web = [r for r in again if r["source"] == "web"]
+    assert read(layout, FAILED).num_rows == 0 and len(web) == len(kept)  # every kept pair is a row with a web text
+    assert {r["image_sha256"] for r in again} == {r["image_sha256"] for r in kept}
+    assert sorted(r["web_text"] for r in web) == sorted(r["caption"] for r in kept)

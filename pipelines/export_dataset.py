@@ -1,0 +1,181 @@
+"""``capfilt export-dataset``: CapFilt's kept/ as webdataset tar shards, for open_clip and other webdataset loaders.
+
+Each kept row becomes one sample, three tar members named by its key:
+
+- ``{key}.jpg`` (``.png``, ``.webp``: the kept file's image column's name): the image bytes, as the input had them;
+- ``{key}.txt``: ``caption``, the kept text (UTF-8);
+- ``{key}.json``: every other column but the image, ``text`` (the same as ``caption``) and ``capfilt_config``
+  (the run's settings, the same in every row: they are in ``capfilt_export.json`` once): ``sample_id``, ``key``,
+  ``url``, ``web_text``, ``source``, ``source_index``, ``itm_score``, ``itc_score``, ``image_sha256``, ``width``,
+  ``height``, ``captioner``, ``filter`` and the input's own columns.
+
+The key is the row's ``sample_id`` with ``.`` and ``/`` written ``_``: a webdataset reader ends a key at its name's
+first dot. Tars are ``00000.tar``, ``00001.tar`` ... of ``samples_per_tar`` samples (10,000, img2dataset's shard
+size: about 1 GB at 100 kB an image; the last one holds the rest), in the order of the kept files (sorted by name)
+and their rows. Beside them:
+
+- ``sizes.json``: ``{"00000.tar": 10000, ...}``, the samples of each tar, as open_clip's ``get_dataset_size``
+  reads it from the tars' folder (so ``--train-num-samples`` can be left out);
+- ``capfilt_export.json``: where the samples came from, the counts and the run's provenance (the kept files'
+  Parquet metadata ``capfilt``).
+
+A tar is written under a temporary name and renamed when whole; ``sizes.json`` is written last, so a folder with
+it is complete. Members carry no time or owner (mtime 0, uid/gid 0, mode 0644): the same kept/ gives the same
+bytes. Rows are read a row group at a time; memory does not grow with the dataset. The output is a local folder.
+
+Command line: ``capfilt export-dataset --format webdataset --from OUT/kept --out DIR [--samples-per-tar 10000]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import io
+import json
+import os
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from capfilt.columns import IMAGE_COLUMNS
+from capfilt.pipelines.schema import read_provenance
+
+FORMATS = ("webdataset",)
+SAMPLES_PER_TAR = 10_000  # img2dataset's default shard size
+SIZES_FILE = "sizes.json"  # open_clip's name
+MANIFEST_FILE = "capfilt_export.json"
+READ_BATCH_ROWS = 256
+_LEFT_OUT = ("text", "capfilt_config")  # besides the image and caption: the same as caption; the run's, once
+
+
+class ExportError(ValueError):
+    """Input that cannot be exported, or an output folder that is in use."""
+
+
+def kept_files(sources: list[str]) -> list[str]:
+    """The Parquet files ``sources`` name (folders: their ``*.parquet``; files; globs), sorted; an error if none."""
+    files = set()
+    for source in sources:
+        if os.path.isdir(source):
+            files.update(glob.glob(os.path.join(source, "*.parquet")))
+        else:
+            files.update(path for path in glob.glob(source) if os.path.isfile(path))
+    if not files:
+        raise ExportError(f"no Parquet files in {sources}: give CapFilt's OUT/kept folder (or its files)")
+    return sorted(files)
+
+
+def _check(path: str, schema) -> str:
+    """The image column of a kept file; a clear error for any other table."""
+    image = next((name for name in IMAGE_COLUMNS if name in schema.names), None)
+    if image is None:
+        raise ExportError(f"{path} has no image column ({', '.join(IMAGE_COLUMNS)}): rejected/ and failed/ hold no "
+                          "images; export kept/")
+    if "web_text" not in schema.names or "caption" not in schema.names:
+        version = read_provenance(schema).get("schema_version")
+        raise ExportError(f"{path} is not CapFilt kept/ output of schema version 3 or later (schema version "
+                          f"{version}): its caption column may be the web text, not the kept one. Rerun bootstrap "
+                          "into a new output folder")
+    return image
+
+
+def sample_key(sample_id: str) -> str:
+    """The tar members' name stem for a sample: its ``sample_id`` without the characters webdataset splits on."""
+    return sample_id.replace(".", "_").replace("/", "_")
+
+
+def samples(files: list[str]) -> Iterator[tuple[str, str, bytes, str, dict]]:
+    """(key, extension, image bytes, caption, other columns) of every row of ``files``, in order."""
+    for path in files:
+        parquet = pq.ParquetFile(path)
+        image = _check(path, parquet.schema_arrow)
+        for batch in parquet.iter_batches(batch_size=READ_BATCH_ROWS):
+            for row in batch.to_pylist():
+                value = row.pop(image)
+                data = value.get("bytes") if isinstance(value, dict) else value
+                if data is None:
+                    raise ExportError(f"{path}: row {row['sample_id']} has no image bytes")
+                caption = row.pop("caption")
+                if caption is None:
+                    raise ExportError(f"{path}: row {row['sample_id']} has no caption")
+                for name in _LEFT_OUT:
+                    row.pop(name, None)
+                yield sample_key(row["sample_id"]), image, data, caption, row
+
+
+def _member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode, info.uid, info.gid = len(data), 0, 0o644, 0, 0
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _ready(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ExportError(f"{out} exists and is not an empty folder: give a new one")
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def export_webdataset(sources: list[str], out: str | Path, samples_per_tar: int = SAMPLES_PER_TAR) -> dict:
+    """Write the kept rows of ``sources`` as tars into ``out`` (a new or empty folder); returns the manifest."""
+    if samples_per_tar < 1:
+        raise ExportError(f"samples_per_tar must be at least 1, not {samples_per_tar}")
+    files = kept_files(sources)
+    for path in files:  # every file before any tar: a wrong input fails at once
+        _check(path, pq.read_schema(path))
+    out = Path(out)
+    _ready(out)
+    sizes: dict[str, int] = {}
+    tar, name, count, previous = None, "", 0, None
+    try:
+        for key, extension, data, caption, other in samples(files):
+            if tar is None:
+                name = f"{len(sizes):05d}.tar"
+                tar, count = tarfile.open(out / f"{name}.tmp", "w"), 0
+            if key == previous:  # webdataset would merge two samples with the same key that follow each other
+                raise ExportError(f"two rows in a row have the key {key!r} (sample_id {other['sample_id']!r})")
+            previous = key
+            _member(tar, f"{key}.{extension}", data)
+            _member(tar, f"{key}.json", json.dumps(other, ensure_ascii=False).encode("utf-8"))
+            _member(tar, f"{key}.txt", caption.encode("utf-8"))
+            count += 1
+            if count == samples_per_tar:
+                tar.close()
+                tar = None
+                os.replace(out / f"{name}.tmp", out / name)
+                sizes[name] = count
+        if tar is not None:
+            tar.close()
+            tar = None
+            os.replace(out / f"{name}.tmp", out / name)
+            sizes[name] = count
+    finally:
+        if tar is not None:  # an error mid-tar: no half tar is left with a final name
+            tar.close()
+            (out / f"{name}.tmp").unlink(missing_ok=True)
+    manifest = {"format": "webdataset", "from": [str(Path(path).resolve()) for path in files],
+                "samples": sum(sizes.values()), "tars": len(sizes), "samples_per_tar": samples_per_tar,
+                "capfilt": read_provenance(pq.read_schema(files[0]))}
+    (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    (out / SIZES_FILE).write_text(json.dumps(sizes, indent=2) + "\n")
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="capfilt export-dataset", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Write CapFilt's kept/ as webdataset tars ({key}.jpg, .txt: the kept text, .json: the other "
+                    "columns) with sizes.json, for open_clip and other webdataset loaders.")
+    parser.add_argument("--format", default="webdataset", choices=FORMATS, help="output format")
+    parser.add_argument("--from", dest="sources", nargs="+", required=True, metavar="KEPT",
+                        help="CapFilt's OUT/kept folder, or kept Parquet files or globs")
+    parser.add_argument("--out", required=True, help="a new (or empty) local folder for the tars")
+    parser.add_argument("--samples-per-tar", type=int, default=SAMPLES_PER_TAR, help="samples in each tar")
+    args = parser.parse_args(argv)
+    try:
+        manifest = export_webdataset(args.sources, args.out, args.samples_per_tar)
+    except (ExportError, OSError) as error:
+        parser.exit(2, f"capfilt export-dataset: error: {error}\n")
+    print(f"{manifest['samples']} samples in {manifest['tars']} tar(s) -> {args.out} (sizes in {SIZES_FILE})")
+    return 0
