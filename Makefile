@@ -90,5 +90,5 @@ demo-models: install  ## train the demo captioner and filter into capfilt/demo_m
 evaluate-demo: install  ## the demo models on a fresh web split: removal per kind and scene type, caption correctness and errors, relation probe
 	$(VENV)/bin/capfilt evaluate --captioner demo --filter demo $(ARGS)
 
-experiment: install  ## the bootstrapping experiment: pre-training on raw vs CapFilt web, scored on test (docs/experiment.md; about 1 h 15 min on 2 cores after demo-models; resumable)
+experiment: install  ## the bootstrapping experiment: pre-training on raw web, ITM- and ITC-filtered web texts and CapFilt web, scored on test (docs/experiment.md; 1 h 15 min on 2 cores after demo-models before the two baselines, which add a pre-training each; resumable)
 	$(VENV)/bin/capfilt experiment $(ARGS)

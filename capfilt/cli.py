@@ -1,10 +1,12 @@
 """``capfilt``: the command line, one command for the whole loop.
 
 ``capfilt COMMAND``: ``datasets``, ``shapes``, ``train``, ``export``,
-``evaluate``, ``bootstrap``, ``export-dataset``, ``demo-models``, ``experiment`` (``COMMANDS``;
-``capfilt --help``). All but ``bootstrap`` and ``datasets`` are another
+``evaluate``, ``bootstrap``, ``refilter``, ``export-dataset``, ``demo-models``, ``experiment`` (``COMMANDS``;
+``capfilt --help``). All but ``bootstrap``, ``refilter`` and ``datasets`` are another
 module's ``main(argv)``, given every later argument unchanged and imported
 only when chosen (``capfilt train pretrain --help`` is the trainer's help).
+``capfilt refilter`` splits a CapFilt output anew from its stored scores
+(``capfilt.pipelines.refilter``), and reports as ``bootstrap`` does.
 
 ``capfilt bootstrap`` runs CapFilt end to end with the paper's defaults:
 DATA → (download with img2dataset) → image shards → the Beam pipeline →
@@ -79,6 +81,7 @@ COMMANDS: tuple[tuple[str, str | None, str], ...] = (
     ("export", "capfilt.models.export", "models: a trained captioner/filter as an HF folder"),
     ("evaluate", "capfilt.shapes.evaluate", "models: score captioner and filter on shapes data"),
     ("bootstrap", None, "CapFilt: caption and filter a dataset into OUT/kept"),
+    ("refilter", None, "CapFilt: OUT split anew from its stored scores"),
     ("export-dataset", "capfilt.pipelines.export_dataset", "data: OUT/kept as webdataset tars (open_clip)"),
     ("demo-models", "capfilt.demo", "whole loop: train the demo captioner and filter"),
     ("experiment", "capfilt.experiment", "whole loop: pre-train on raw vs CapFilt web, score"),
@@ -253,6 +256,70 @@ def add_bootstrap_arguments(boot: argparse.ArgumentParser) -> None:
     download.add_argument("--allow-private-addresses", action="store_true",
                           help="let URLs of loopback and private addresses through (for tests and internal "
                                "mirrors); link-local and cloud metadata addresses stay refused")
+
+
+REFILTER_EPILOG = (
+    "Exit status: 0 done; 2 bad input (a source that is not CapFilt output of schema version 3 or later, both or "
+    "neither of --threshold and --keep-fraction, an input shard that is needed and not reachable); 3 done, but the "
+    "source has damaged input shards.")
+
+
+def refilter_parser() -> argparse.ArgumentParser:
+    """``capfilt refilter``'s parser; the defaults are ``RefilterSettings``' (None: the source run's)."""
+    parser = argparse.ArgumentParser(
+        prog="capfilt refilter", formatter_class=_HelpWithDefaults, epilog=REFILTER_EPILOG,
+        description="A new kept/rejected split of a CapFilt output from its stored scores, without running the "
+                    "models: another threshold, or the threshold that keeps a share of the web texts; by ITM, or by "
+                    "ITC (with --keep-fraction: DataComp's CLIP-score filter); another --select or --dedup-images. "
+                    "Writes OUT2 as bootstrap writes OUT: kept/, rejected/, failed/, stats.json, report.html.")
+    parser.add_argument("--from", dest="source", required=True, metavar="OUT", help="the CapFilt output to split")
+    parser.add_argument("--out", required=True, metavar="OUT2", help="a new folder for the new split (a rerun resumes)")
+    how = parser.add_mutually_exclusive_group(required=True)
+    how.add_argument("--threshold", type=float, default=None,
+                     help="keep a text whose score is at least this (ITM: a probability, 0 to 1; ITC: a cosine, "
+                          "-1 to 1)")
+    how.add_argument("--keep-fraction", type=float, default=None, metavar="F",
+                     help="the threshold at which a share F in (0, 1] of the web texts pass, over all shards; texts "
+                          "tied with the cut-off pass too")
+    parser.add_argument("--by", choices=("itm", "itc"), default="itm",
+                        help="the score: itm, the ITM match probability (the paper's), or itc, the ITC cosine "
+                             "similarity of the filter's unimodal features")
+    parser.add_argument("--select", default=None, metavar="all|top-N",
+                        help="texts of an image kept among those that pass, ranked by the same score (default: OUT's)")
+    parser.add_argument("--dedup-images", action=argparse.BooleanOptionalAction, default=None,
+                        help="drop exact duplicate images, or not (default: OUT's)")
+    parser.add_argument("--input", default=None, metavar="SHARDS",
+                        help="where OUT's input shards are now, if they moved (default: the paths OUT recorded); "
+                             "read only for texts that the new split keeps and whose image OUT/kept does not hold")
+    parser.add_argument("--no-report", action="store_true", help="write stats.json only")
+    return parser
+
+
+def refilter(args) -> int:
+    """``capfilt refilter``: ``capfilt.pipelines.refilter.refilter`` with the flags, and bootstrap's summary."""
+    import time
+
+    from capfilt.pipelines.layout import OutputLayout
+    from capfilt.pipelines.refilter import RefilterSettings, refilter as split, unfinished_in_source
+    from capfilt.pipelines.schema import WEB
+
+    started = time.perf_counter()
+    settings = RefilterSettings(threshold=args.threshold, keep_fraction=args.keep_fraction, by=args.by,
+                                select=args.select, dedup_images=args.dedup_images, input=args.input)
+    stats = split(settings, args.source, args.out, report=not args.no_report)
+    chosen, web = stats["settings"], stats["texts"][WEB]
+    passed = web - stats["rejected_reasons"][BELOW_THRESHOLD][WEB]
+    fraction = f" (--keep-fraction {chosen['keep_fraction']})" if chosen["keep_fraction"] is not None else ""
+    _say(f"split {args.source} anew by {chosen['by']} at threshold {chosen['threshold']:.6g}{fraction}: {passed} of "
+         f"{web} web texts pass ({passed / web if web else 0:.1%}); select {chosen['select']}"
+         f"{', duplicate images dropped' if chosen['dedup_images'] else ''}; {time.perf_counter() - started:.1f} s")
+    damaged = stats["shards"]["damaged"]
+    print_summary(stats, OutputLayout(args.out), [], damaged)
+    unfinished = unfinished_in_source(args.source)
+    if unfinished:
+        _say(f"warning: {args.source} has {len(unfinished)} unfinished shard(s) ({', '.join(unfinished[:5])}): they "
+             "are not in the new split; finish them with bootstrap, then refilter again")
+    return exit_status([], damaged)
 
 
 def parse_shard_selection(spec: str | None, count: int) -> list[int]:
@@ -621,10 +688,12 @@ def _main(argv: list[str] | None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         print(datasets.describe_named(args.cache_dir))
         return 0
-    boot_args, unknown = bootstrap_parser().parse_known_args(rest)
-    boot_args.verbose = args.verbose
-    _quiet_model_loading()
     try:
+        if args.command == "refilter":
+            return refilter(refilter_parser().parse_args(rest))
+        boot_args, unknown = bootstrap_parser().parse_known_args(rest)
+        boot_args.verbose = args.verbose
+        _quiet_model_loading()
         return bootstrap(boot_args, unknown)
     except (UsageError, ValueError, FileNotFoundError) as error:  # bad input: a message, not a traceback
         if args.verbose:

@@ -10,16 +10,22 @@
    for the noise ratio of the paper's Table 1;
 4. **bootstrapped**: a fresh MED pre-trained on ``human`` + the pipeline's
    kept pairs (filtered web texts + filtered synthetic captions), with the
-   same recipe, steps and seed;
-5. both evaluated on ``test``: image→text and text→image recall@1 (ITC, and
+   same recipe, steps and seed; and two baselines that isolate the filter,
+   with web texts only (no synthetic captions), the same steps and seed:
+   **ITM web**, ``human`` + the web texts the ITM filter kept in step 3, and
+   **ITC web**, ``human`` + the web texts DataComp's CLIP-score filter keeps
+   at the same share of the web texts, on the filter's own ITC head
+   (``capfilt refilter --by itc --keep-fraction F`` over step 3's output, F
+   read from its stats.json: no model runs again);
+5. each evaluated on ``test``: image→text and text→image recall@1 (ITC, and
    ITC's top k re-ranked by ITM) and the correctness of greedy captions from
    the pre-trained decoder (without a prompt: pre-training has none).
 
-Both pre-trainings deal their 20 Parquet files (10 human shards, and the 10 raw
-web shards or the 10 ``kept/`` files CapFilt wrote for them) to the loader's
-streams in one seeded order, so with the same seed the bootstrapped run reads
-the same human files and the kept pairs of the same web shards that the raw run
-reads raw: a paired comparison. ``streams`` 16 mixes 16 files in every batch;
+Every pre-training deals its 20 Parquet files (10 human shards, and the 10 raw
+web shards or the 10 files written for them: CapFilt's ``kept/``, or its web
+texts only) to the loader's streams in one seeded order, so with the same seed
+each run reads the same human files and the same web shards, raw or filtered:
+a paired comparison. ``streams`` 16 mixes 16 files in every batch;
 with the demo recipe's single stream a short run reads a few whole files one
 after another, and which file came last decides much of the result. Every
 stage resumes.
@@ -183,15 +189,16 @@ def capfilt_table(nucleus: Path, beam: Path) -> dict:
             "beam": tally(beam, compared)["synthetic"]}
 
 
-def raw_quality(web: Path) -> dict:
-    """How many texts the raw web shards hold and the fraction the parser calls correct."""
+def text_quality(web: Path, column: str = "caption") -> dict:
+    """How many texts the web shards hold and the fraction the parser calls correct: the raw ``web`` split's
+    (``caption``), or a folder of CapFilt's kept rows (``text``)."""
     import pyarrow.parquet as pq
 
     from capfilt.shapes import is_correct, scene_from_json
 
     texts = correct = 0
     for path in sorted(web.glob("*.parquet")):
-        table = pq.read_table(path, columns=["scene", "caption"])
+        table = pq.read_table(path, columns=["scene", column])
         for scene, text in zip(table.column(0).to_pylist(), table.column(1).to_pylist()):
             texts += 1
             correct += is_correct(text, scene_from_json(scene))
@@ -206,6 +213,50 @@ def kept_quality(whole: dict) -> dict:
     return {"texts": texts, "correct": correct / texts if texts else None}
 
 
+def web_keep_share(out: Path) -> float:
+    """The share of its web texts a CapFilt run kept (web texts in kept/ over web texts judged), from stats.json."""
+    from capfilt.pipelines.layout import OutputLayout
+    from capfilt.pipelines.report import read_stats
+
+    stats = read_stats(OutputLayout(str(out)))
+    return stats["kept"]["web"] / stats["texts"]["web"]
+
+
+def itc_filter(capfilt_out: Path, out: Path, share: float) -> dict:
+    """DataComp's CLIP-score filter on the filter's own ITC head, from a CapFilt output's stored scores: the web
+    texts' top ``share`` by ITC (``capfilt refilter --by itc --keep-fraction``; no model runs). Resumes; returns
+    its stats."""
+    from capfilt.pipelines.refilter import RefilterSettings, refilter
+
+    return refilter(RefilterSettings(keep_fraction=share, by="itc"), str(capfilt_out), str(out))
+
+
+def web_texts_only(kept: Path, out: Path) -> Path:
+    """The web texts of a CapFilt ``kept/`` folder, without its synthetic captions: one file per shard under the
+    same name (the paired file order). A file is written (through a temporary name) when missing or older than its
+    source."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    out.mkdir(parents=True, exist_ok=True)
+    for source in sorted(kept.glob("*.parquet")):
+        target = out / source.name
+        if target.is_file() and target.stat().st_mtime_ns >= source.stat().st_mtime_ns:
+            continue
+        table = pq.read_table(source)
+        temp = out / f".{source.name}.tmp"  # not *.parquet: the trainer never reads a half-written file
+        pq.write_table(table.filter(pc.equal(table.column("source"), "web")), temp, row_group_size=256)
+        os.replace(temp, target)
+    return out
+
+
+# The pre-trainings compared, in the table's order: (results key, run folder prefix, label).
+RUNS = (("raw", "raw", "human + raw web"),
+        ("itm web", "itm-web", "human + ITM-filtered web texts"),
+        ("itc web", "itc-web", "human + ITC-filtered web texts (same share)"),
+        ("bootstrapped", "bootstrapped", "human + CapFilt web"))
+
+
 def run_experiment(recipe: DemoRecipe = DemoRecipe(), work: Path = WORK,
                    config: ExperimentConfig = ExperimentConfig()) -> dict:
     """Steps 1 to 5; every stage resumes. Returns the results (also in ``work/experiment``)."""
@@ -217,20 +268,31 @@ def run_experiment(recipe: DemoRecipe = DemoRecipe(), work: Path = WORK,
     beam = run_capfilt(folders["web"], here / "capfilt-beam", config, method="beam", shards=config.beam_shards)
     _say("CapFilt over the compared shards (beam) done", start)
     table = capfilt_table(nucleus, beam)
+    # The baselines: the web texts ITM kept, and the same share of them by ITC (DataComp's CLIP-score filter).
+    share = web_keep_share(nucleus)
+    itc = itc_filter(nucleus, here / "capfilt-itc", share)
+    _say(f"ITC filter at ITM's share of the web texts ({share:.1%}) done", start)
+    web_data = {"itm web": web_texts_only(nucleus / "kept", here / "web-itm"),
+                "itc web": web_texts_only(here / "capfilt-itc" / "kept", here / "web-itc")}
+    for folder in web_data.values():
+        _check_paired(folders["web"], folder)
     results = {"recipe": asdict(recipe), "config": asdict(config), "test_seed": TEST_SEED, "capfilt": table,
-               "data": {"raw": raw_quality(folders["web"]), "bootstrapped": kept_quality(table["whole web, nucleus"])},
+               "data": {"raw": text_quality(folders["web"]), "bootstrapped": kept_quality(table["whole web, nucleus"]),
+                        **{name: text_quality(folder, "text") for name, folder in web_data.items()}},
+               "itc filter": {"keep fraction": share, "threshold": itc["settings"]["threshold"]},
                "runs": {}}
     suffix = f"-streams{config.streams}" if config.streams else ""
     for seed in config.seeds:
         # With the recipe's own seed and stream the raw run is make demo-models' pre-training.
         reuse = seed == PRETRAIN_SEED and not config.streams
-        raw_out = work / "pretrain" if reuse else here / f"raw{suffix}-seed{seed}"
-        raw = pretrain(recipe, work, [folders["human"], folders["web"]], raw_out, seed, config.streams)
-        _say(f"raw pre-training (seed {seed}) done", start)
-        boot = pretrain(recipe, work, [folders["human"], nucleus / "kept"], here / f"bootstrapped{suffix}-seed{seed}",
-                        seed, config.streams)
-        _say(f"bootstrapped pre-training (seed {seed}) done", start)
-        results["runs"][str(seed)] = {"raw": evaluate_run(raw, config), "bootstrapped": evaluate_run(boot, config)}
+        data = {"raw": folders["web"], "bootstrapped": nucleus / "kept", **web_data}
+        prefixes = {name: prefix for name, prefix, _ in RUNS}
+        runs = {}
+        for name in ("raw", "bootstrapped", "itm web", "itc web"):  # the baselines last: they came later
+            out = work / "pretrain" if name == "raw" and reuse else here / f"{prefixes[name]}{suffix}-seed{seed}"
+            runs[name] = pretrain(recipe, work, [folders["human"], data[name]], out, seed, config.streams)
+            _say(f"{name} pre-training (seed {seed}) done", start)
+        results["runs"][str(seed)] = {name: evaluate_run(runs[name], config) for name, _, _ in RUNS}
         _say(f"evaluated seed {seed}", start)
     results = json.loads(json.dumps(results))  # as results.json reads back (tuples become lists)
     (here / "results.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -257,15 +319,19 @@ def markdown(results: dict) -> str:
     lines = ["| pre-training data | seed, streams | image→text R@1 (ITC / +ITM) | text→image R@1 (ITC / +ITM) "
              "| captions correct: one object | two objects | all |", "| --- |" + " --- |" * 6]
     for seed, pair in results["runs"].items():
-        for name, label in (("raw", "human + raw web"), ("bootstrapped", "human + CapFilt web")):
+        for name, _, label in RUNS:
             r, c = pair[name]["retrieval"], pair[name]["captions"]
             lines.append(f"| {label} | {seed}, {streams} | {r['image_to_text_itc']:.1%} / {r['image_to_text_itm']:.1%} "
                          f"| {r['text_to_image_itc']:.1%} / {r['text_to_image_itm']:.1%} "
                          f"| {c['one object']['correct']:.1%} | {c['two objects']['correct']:.1%} "
                          f"| {c['all']['correct']:.1%} |")
-    data = results["data"]
+    data, itc = results["data"], results["itc filter"]
     lines += ["", "| web part of the pre-training data | texts | correct (parser) |", "| --- | --- | --- |",
               f"| raw web | {data['raw']['texts']} | {data['raw']['correct']:.1%} |",
+              f"| ITM-filtered web texts (the web texts CapFilt kept: {itc['keep fraction']:.1%}) "
+              f"| {data['itm web']['texts']} | {_percent(data['itm web']['correct'])} |",
+              f"| ITC-filtered web texts (the same share by ITC: cosine ≥ {itc['threshold']:.4f}) "
+              f"| {data['itc web']['texts']} | {_percent(data['itc web']['correct'])} |",
               f"| CapFilt web (kept web texts + kept synthetic captions) | {data['bootstrapped']['texts']} "
               f"| {data['bootstrapped']['correct']:.1%} |"]
     whole = results["capfilt"]["whole web, nucleus"]

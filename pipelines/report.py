@@ -9,7 +9,10 @@ removes; §4.2), why texts were removed (below the threshold, duplicate text,
 not in the top n, duplicate image), duplicate keys and images, an ITM score
 histogram (inline SVG) and examples of kept and removed pairs. With
 ``--dedup-images`` a shard's counts include the rows the cross-shard step moved
-(``capfilt.pipelines.image_dedup``).
+(``capfilt.pipelines.image_dedup``). A split made by ``capfilt refilter``
+(``capfilt.pipelines.refilter``) is summed the same way; its report says so,
+and names the score that judged (ITM, or ITC: then the histogram, of ITM
+scores, has no threshold line).
 """
 
 from __future__ import annotations
@@ -103,7 +106,8 @@ def build_stats(markers: list[dict], settings: BootstrapSettings, selected_shard
 def write_summary(layout: OutputLayout, settings: BootstrapSettings, selected_shards: int,
                   shard_errors: list[dict] = (), report: bool = True) -> dict:
     """Write ``stats.json`` (and ``report.html``) from the markers under ``layout`` (with the cross-shard image
-    dedup's records applied); returns the stats."""
+    dedup's records applied); returns the stats. Of ``settings`` only ``provenance()`` and ``dedup_images`` are
+    read: a refilter's ``Plan`` (``capfilt.pipelines.refilter``) has them too."""
     markers = [apply_record(m, read_record(layout, m["shard"])) for m in layout.read_markers()]
     stats = build_stats(markers, settings, selected_shards, shard_errors, duplicate_keys(layout, markers),
                         duplicate_images(layout, markers, settings.dedup_images))
@@ -121,8 +125,9 @@ def _percent(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.1f}%"
 
 
-def histogram_svg(histogram: dict[str, list[int]], threshold: float, width: int = 640, height: int = 240) -> str:
-    """Grouped bars of ITM match probability per source, the threshold as a dashed line."""
+def histogram_svg(histogram: dict[str, list[int]], threshold: float | None, width: int = 640,
+                  height: int = 240) -> str:
+    """Grouped bars of ITM match probability per source, the threshold (when it is one on ITM) as a dashed line."""
     colours = {"web": "#d9822b", "synthetic": "#2b7bd9"}
     left, bottom, top = 40, 30, 24  # the legend sits above the bars
     plot_w, plot_h = width - left - 10, height - bottom - top
@@ -143,9 +148,10 @@ def histogram_svg(histogram: dict[str, list[int]], threshold: float, width: int 
         x = left + plot_w * tick / 10
         parts.append(f'<text x="{x:.1f}" y="{height - 12}" font-size="11" text-anchor="middle">{tick / 10:.1f}</text>')
     parts.append(f'<text x="{left - 6}" y="{top + 10}" font-size="11" text-anchor="end">{peak}</text>')
-    x = left + plot_w * threshold
-    parts.append(f'<line x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{top + plot_h}" stroke="#c00" '
-                 f'stroke-dasharray="4 3"><title>threshold {threshold}</title></line>')
+    if threshold is not None:
+        x = left + plot_w * threshold
+        parts.append(f'<line x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{top + plot_h}" stroke="#c00" '
+                     f'stroke-dasharray="4 3"><title>threshold {threshold}</title></line>')
     for s, source in enumerate(SOURCES):
         parts.append(f'<rect x="{left + 10 + 90 * s}" y="4" width="10" height="10" fill="{colours[source]}"/>'
                      f'<text x="{left + 24 + 90 * s}" y="13" font-size="11">{source}</text>')
@@ -232,6 +238,25 @@ def _damaged_section(damaged: list[dict]) -> str:
             f"and rerun.</p><ul>{''.join(items)}</ul>")
 
 
+def _criterion(settings: dict) -> str:
+    """What removes a text: the threshold on the score it was judged by (a refiltered run's may be ITC's)."""
+    by_itc = settings.get("by") == "itc"  # capfilt.pipelines.refilter; a bootstrap run judges by ITM
+    score = "ITC cosine similarity (DataComp's CLIP score, on the filter's ITC head)" if by_itc else \
+        "ITM match probability"
+    text = f"a text is removed when its {score} is below {settings['threshold']:.6g}"
+    if settings.get("keep_fraction") is not None:
+        text += f" (the threshold at which {settings['keep_fraction']:.2%} of the web texts pass)"
+    return text
+
+
+def _refiltered_note(settings: dict) -> str:
+    source = settings.get("refiltered_from")
+    if not source:
+        return ""
+    return (f"<p>Refiltered from the scores stored in <code>{html.escape(str(source))}</code> "
+            "(<code>capfilt refilter</code>): the models did not run again.</p>")
+
+
 def render_report(stats: dict, markers: list[dict]) -> str:
     """The report page for ``stats`` (from ``build_stats``) and the markers' examples."""
     settings = stats["settings"]
@@ -259,10 +284,11 @@ figure img {{ width: 96px; height: 96px; object-fit: contain; background: #eee; 
 <h1>CapFilt report</h1>
 <p>Captioner <code>{html.escape(settings['captioner'])}</code>, filter <code>{html.escape(settings['filter'])}</code>;
 K = {settings['num_captions']} synthetic caption(s) per image by {html.escape(sampling['method'])}
-(top_p {sampling['top_p']}); a text is removed when its ITM match probability is below {settings['threshold']};
+(top_p {sampling['top_p']}); {html.escape(_criterion(settings))};
 of the texts of an image that pass, {html.escape(settings['select'])} are kept, each distinct text once{
 '' if not settings['dedup_images'] else '; duplicate images are dropped'}.
 Schema version {stats['schema_version']}, capfilt {html.escape(stats['capfilt_version'])}.</p>
+{_refiltered_note(settings)}
 <h2>Rows</h2>
 <p>{stats['rows']} input rows in {stats['shards']['done']} shard(s):
 {stats['images']} images judged, {sum(stats['failed'].values())} failed.
@@ -274,7 +300,7 @@ Texts before CapFilt: {stats['texts_before']} web texts; after: {stats['texts_af
 {_reasons_table(stats)}
 {_duplicate_images_paragraph(stats.get('duplicate_images'), stats)}
 <h2>ITM score histogram</h2>
-{histogram_svg(stats['itm_histogram'], settings['threshold'])}
+{histogram_svg(stats['itm_histogram'], None if settings.get('by') == 'itc' else settings['threshold'])}
 <h2>Kept pairs (examples)</h2>
 {_example_cards(_examples(markers, kept=True))}
 <h2>Removed texts (examples)</h2>

@@ -14,8 +14,8 @@ import pytest
 
 from capfilt import cli
 
-LOOP = ("datasets", "shapes", "train", "export", "evaluate", "bootstrap", "export-dataset", "demo-models",
-        "experiment")
+LOOP = ("datasets", "shapes", "train", "export", "evaluate", "bootstrap", "refilter", "export-dataset",
+        "demo-models", "experiment")
 
 
 def test_help_lists_every_command_in_loop_order(capsys):

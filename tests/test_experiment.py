@@ -10,12 +10,15 @@ tables are checked against the pipeline's Parquet output read back.
 from __future__ import annotations
 
 import json
+import math
+import os
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from capfilt.demo import DemoRecipe
-from capfilt.experiment import ExperimentConfig, capfilt_table, markdown, run_experiment
+from capfilt.experiment import RUNS, ExperimentConfig, capfilt_table, markdown, run_experiment, web_texts_only
 from capfilt.filter import Filter
 from capfilt.models.checkpointing import latest_checkpoint, read_checkpoint
 from capfilt.shapes.captions import is_correct
@@ -72,9 +75,12 @@ def test_experiment_runs_every_step_and_writes_its_tables(experiment):
     assert json.loads((here / "results.json").read_text()) == results
     assert (here / "results.md").read_text().strip() == markdown(results)
     pair = results["runs"]["42"]
-    for name in ("raw", "bootstrapped"):
+    assert list(pair) == ["raw", "itm web", "itc web", "bootstrapped"]
+    for name in pair:
         assert pair[name]["retrieval"]["n"] == 16
         assert sum(pair[name]["captions"][kind]["n"] for kind in ("one object", "two objects")) == 16
+    table = markdown(results).splitlines()
+    assert [line.split(" | ")[0].lstrip("| ") for line in table[2:6]] == [label for _, _, label in RUNS]
 
 
 @pytest.mark.slow
@@ -122,3 +128,62 @@ def test_capfilt_table_counts_every_text_of_the_pipeline_output(experiment):
     beam_methods = {json.loads(row["capfilt_config"])["sampling"]["method"]
                     for row in pq.read_table(beam / "kept").to_pylist()}
     assert beam_methods == {"beam"}
+
+
+@pytest.mark.slow
+def test_the_baselines_train_on_human_and_the_filtered_web_texts_only_paired_with_the_raw_run(experiment):
+    work, recipe, results = experiment
+    here = work / "experiment"
+    raw = read_checkpoint(latest_checkpoint(here / "raw-streams2-seed42"))
+    web_shards = sorted(p.name for p in (work / "data" / "web").glob("*.parquet"))
+    for run, folder, capfilt_out in (("itm-web", "web-itm", "capfilt-nucleus"), ("itc-web", "web-itc", "capfilt-itc")):
+        baseline = read_checkpoint(latest_checkpoint(here / f"{run}-streams2-seed42"))
+        assert baseline["state"]["step"] == raw["state"]["step"] == recipe.pretrain_steps
+        assert baseline["config"]["streams"] == 2 and baseline["config"]["train"]["seed"] == 42
+        assert [p.rstrip("/").split("/")[-2:] for p in baseline["config"]["train"]["data"]["data"]] == [
+            ["data", "human"], ["experiment", folder]]
+        # One file per web shard under its name (the paired order), holding that shard's kept web texts only.
+        assert sorted(p.name for p in (here / folder).glob("*.parquet")) == web_shards
+        for name in web_shards:
+            kept = pq.read_table(here / capfilt_out / "kept" / name).to_pylist()
+            assert pq.read_table(here / folder / name).to_pylist() == [row for row in kept if row["source"] == "web"]
+        assert results["data"][run.replace("-", " ")]["texts"] == sum(
+            pq.read_metadata(here / folder / name).num_rows for name in web_shards)
+
+
+@pytest.mark.slow
+def test_the_itc_filter_keeps_itms_share_of_the_web_texts_by_the_itc_cosine(experiment):
+    work, recipe, results = experiment
+    nucleus, itc = work / "experiment" / "capfilt-nucleus", work / "experiment" / "capfilt-itc"
+    stats = json.loads((nucleus / "stats.json").read_text())
+    share = stats["kept"]["web"] / stats["texts"]["web"]
+    settings = json.loads((itc / "stats.json").read_text())["settings"]
+    assert (settings["by"], settings["keep_fraction"], settings["refiltered_from"]) == ("itc", share, str(nucleus))
+    assert results["itc filter"] == {"keep fraction": share, "threshold": settings["threshold"]}
+    scores = sorted((row["itc_score"] for kind in ("kept", "rejected") for row in pq.read_table(nucleus / kind)
+                     .to_pylist() if row["source"] == "web"), reverse=True)
+    assert len(scores) == recipe.web
+    assert settings["threshold"] == scores[math.ceil(share * len(scores)) - 1]
+    kept_web = [row for row in pq.read_table(itc / "kept").to_pylist() if row["source"] == "web"]
+    assert len(kept_web) == sum(score >= settings["threshold"] for score in scores) >= round(share * len(scores))
+    assert all(row["itc_score"] >= settings["threshold"] for row in kept_web)
+
+
+def test_web_texts_only_writes_each_kept_files_web_rows_under_its_name(tmp_path):
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    for shard in range(2):
+        pq.write_table(pa.Table.from_pylist([{"text": f"text {shard} {i}", "source": source, "jpg": b"x"}
+                                             for i, source in enumerate(["web", "synthetic", "web", "synthetic"])]),
+                       kept / f"{shard:05d}.parquet")
+    out = web_texts_only(kept, tmp_path / "web")
+    assert sorted(p.name for p in out.iterdir()) == ["00000.parquet", "00001.parquet"]
+    assert pq.read_table(out / "00001.parquet").column("text").to_pylist() == ["text 1 0", "text 1 2"]
+    # Written again only when its source is newer.
+    written = (out / "00000.parquet").stat().st_mtime_ns
+    web_texts_only(kept, out)
+    assert (out / "00000.parquet").stat().st_mtime_ns == written
+    pq.write_table(pa.Table.from_pylist([{"text": "new", "source": "web", "jpg": b"x"}]), kept / "00000.parquet")
+    os.utime(kept / "00000.parquet", ns=(written + 10**9, written + 10**9))
+    web_texts_only(kept, out)
+    assert pq.read_table(out / "00000.parquet").column("text").to_pylist() == ["new"]

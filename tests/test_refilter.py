@@ -1,0 +1,423 @@
+"""``capfilt refilter``: a new split from the stored scores equals a fresh run with the new settings, read back.
+
+The captioner writes fixed captions (so that texts repeat); the filter is the tiny random-weight one. A fresh run
+with the new settings is the reference: kept/, rejected/ and failed/ row for row, every column, and stats.json,
+except the refilter's own record (``by``, ``keep_fraction``, ``refiltered_from`` in the settings) and the timings.
+The demo world with the shipped demo models is compared the same way through the command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import random
+import re
+import shutil
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
+from PIL import Image
+
+from capfilt import cli
+from capfilt.captioner import Captioner
+from capfilt.pipelines import bootstrap
+from capfilt.pipelines.layout import FAILED, KEPT, REJECTED, OutputLayout, SettingsMismatchError
+from capfilt.pipelines.refilter import REFILTER_KEYS, RefilterError, RefilterSettings, refilter, select_texts
+from capfilt.pipelines.report import read_stats
+from capfilt.pipelines.schema import BELOW_THRESHOLD, DUPLICATE_IMAGE, REASONS, read_provenance
+from capfilt.pipelines.selection import reasons
+from capfilt.pipelines.settings import BootstrapSettings
+from capfilt.pipelines.shards import list_shards
+from capfilt.pipelines.stats import image_hash
+
+K = 2
+CAPTIONS = ["a red circle", "a blue square"]
+
+
+def jpeg(colour, size=(40, 32)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+A, B, C, D, E, F = (jpeg(c) for c in ((200, 0, 0), (0, 200, 0), (0, 0, 200), (200, 200, 0), (0, 200, 200),
+                                      (90, 30, 160)))
+# (image, web text) per row; None: a failed download. Duplicate images within shards (A, F) and across (B, D, E); web
+# texts equal to a caption once normalised (shard 0 rows 0 and 5).
+SHARDS = [[(A, "a red circle"), (B, "a dog"), (A, "a cat"), (C, ""), (D, "a bird"), (E, "A RED  circle")],
+          [(B, "a bird"), (F, "a fish"), (None, "a lost image"), (F, "a fish"), (E, "green square"), (D, "click here")]]
+
+
+def write_inputs(folder):
+    folder.mkdir(parents=True, exist_ok=True)
+    for shard, rows in enumerate(SHARDS):
+        table = pa.Table.from_pylist([
+            {"key": f"{shard}-{i}", "url": f"http://127.0.0.1/{shard}/{i}.jpg", "caption": text, "jpg": image,
+             "status": "success" if image else "failed_to_download",
+             "error_message": None if image else "HTTP Error 404: Not Found"}
+            for i, (image, text) in enumerate(rows)])
+        pq.write_table(table, folder / f"{shard:05d}.parquet")
+        (folder / f"{shard:05d}_stats.json").write_text("{}")
+    return folder
+
+
+def fixed_captions(self, pixel_values, num_captions=1, seed=None):
+    return [CAPTIONS[:num_captions] for _ in range(len(pixel_values))]
+
+
+def run(shards, settings, out) -> OutputLayout:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Captioner, "caption_pixels", fixed_captions)
+        with BeamTestPipeline(runner="FnApiRunner") as p:
+            bootstrap.build_pipeline(p, shards, settings, str(out))
+    return OutputLayout(str(out))
+
+
+@pytest.fixture(scope="module")
+def input_dir(tmp_path_factory):
+    return write_inputs(tmp_path_factory.mktemp("input"))
+
+
+@pytest.fixture(scope="module")
+def settings(captioner_folder, filter_folder):
+    return BootstrapSettings(captioner=str(captioner_folder), filter=str(filter_folder), num_captions=K,
+                             batch_size=3, threshold=0.0, seed=3, torch_threads=1)
+
+
+@pytest.fixture(scope="module")
+def everything(input_dir, settings, tmp_path_factory):
+    """A run at threshold 0: every text passes the filter."""
+    return run(list_shards(input_dir), settings, tmp_path_factory.mktemp("out") / "all")
+
+
+@pytest.fixture(scope="module")
+def high(everything):
+    """The median of the images' best ITM scores: about half of the images keep no text at all."""
+    table = pq.read_table(f"{everything.root}/{KEPT}", columns=["sample_id", "itm_score"]).to_pylist()
+    best: dict[str, float] = {}
+    for row in table:
+        image = row["sample_id"].rsplit("_", 1)[0]
+        best[image] = max(best.get(image, 0.0), row["itm_score"])
+    ordered = sorted(best.values())
+    return ordered[len(ordered) // 2]
+
+
+def _names(out, kind) -> list[str]:
+    return sorted(path.name for path in Path(out, kind).glob("*.parquet"))
+
+
+@pytest.fixture(scope="module")
+def low(everything):
+    """The lowest of the images' best ITM scores: every image keeps a text, so duplicate images repeat in kept/."""
+    table = pq.read_table(f"{everything.root}/{KEPT}", columns=["sample_id", "itm_score"]).to_pylist()
+    best: dict[str, float] = {}
+    for row in table:
+        image = row["sample_id"].rsplit("_", 1)[0]
+        best[image] = max(best.get(image, 0.0), row["itm_score"])
+    return min(best.values())
+
+
+def rows(out, kind) -> list[dict]:
+    """The rows of a folder's files in file and row order; ``capfilt_config`` as JSON without the refilter's keys."""
+    found = []
+    for name in _names(out, kind):
+        for row in pq.read_table(Path(out, kind, name)).to_pylist():
+            if "capfilt_config" in row:
+                config = json.loads(row["capfilt_config"])
+                row["capfilt_config"] = {k: v for k, v in config.items() if k not in REFILTER_KEYS}
+            found.append(row)
+    return found
+
+
+def assert_same_output(fresh, refiltered, source):
+    """kept/, rejected/ and failed/ equal row for row; stats.json and the files' provenance equal but for the
+    refilter's record (and the timings)."""
+    fresh, refiltered = OutputLayout(str(fresh)), OutputLayout(str(refiltered))
+    for kind in (KEPT, REJECTED, FAILED):
+        assert _names(fresh.root, kind) == _names(refiltered.root, kind)
+        assert rows(fresh.root, kind) == rows(refiltered.root, kind), kind
+        for name in _names(fresh.root, kind):
+            ours = read_provenance(pq.read_schema(f"{refiltered.root}/{kind}/{name}"))
+            theirs = read_provenance(pq.read_schema(f"{fresh.root}/{kind}/{name}"))
+            assert ours["config"]["refiltered_from"] == str(source)
+            ours["config"] = {k: v for k, v in ours["config"].items() if k not in REFILTER_KEYS}
+            assert {k: v for k, v in ours.items() if k != "input"} == {k: v for k, v in theirs.items() if k != "input"}
+    for row in pq.read_table(f"{refiltered.root}/{KEPT}").to_pylist()[:3]:
+        assert json.loads(row["capfilt_config"])["refiltered_from"] == str(source)
+    ours, theirs = read_stats(refiltered), read_stats(fresh)
+    assert {k: v for k, v in ours.items() if k not in ("settings", "shard_seconds")} == \
+        {k: v for k, v in theirs.items() if k not in ("settings", "shard_seconds")}
+    assert {k: v for k, v in ours["settings"].items() if k not in REFILTER_KEYS} == theirs["settings"]
+    assert "Refiltered from the scores stored in" in Path(refiltered.report_file).read_text()
+
+
+@pytest.mark.parametrize("select, dedup", [("all", False), ("top-1", False), ("all", True)])
+def test_refilter_equals_a_fresh_run_with_the_new_settings(select, dedup, input_dir, settings, everything, high, low,
+                                                           tmp_path):
+    threshold = low if dedup else high  # at the lower one duplicate images repeat within and across shards
+    new = dataclasses.replace(settings, threshold=threshold, select=select, dedup_images=dedup)
+    fresh = run(list_shards(input_dir), new, tmp_path / "fresh")
+    stats = refilter(RefilterSettings(threshold=threshold, select=select, dedup_images=dedup), everything.root,
+                     str(tmp_path / "refiltered"))
+    assert_same_output(fresh.root, tmp_path / "refiltered", everything.root)
+    assert stats["settings"]["by"] == "itm" and stats["settings"]["keep_fraction"] is None
+    # The rules the variant is about did remove texts: the comparison is not between two empty columns.
+    removed = Counter(row["reason"] for row in rows(fresh.root, REJECTED))
+    assert removed[BELOW_THRESHOLD] and (select == "all" or removed["not in top n"])
+    if dedup:  # within a shard A (shard 0 rows 0, 2) and F (shard 1 rows 1, 3); across B, E and D
+        dropped = {row["sample_id"].rsplit("_", 1)[0] for row in rows(fresh.root, REJECTED)
+                   if row["reason"] == DUPLICATE_IMAGE}
+        assert dropped == {"00000_000000002", "00001_000000003", "00001_000000000", "00001_000000004",
+                           "00001_000000005"}
+
+
+def test_lowering_the_threshold_takes_images_from_kept_or_by_reference_from_the_input(
+        input_dir, settings, everything, high, tmp_path):
+    strict = run(list_shards(input_dir), dataclasses.replace(settings, threshold=high), tmp_path / "strict")
+    strict_kept = {row["image_sha256"] for row in rows(strict.root, KEPT)}
+    refilter(RefilterSettings(threshold=0.0), strict.root, str(tmp_path / "lenient"))
+    assert_same_output(everything.root, tmp_path / "lenient", strict.root)
+    # Some kept images had no kept row in the source: their bytes are the input's.
+    inputs = {hashlib.sha256(image).hexdigest(): image for shard in SHARDS for image, _ in shard if image}
+    fetched = {row["image_sha256"] for row in rows(tmp_path / "lenient", KEPT)} - strict_kept
+    assert fetched
+    for row in rows(tmp_path / "lenient", KEPT):
+        assert row["jpg"] == {"bytes": inputs[row["image_sha256"]], "path": None}
+
+    # The input moved: a clear error naming the recorded path, nothing written for the shard; --input finds it.
+    moved = tmp_path / "moved"
+    shutil.copytree(input_dir, moved)
+    hidden = input_dir.with_name(input_dir.name + "-hidden")
+    input_dir.rename(hidden)
+    try:
+        with pytest.raises(RefilterError) as error:
+            refilter(RefilterSettings(threshold=0.0), strict.root, str(tmp_path / "again"))
+        assert re.search(f"input shard '{re.escape(str(input_dir))}/0000[01].parquet' of shard 0000[01] is not "
+                         "reachable.*Give --input", str(error.value))
+        shard = re.search("of shard (0000[01])", str(error.value)).group(1)
+        assert not (tmp_path / "again" / "_done" / f"{shard}.json").exists()
+        assert not (tmp_path / "again" / KEPT / f"{shard}.parquet").exists()
+        refilter(RefilterSettings(threshold=0.0, input=str(moved)), strict.root, str(tmp_path / "again"))  # resumes
+    finally:
+        hidden.rename(input_dir)
+    assert rows(tmp_path / "again", KEPT) == rows(tmp_path / "lenient", KEPT)
+
+    # An input whose row is another image than the one judged is an error, not a wrong pair.
+    changed = tmp_path / "changed"
+    changed.mkdir()
+    for path in sorted(input_dir.glob("*.parquet")):
+        table = pq.read_table(path)
+        swapped = [A if data is not None else None for data in table.column("jpg").to_pylist()]
+        pq.write_table(table.set_column(table.schema.get_field_index("jpg"), "jpg", pa.array(swapped, pa.binary())),
+                       changed / path.name)
+    with pytest.raises(RefilterError, match="is not the image .* judged: the input changed"):
+        refilter(RefilterSettings(threshold=0.0, input=str(changed)), strict.root, str(tmp_path / "wrong"))
+
+
+def test_webdataset_input_is_read_by_reference_with_the_pipelines_reader(settings, high, tmp_path):
+    folder = tmp_path / "wds"
+    folder.mkdir()
+    records = []
+    with tarfile.open(folder / "00000.tar", "w") as tar:
+        for i, (image, text) in enumerate(SHARDS[0] + SHARDS[1][:2]):
+            key = f"{i:09d}"
+            records.append({"key": key, "url": f"http://127.0.0.1/{i}.jpg", "caption": text, "status": "success"})
+            for extension, data in (("jpg", image), ("txt", text.encode()), ("json", b"{}")):
+                info = tarfile.TarInfo(f"{key}.{extension}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    pq.write_table(pa.Table.from_pylist(records), folder / "00000.parquet")
+    shards = list_shards(folder)
+    assert shards[0].format == "webdataset"
+    strict = run(shards, dataclasses.replace(settings, threshold=high), tmp_path / "strict")
+    lenient = run(shards, settings, tmp_path / "lenient")
+    refilter(RefilterSettings(threshold=0.0), strict.root, str(tmp_path / "refiltered"))
+    assert_same_output(lenient.root, tmp_path / "refiltered", strict.root)
+    assert len({r["image_sha256"] for r in rows(lenient.root, KEPT)}) > \
+        len({r["image_sha256"] for r in rows(strict.root, KEPT)})  # some images came from the tar
+
+
+def test_keep_fraction_is_a_share_of_the_web_texts_of_all_shards(everything, tmp_path):
+    web = sorted((row["itm_score"] for kind in (KEPT, REJECTED) for row in rows(everything.root, kind)
+                  if row["source"] == "web"), reverse=True)
+    fraction = 0.4
+    keep = math.ceil(fraction * len(web))
+    stats = refilter(RefilterSettings(keep_fraction=fraction), everything.root, str(tmp_path / "share"))
+    threshold = stats["settings"]["threshold"]
+    assert threshold == web[keep - 1]  # the ⌈F·N⌉-th highest web score over both shards
+    assert stats["settings"]["keep_fraction"] == fraction
+    passed = stats["texts"]["web"] - stats["rejected_reasons"][BELOW_THRESHOLD]["web"]
+    assert passed == sum(score >= threshold for score in web) >= keep
+    # The same split as that threshold given as such.
+    refilter(RefilterSettings(threshold=threshold), everything.root, str(tmp_path / "threshold"))
+    for kind in (KEPT, REJECTED, FAILED):
+        assert rows(tmp_path / "share", kind) == rows(tmp_path / "threshold", kind)
+    assert json.loads(pq.read_table(f"{tmp_path}/share/{KEPT}").column("capfilt_config")[0].as_py())[
+        "keep_fraction"] == fraction
+    # F = 1 keeps every web text.
+    whole = refilter(RefilterSettings(keep_fraction=1.0), everything.root, str(tmp_path / "whole"))
+    assert whole["rejected_reasons"][BELOW_THRESHOLD]["web"] == 0
+
+
+def test_by_itc_judges_and_ranks_by_the_itc_cosine(everything, tmp_path):
+    stats = refilter(RefilterSettings(keep_fraction=0.5, by="itc", select="top-1"), everything.root,
+                     str(tmp_path / "itc"))
+    threshold = stats["settings"]["threshold"]
+    kept, rejected = rows(tmp_path / "itc", KEPT), rows(tmp_path / "itc", REJECTED)
+    assert kept and all(row["itc_score"] >= threshold for row in kept)
+    assert all((row["itc_score"] < threshold) == (row["reason"] == BELOW_THRESHOLD) for row in rejected)
+    for row in kept:  # top-1 by ITC among the image's texts that pass
+        image = row["sample_id"].rsplit("_", 1)[0]
+        rivals = [r for r in rejected if r["sample_id"].startswith(image + "_") and r["reason"] == "not in top n"]
+        assert all(r["itc_score"] <= row["itc_score"] for r in rivals)
+    web = [r["itc_score"] for r in kept + rejected if r["source"] == "web"]
+    assert threshold == sorted(web, reverse=True)[math.ceil(0.5 * len(web)) - 1]
+    report = (tmp_path / "itc" / "report.html").read_text()
+    assert "ITC cosine similarity" in report and "50.00% of the web texts pass" in report
+
+
+def test_a_rerun_resumes_and_other_settings_are_refused(everything, high, tmp_path):
+    out = tmp_path / "out"
+    refilter(RefilterSettings(threshold=high), everything.root, str(out))
+    marker = (out / "_done" / "00000.json").stat().st_mtime_ns
+    (out / "_done" / "00001.json").unlink()  # as if killed before shard 1's commit
+    refilter(RefilterSettings(threshold=high), everything.root, str(out))
+    assert (out / "_done" / "00000.json").stat().st_mtime_ns == marker  # shard 0 was kept, shard 1 done again
+    assert (out / "_done" / "00001.json").is_file()
+    with pytest.raises(SettingsMismatchError, match="threshold"):
+        refilter(RefilterSettings(threshold=0.9), everything.root, str(out))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({}, "either a threshold or a keep fraction"),
+    ({"threshold": 0.5, "keep_fraction": 0.5}, "either a threshold or a keep fraction"),
+    ({"keep_fraction": 0.0}, r"in \(0, 1\]"),
+    ({"keep_fraction": 1.5}, r"in \(0, 1\]"),
+    ({"threshold": 1.5}, r"itm_score is in \[0.0, 1.0\]"),
+    ({"threshold": -0.5, "by": "itc"}, None),  # a cosine may be negative
+    ({"threshold": 0.5, "by": "clip"}, "by must be one of"),
+    ({"threshold": 0.5, "select": "top-0"}, "select must be"),
+])
+def test_settings_are_checked(kwargs, message):
+    if message is None:
+        assert RefilterSettings(**kwargs).threshold == kwargs["threshold"]
+        return
+    with pytest.raises(ValueError, match=message):  # RefilterError is one
+        RefilterSettings(**kwargs)
+
+
+def test_sources_refilter_cannot_use_are_clear_errors(everything, tmp_path):
+    with pytest.raises(RefilterError, match="no _run.json"):
+        refilter(RefilterSettings(threshold=0.5), str(tmp_path), str(tmp_path / "out"))
+    with pytest.raises(RefilterError, match="is the source folder"):
+        refilter(RefilterSettings(threshold=0.5), everything.root, everything.root + "/")
+    old = tmp_path / "old"
+    shutil.copytree(everything.root, old)
+    run_file = json.loads((old / "_run.json").read_text())
+    (old / "_run.json").write_text(json.dumps({**run_file, "schema_version": 2}))
+    with pytest.raises(RefilterError, match="schema version 2: refilter needs version 3"):
+        refilter(RefilterSettings(threshold=0.5), str(old), str(tmp_path / "out"))
+    (old / "_run.json").write_text(json.dumps(run_file))
+    path = old / KEPT / "00000.parquet"
+    table = pq.read_table(path)
+    at = table.schema.get_field_index("itc_score")
+    pq.write_table(table.set_column(at, "itc_score", pa.nulls(table.num_rows, pa.float32())), path)
+    with pytest.raises(RefilterError, match="without itc_score"):
+        refilter(RefilterSettings(keep_fraction=0.5, by="itc"), str(old), str(tmp_path / "out2"))
+    with pytest.raises(RefilterError, match="texts without itc_score"):
+        refilter(RefilterSettings(threshold=0.5), str(old), str(tmp_path / "out3"))
+    # A folder that lost a text: its files no longer hold what its marker counts.
+    shutil.rmtree(old)
+    shutil.copytree(everything.root, old)
+    path = old / KEPT / "00001.parquet"
+    table = pq.read_table(path)
+    assert table.num_rows
+    pq.write_table(table.slice(1), path)
+    with pytest.raises(RefilterError, match="shard 00001 .* hold .* texts, its marker counts"):
+        refilter(RefilterSettings(threshold=0.5), str(old), str(tmp_path / "out4"))
+
+
+def test_selection_matches_the_rules_applied_image_by_image():
+    """The vectorised selection against ``selection.reasons`` on every image and the pipeline's image tally."""
+    rng = random.Random(5)
+    words = ["a dog", "A dog", "a cat", "a  cat ", "a bird"]
+    for trial in range(200):
+        images = rng.randint(0, 12)
+        rows, texts, scores, shas = [], [], [], []
+        for image in range(images):
+            shas.append(rng.choice(["aa", "bb", "cc", "dd"]) * 32)
+            for _ in range(rng.randint(1, 4)):
+                rows.append(image * 3)
+                texts.append(rng.choice(words))
+                scores.append(rng.choice([0.2, 0.5, 0.7, 0.7, rng.random()]))
+        threshold, top_n, dedup = rng.choice([0.0, 0.5, 0.7]), rng.choice([None, 1, 2]), rng.random() < 0.5
+        score_array = np.array(scores, dtype=np.float32)
+        codes, tally = select_texts(np.array(rows, dtype=np.int64), score_array, shas,
+                                    lambda a, b: texts[a:b], threshold, top_n, dedup)
+        expected, seen, repeats, position = [], set(), 0, 0
+        as_floats = score_array.tolist()
+        for image in range(images):
+            count = rows.count(image * 3)
+            why = reasons(texts[position:position + count], as_floats[position:position + count], threshold, top_n)
+            if any(reason is None for reason in why):  # the pipeline's ShardJob.select
+                digest = image_hash(shas[image])
+                if digest in seen:
+                    repeats += 1
+                    if dedup:
+                        why = [DUPLICATE_IMAGE if reason is None else reason for reason in why]
+                seen.add(digest)
+            expected += why
+            position += count
+        assert [None if code == 0 else REASONS[code - 1] for code in codes] == expected, trial
+        assert tally["images"] == repeats
+        assert sorted(tally["hashes"].tolist()) == sorted(seen)
+
+
+def test_the_command_line(everything, high, tmp_path, capsys):
+    assert cli.main(["refilter", "--from", everything.root, "--out", str(tmp_path / "cli"), "--threshold",
+                     str(high)]) == 0
+    err = capsys.readouterr().err
+    assert f"split {everything.root} anew by itm at threshold {high:.6g}" in err and "output in" in err
+    assert read_stats(OutputLayout(str(tmp_path / "cli")))["settings"]["threshold"] == high
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["refilter", "--from", everything.root, "--out", str(tmp_path / "x"), "--threshold", "0.5",
+                  "--keep-fraction", "0.5"])
+    assert exit_.value.code == cli.EXIT_USAGE and "not allowed with argument" in capsys.readouterr().err
+    assert cli.main(["refilter", "--from", str(tmp_path / "nothing"), "--out", str(tmp_path / "x"),
+                     "--keep-fraction", "0.5"]) == cli.EXIT_USAGE
+    assert "capfilt: error: " in capsys.readouterr().err
+    assert cli.main(["refilter", "--from", everything.root, "--out", str(tmp_path / "y"), "--keep-fraction",
+                     "1.5"]) == cli.EXIT_USAGE
+    assert "the keep fraction is a share of the web texts in (0, 1]" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def demo_half(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "half"
+    assert cli.main(["bootstrap", "--data", "demo", "--demo-size", "40", "--demo-shard-size", "20", "--out", str(out),
+                     "--torch-threads", "1", "--progress-interval", "1000"]) == 0
+    return out
+
+
+@pytest.mark.parametrize("flags", [[], ["--select", "top-1", "--dedup-images"]])
+def test_on_the_demo_refilter_at_07_equals_a_fresh_run_at_07(flags, demo_half, tmp_path):
+    """The issue's acceptance: ``capfilt bootstrap`` on the demo at 0.7 (same seeds) and ``capfilt refilter --from
+    OUT(0.5) --threshold 0.7`` write the same kept/ and rejected/ (and failed/, stats)."""
+    fresh = tmp_path / "fresh"
+    assert cli.main(["bootstrap", "--data", "demo", "--demo-size", "40", "--demo-shard-size", "20", "--out",
+                     str(fresh), "--threshold", "0.7", "--torch-threads", "1", "--progress-interval", "1000",
+                     *flags]) == 0
+    assert cli.main(["refilter", "--from", str(demo_half), "--out", str(tmp_path / "re"), "--threshold", "0.7",
+                     *flags]) == 0
+    assert_same_output(fresh, tmp_path / "re", demo_half)
+    removed = {r["sample_id"] for r in rows(demo_half, KEPT)} & {r["sample_id"] for r in rows(fresh, REJECTED)}
+    assert removed  # the split changed: the comparison is not of two copies of the source
