@@ -99,15 +99,20 @@ def everything(input_dir, settings, tmp_path_factory):
     return run(list_shards(input_dir), settings, tmp_path_factory.mktemp("out") / "all")
 
 
-@pytest.fixture(scope="module")
-def high(everything):
-    """The median of the images' best ITM scores: about half of the images keep no text at all."""
-    table = pq.read_table(f"{everything.root}/{KEPT}", columns=["sample_id", "itm_score"]).to_pylist()
+def best_scores(out) -> list[float]:
+    """Each image's best ITM score in a run where every text passed (its image is sample_id less the source)."""
+    table = pq.read_table(f"{out.root}/{KEPT}", columns=["sample_id", "itm_score"]).to_pylist()
     best: dict[str, float] = {}
     for row in table:
         image = row["sample_id"].rsplit("_", 1)[0]
         best[image] = max(best.get(image, 0.0), row["itm_score"])
-    ordered = sorted(best.values())
+    return list(best.values())
+
+
+@pytest.fixture(scope="module")
+def high(everything):
+    """The median of the images' best ITM scores: about half of the images keep no text at all."""
+    ordered = sorted(best_scores(everything))
     return ordered[len(ordered) // 2]
 
 
@@ -118,12 +123,7 @@ def _names(out, kind) -> list[str]:
 @pytest.fixture(scope="module")
 def low(everything):
     """The lowest of the images' best ITM scores: every image keeps a text, so duplicate images repeat in kept/."""
-    table = pq.read_table(f"{everything.root}/{KEPT}", columns=["sample_id", "itm_score"]).to_pylist()
-    best: dict[str, float] = {}
-    for row in table:
-        image = row["sample_id"].rsplit("_", 1)[0]
-        best[image] = max(best.get(image, 0.0), row["itm_score"])
-    return min(best.values())
+    return min(best_scores(everything))
 
 
 def rows(out, kind) -> list[dict]:
