@@ -87,7 +87,7 @@ demo-loop: install  ## the paper's loop in miniature on the demo: round 1, pre-t
 demo-models: install  ## train the demo captioner and filter into capfilt/demo_models (about 1 h 30 min on 2 cores; resumable; ARGS=--gpu: ~8 min on one GPU; ARGS="--continue-from DIR": go on fine-tuning installed models; docs/demo.md)
 	$(VENV)/bin/capfilt demo-models $(ARGS)
 
-evaluate-demo: install  ## the demo models on a fresh web split: removal per kind and scene type, caption correctness and errors, relation probe
+evaluate-demo: install  ## the demo models on a fresh web split: removal per kind and scene type, caption correctness and errors, relation probe (ARGS="--rendering changed": the same scenes drawn by a second renderer)
 	$(VENV)/bin/capfilt evaluate --captioner demo --filter demo $(ARGS)
 
 experiment: install  ## the bootstrapping experiment: pre-training on raw web, ITM- and ITC-filtered web texts and CapFilt web, scored on test (docs/experiment.md; 1 h 15 min on 2 cores after demo-models before the two baselines, which add a pre-training each; resumable)

@@ -4,8 +4,9 @@ The split is fresh (a seed no training split used); the pipeline's own
 output (kept/ and rejected/, which carry each pair's ``kind`` and ``scene``)
 is scored with the world's caption parser. Each floor below is issue 5's
 target less a margin for the sample size, or, where the shipped models do not
-reach the target yet, the level they reach less that margin (README: "Demo
-models" gives the full numbers and the gap).
+reach the target yet, the level they reach less that margin (docs/demo.md,
+"How good they are", gives the full numbers and the gap). The same floors hold
+on the changed rendering (``capfilt evaluate --rendering changed``, issue 20).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from capfilt.shapes.captions import caption_errors, is_correct
 from capfilt.shapes.evaluate import (
     EVALUATION_SEED, evaluate_captioner, evaluate_filter, evaluate_relation, scene_type, table,
 )
+from capfilt.shapes.rerender import rerender
 from capfilt.shapes.scene import scene_from_json
 from capfilt.shapes.splits import iter_split
 
@@ -30,9 +32,9 @@ TWO_OBJECT_MARGIN = 0.10  # about 2.7 standard errors of a rate near 80% on the 
 # What the tests hold the shipped models to. Issue 5's targets: filter removes 95% of mismatch and alt
 # texts, 80% of partial ones and keeps 95% of clean ones; captions correct 90% / 70% (one / two objects)
 # with nucleus sampling, 95% / 80% with greedy or beam search. The shipped models meet every target on
-# 1,000 fresh pairs (README, "Demo models": the filter removes 83.8% of partial texts and keeps 97.5% of
-# clean ones; captions two objects 80.4% greedy, 81.6% beam, 74.7% nucleus), so each floor is the target
-# less the margin. On this test's 240 pairs the captioner reaches 82.8% greedy, 83.6% beam and 77.6%
+# 1,000 fresh pairs (docs/demo.md, "How good they are": the filter removes 84.4% of partial texts and keeps
+# 96.6% of clean ones; captions two objects 83.5% greedy, 84.6% beam, 80.2% nucleus), so each floor is the
+# target less the margin. On this test's 240 pairs the captioner reaches 81.0% greedy, 81.9% beam and 80.2%
 # nucleus on the 116 two-object scenes, hence the wider margin there.
 FLOORS = {
     "filter": {"mismatch": 0.95 - MARGIN, "alt": 0.95 - MARGIN, "partial": 0.80 - MARGIN,
@@ -40,6 +42,12 @@ FLOORS = {
     "nucleus": {"one object": 0.90 - MARGIN, "two objects": 0.70 - TWO_OBJECT_MARGIN},
     "search": {"one object": 0.95 - MARGIN, "two objects": 0.80 - TWO_OBJECT_MARGIN},
 }
+# Issue 20 holds the models to the same targets on the changed rendering (the same scenes drawn by
+# capfilt.shapes.rerender). On 1,000 fresh pairs they meet all but one: the filter keeps 94.4% of clean texts
+# (target 95%); it removes 84.4% of partial texts, captions two objects 80.8% greedy, 82.5% beam, 77.7% nucleus.
+# On this test's 240 pairs: clean kept 93.8%, partial removed 81.8%, two objects 86.2% greedy and beam, 79.3%
+# nucleus.
+CHANGED_FLOORS = {**FLOORS, "filter": {**FLOORS["filter"], "clean_kept": 0.944 - MARGIN}}
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +95,29 @@ def test_greedy_and_beam_captions_are_correct():
     results = evaluate_captioner(Captioner.load("demo"), samples, methods=("greedy", "beam"))
     for method, by_kind in results.items():
         for kind, floor in FLOORS["search"].items():
+            assert by_kind[kind]["correct"] >= floor, (method, kind, by_kind[kind])
+
+
+@pytest.fixture(scope="module")
+def changed_samples():
+    """The same scenes and texts as above, their images drawn by the second renderer (``--rendering changed``)."""
+    return [rerender(sample, EVALUATION_SEED) for sample in iter_split("web", PAIRS, EVALUATION_SEED)]
+
+
+def test_filter_holds_up_when_the_rendering_changes(changed_samples):
+    """Issue 20: a filter that learned the world, not capfilt's renderer, meets the same targets on other pixels."""
+    results = evaluate_filter(Filter.load("demo"), changed_samples)
+    rates = {kind: results[kind]["removed"] for kind in ("mismatch", "alt", "partial")}
+    rates["clean_kept"] = 1 - results["clean"]["removed"]
+    for name, floor in CHANGED_FLOORS["filter"].items():
+        assert rates[name] >= floor, (name, rates)
+
+
+def test_captions_hold_up_when_the_rendering_changes(changed_samples):
+    results = evaluate_captioner(Captioner.load("demo"), changed_samples)
+    for method, by_kind in results.items():
+        floors = CHANGED_FLOORS["nucleus" if method == "nucleus" else "search"]
+        for kind, floor in floors.items():
             assert by_kind[kind]["correct"] >= floor, (method, kind, by_kind[kind])
 
 
@@ -141,7 +172,7 @@ def test_relation_probe_ranks_as_greedy_decoding_continues():
         correct += relation == sample.scene.relation
     assert results["predicted"] == {r: count / len(samples) for r, count in tally.items()}
     assert results["correct"] == correct / len(samples)
-    # The shipped captioner knows a relation's direction, not just its axis: 90.4% true relation first on 1,000
+    # The shipped captioner knows a relation's direction, not just its axis: 92.7% true relation first on 1,000
     # fresh pairs (chance 25%); the floor allows about three standard errors on these few scenes.
     assert len(samples) >= 25 and results["correct"] >= 0.70
 
