@@ -20,7 +20,10 @@ edges), higher learning rates for a small model trained from scratch, the
 filter treats pairs with the same caption as positives (many scenes share one
 exact caption, so in-batch "negatives" would often be correct), and
 fine-tuning trains the text side only, the ViT frozen (the captioner learned a
-relation's direction only so; docs/research-log.md).
+relation's direction only so; docs/research-log.md). One addition: half the
+training images get changed rendering details (``render_jitter``: size, edges,
+colour curve, JPEG), so that the models hold up on another renderer's images
+(docs/demo.md, "Changed rendering").
 """
 
 from __future__ import annotations
