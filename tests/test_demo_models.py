@@ -5,8 +5,8 @@ output (kept/ and rejected/, which carry each pair's ``kind`` and ``scene``)
 is scored with the world's caption parser. Each floor below is issue 5's
 target less a margin for the sample size, or, where the shipped models do not
 reach the target yet, the level they reach less that margin (docs/demo.md,
-"How good they are", gives the full numbers and the gap). The same floors hold
-on the changed rendering (``capfilt evaluate --rendering changed``, issue 20).
+"How good they are", gives the full numbers and the gap). The same rule sets
+the floors on the changed rendering (``capfilt evaluate --rendering changed``, issue 20).
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def changed_samples():
 
 
 def test_filter_holds_up_when_the_rendering_changes(changed_samples):
-    """Issue 20: a filter that learned the world, not capfilt's renderer, meets the same targets on other pixels."""
+    """Issue 20: a filter that learned the world, not capfilt's renderer, holds up on other pixels (floors: CHANGED_FLOORS)."""
     results = evaluate_filter(Filter.load("demo"), changed_samples)
     rates = {kind: results[kind]["removed"] for kind in ("mismatch", "alt", "partial")}
     rates["clean_kept"] = 1 - results["clean"]["removed"]
