@@ -105,7 +105,7 @@ def changed_samples():
 
 
 def test_filter_holds_up_when_the_rendering_changes(changed_samples):
-    """Issue 20: a filter that learned the world, not capfilt's renderer, holds up on other pixels (floors: CHANGED_FLOORS)."""
+    """Issue 20: a filter that learned the world, not capfilt's renderer, holds up on other pixels."""
     results = evaluate_filter(Filter.load("demo"), changed_samples)
     rates = {kind: results[kind]["removed"] for kind in ("mismatch", "alt", "partial")}
     rates["clean_kept"] = 1 - results["clean"]["removed"]
