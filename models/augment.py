@@ -14,6 +14,11 @@ Written here from those descriptions, not from torchvision's code:
   rotation +/- 30 m/10 degrees (RandAugment paper ranges); geometric ops fill
   with grey (128).
 
+Before all of these, capfilt (not BLIP) can change an image's rendering
+details (``jitter_rendering``, ``AugmentConfig.render_jitter``: scale and
+shift, blur, colour curve, JPEG re-encoding), for synthetic worlds such as
+the demo models' shapes world.
+
 Every random choice comes from the ``numpy.random.Generator`` passed in, so
 a sample's augmentation depends only on its seed: the same on any rank and
 after a resume.

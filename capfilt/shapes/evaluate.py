@@ -321,9 +321,8 @@ def main(argv: list[str] | None = None) -> None:
               f"(chance 50%); ranked first: " + ", ".join(f"{r} {p:.0%}" for r, p in relation["predicted"].items()))
     if args.json:
         with open(args.json, "w") as out:
-            json.dump({"n": args.n, "seed": args.seed, "rendering": args.rendering, "filter": filter_results, "captioner": captioner_results,
-                       "relation": relation, "swaps": swaps},
-                      out, indent=2)
+            json.dump({"n": args.n, "seed": args.seed, "rendering": args.rendering, "filter": filter_results,
+                       "captioner": captioner_results, "relation": relation, "swaps": swaps}, out, indent=2)
 
 
 if __name__ == "__main__":

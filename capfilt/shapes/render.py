@@ -3,9 +3,10 @@
 Each image draws its own ``RenderStyle``: hard edges (each pixel takes the
 colour under its centre) or anti-aliased edges (coverage averaged over a
 supersampled grid), noise on the background only or on the whole image,
-and JPEG quality 90–95 with or without chroma subsampling. Models trained on
-the mixture then understand any renderer that follows the contract, not
-only this one.
+and JPEG quality 90–95 with or without chroma subsampling. The mixture is
+meant to keep models trained on it from learning one way of drawing; how
+far they carry over to another renderer is measured, not assumed
+(``rerender.py``, docs/demo.md "Changed rendering").
 """
 
 from __future__ import annotations

@@ -11,15 +11,25 @@ text of a split and draws the image again, written apart from ``render.py``:
   pixel i covering [i, i+1) (``render.py`` centres pixel i on i), so every
   shape sits half a pixel up and left of where ``render.py`` draws it;
 - each object's colour shifted per channel and its radius changed by a
-  fraction of a pixel, and a gamma curve over the whole image: small shifts
-  of colour and size;
+  fraction of a pixel (both drawn per object), and a gamma curve over the
+  whole image: small shifts of colour and size;
 - JPEG encoded twice (the second time at another quality), as an image that
   was saved, uploaded and re-compressed.
 
-It is for evaluation only (``capfilt evaluate --rendering changed``): the
-demo models train on ``render.py`` with ``AugmentConfig.render_jitter``, whose
-transforms differ from these, so that the changed split measures how far
-the models carry over to a renderer they never saw.
+These go a little past the contract's ranges, on purpose: a radius ends up
+within ±1.5 px of its nominal size (the contract: ±1), a colour within ±16
+per channel before the gamma curve (±10), and the second JPEG save may go
+down to quality 85 (90–95). A re-drawn sample keeps its ``style``: the record
+of how ``render.py`` drew the plain image, not of this drawing.
+
+It is for evaluation only (``capfilt evaluate --rendering changed``). The
+demo models train on ``render.py``'s images with
+``AugmentConfig.render_jitter``, which blurs, shifts, scales, changes the
+colour curve and re-encodes a whole image; its ranges cover much of this
+renderer's. What the models never saw in training is this renderer's
+rasteriser (8× ``ImageDraw`` and Lanczos), its per-object colour and size
+shifts and its double compression: the changed split measures how far the
+models carry over to those.
 """
 
 from __future__ import annotations
