@@ -15,7 +15,8 @@ from capfilt.configs import preset_config
 from capfilt.vocab import compact_tokenizer
 
 # Words of the test vocabulary: BLIP's prompt and a few caption words.
-TEST_WORDS = "a picture of the small large red green blue circle square triangle left right above below dog cat on".split()
+TEST_WORDS = ("a picture of the small large red green blue circle square triangle left right above below dog cat on"
+              .split())
 
 
 def pytest_configure(config):

@@ -48,6 +48,18 @@ FLOORS = {
 # On this test's 240 pairs: clean kept 93.8%, partial removed 81.8%, two objects 86.2% greedy and beam, 79.3%
 # nucleus.
 CHANGED_FLOORS = {**FLOORS, "filter": {**FLOORS["filter"], "clean_kept": 0.944 - MARGIN}}
+# The floors above would also pass the models shipped before issue 20's training (2026-11-27). What that training
+# changed shows in the filter's loss of clean texts between renderings, on the same 445 clean texts of 1,000 fresh
+# pairs: the old filter kept 97.5% plain and 91.7% changed (5.8 points lost), the shipped one 96.6% and 94.4% (2.2).
+# 240 pairs cannot tell them apart (both lose 3.5 to 4.4 points there), hence a split of its own.
+DROP_PAIRS = 1000
+MAX_CLEAN_KEPT_DROP = 0.04
+
+
+def assert_floors(rates: dict[str, float], floors: dict[str, float], what: str) -> None:
+    """Every rate at or above its floor; a failure names all the rates below theirs."""
+    below = {name: (rates[name], floor) for name, floor in floors.items() if rates[name] < floor}
+    assert not below, f"{what}: below the floor (rate, floor): {below}; all rates: {rates}"
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +88,7 @@ def test_filter_removes_noise_and_keeps_clean_texts(bootstrap_rows):
         rates[kind] = sum(not row["kept"] for row in rows) / len(rows)
     clean = [row for row in web if row["kind"] == "clean"]
     rates["clean_kept"] = sum(row["kept"] for row in clean) / len(clean)
-    for name, floor in FLOORS["filter"].items():
-        assert rates[name] >= floor, (name, rates)
+    assert_floors(rates, FLOORS["filter"], "filter")
 
 
 def test_nucleus_captions_are_correct(bootstrap_rows):
@@ -86,16 +97,14 @@ def test_nucleus_captions_are_correct(bootstrap_rows):
         if row["source"] == "synthetic":
             scene = scene_from_json(row["scene"])
             tally.setdefault(scene_type(scene), []).append(is_correct(row["text"], scene))
-    for kind, floor in FLOORS["nucleus"].items():
-        assert sum(tally[kind]) / len(tally[kind]) >= floor, (kind, {k: sum(v) / len(v) for k, v in tally.items()})
+    assert_floors({kind: sum(flags) / len(flags) for kind, flags in tally.items()}, FLOORS["nucleus"], "nucleus")
 
 
 def test_greedy_and_beam_captions_are_correct():
     samples = list(iter_split("web", PAIRS, EVALUATION_SEED))  # the images the pipeline judged above
     results = evaluate_captioner(Captioner.load("demo"), samples, methods=("greedy", "beam"))
     for method, by_kind in results.items():
-        for kind, floor in FLOORS["search"].items():
-            assert by_kind[kind]["correct"] >= floor, (method, kind, by_kind[kind])
+        assert_floors({kind: by_kind[kind]["correct"] for kind in by_kind}, FLOORS["search"], method)
 
 
 @pytest.fixture(scope="module")
@@ -109,16 +118,22 @@ def test_filter_holds_up_when_the_rendering_changes(changed_samples):
     results = evaluate_filter(Filter.load("demo"), changed_samples)
     rates = {kind: results[kind]["removed"] for kind in ("mismatch", "alt", "partial")}
     rates["clean_kept"] = 1 - results["clean"]["removed"]
-    for name, floor in CHANGED_FLOORS["filter"].items():
-        assert rates[name] >= floor, (name, rates)
+    assert_floors(rates, CHANGED_FLOORS["filter"], "filter, changed rendering")
+
+
+def test_filter_keeps_clean_texts_nearly_as_often_when_the_rendering_changes():
+    clean = [sample for sample in iter_split("web", DROP_PAIRS, EVALUATION_SEED) if sample.kind == "clean"]
+    filter_ = Filter.load("demo")
+    plain = 1 - evaluate_filter(filter_, clean)["clean"]["removed"]
+    changed = 1 - evaluate_filter(filter_, [rerender(sample, EVALUATION_SEED) for sample in clean])["clean"]["removed"]
+    assert plain - changed <= MAX_CLEAN_KEPT_DROP, (plain, changed)
 
 
 def test_captions_hold_up_when_the_rendering_changes(changed_samples):
     results = evaluate_captioner(Captioner.load("demo"), changed_samples)
     for method, by_kind in results.items():
         floors = CHANGED_FLOORS["nucleus" if method == "nucleus" else "search"]
-        for kind, floor in floors.items():
-            assert by_kind[kind]["correct"] >= floor, (method, kind, by_kind[kind])
+        assert_floors({kind: by_kind[kind]["correct"] for kind in by_kind}, floors, f"{method}, changed rendering")
 
 
 def test_evaluation_splits_every_judgement_by_scene_and_attribute(bootstrap_rows):

@@ -245,7 +245,8 @@ def test_every_fault_ends_in_exactly_one_place_with_its_reason(faults, captioner
             assert where == "failed", f"{name}: {row}"
             stages = outcome.replace(" refused", "").split(" or ")
             assert row["stage"] in stages and row["error"], f"{name}: {row}"
-    failed = {name: found[caption][0][1] for name, (caption, _) in by_caption.items() if found[caption][0][0] == "failed"}
+    failed = {name: found[caption][0][1] for name, (caption, _) in by_caption.items()
+              if found[caption][0][0] == "failed"}
     assert "404" in failed["404"]["error"] and "500" in failed["500"]["error"]
     assert "timed out" in failed["timeout"]["error"].lower()
     assert "redirect" in failed["redirect loop"]["error"].lower()
