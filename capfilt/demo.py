@@ -76,6 +76,7 @@ class DemoRecipe:
     # colour curve, JPEG), in every stage, so that the models read the world and not one renderer's habits
     # (docs/demo.md, "Changed rendering").
     render_jitter: float = 0.5
+    render_jitter_each: float = 0.5  # the probability of each of those changes in a jittered image
     shard_size: int = 10_000  # pairs per rendered Parquet shard
     streams: int = 0  # loader streams of every stage (0: one, which reads the files one after another)
     pretrain_seconds: float = 0.0  # wall-clock limit of pre-training (0: none; the steps above end it)
@@ -171,7 +172,7 @@ def _common(recipe: DemoRecipe, work: Path) -> dict:
     return dict(model="demo", image_size=64, patch_size=recipe.patch_size,
                 vision_position_init=recipe.vision_position_init, tokenizer=str(work / "tokenizer"),
                 batch_size=recipe.batch_size, augment=False, render_jitter=recipe.render_jitter,
-                max_tokens=recipe.max_tokens,
+                render_jitter_each=recipe.render_jitter_each, max_tokens=recipe.max_tokens,
                 checkpoint_every=recipe.checkpoint_every, log_every=50, workers=recipe.loader_workers,
                 worker_processes=recipe.decode_in == "processes")
 

@@ -55,6 +55,9 @@ class AugmentConfig:
     # size and position by a fraction, edge blur, colour curve, JPEG re-compression) before anything above. For
     # synthetic worlds, so that a model learns the scene and not one renderer's habits (the demo models). 0: never.
     render_jitter: float = 0.0
+    # The probability of each of ``jitter_rendering``'s four changes in a jittered image: 0.5 draws every mix of
+    # them equally often (all four together 1 time in 16); higher values put more changes on one image.
+    render_jitter_each: float = 0.5
 
 
 def random_resized_crop(image: Image.Image, size: int, rng: np.random.Generator, min_scale: float,
@@ -123,8 +126,9 @@ def _border_colour(image: Image.Image) -> tuple[int, ...]:
     return tuple(int(v) for v in np.median(border, axis=0))
 
 
-def jitter_rendering(image: Image.Image, rng: np.random.Generator) -> Image.Image:
-    """The image as another renderer might have drawn it; each change applied with p 0.5 (``render_jitter``).
+def jitter_rendering(image: Image.Image, rng: np.random.Generator, each: float = 0.5) -> Image.Image:
+    """The image as another renderer might have drawn it; each change applied with p ``each`` (``render_jitter``,
+    ``render_jitter_each``).
 
     Size: scaled by 0.94..1.06 about the centre and moved by up to 0.75 px
     (bilinear; the uncovered border takes the background's colour). Edges:
@@ -133,7 +137,7 @@ def jitter_rendering(image: Image.Image, rng: np.random.Generator) -> Image.Imag
     Compression: JPEG re-encoded at quality 60..95, chroma 4:4:4, 4:2:2 or
     4:2:0. Small enough that every word of a caption stays true.
     """
-    if rng.random() < 0.5:
+    if rng.random() < each:
         scale = rng.uniform(0.94, 1.06)
         dx, dy = rng.uniform(-0.75, 0.75, size=2)
         cx, cy = image.width / 2, image.height / 2
@@ -141,13 +145,13 @@ def jitter_rendering(image: Image.Image, rng: np.random.Generator) -> Image.Imag
         coefficients = (1 / scale, 0, cx - cx / scale - dx, 0, 1 / scale, cy - cy / scale - dy)
         image = image.transform(image.size, Image.AFFINE, coefficients, Image.BILINEAR,
                                 fillcolor=_border_colour(image))
-    if rng.random() < 0.5:
+    if rng.random() < each:
         image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0.2, 1.0)))
-    if rng.random() < 0.5:
+    if rng.random() < each:
         pixels = 255.0 * (np.asarray(image, dtype=np.float64) / 255.0) ** rng.uniform(0.85, 1.15)
         pixels = pixels * rng.uniform(0.95, 1.05, size=3) + rng.uniform(-6, 6, size=3)
         image = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))
-    if rng.random() < 0.5:
+    if rng.random() < each:
         buffer = io.BytesIO()
         image.save(buffer, format="JPEG", quality=int(rng.integers(60, 96)), subsampling=int(rng.integers(0, 3)))
         image = Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
@@ -183,7 +187,7 @@ def augmented_image(image: Image.Image, size: int, config: AugmentConfig, rng: n
     with ``render_jitter``, the rendering changes of ``jitter_rendering``."""
     image = image.convert("RGB")
     if config.render_jitter and rng.random() < config.render_jitter:
-        image = jitter_rendering(image, rng)
+        image = jitter_rendering(image, rng, config.render_jitter_each)
     if not config.augment:
         return image if image.size == (size, size) else image.resize((size, size), Image.BICUBIC)
     image = random_resized_crop(image, size, rng, config.crop_min_scale)

@@ -145,6 +145,16 @@ def test_rendering_jitter_is_drawn_from_the_rng_alone():
     assert len(outcomes) >= 9  # each draw changes the image unless none of its four changes came up (p 1/16)
 
 
+@pytest.mark.parametrize("each", [0.0, 0.3, 0.8])
+def test_each_rendering_change_comes_with_its_probability(each):
+    image = next(iter_split("human", 1, 11)).image
+    plain = np.asarray(image)
+    unchanged = np.mean([np.array_equal(np.asarray(jitter_rendering(image, np.random.default_rng(seed), each)), plain)
+                         for seed in range(300)])
+    # an image stays as it was only when none of the four changes comes up: (1 - each)^4 (1, 0.24, 0.0016)
+    assert unchanged == pytest.approx((1 - each) ** 4, abs=0.06)
+
+
 def test_the_loader_applies_rendering_jitter_without_blip_augmentation():
     sample = next(iter_split("human", 1, 11))
     data = sample.image_bytes
