@@ -1,0 +1,112 @@
+"""Checkpoint averaging: one model folder whose weights are the mean of several exported folders' weights.
+
+The checkpoints of one fine-tuning run near its end lie close together, and
+their mean tends to sit where the loss is flatter than at any one of them
+(Polyak averaging; Izmailov et al., 2018, "Averaging Weights Leads to Wider
+Optima"). The filter shipped with the demo models is the mean of its run's
+last three checkpoints, chosen so on validation (docs/research-log.md,
+"Changed rendering").
+
+The folders are exports of one architecture (``capfilt.models.export``, or
+any transformers folder with a single ``model.safetensors``): the same
+``config.json`` but for the stored dtype, and the same keys and shapes.
+Floating-point weights are averaged in float64 and stored in the first
+folder's dtype (an installed demo model is fp16, a run's export fp32); any
+other tensor must be equal in every folder. The output is the first folder's files
+(config, tokenizer, capfilt's settings files) with the averaged weights and
+``capfilt_average.json``, which lists the folders averaged. It is loaded
+back strictly before the command returns.
+
+Command line: ``python -m capfilt.models.average OUT FOLDER FOLDER [FOLDER ...]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+
+from capfilt.checkpoints import CheckpointError, load_hf_folder
+
+WEIGHTS = "model.safetensors"
+RECORD = "capfilt_average.json"  # the averaged folders, in order
+
+
+def average_state_dicts(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The element-wise mean of ``states``' floating-point tensors, in the first state's dtypes; other tensors must
+    agree exactly."""
+    if not states:
+        raise ValueError("nothing to average")
+    first = states[0]
+    for index, state in enumerate(states[1:], start=1):
+        if set(state) != set(first):
+            differ = sorted(set(state) ^ set(first))
+            raise ValueError(f"weights {index} and 0 have different keys: {differ[:5]}")
+        for key, value in state.items():
+            same_kind = value.is_floating_point() == first[key].is_floating_point()
+            if value.shape != first[key].shape or not same_kind:
+                raise ValueError(f"{key}: {tuple(value.shape)} {value.dtype} in weights {index}, "
+                                 f"{tuple(first[key].shape)} {first[key].dtype} in weights 0")
+    mean = {}
+    for key, value in first.items():
+        if value.is_floating_point():
+            total = sum(state[key].to(torch.float64) for state in states)
+            mean[key] = (total / len(states)).to(value.dtype)
+        elif all(torch.equal(state[key], value) for state in states):
+            mean[key] = value.clone()
+        else:
+            raise ValueError(f"{key}: a {value.dtype} tensor that differs between the folders cannot be averaged")
+    return mean
+
+
+def _without_dtype(config):
+    """A config.json's content less its stored dtypes (``dtype``, ``torch_dtype``), at any depth."""
+    if isinstance(config, dict):
+        return {key: _without_dtype(value) for key, value in config.items() if key not in ("dtype", "torch_dtype")}
+    return config
+
+
+def average_folders(folders: list[str | Path], out: str | Path) -> Path:
+    """Write the mean of ``folders`` (exported models of one architecture) to ``out``; returns ``out``."""
+    folders, out = [Path(folder) for folder in folders], Path(out)
+    if len(folders) < 2:
+        raise ValueError("averaging needs at least two folders")
+    for folder in folders:
+        if not (folder / WEIGHTS).is_file():
+            raise FileNotFoundError(f"{folder}: no {WEIGHTS} (sharded or non-safetensors weights are not supported)")
+        if out.resolve() == folder.resolve():
+            raise ValueError(f"the output {out} is one of the folders averaged")
+    configs = [_without_dtype(json.loads((folder / "config.json").read_text())) for folder in folders]
+    for folder, config in zip(folders[1:], configs[1:]):
+        if config != configs[0]:
+            raise ValueError(f"{folder}/config.json differs from {folders[0]}/config.json (beyond the dtype): "
+                             "not one architecture")
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} exists and is not empty")
+    mean = average_state_dicts([load_file(folder / WEIGHTS) for folder in folders])
+    shutil.copytree(folders[0], out, dirs_exist_ok=True, ignore=shutil.ignore_patterns(WEIGHTS, RECORD))
+    save_file(mean, out / WEIGHTS, metadata={"format": "pt"})
+    (out / RECORD).write_text(json.dumps({"averaged": [str(folder) for folder in folders]}, indent=2) + "\n")
+    for architecture in configs[0].get("architectures") or []:
+        load_hf_folder(getattr(transformers, architecture), out)  # strict round trip: raises on any key problem
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m capfilt.models.average", description=__doc__.split("\n")[0])
+    parser.add_argument("out", help="the folder to write (new or empty)")
+    parser.add_argument("folders", nargs="+", help="exported model folders of one architecture (two or more)")
+    args = parser.parse_args(argv)
+    try:
+        print(average_folders(args.folders, args.out))
+    except (CheckpointError, FileExistsError, FileNotFoundError, ValueError) as error:
+        parser.exit(2, f"error: {error}\n")
+
+
+if __name__ == "__main__":
+    main()
