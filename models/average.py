@@ -5,17 +5,19 @@ their mean tends to sit where the loss is flatter than at any one of them
 (Polyak averaging; Izmailov et al., 2018, "Averaging Weights Leads to Wider
 Optima"). The filter shipped with the demo models is the mean of its run's
 last three checkpoints, chosen so on validation (docs/research-log.md,
-"Changed rendering").
+"Changed rendering", "The filter once more").
 
 The folders are exports of one architecture (``capfilt.models.export``, or
 any transformers folder with a single ``model.safetensors``): the same
-``config.json`` but for the stored dtype, and the same keys and shapes.
-Floating-point weights are averaged in float64 and stored in the first
-folder's dtype (an installed demo model is fp16, a run's export fp32); any
-other tensor must be equal in every folder. The output is the first folder's files
-(config, tokenizer, capfilt's settings files) with the averaged weights and
-``capfilt_average.json``, which lists the folders averaged. It is loaded
-back strictly before the command returns.
+``config.json`` but for how it was stored (dtype, transformers version),
+and the same keys and shapes. Floating-point weights are averaged in
+float64 and stored in the first folder's dtype (an installed demo model is
+fp16, a run's export fp32); any other tensor must be equal in every folder.
+The output is the first folder's files (config, tokenizer, capfilt's
+settings files) with the averaged weights and ``capfilt_average.json``,
+which lists the folders averaged. It is loaded back strictly, as each class
+its ``architectures`` names, before it takes its name: a failure leaves no
+half-written folder.
 
 Command line: ``python -m capfilt.models.average OUT FOLDER FOLDER [FOLDER ...]``.
 """
@@ -64,36 +66,66 @@ def average_state_dicts(states: list[dict[str, torch.Tensor]]) -> dict[str, torc
     return mean
 
 
-def _without_dtype(config):
-    """A config.json's content less its stored dtypes (``dtype``, ``torch_dtype``), at any depth."""
+IGNORED_CONFIG_KEYS = ("dtype", "torch_dtype", "transformers_version")  # how a folder was stored, not its model
+
+
+def _comparable(config):
+    """A config.json's content less what says how it was stored (``IGNORED_CONFIG_KEYS``), at any depth."""
     if isinstance(config, dict):
-        return {key: _without_dtype(value) for key, value in config.items() if key not in ("dtype", "torch_dtype")}
+        return {key: _comparable(value) for key, value in config.items() if key not in IGNORED_CONFIG_KEYS}
     return config
 
 
+def _model_classes(config: dict, folder: Path) -> list[type]:
+    """The transformers classes a config.json names (``architectures``), for the strict reload."""
+    names = config.get("architectures") or []
+    if not names:
+        raise ValueError(f"{folder}/config.json names no architectures: the average could not be loaded back")
+    unknown = [name for name in names if not hasattr(transformers, name)]
+    if unknown:
+        raise ValueError(f"{folder}/config.json: transformers has no {', '.join(unknown)}")
+    return [getattr(transformers, name) for name in names]
+
+
 def average_folders(folders: list[str | Path], out: str | Path) -> Path:
-    """Write the mean of ``folders`` (exported models of one architecture) to ``out``; returns ``out``."""
+    """Write the mean of ``folders`` (exported models of one architecture) to ``out``; returns ``out``.
+
+    ``out`` is new or an empty folder, outside every input folder. It is written beside itself first and renamed
+    when complete and loaded back, so that a failure leaves nothing half-written.
+    """
     folders, out = [Path(folder) for folder in folders], Path(out)
     if len(folders) < 2:
         raise ValueError("averaging needs at least two folders")
-    for folder in folders:
+    resolved = [folder.resolve() for folder in folders]
+    if len(set(resolved)) < len(resolved):
+        raise ValueError("a folder is given twice: each would count as many times as it is named")
+    for folder, place in zip(folders, resolved):
         if not (folder / WEIGHTS).is_file():
             raise FileNotFoundError(f"{folder}: no {WEIGHTS} (sharded or non-safetensors weights are not supported)")
-        if out.resolve() == folder.resolve():
-            raise ValueError(f"the output {out} is one of the folders averaged")
-    configs = [_without_dtype(json.loads((folder / "config.json").read_text())) for folder in folders]
+        if out.resolve() == place or place in out.resolve().parents:
+            raise ValueError(f"the output {out} is, or is inside, {folder}, one of the folders averaged")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} exists and is not an empty folder")
+    configs = [json.loads((folder / "config.json").read_text()) for folder in folders]
     for folder, config in zip(folders[1:], configs[1:]):
-        if config != configs[0]:
-            raise ValueError(f"{folder}/config.json differs from {folders[0]}/config.json (beyond the dtype): "
+        if _comparable(config) != _comparable(configs[0]):
+            raise ValueError(f"{folder}/config.json differs from {folders[0]}/config.json (beyond how it is stored): "
                              "not one architecture")
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} exists and is not empty")
+    classes = _model_classes(configs[0], folders[0])
     mean = average_state_dicts([load_file(folder / WEIGHTS) for folder in folders])
-    shutil.copytree(folders[0], out, dirs_exist_ok=True, ignore=shutil.ignore_patterns(WEIGHTS, RECORD))
-    save_file(mean, out / WEIGHTS, metadata={"format": "pt"})
-    (out / RECORD).write_text(json.dumps({"averaged": [str(folder) for folder in folders]}, indent=2) + "\n")
-    for architecture in configs[0].get("architectures") or []:
-        load_hf_folder(getattr(transformers, architecture), out)  # strict round trip: raises on any key problem
+    partial = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        shutil.copytree(folders[0], partial, ignore=shutil.ignore_patterns(WEIGHTS, RECORD))
+        save_file(mean, partial / WEIGHTS, metadata={"format": "pt"})
+        (partial / RECORD).write_text(json.dumps({"averaged": [str(folder) for folder in folders]}, indent=2) + "\n")
+        for model_class in classes:
+            load_hf_folder(model_class, partial)  # strict round trip: raises on any key problem
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        partial.rename(out)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
     return out
 
 
