@@ -31,7 +31,9 @@ from capfilt import cli
 from capfilt.captioner import Captioner
 from capfilt.pipelines import bootstrap
 from capfilt.pipelines.layout import FAILED, KEPT, REJECTED, OutputLayout, SettingsMismatchError
-from capfilt.pipelines.refilter import REFILTER_KEYS, RefilterError, RefilterSettings, refilter, select_texts
+from capfilt.pipelines.refilter import (
+    REFILTER_KEYS, RefilterError, RefilterSettings, image_hashes, refilter, select_texts,
+)
 from capfilt.pipelines.report import read_stats
 from capfilt.pipelines.schema import BELOW_THRESHOLD, DUPLICATE_IMAGE, REASONS, read_provenance
 from capfilt.pipelines.selection import reasons
@@ -421,3 +423,12 @@ def test_on_the_demo_refilter_at_07_equals_a_fresh_run_at_07(flags, demo_half, t
     assert_same_output(fresh, tmp_path / "re", demo_half)
     removed = {r["sample_id"] for r in rows(demo_half, KEPT)} & {r["sample_id"] for r in rows(fresh, REJECTED)}
     assert removed  # the split changed: the comparison is not of two copies of the source
+
+
+def test_the_vectorised_image_hashes_are_the_pipelines_own():
+    """refilter's ``image_hashes`` (numpy, a shard at once) against ``stats.image_hash``, which the pipeline writes
+    to ``_done/*.images``: a difference would let refilter miss duplicates across shards."""
+    shas = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(200)]
+    hashes = image_hashes(shas)
+    assert hashes.dtype == np.dtype("<u8") and hashes.tolist() == [image_hash(sha) for sha in shas]
+    assert image_hashes([]).size == 0
