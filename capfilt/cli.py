@@ -30,8 +30,11 @@ import sys
 from pathlib import Path
 
 from capfilt import datasets
+from capfilt.process_group import EXIT_SIGINT, EXIT_SIGTERM, Terminated, terminate_raises
 from capfilt.pipelines import dask_cluster
 from capfilt.pipelines.schema import BELOW_THRESHOLD, REASONS
+
+log = logging.getLogger(__name__)
 
 DEMO_MODEL = "demo"
 # BLIP w/ ViT-L, fine-tuned on COCO: the paper's captioner and filter, as transformers hub ids.
@@ -251,11 +254,19 @@ def add_bootstrap_arguments(boot: argparse.ArgumentParser) -> None:
                           help="img2dataset's distributor")
     download.add_argument("--output-format", default=fetch.output_format, choices=OUTPUT_FORMATS,
                           help="img2dataset's shard format")
-    download.add_argument("--timeout", type=int, default=fetch.timeout, help="seconds per URL")
+    download.add_argument("--timeout", type=int, default=fetch.timeout,
+                          help="seconds per connection attempt and per read")
+    download.add_argument("--total-timeout", type=float, default=fetch.total_seconds, metavar="SECONDS",
+                          help="seconds per URL in all: redirects, headers and body")
+    download.add_argument("--max-body-bytes", type=int, default=fetch.max_body_bytes, metavar="BYTES",
+                          help="a larger response body fails")
     download.add_argument("--retries", type=int, default=fetch.retries, help="retries per URL")
     download.add_argument("--allow-private-addresses", action="store_true",
                           help="let URLs of loopback and private addresses through (for tests and internal "
                                "mirrors); link-local and cloud metadata addresses stay refused")
+    download.add_argument("--allow-network", action="append", default=[], metavar="CIDR",
+                          help="let just the addresses of this network through, e.g. 10.1.0.0/16 for an internal "
+                               "mirror (repeatable); link-local and cloud metadata addresses stay refused")
 
 
 REFILTER_EPILOG = (
@@ -400,29 +411,46 @@ def prepare_demo(demo: datasets.DemoInput, folder: Path) -> str:
 
 def prepare_download(source: datasets.UrlListInput, folder: Path, args) -> str:
     """Write the canonical URL list (once), then download it with img2dataset (resuming)."""
-    from capfilt.download import DownloadSettings, download
+    from capfilt import folder_lock
+    from capfilt.download import DownloadError, DownloadSettings, download, lock_path
 
     extra = tuple(c for c in args.keep_columns.split(",") if c)
-    settings = DownloadSettings(
-        processes=args.processes, threads=args.threads, image_size=args.image_size,
-        samples_per_shard=args.samples_per_shard, distributor=args.distributor,
-        output_format=args.output_format, timeout=args.timeout, retries=args.retries,
-    )
+    try:
+        settings = DownloadSettings(
+            processes=args.processes, threads=args.threads, image_size=args.image_size,
+            samples_per_shard=args.samples_per_shard, distributor=args.distributor,
+            output_format=args.output_format, timeout=args.timeout, retries=args.retries,
+            allow_private_addresses=args.allow_private_addresses, allow_networks=tuple(args.allow_network),
+            max_body_bytes=args.max_body_bytes, total_seconds=args.total_timeout,
+        )
+    except ValueError as error:  # a bad --allow-network, --max-body-bytes or --total-timeout
+        raise UsageError(str(error)) from None
     url_list = beside(folder, URL_LIST_SUFFIX)
-    record_source(folder, {
+    params = {
         "data": source.name, "paths": [str(p.resolve()) for p in source.url_list.paths],
         "url_col": source.url_list.url_col, "caption_col": source.url_list.caption_col, "keep_columns": list(extra),
         "image_size": settings.image_size,
         "samples_per_shard": settings.samples_per_shard, "output_format": settings.output_format,
         "allow_private_addresses": args.allow_private_addresses,  # which URLs were refused before download
-    })
-    if not url_list.is_file():
-        summary = datasets.write_url_list(source.url_list, url_list, extra,
-                                          allow_private_addresses=args.allow_private_addresses)
-        _say(f"URL list: {summary['rows']} rows -> {url_list}")
+    }
+    # Which URLs were refused depends on the allowed networks too: recorded when there are any, so that a folder
+    # recorded before the flag existed still resumes. The limits (like --timeout) decide failures at download and
+    # are not recorded.
+    if settings.allow_networks:
+        params["allow_networks"] = list(settings.allow_networks)
+    with folder_lock.hold(lock_path(folder), on_wait=_say):  # one job writes the URL list, the other waits
+        record_source(folder, params)
+        if not url_list.is_file():
+            summary = datasets.write_url_list(source.url_list, url_list, extra,
+                                              allow_private_addresses=args.allow_private_addresses,
+                                              allow_networks=settings.allow_networks)
+            _say(f"URL list: {summary['rows']} rows -> {url_list}")
     _say(f"downloading with img2dataset ({settings.distributor}, {settings.processes} processes) into {folder}; "
          "finished shards are kept")
-    return download(url_list, folder, settings, extra)
+    try:
+        return download(url_list, folder, settings, extra, on_wait=_say)
+    except DownloadError as error:
+        raise UsageError(str(error)) from None
 
 
 def shards_folder(args) -> Path:
@@ -529,12 +557,18 @@ def bootstrap(args, unknown: list[str]) -> int:
          f"threshold {settings.threshold}, select {settings.select}"
          f"{', duplicate images dropped' if settings.dedup_images else ''}, "
          f"sampling {settings.sampling_overrides or 'defaults'}")
+    selected = {s.shard_id for s in shards}
+    failure = None
     with Progress(layout, [s.shard_id for s in shards], interval=args.progress_interval):
-        pipeline.run(shards, settings, str(args.out), runner=args.runner,
-                     beam_args=beam_arguments(args, options), report=not args.no_report, workers=args.workers)
+        try:
+            pipeline.run(shards, settings, str(args.out), runner=args.runner,
+                         beam_args=beam_arguments(args, options), report=not args.no_report, workers=args.workers)
+        except Exception as error:  # noqa: BLE001 - the job's end (a full disk, a lost worker): what is kept, and
+            failure = error  # how to go on, not the runner's traceback
+    if failure is not None:
+        return stopped(failure, layout, selected)
     stats = read_stats(layout)
     # From the markers, not stats.json: another job on the same OUT may have written stats.json last.
-    selected = {s.shard_id for s in shards}
     unfinished = sorted(selected - layout.done_ids())
     damaged = [d for d in stats["shards"]["damaged"] if d["shard"] in selected]
     print_summary(stats, layout, unfinished, damaged)
@@ -542,6 +576,17 @@ def bootstrap(args, unknown: list[str]) -> int:
     for warning in warnings:
         _say(f"warning: {warning}")
     return exit_status(unfinished, damaged, warnings if args.strict else [])
+
+
+def stopped(error: Exception, layout, selected: set[str]) -> int:
+    """The job ended with ``error`` before its summary: say what finished (the markers) and how to go on."""
+    log.debug("the job stopped", exc_info=error)
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]  # runners put tracebacks in
+    done = selected & layout.done_ids()
+    _say(f"error: the job stopped: {type(error).__name__}: {lines[-1] if lines else ''} (--verbose for the trace)")
+    _say(f"{len(done)} of {len(selected)} shard(s) are done and kept in {layout.root}; "
+         f"{len(selected) - len(done)} unfinished: rerun the same command to resume them")
+    return EXIT_UNFINISHED
 
 
 def exit_status(unfinished: list[str], damaged: list[dict], keep_share: list[str] = ()) -> int:
@@ -689,17 +734,22 @@ def _main(argv: list[str] | None) -> int:
         print(datasets.describe_named(args.cache_dir))
         return 0
     try:
-        if args.command == "refilter":
-            return refilter(refilter_parser().parse_args(rest))
-        boot_args, unknown = bootstrap_parser().parse_known_args(rest)
-        boot_args.verbose = args.verbose
-        _quiet_model_loading()
-        return bootstrap(boot_args, unknown)
+        with terminate_raises():  # SIGTERM as an exception: the download's processes are stopped on the way out
+            if args.command == "refilter":
+                return refilter(refilter_parser().parse_args(rest))
+            boot_args, unknown = bootstrap_parser().parse_known_args(rest)
+            boot_args.verbose = args.verbose
+            _quiet_model_loading()
+            return bootstrap(boot_args, unknown)
     except (UsageError, ValueError, FileNotFoundError) as error:  # bad input: a message, not a traceback
         if args.verbose:
             raise
         print(f"capfilt: error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    except (KeyboardInterrupt, Terminated) as signal:
+        name, status = ("SIGINT", EXIT_SIGINT) if isinstance(signal, KeyboardInterrupt) else ("SIGTERM", EXIT_SIGTERM)
+        _say(f"stopped by {name}: finished shards and downloads are kept; rerun the same command to resume")
+        return status
 
 
 if __name__ == "__main__":

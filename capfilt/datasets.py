@@ -401,7 +401,7 @@ def _extract_member(archive: Path, member: str, folder: Path) -> Path:
 # --- writing the canonical URL list ------------------------------------------------------------
 
 def write_url_list(url_list: UrlList, target: str | Path, extra: tuple[str, ...] = (),
-                   allow_private_addresses: bool = False) -> dict:
+                   allow_private_addresses: bool = False, allow_networks: tuple[str, ...] = ()) -> dict:
     """Rewrite ``url_list`` as one Parquet file: ``url``, ``caption``, the ``extra`` columns, then
     ``capfilt_error``, ``capfilt_stage`` and ``capfilt_url`` (``capfilt.columns.INPUT_COLUMNS``).
 
@@ -418,7 +418,8 @@ def write_url_list(url_list: UrlList, target: str | Path, extra: tuple[str, ...]
       (``refused: scheme 'file' (capfilt fetches only http and https URLs)``) and ``capfilt_stage``
       ``download``. ``allow_private_addresses`` (``--allow-private-addresses``) lets loopback and private
       addresses and internal names through; link-local addresses (the cloud metadata service's
-      169.254.169.254) stay refused.
+      169.254.169.254) stay refused. ``allow_networks`` (``--allow-network CIDR``) lets just the addresses
+      of those networks through (``capfilt.urls.refused_address``).
 
     The pipeline writes the last two kinds to ``failed/`` at their stage. Returns the counts: ``rows``
     (all of them, malformed and refused included), ``without_url``, ``malformed`` and ``refused``.
@@ -438,7 +439,7 @@ def write_url_list(url_list: UrlList, target: str | Path, extra: tuple[str, ...]
             has_url = pc.fill_null(pc.not_equal(pc.utf8_trim_whitespace(table["url"]), ""), False)
             summary["without_url"] += pc.sum(pc.and_(parsed, pc.invert(has_url))).as_py() or 0
             summary["rows"] += table.num_rows
-            table = _with_refusals(table, allow_private_addresses, summary)
+            table = _with_refusals(table, allow_private_addresses, allow_networks, summary)
             if writer is None:
                 writer = pq.ParquetWriter(partial, table.schema)
             writer.write_table(table)
@@ -459,11 +460,12 @@ def write_url_list(url_list: UrlList, target: str | Path, extra: tuple[str, ...]
     return summary
 
 
-def _with_refusals(table: pa.Table, allow_private_addresses: bool, summary: dict) -> pa.Table:
+def _with_refusals(table: pa.Table, allow_private_addresses: bool, allow_networks: tuple[str, ...],
+                   summary: dict) -> pa.Table:
     """One block of the canonical list with ``capfilt_stage`` and ``capfilt_url``: the URLs that
     ``capfilt.urls`` refuses are taken out of ``url`` (a malformed row has none) and fail at stage download."""
     url, error = table["url"].combine_chunks(), table[INPUT_ERROR].combine_chunks()
-    reasons = refusals(url, allow_private_addresses)
+    reasons = refusals(url, allow_private_addresses, allow_networks)
     refused = pc.is_valid(reasons)
     summary["refused"] += pc.sum(refused).as_py() or 0
     no_string = pa.scalar(None, pa.string())

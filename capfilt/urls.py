@@ -8,7 +8,7 @@ server-side request forgery (SSRF). So, before img2dataset sees the list, ``capf
 refuses (``check_url``; ``refusals`` for a whole column):
 
 - every scheme but ``http`` and ``https`` (``file:``, ``ftp:``, ``data:``, ... and a URL without scheme):
-  Python's urllib, which img2dataset fetches with, would read local files (``file:``) and FTP servers;
+  Python's urllib, which img2dataset's own fetcher uses, would read local files (``file:``) and FTP servers;
 - addresses that are not globally routable: loopback (127.0.0.0/8, ``::1``), private (10/8, 172.16/12,
   192.168/16, ``fc00::/7``, the deprecated site-local ``fec0::/10``), shared (100.64.0.0/10, carrier-grade
   NAT), link-local (169.254.0.0/16 with the metadata address, ``fe80::/10``), unspecified (0.0.0.0/8, ``::``:
@@ -34,26 +34,25 @@ is refused when it is not a valid one. A host with whitespace or control charact
 ``--allow-private-addresses`` (``allow_private_addresses=True``) lets loopback, private and shared
 addresses and internal names through: for tests against a local server and for internal mirrors.
 Link-local addresses (169.254.169.254 among them), the unspecified address, multicast and reserved
-ranges, and the cloud metadata addresses and names stay refused even then.
+ranges, and the cloud metadata addresses and names stay refused even then. ``--allow-network CIDR``
+(``allow_networks``, repeatable) is the narrow form: it lets just the addresses of those networks through
+(``127.0.0.2/32`` lets 127.0.0.2 and still refuses 127.0.0.1; ``10.1.0.0/16`` an internal mirror's
+subnet; a reserved range such as a test lab's 198.18.0.0/15 only when named), never the cloud metadata,
+unspecified, link-local and multicast addresses; names are judged as without it. ``refused_address`` is the one function that judges an address under these flags.
 
-What this does NOT cover:
-
-- DNS. No name is resolved (the check is on the URL's text, and never opens a connection): a public-looking
-  name whose DNS record points at a private or metadata address (``127.0.0.1.nip.io``, a rebinding domain)
-  is fetched.
-- Redirects. img2dataset (``downloader.download_image``) opens the URL with ``urllib.request.urlopen`` and
-  its default handlers, which follow HTTP redirects (301, 302, 303, 307 and 308, for GET) up to 10 distinct
-  URLs (4 visits each) to any ``http``, ``https`` or ``ftp`` URL (urllib refuses a redirect to any other
-  scheme, ``file:`` and ``data:`` among them), at any address: a public server can redirect a worker to
-  ``http://169.254.169.254/`` or an internal host, and nothing here sees it. On a cluster, block the
-  metadata address and internal networks for the download workers at the network level (a firewall rule,
-  IMDSv2 with a hop limit of 1, a proxy in ``http_proxy``/``https_proxy`` that refuses them).
+This module judges the URL's TEXT only: it resolves no name and never opens a connection. What the text
+cannot show (a public-looking name whose DNS record points at a private or metadata address, such as
+``127.0.0.1.nip.io`` or a rebinding domain; a redirect to such an address) is judged where the connection
+is made, by ``capfilt.fetch``, which img2dataset's workers fetch with: it applies ``check_url`` to every
+redirect target and ``refused_address`` to every address a name resolves to, and connects to the address
+it checked.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import re
+from typing import Iterable, NamedTuple, Union
 from urllib.parse import unquote, unwrap, urlsplit
 
 import pyarrow as pa
@@ -61,6 +60,10 @@ import pyarrow.compute as pc
 
 SCHEMES = ("http", "https")
 FLAG = "--allow-private-addresses"
+NETWORK_FLAG = "--allow-network"
+
+IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
 # Cloud metadata services outside the link-local range: refused even with the flag.
 METADATA_ADDRESSES = frozenset(ipaddress.ip_address(a) for a in (
@@ -93,14 +96,18 @@ _NAME_HINT = f"({FLAG} lets internal names through)"
 _ALWAYS = f"(refused even with {FLAG})"
 
 
-def check_url(url: str | None, allow_private_addresses: bool = False) -> str | None:
+def check_url(url: str | None, allow_private_addresses: bool = False,
+              allow_networks: Iterable[str | IPNetwork] = ()) -> str | None:
     """None when capfilt may fetch ``url``, else why not: ``refused: ...``, naming the scheme or the host.
 
     An empty URL (None, "", whitespace) is not refused here: img2dataset fails it at download. Nothing is
     resolved and no connection is opened. ``allow_private_addresses`` lets loopback, private and shared
     addresses and internal names through, never link-local (169.254.169.254), unspecified, multicast or
     reserved addresses, nor the cloud metadata addresses and names (see the module's docstring).
+    ``allow_networks`` (CIDR strings, ``--allow-network``) lets an address written in the URL through when it
+    lies in one of them, unless it is refused always (``refused_address``); names are judged as without it.
     """
+    networks = parse_networks(allow_networks)
     if url is None or not url.strip():
         return None
     text = unwrap(url)  # what urllib.request.Request does first: strip, then unwrap '<URL:...>'
@@ -113,19 +120,21 @@ def check_url(url: str | None, allow_private_addresses: bool = False) -> str | N
     for host in _hosts(text, scheme.group(2)):
         if not host:
             return "refused: the URL names no host"
-        reason = _check_host(host, allow_private_addresses)
+        reason = _check_host(host, allow_private_addresses, networks)
         if reason:
             return reason
     return None
 
 
-def refusals(urls: pa.Array | pa.ChunkedArray, allow_private_addresses: bool = False) -> pa.Array:
+def refusals(urls: pa.Array | pa.ChunkedArray, allow_private_addresses: bool = False,
+             allow_networks: Iterable[str | IPNetwork] = ()) -> pa.Array:
     """``check_url`` over a string column: the reason for each refused URL, null for the others.
 
     The common shape (``http(s)://name.tld[:port]`` followed by ``/``, ``?``, ``#`` or the end, with a
     top-level domain that starts with a letter and is not internal) passes in two vectorised regular
     expressions; ``check_url`` runs only on the other rows.
     """
+    networks = parse_networks(allow_networks)  # once, and a bad one fails even when no row needs it
     if isinstance(urls, pa.ChunkedArray):
         urls = urls.combine_chunks()
     if not pa.types.is_string(urls.type):
@@ -138,7 +147,7 @@ def refusals(urls: pa.Array | pa.ChunkedArray, allow_private_addresses: bool = F
     rest = pc.filter(urls, slow).to_pylist()
     if not rest:
         return result
-    reasons = pa.array([check_url(url, allow_private_addresses) for url in rest], pa.string())
+    reasons = pa.array([check_url(url, allow_private_addresses, networks) for url in rest], pa.string())
     return pc.replace_with_mask(result, slow, reasons)
 
 
@@ -180,7 +189,7 @@ def _hosts(text: str, rest: str) -> list[str]:
     return hosts
 
 
-def _check_host(host: str, allow: bool) -> str | None:
+def _check_host(host: str, allow: bool, networks: tuple[IPNetwork, ...]) -> str | None:
     if _CONTROL_OR_SPACE.search(host):
         return "refused: the host holds whitespace or control characters"
     shown = _shown(host)
@@ -195,7 +204,7 @@ def _check_host(host: str, allow: bool) -> str | None:
             address = ipaddress.ip_address(host)
         except ValueError:
             return f"refused: {shown} is not a valid IPv6 address"
-        return _check_address(shown, address, allow)
+        return _check_address(shown, address, allow, networks)
     name = host.rstrip(".")
     if not name:
         return "refused: the URL names no host"
@@ -204,7 +213,7 @@ def _check_host(host: str, allow: bool) -> str | None:
         address = _ipv4(labels)
         if address is None:
             return f"refused: {shown} ends in a number but is not a valid IPv4 address"
-        return _check_address(shown, address, allow)
+        return _check_address(shown, address, allow, networks)
     if name == "localhost" or name.endswith(".localhost"):
         return _refusal(shown, "a loopback name", _ADDRESS_HINT, allow)
     if name in METADATA_NAMES:
@@ -242,7 +251,58 @@ def _ipv4(labels: list[str]) -> ipaddress.IPv4Address | None:
     return ipaddress.IPv4Address(number)
 
 
-def _check_address(shown: str, address: ipaddress.IPv4Address | ipaddress.IPv6Address, allow: bool) -> str | None:
+def refused_address(address: IPAddress, allow_private_addresses: bool = False,
+                    allow_networks: Iterable[str | IPNetwork] = ()) -> Refusal | None:
+    """None when capfilt may connect to ``address``, else why not: a ``Refusal``, whose ``reason`` reads
+    ``a loopback address (--allow-private-addresses lets loopback and private addresses through)``.
+
+    The rules of ``check_url`` for an address (the module's docstring), the one place they are written: the
+    URL check applies them to an address written in the URL, ``capfilt.fetch`` to every address a name
+    resolves to. ``allow_networks`` (CIDR strings or networks, ``--allow-network``) lets just the addresses in
+    those networks through, whatever else they are, except the ones refused always: the cloud metadata,
+    unspecified, link-local and multicast addresses. An IPv6 address that embeds an IPv4 address (mapped,
+    compatible, NAT64, 6to4) is refused when the embedded one is, and the refusal names the embedded one.
+    """
+    networks = parse_networks(allow_networks)
+    return _judge(address, allow_private_addresses, networks)
+
+
+def parse_networks(cidrs: Iterable[str | IPNetwork]) -> tuple[IPNetwork, ...]:
+    """``cidrs`` as networks (``127.0.0.2/32``, ``10.1.0.0/16``, ``fd00:1::/64``; a bare address is its /32 or
+    /128); a ``ValueError`` that names the bad one and the flag otherwise."""
+    if isinstance(cidrs, (str, bytes)):
+        raise ValueError(f"{NETWORK_FLAG} takes networks one by one, not the string {cidrs!r}")
+    networks = []
+    for cidr in cidrs:
+        if isinstance(cidr, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
+            networks.append(cidr)
+            continue
+        try:
+            networks.append(ipaddress.ip_network(str(cidr).strip()))
+        except ValueError as error:
+            raise ValueError(f"{NETWORK_FLAG} {cidr!r} is not a network in CIDR form (127.0.0.2/32, 10.1.0.0/16, "
+                             f"fd00:1::/64): {error}") from None
+    return tuple(networks)
+
+
+class Refusal(NamedTuple):
+    """Why an address is refused: the address judged (the one given, or the IPv4 address it embeds) and what it
+    is, with the flag that lets it through or ``(refused even with --allow-private-addresses)``."""
+
+    address: IPAddress
+    reason: str
+
+
+def _check_address(shown: str, address: IPAddress, allow: bool, networks: tuple[IPNetwork, ...]) -> str | None:
+    refusal = _judge(address, allow, networks)
+    if refusal is None:
+        return None
+    if str(refusal.address) != shown:
+        shown = f"{shown} ({refusal.address})"
+    return f"refused: {shown} is {refusal.reason}"
+
+
+def _judge(address: IPAddress, allow: bool, networks: tuple[IPNetwork, ...]) -> Refusal | None:
     if isinstance(address, ipaddress.IPv6Address):
         address = ipaddress.IPv6Address(int(address))  # without its zone id
         if not (address.is_loopback or address.is_unspecified):
@@ -250,28 +310,35 @@ def _check_address(shown: str, address: ipaddress.IPv4Address | ipaddress.IPv6Ad
             if embedded is None and (address in _NAT64 or address in _COMPATIBLE):
                 embedded = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
             if embedded is not None:
-                reason = _check_address(shown, embedded, allow)
-                if reason or address.ipv4_mapped:
-                    return reason
-    if str(address) != shown:
-        shown = f"{shown} ({address})"
+                refusal = _judge(embedded, allow, networks)
+                if refusal or address.ipv4_mapped:
+                    return refusal
+    # Refused always, whatever the flags.
     if address in METADATA_ADDRESSES:
-        return _refusal(shown, "a cloud metadata address", None, allow)
+        return Refusal(address, f"a cloud metadata address {_ALWAYS}")
     if address.is_unspecified or address in _THIS_NETWORK:
-        return _refusal(shown, "an unspecified address, which reaches the machine itself", None, allow)
-    if address.is_loopback:
-        return _refusal(shown, "a loopback address", _ADDRESS_HINT, allow)
+        return Refusal(address, f"an unspecified address, which reaches the machine itself {_ALWAYS}")
     if address.is_link_local:
-        return _refusal(shown, "a link-local address, where cloud metadata services answer", None, allow)
+        return Refusal(address, f"a link-local address, where cloud metadata services answer {_ALWAYS}")
     if address.is_multicast:
-        return _refusal(shown, "a multicast address", None, allow)
+        return Refusal(address, f"a multicast address {_ALWAYS}")
+    # --allow-network: just those networks, before every other rule.
+    if any(address in network for network in networks):
+        return None
+    if address.is_loopback:
+        return _refusal_unless(address, "a loopback address", allow)
     if any(address in network for network in _PRIVATE):
-        return _refusal(shown, "a private address", _ADDRESS_HINT, allow)
+        return _refusal_unless(address, "a private address", allow)
     if address in _SHARED:
-        return _refusal(shown, "a shared (carrier-grade NAT) address", _ADDRESS_HINT, allow)
+        return _refusal_unless(address, "a shared (carrier-grade NAT) address", allow)
     if not address.is_global or address.is_reserved:
-        return _refusal(shown, "a reserved or special-purpose address, not globally routable", None, allow)
+        return Refusal(address, f"a reserved or special-purpose address, not globally routable {_ALWAYS}")
     return None
+
+
+def _refusal_unless(address: IPAddress, what: str, allow: bool) -> Refusal | None:
+    """The refusal of an address that ``--allow-private-addresses`` lets through."""
+    return None if allow else Refusal(address, f"{what} {_ADDRESS_HINT}")
 
 
 def _refusal(shown: str, what: str, hint: str | None, allow: bool) -> str | None:

@@ -338,26 +338,21 @@ def test_capfilts_own_columns_cannot_be_kept(column, tmp_path):
         write_url_list(resolve(str(path)).url_list, tmp_path / "out.parquet", extra=(column,))
 
 
-def test_download_carries_capfilts_columns_into_the_shards(tmp_path, monkeypatch):
+def test_download_carries_capfilts_columns_into_the_shards(tmp_path):
     """img2dataset is asked to keep capfilt_error, capfilt_stage and capfilt_url (no download happens here)."""
-    import sys
-    import types
-
-    from capfilt.download import download
+    from capfilt.download import DownloadSettings, img2dataset_arguments
 
     path = tmp_path / "list.tsv"
     path.write_text("url\tcaption\tlicense\nfile:///etc/passwd\ta\tx\nhttp://l.example/1.jpg\tb\ty\n")
     write_url_list(resolve(str(path)).url_list, tmp_path / "list.parquet", extra=("license",))
-    calls = []
-    monkeypatch.setitem(sys.modules, "img2dataset", types.SimpleNamespace(download=lambda **kw: calls.append(kw)))
-    download(tmp_path / "list.parquet", tmp_path / "shards", extra_columns=("license",))
-    assert calls[0]["save_additional_columns"] == ["license", *INPUT_COLUMNS]
+    arguments = img2dataset_arguments(tmp_path / "list.parquet", tmp_path / "shards", DownloadSettings(), ("license",))
+    assert arguments["save_additional_columns"] == ["license", *INPUT_COLUMNS]
     # A list written before capfilt_stage and capfilt_url existed carries what it has.
     pq.write_table(pa.table({"url": ["http://l.example/1.jpg"], "caption": ["b"], INPUT_ERROR: [None]},
                             schema=pa.schema([("url", pa.string()), ("caption", pa.string()),
                                               (INPUT_ERROR, pa.string())])), tmp_path / "old.parquet")
-    download(tmp_path / "old.parquet", tmp_path / "old-shards")
-    assert calls[1]["save_additional_columns"] == [INPUT_ERROR]
+    arguments = img2dataset_arguments(tmp_path / "old.parquet", tmp_path / "old-shards", DownloadSettings())
+    assert arguments["save_additional_columns"] == [INPUT_ERROR]
 
 
 def test_a_headerless_list_that_starts_with_a_refused_url_is_still_headerless(tmp_path):

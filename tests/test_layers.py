@@ -15,7 +15,7 @@ FOLDERS = {"capfilt": "capfilt", "models": "capfilt.models", "pipelines": "capfi
 CORE = {"capfilt", "capfilt.attention", "capfilt.captioner", "capfilt.checkpoints", "capfilt.columns",
         "capfilt.configs", "capfilt.device", "capfilt.filter", "capfilt.images", "capfilt.tokenizer",
         "capfilt.urls", "capfilt.vocab", "capfilt.shapes"}
-INGEST = {"capfilt.datasets", "capfilt.download"}
+INGEST = {"capfilt.datasets", "capfilt.download", "capfilt.fetch", "capfilt.folder_lock", "capfilt.process_group"}
 # Layer of each module -> the layers it may import. The top (cli, demo, experiment, ...) may import anything.
 MAY_IMPORT = {
     "core": {"core"},

@@ -233,3 +233,61 @@ def test_ipv4_forms_read_as_the_c_library_reads_them():
             continue
         address = _ipv4(text.split("."))
         assert address is not None and address.packed == packed, text
+
+
+# (url, --allow-network networks, None (fetched) or what the reason says)
+NETWORKS = [
+    ("http://127.0.0.2:8080/a.jpg", ("127.0.0.2/32",), None),
+    ("http://127.0.0.1:8080/a.jpg", ("127.0.0.2/32",), "127.0.0.1 is a loopback address"),  # just that network
+    ("http://2130706434/a.jpg", ("127.0.0.2/32",), None),  # 127.0.0.2 in another spelling
+    ("http://[::ffff:127.0.0.2]/a.jpg", ("127.0.0.2/32",), None),
+    ("http://10.1.2.3/a.jpg", ("10.1.0.0/16",), None),
+    ("http://10.2.0.1/a.jpg", ("10.1.0.0/16",), "10.2.0.1 is a private address"),
+    ("http://10.2.0.1/a.jpg", ("10.1.0.0/16", "10.2.0.0/16"), None),  # repeatable
+    ("http://[fd12:3456::1]/a.jpg", ("fd12:3456::/32",), None),
+    ("http://198.18.0.1/a.jpg", ("198.18.0.0/15",), None),  # a reserved range, named on purpose
+    ("http://localhost/a.jpg", ("127.0.0.0/8",), "localhost is a loopback name"),  # names: as without it
+    ("http://intranet/a.jpg", ("10.0.0.0/8",), "intranet is a single-label name"),
+    # refused always, whatever the network names
+    ("http://169.254.169.254/", ("169.254.0.0/16",), "169.254.169.254 is a cloud metadata address"),
+    ("http://169.254.1.1/", ("0.0.0.0/0",), "169.254.1.1 is a link-local address"),
+    ("http://100.100.100.200/", ("100.64.0.0/10",), "100.100.100.200 is a cloud metadata address"),
+    ("http://0.0.0.0/", ("0.0.0.0/0",), "0.0.0.0 is an unspecified address"),
+    ("http://224.0.0.1/", ("224.0.0.0/4",), "224.0.0.1 is a multicast address"),
+    ("http://[fe80::1]/", ("::/0",), "fe80::1 is a link-local address"),
+    ("http://[::ffff:169.254.169.254]/", ("::/0", "0.0.0.0/0"), "(169.254.169.254) is a cloud metadata address"),
+]
+
+
+@pytest.mark.parametrize("url, networks, reason", NETWORKS, ids=[f"{row[0]}-{row[1]}"[:60] for row in NETWORKS])
+def test_allow_networks_lets_just_those_networks_through(url, networks, reason):
+    refused = check_url(url, allow_networks=networks)
+    if reason is None:
+        assert refused is None
+    else:
+        assert refused is not None and refused.startswith("refused: ") and reason in refused, refused
+    assert refusals(pa.array([url]), allow_networks=networks).to_pylist() == [refused]
+
+
+def test_refused_address_is_the_one_judge_of_an_address():
+    import ipaddress
+
+    from capfilt.urls import Refusal, refused_address
+
+    loopback = ipaddress.ip_address("127.0.0.1")
+    assert refused_address(loopback) == Refusal(loopback, "a loopback address (--allow-private-addresses lets "
+                                                          "loopback and private addresses through)")
+    assert refused_address(loopback, allow_private_addresses=True) is None
+    assert refused_address(loopback, allow_networks=("127.0.0.2/32",)) is not None
+    assert refused_address(ipaddress.ip_address("127.0.0.2"), allow_networks=("127.0.0.2/32",)) is None
+    mapped = refused_address(ipaddress.ip_address("::ffff:127.0.0.1"))
+    assert mapped.address == loopback  # the embedded address is the one judged and named
+    assert refused_address(ipaddress.ip_address("8.8.8.8")) is None
+
+
+@pytest.mark.parametrize("bad", ["nope", "127.0.0.1/8", "10.0.0.0/33", ""])
+def test_a_bad_network_is_a_clear_error(bad):
+    with pytest.raises(ValueError, match=f"--allow-network '{bad}' is not a network in CIDR form"):
+        check_url("https://example.com/", allow_networks=(bad,))
+    with pytest.raises(ValueError, match="--allow-network"):
+        refusals(pa.array(["https://example.com/"]), allow_networks=(bad,))  # even when no row needs it
