@@ -7,19 +7,28 @@ its ``[SEP]`` dropped; the decoder continues from there and the first
 encoded once by the ViT and its embedding reused for all its K captions.
 Beam search ranks finished captions as BLIP's pinned transformers 4.15 did
 (``beam_search_blip``), not as transformers 5 does.
+
+Seeds. ``seed`` seeds torch's global RNG for the whole call, as transformers'
+own sampling draws from it: a caption then depends on the batch it is in.
+``seeds`` (one per image) give each caption its own generator instead
+(``RowSampler``), so an image's captions depend only on its seed, whatever
+else is in the batch and wherever it sits in it (up to float rounding), on
+one kind of device (CPU and CUDA generators draw different numbers).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
 from PIL import Image
-from transformers import BlipConfig, BlipForConditionalGeneration
+from transformers import BlipConfig, BlipForConditionalGeneration, LogitsProcessor, LogitsProcessorList
+from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
 from capfilt.checkpoints import CAPTIONER, ModelSource, load_model
 from capfilt.device import autocast, compute_in_fp32, pick_device
@@ -150,8 +159,17 @@ class Captioner:
         )
 
     @torch.no_grad()
-    def generate_ids(self, pixel_values: torch.Tensor, num_captions: int = 1, seed: int | None = None) -> torch.Tensor:
-        """Token ids ``[B * K, T]`` (prompt included), the K captions of an image adjacent."""
+    def generate_ids(self, pixel_values: torch.Tensor, num_captions: int = 1, seed: int | None = None, *,
+                     seeds: Sequence[int] | None = None) -> torch.Tensor:
+        """Token ids ``[B * K, T]`` (prompt included), the K captions of an image adjacent.
+
+        ``seed``: the global RNG's seed for the call (transformers' sampling); ``seeds``: one per image, each
+        caption drawn from its own generator (``RowSampler``). Beam search and greedy decoding use neither.
+        """
+        if seed is not None and seeds is not None:
+            raise ValueError("give seed (the batch's) or seeds (one per image), not both")
+        if seeds is not None and len(seeds) != len(pixel_values):
+            raise ValueError(f"{len(seeds)} seeds for {len(pixel_values)} images")
         pixel_values = pixel_values.to(self.device)
         kwargs = self.settings.generate_kwargs(num_captions)
         with autocast(self.device, self.precision):
@@ -161,6 +179,8 @@ class Captioner:
                                         self.ids, self.settings, num_captions)
             if kwargs["do_sample"] and num_captions > 1:
                 image_embeds = image_embeds.repeat_interleave(num_captions, dim=0)
+            if kwargs["do_sample"] and seeds is not None:
+                kwargs = row_sampling(kwargs, seeds, num_captions, self.device)
             rows = image_embeds.shape[0]
             input_ids = self.prompt_ids.to(self.device).expand(rows, -1)
             with _seeded(seed, self.device):
@@ -186,17 +206,77 @@ class Captioner:
         texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
         return [text[len(self.settings.prompt):] for text in texts]
 
-    def caption(self, images: Sequence[Image.Image], num_captions: int = 1, seed: int | None = None) -> list[list[str]]:
-        """K captions for each image (nucleus sampling with p = 0.9 by default); seeded runs repeat exactly."""
+    def caption(self, images: Sequence[Image.Image], num_captions: int = 1, seed: int | None = None, *,
+                seeds: Sequence[int] | None = None) -> list[list[str]]:
+        """K captions for each image (nucleus sampling with p = 0.9 by default); seeded runs repeat exactly.
+
+        ``seed`` seeds the call, ``seeds`` each image (its captions then do not depend on the other images).
+        """
         if not images:
             return []
-        return self.caption_pixels(self.preprocess(images), num_captions, seed)
+        return self.caption_pixels(self.preprocess(images), num_captions, seed, seeds=seeds)
 
-    def caption_pixels(self, pixel_values: torch.Tensor, num_captions: int = 1,
-                       seed: int | None = None) -> list[list[str]]:
+    def caption_pixels(self, pixel_values: torch.Tensor, num_captions: int = 1, seed: int | None = None, *,
+                       seeds: Sequence[int] | None = None) -> list[list[str]]:
         """``caption`` of images already preprocessed to ``[B, 3, S, S]`` (``self.preprocess``)."""
-        captions = self.decode(self.generate_ids(pixel_values, num_captions, seed))
+        captions = self.decode(self.generate_ids(pixel_values, num_captions, seed, seeds=seeds))
         return [captions[i * num_captions : (i + 1) * num_captions] for i in range(len(pixel_values))]
+
+
+def caption_seed(image_seed: int, caption: int) -> int:
+    """The generator seed of an image's ``caption``-th caption: stable across runs, machines and processes."""
+    digest = hashlib.blake2b(f"{image_seed}/{caption}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big")  # torch.Generator takes any seed below 2**64
+
+
+class RowSampler(LogitsProcessor):
+    """Draws each row's next token from the softmax of its scores, with the row's own generator.
+
+    The Gumbel-max trick: argmax(scores + G), G standard Gumbel noise drawn independently per token, is an exact
+    draw from softmax(scores); tokens the warpers removed (-inf) are never drawn. Each row draws one vocabulary-
+    sized vector per step from its generator, whatever the other rows do (finished or not), so its tokens depend
+    on its seed and its own scores only. The drawn token is returned as the only finite score (0), which greedy
+    decoding then takes.
+
+    The generators live on the scores' device (the model's): noise drawn on the CPU and moved over would put a
+    vocabulary-sized draw per caption and step on the CPU, slower than a GPU's whole decoding step. CPU and CUDA
+    generators draw different numbers from one seed, so a seed's captions are the same on one kind of device.
+    The noise is float64 (Gumbel's tails without float32's cut-offs).
+    """
+
+    def __init__(self, generators: Sequence[torch.Generator]):
+        self.generators = list(generators)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
+        if scores.shape[0] != len(self.generators):
+            raise ValueError(f"{scores.shape[0]} rows of scores for {len(self.generators)} generators")
+        vocab = scores.shape[-1]
+        uniform = torch.stack([torch.rand(vocab, generator=g, dtype=torch.float64, device=scores.device)
+                               for g in self.generators])
+        gumbel = uniform.clamp_min_(torch.finfo(torch.float64).tiny).log_().neg_().log_().neg_()  # -log(-log(u))
+        drawn = gumbel.add_(scores.detach()).argmax(dim=-1, keepdim=True)
+        return torch.full_like(scores, -float("inf")).scatter_(1, drawn, 0.0)
+
+
+def row_sampling(sampling: dict, seeds: Sequence[int], num_captions: int, device: torch.device) -> dict:
+    """``sampling``'s ``generate`` arguments (``generate_kwargs``) with a generator per caption, image-major as the
+    rows are.
+
+    transformers 5 (``GenerationMixin._get_logits_processor``) applies, when sampling, its processors
+    (repetition penalty, then min length), then the user's ``logits_processor``, then the warpers (temperature,
+    top-k, top-p), then draws with ``torch.multinomial`` (``_sample``). Greedy decoding builds the same processors
+    and no warpers, so top-k, top-p (the same classes and order, ``min_tokens_to_keep`` 1 as without beams) and the
+    draw go in as the user's processors, after the penalty and the length rule, as sampling has them.
+    """
+    warpers = []
+    if sampling["top_k"]:  # transformers skips top_k 0 (and None)
+        warpers.append(TopKLogitsWarper(top_k=sampling["top_k"], min_tokens_to_keep=1))
+    if sampling["top_p"] < 1.0:
+        warpers.append(TopPLogitsWarper(top_p=sampling["top_p"], min_tokens_to_keep=1))
+    generators = [torch.Generator(device).manual_seed(caption_seed(seed, k)) for seed in seeds
+                  for k in range(num_captions)]
+    greedy = {name: value for name, value in sampling.items() if name not in ("do_sample", "top_k", "top_p")}
+    return {**greedy, "do_sample": False, "logits_processor": LogitsProcessorList([*warpers, RowSampler(generators)])}
 
 
 @torch.no_grad()

@@ -235,8 +235,10 @@ def find_files(patterns: tuple[str, ...] | list[str]) -> list[str]:
     """Every Parquet file named by ``patterns`` (files, folders, globs), sorted; an error if none."""
     files = set()
     for pattern in patterns:
-        if os.path.isdir(pattern):
-            files.update(glob.glob(os.path.join(pattern, "**", "*.parquet"), recursive=True))
+        if os.path.isdir(pattern):  # a folder's name is literal, wildcard characters included
+            files.update(glob.glob(os.path.join(glob.escape(pattern), "**", "*.parquet"), recursive=True))
+        elif os.path.isfile(pattern):
+            files.add(pattern)
         else:
             files.update(glob.glob(pattern, recursive=True))
     if not files:

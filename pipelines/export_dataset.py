@@ -58,8 +58,10 @@ def kept_files(sources: list[str]) -> list[str]:
     """The Parquet files ``sources`` name (folders: their ``*.parquet``; files; globs), sorted; an error if none."""
     files = set()
     for source in sources:
-        if os.path.isdir(source):
-            files.update(glob.glob(os.path.join(source, "*.parquet")))
+        if os.path.isdir(source):  # a folder's name is literal, wildcard characters included
+            files.update(glob.glob(os.path.join(glob.escape(source), "*.parquet")))
+        elif os.path.isfile(source):
+            files.add(source)
         else:
             files.update(path for path in glob.glob(source) if os.path.isfile(path))
     if not files:

@@ -53,6 +53,9 @@ from dataclasses import dataclass, replace
 
 from apache_beam.io.filesystems import FileSystems
 
+from capfilt.pipelines import paths
+from capfilt.pipelines.paths import glob_in
+
 log = logging.getLogger(__name__)
 
 KEPT, REJECTED, FAILED = "kept", "rejected", "failed"
@@ -109,7 +112,7 @@ class OutputLayout:
 
     def progress_files(self) -> dict[str, str]:
         """The progress file of every attempt of every job in ``_tmp/``, by path -> its shard id."""
-        files = _glob(self._path(TMP, "*", "*", PROGRESS_FILE))
+        files = glob_in(self.root, TMP, "*", "*", PROGRESS_FILE)
         return {path: posixpath.basename(posixpath.dirname(path)).rsplit("-", 1)[0] for path in files}
 
     def start_run(self, local: bool) -> OutputLayout:
@@ -142,7 +145,7 @@ class OutputLayout:
         or killed; a folder without ``run.json``) is listed in a warning and left for a person to delete.
         """
         tmp = self._path(TMP)
-        files = _glob(self._path(TMP, "*", RUN_INFO)) + _glob(self._path(TMP, "*", "*", "*"))  # run.json, attempts'
+        files = glob_in(self.root, TMP, "*", RUN_INFO) + glob_in(self.root, TMP, "*", "*", "*")  # run.json, attempts'
         runs = sorted({path[len(tmp):].lstrip("/").split("/")[0] for path in files} - {self.run})
         others = []
         for name in runs:
@@ -167,7 +170,7 @@ class OutputLayout:
         return FileSystems.exists(self.marker(shard_id))
 
     def _marker_paths(self) -> list[str]:
-        return _glob(self._path(DONE, "*.json"))
+        return glob_in(self.root, DONE, "*.json")
 
     def done_ids(self) -> set[str]:
         return {posixpath.basename(p)[: -len(".json")] for p in self._marker_paths()}
@@ -202,7 +205,7 @@ class OutputLayout:
                 f.write(data)
         existing = [path for path in finals + [self.dedup_file(shard_id)] if FileSystems.exists(path)]
         if existing:  # left by a killed attempt (and some filesystems' rename will not overwrite)
-            FileSystems.delete(existing)
+            paths.delete(existing)
         FileSystems.rename(sources, finals)
         temp_marker = posixpath.join(folder, "marker.json")
         write_text(temp_marker, json.dumps(marker, sort_keys=True))
@@ -254,7 +257,7 @@ class OutputLayout:
                                                                      self.dedup_file(shard_id)]
         existing = [path for path in stale if FileSystems.exists(path)]
         if existing:
-            FileSystems.delete(existing)
+            paths.delete(existing)
         folder = self.temp_dir(shard_id)
         temp_marker = FileSystems.join(folder, "marker.json")
         write_text(temp_marker, json.dumps(marker, sort_keys=True))
@@ -268,6 +271,9 @@ class OutputLayout:
         Resuming is only sound with the same settings: finished shards are
         skipped, so a changed threshold or model would mix two runs' outputs.
         """
+        if paths.is_remote(self.root) and paths.has_wildcards(self.root):
+            raise SettingsMismatchError(f"{self.root}: an output prefix on an object store cannot hold * ? [ (Beam "
+                                        "reads them as wildcards, and a rerun could not delete its own files)")
         path = self._path(RUN_FILE)
         if FileSystems.exists(path):
             earlier = json.loads(read_text(path))
@@ -279,7 +285,6 @@ class OutputLayout:
                 )
             return
         write_text(path, json.dumps(settings, indent=2, sort_keys=True) + "\n")
-
 
 
 def write_text(path: str, text: str) -> None:
@@ -329,10 +334,10 @@ def _dead_local_job(info: dict) -> bool:
 def _delete_tree(folder: str) -> None:
     """Remove a job's temporary folder: on object stores its files one by one (a job's folder is two deep)."""
     if "://" in folder:
-        files = _glob(FileSystems.join(folder, "*")) + _glob(FileSystems.join(folder, "*", "*"))
+        files = glob_in(folder, "*") + glob_in(folder, "*", "*")
         if files:
             try:
-                FileSystems.delete(files)
+                paths.delete(files)
             except OSError as error:
                 log.warning("could not delete %s: %s", folder, error)
     _delete_quietly(folder)
@@ -348,10 +353,6 @@ def _remove_empty_dir(path: str) -> None:
         pass
 
 
-def _glob(pattern: str) -> list[str]:
-    return sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
-
-
 def _ensure_dir(path: str) -> None:
     if "://" in path:  # object stores have no folders
         return
@@ -365,6 +366,6 @@ def _ensure_dir(path: str) -> None:
 def _delete_quietly(path: str) -> None:
     try:
         if FileSystems.exists(path):
-            FileSystems.delete([path])
+            paths.delete([path])
     except OSError as error:
         log.warning("could not delete %s: %s", path, error)

@@ -9,7 +9,9 @@ never travel between workers. The steps are the paper's:
    stage ``parse``, rows img2dataset could not download at stage
    ``download``;
 2. the captioner writes K synthetic captions per image (nucleus sampling,
-   p = 0.9), in fixed-size batches, each batch seeded by (seed, shard, batch);
+   p = 0.9), in fixed-size batches, each image sampled with its own seed, from
+   the run's seed and its key (``BootstrapSettings.sample_seed``): its captions
+   do not depend on its batch or its place in the shard;
 3. the filter scores the web text and every synthetic caption of an image
    against that image (one image encoding); texts whose ITM match probability
    is below the threshold are removed, then duplicate texts of the image and,
@@ -32,9 +34,12 @@ at stage ``read``, the rest are processed, and the marker records the damage
 shard of which nothing reads is marked done and damaged without output files.
 A damaged shard without img2dataset's ``_stats.json`` is most likely still
 being downloaded: it fails instead (``IncompleteInputError``) and a rerun
-retries it. Each row's keys go into the marker's duplicate count and the key
-hashes file (``capfilt.pipelines.stats.KeyTally``), each image with a kept text
-into the image hashes file; each output row gets its ``sample_id``
+retries it, unless its damage is of a kind no download leaves (a mistyped
+column, an oversized tar member: ``ShardReader.unfinished_damage``). Rows
+come in key order (``ShardReader.rows``). Each row's keys go into the
+marker's duplicate count and the key hashes file
+(``capfilt.pipelines.stats.KeyTally``), each image with a kept text into the
+image hashes file; each output row gets its ``sample_id``
 (``capfilt.pipelines.schema``).
 """
 
@@ -312,7 +317,7 @@ class ShardJob:
             model_failures = self.stats.failed["caption"] + self.stats.failed["filter"]
             if model_failures and not self.stats.images:  # e.g. batch size 1 with a broken model
                 raise ModelStageError(f"the models failed on all {model_failures} image(s) of the shard")
-            if reader.damage_count:
+            if reader.unfinished_damage:  # not a mistyped column: a rerun would find it again
                 self.incomplete_download("; ".join(reader.damage))
             writer.close()
         except BaseException:
@@ -386,10 +391,9 @@ class ShardJob:
         return None
 
     def judge(self, batch: list[Judged], batch_index: int, writer: ShardWriter) -> None:
-        """Caption, filter and write one batch."""
+        """Caption, filter and write one batch, the shard's ``batch_index``-th (which changes no caption)."""
         k = self.settings.num_captions
-        seed = self.settings.batch_seed(self.shard.shard_id, batch_index)
-        captions = per_image(lambda items: self._caption(items, k, seed), batch, "captioner")
+        captions = per_image(lambda items: self._caption(items, k), batch, "captioner")
         captioned = []
         for judged, (texts, error) in zip(batch, captions):
             if error is not None:
@@ -424,10 +428,11 @@ class ShardJob:
                 why = [schema.DUPLICATE_IMAGE if reason is None else reason for reason in why]
         return why
 
-    def _caption(self, items: Sequence[Judged], k: int, seed: int) -> list[list[str]]:
+    def _caption(self, items: Sequence[Judged], k: int) -> list[list[str]]:
         captioner = self.models.captioner
         pixels = torch.stack([judged.pixels(captioner.preprocess) for judged in items])
-        captions = captioner.caption_pixels(pixels, num_captions=k, seed=seed)
+        seeds = [self.settings.sample_seed(judged.row.key) for judged in items]
+        captions = captioner.caption_pixels(pixels, num_captions=k, seeds=seeds)
         if len(captions) != len(items) or any(len(c) != k for c in captions):
             raise ValueError(f"the captioner returned {[len(c) for c in captions]} captions for {len(items)} images, "
                              f"K={k}")

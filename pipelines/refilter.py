@@ -89,7 +89,9 @@ BY_ITM, BY_ITC = "itm", "itc"
 BY = (BY_ITM, BY_ITC)
 SCORE_COLUMNS = {BY_ITM: "itm_score", BY_ITC: "itc_score"}
 SCORE_RANGES = {BY_ITM: (0.0, 1.0), BY_ITC: (-1.0, 1.0)}  # a probability; a cosine similarity
-MIN_SCHEMA_VERSION = 3  # rejected/ holds every removed text with its scores and reason from version 3 on
+# From version 3 rejected/ holds every removed text with its scores and reason; from version 4 a row's place (in
+# sample_id, and where refilter finds its image in the input shard) is its place in key order.
+MIN_SCHEMA_VERSION = 4
 FLUSH_ROWS = 256  # kept rows per row group written, as the pipeline writes them (process.FLUSH_ROWS)
 # A text's outcome as a small integer: 0 kept, then the reasons in schema.REASONS' order.
 KEPT_CODE = 0
@@ -176,7 +178,8 @@ class Plan:
 
 
 def read_run_settings(layout: OutputLayout) -> dict:
-    """The source's ``_run.json``: a CapFilt output of schema version 3 or later, else a ``RefilterError``."""
+    """The source's ``_run.json``: a CapFilt output of schema ``MIN_SCHEMA_VERSION`` or later, else a
+    ``RefilterError``."""
     path = FileSystems.join(layout.root.rstrip("/"), RUN_FILE)
     if not FileSystems.exists(path):
         raise RefilterError(f"{layout.root} is not a CapFilt output folder (it has no {RUN_FILE})")
@@ -189,7 +192,7 @@ def _check_version(version, where: str) -> None:
     if not isinstance(version, int) or version < MIN_SCHEMA_VERSION:
         raise RefilterError(
             f"{where} is of output schema version {version}: refilter needs version {MIN_SCHEMA_VERSION} or later "
-            "(rejected/ with every removed text's scores and reason). Run bootstrap again into a new folder")
+            "(rejected/ with every removed text's scores, rows in key order). Run bootstrap again into a new folder")
 
 
 def web_scores(layout: OutputLayout, shard_ids: list[str], column: str) -> np.ndarray:
@@ -235,8 +238,15 @@ def make_plan(settings: RefilterSettings, source: OutputLayout, run_settings: di
 
 
 def _read(path: str, columns: list[str] | None = None) -> pa.Table:
+    """The Parquet file at ``path``; one that does not read is a ``ValueError`` naming the file (pyarrow names
+    a ``<Buffer>``)."""
     with FileSystems.open(path) as f:
-        return pq.read_table(f, columns=columns)
+        try:
+            return pq.read_table(f, columns=columns)
+        except (pa.ArrowException, OSError) as error:
+            raise ValueError(f"{path} cannot be read ({' '.join(str(error).split())}): replace it from a copy, or "
+                             "delete its shard's _done/SHARD.json in the source and rerun capfilt bootstrap there, "
+                             "which writes the shard again") from None
 
 
 def _plain(schema_: pa.Schema) -> pa.Schema:

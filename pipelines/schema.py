@@ -15,10 +15,11 @@ An output folder holds, per input shard, three Parquet files:
 ``sample_id`` is unique per output row across the three folders:
 ``{shard}_{row:09d}`` for a failed row and ``{shard}_{row:09d}_{source}{index}``
 (``00042_000000017_web0``, ``00042_000000017_synthetic2``) for a judged text,
-``row`` being the input row's place in its shard (from 0; for a webdataset
-shard, its row in the sidecar, else its sample in the tar). ``key`` is the
-input's own key, which may repeat (``stats.json`` counts duplicate keys); a row
-without one gets ``{shard}_{row:09d}``.
+``row`` being the input row's place in its shard in key order (from 0; rows
+without a key keep their place in the file: ``capfilt.pipelines.shards``), so
+that it does not depend on the order in which img2dataset's downloads
+finished. ``key`` is the input's own key, which may repeat (``stats.json``
+counts duplicate keys); a row without one gets ``{shard}_{row:09d}``.
 
 The image column (named as the input's: ``jpg``, ``png`` or ``webp``) is a struct ``{bytes, path}``, Hugging
 Face ``datasets``' storage of its ``Image`` feature, and every kept file says so in its Parquet metadata
@@ -48,7 +49,10 @@ from capfilt.columns import IMAGE_COLUMNS, INPUT_COLUMNS
 # 3: ``caption`` is the pair's text (was the web text; ``text`` stays, the same value, for readers of 1-2); the web
 #    text moved to ``web_text`` (in failed/ too); the image column is a struct {bytes, path} typed as an HF datasets
 #    ``Image``; ``image_sha256``; rejected/ has ``reason``; duplicate texts of an image are kept once.
-SCHEMA_VERSION = 3
+# 4: rows in key order within a shard (``sample_id``'s row is the place in key order, not in the file); each
+#    image's captions sampled with its own seed (from the run's seed and its key), so captions differ from those of
+#    schema 3 runs; a mistyped input column and an oversized tar member fail rows at stage read.
+SCHEMA_VERSION = 4
 METADATA_KEY = b"capfilt"  # Parquet key-value metadata: JSON with schema_version, models, settings
 HF_METADATA_KEY = b"huggingface"  # Parquet key-value metadata that HF datasets reads its features from
 
@@ -57,9 +61,9 @@ SOURCES = (WEB, SYNTHETIC)
 
 # Where a failed row failed, in pipeline order. ``read``: the input shard's bytes for the row could not be read (a
 # damaged Parquet row group, a tar that breaks before the row's sample, a sample whose .json/.txt does not
-# decode); its shard is listed as damaged (``capfilt.pipelines.shards``). ``parse``: a URL list line that could
-# not be read (too many or too few fields); it is carried through the download as a row without URL, its text
-# as the caption.
+# decode, a tar member too large to read) or hold a column of the wrong type (a caption of ints); its shard is
+# listed as damaged (``capfilt.pipelines.shards``). ``parse``: a URL list line that could not be read (too many or
+# too few fields); it is carried through the download as a row without URL, its text as the caption.
 STAGES = ("read", "parse", "download", "decode", "size", "caption", "filter")
 
 # Why a judged text is in rejected/ (its ``reason``): the first rule that removes it, in this order

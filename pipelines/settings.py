@@ -39,10 +39,14 @@ class BootstrapSettings:
     - ``dedup_images`` False (the paper's): exact duplicate images (SHA-256 of
       the bytes) are counted in stats.json; True: they are also dropped, each
       image kept at its first (shard, row) with a kept text (``capfilt.pipelines.image_dedup``).
-    - ``batch_size``: images per model call; with ``seed`` it fixes the
-      sampled captions (each batch's sampling is seeded by (seed, shard,
-      batch), so a rerun writes the same captions; another batch size writes
-      other, equally valid, samples).
+    - ``batch_size``: images per model call. It does not change what is
+      written (up to float rounding): each image is captioned with its own seed.
+    - ``seed``: the run's sampling seed. An image's captions are drawn with
+      ``sample_seed(key)``, from the seed and the row's key only, so a rerun,
+      another batch size or the same rows downloaded in another order write the
+      same captions (up to float rounding) on the same kind of device (CPU and
+      CUDA generators differ: ``capfilt.captioner.RowSampler``); another seed
+      writes other, equally valid, samples.
     - ``min_image_size``: images with a side shorter than this (tracking
       pixels, icons) fail at stage ``size``; ``max_image_pixels``: larger
       images fail there too instead of exhausting a worker's memory.
@@ -96,7 +100,10 @@ class BootstrapSettings:
             data.pop(where)
         return {"schema_version": SCHEMA_VERSION, **data}
 
-    def batch_seed(self, shard_id: str, batch_index: int) -> int:
-        """The sampling seed of one batch: stable across runs, machines and Python processes."""
-        digest = hashlib.blake2b(f"{self.seed}/{shard_id}/{batch_index}".encode(), digest_size=8).digest()
+    def sample_seed(self, key: str) -> int:
+        """The sampling seed of the input row with this key: stable across runs, machines and Python processes.
+
+        Rows that share a key share their seed (the same image under one key gets the same captions).
+        """
+        digest = hashlib.blake2b(f"{self.seed}/{key}".encode("utf-8", "surrogatepass"), digest_size=8).digest()
         return int.from_bytes(digest, "big") & (2**63 - 1)

@@ -203,3 +203,96 @@ def test_blip_beam_rule_picks_what_transformers_4_15_picked_where_transformers_5
     prompt = torch.tensor([[m.P, m.P, m.P]])
     out = beam_search_blip(m, torch.zeros(1, 1, 4), prompt, ids, settings, num_captions=2)
     assert out.tolist() == [[m.P, m.P, m.P, m.A, m.SEP, m.PAD], [m.P, m.P, m.P, m.B, m.C, m.SEP]]
+
+
+# --- per-image seeds ------------------------------------------------------------------------------------------
+
+def five_images():
+    from PIL import Image
+
+    colours = [(200, 30, 30), (20, 160, 60), (128, 128, 128), (20, 30, 230), (220, 220, 30)]
+    return [Image.new("RGB", (30 + 7 * i, 40 - 3 * i), colour) for i, colour in enumerate(colours)]
+
+
+def test_an_images_captions_depend_on_its_seed_only(captioner):
+    """Alone, or in a batch of five in another order: the same captions for the same image and seed."""
+    captioner.settings = SamplingSettings()
+    images, seeds = five_images(), [101, 202, 303, 404, 505]
+    together = captioner.caption(images, num_captions=3, seeds=seeds)
+    for image, seed, captions in zip(images, seeds, together):
+        assert captioner.caption([image], num_captions=3, seeds=[seed]) == [captions]
+    order = [3, 0, 4, 1, 2]
+    shuffled = captioner.caption([images[i] for i in order], num_captions=3, seeds=[seeds[i] for i in order])
+    assert shuffled == [together[i] for i in order]
+    assert len({text for captions in together for text in captions}) > 5  # the seeds and caption indices matter
+    assert captioner.caption(images[:1], num_captions=3, seeds=[999]) != together[:1]
+
+
+def test_seeds_are_checked_and_ignored_by_beam_and_greedy(captioner, images):
+    captioner.settings = SamplingSettings()
+    pixel_values = captioner.preprocess(images)
+    with pytest.raises(ValueError, match="not both"):
+        captioner.generate_ids(pixel_values, seed=1, seeds=[1, 2, 3])
+    with pytest.raises(ValueError, match="2 seeds for 3 images"):
+        captioner.generate_ids(pixel_values, seeds=[1, 2])
+    for settings in (SamplingSettings(method="greedy"), SamplingSettings(method="beam", max_length=12)):
+        captioner.settings = settings
+        assert torch.equal(captioner.generate_ids(pixel_values, seeds=[1, 2, 3]), captioner.generate_ids(pixel_values))
+
+
+def transformers_scores(captioner, pixel_values, ids, settings: SamplingSettings, num_captions: int):
+    """For each step of ``ids``: transformers' processed scores, recomputed from the whole prefix (no cache) with
+    its own processors in the order its sampling applies them: repetition penalty, min length, top-k, top-p."""
+    from transformers import LogitsProcessorList, MinLengthLogitsProcessor, RepetitionPenaltyLogitsProcessor
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    processors = LogitsProcessorList([
+        RepetitionPenaltyLogitsProcessor(1.1), MinLengthLogitsProcessor(settings.min_length, captioner.ids.sep),
+        TopKLogitsWarper(settings.top_k), TopPLogitsWarper(settings.top_p)])
+    with torch.no_grad():
+        embeds = captioner.model.vision_model(pixel_values=pixel_values).last_hidden_state
+        embeds = embeds.repeat_interleave(num_captions, dim=0)
+        for step in range(len(captioner.prompt_ids), ids.shape[1]):
+            prefix = ids[:, :step]
+            logits = captioner.model.text_decoder(input_ids=prefix, attention_mask=torch.ones_like(prefix),
+                                                  encoder_hidden_states=embeds).logits[:, -1].float()
+            yield step, processors(prefix, logits)
+
+
+@pytest.mark.parametrize("top_k, top_p", [(50, 0.9), (6, 1.0), (20, 0.5)])
+def test_each_sampled_token_lies_in_transformers_nucleus(captioner, top_k, top_p):
+    captioner.settings = settings = SamplingSettings(top_k=top_k, top_p=top_p, max_length=16, min_length=8)
+    images = five_images()
+    pixel_values = captioner.preprocess(images)
+    ids = captioner.generate_ids(pixel_values, num_captions=4, seeds=range(len(images)))
+    prompt = len(captioner.prompt_ids)
+    checked = 0
+    for step, scores in transformers_scores(captioner, pixel_values, ids, settings, num_captions=4):
+        for row in range(ids.shape[0]):
+            if (ids[row, prompt:step] == captioner.ids.sep).any():
+                continue  # finished: [PAD] from here on
+            assert torch.isfinite(scores[row, ids[row, step]]), (row, step)
+            checked += 1
+        nucleus = torch.isfinite(scores).sum(dim=1)
+        assert nucleus.max() < scores.shape[1]  # the warpers remove tokens: the check can fail
+    assert checked > 100
+
+
+def test_per_row_sampling_draws_from_the_warped_softmax(captioner, images):
+    """The first caption token of 20,000 captions, each with its own generator, against transformers'
+    probabilities after penalty, length rule, top-k and top-p. Fixed seeds: the counts are the same every run;
+    six standard deviations leave room for any seeds."""
+    prompt = len(captioner.prompt_ids)
+    captioner.settings = settings = SamplingSettings(top_k=12, top_p=0.8, max_length=prompt + 1,
+                                                     min_length=prompt + 1)
+    draws = 20_000
+    pixel_values = captioner.preprocess(images[:1])
+    ids = captioner.generate_ids(pixel_values, num_captions=draws, seeds=[7])
+    assert ids.shape == (draws, prompt + 1)
+    (_, scores), = transformers_scores(captioner, pixel_values, ids[:1], settings, num_captions=1)
+    expected = torch.softmax(scores[0].double(), dim=-1)
+    counts = torch.bincount(ids[:, prompt], minlength=expected.numel()).double()
+    assert counts[expected == 0].sum() == 0  # nothing outside the nucleus
+    assert (expected > 0).sum() >= 4 and expected.max() < 0.6  # a distribution worth testing
+    sigma = (expected * (1 - expected) / draws).sqrt()
+    assert torch.all((counts / draws - expected).abs() <= 6 * sigma + 1e-12)

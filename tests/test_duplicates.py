@@ -46,7 +46,7 @@ SHARDS = [[(A, "A red circle"), (B, "a dog"), (A, "a cat"), (C, "")],
 
 @pytest.fixture
 def fixed_captions(monkeypatch):
-    def caption_pixels(self, pixel_values, num_captions=1, seed=None):
+    def caption_pixels(self, pixel_values, num_captions=1, seed=None, *, seeds=None):
         return [CAPTIONS[:num_captions] for _ in range(len(pixel_values))]
 
     monkeypatch.setattr(Captioner, "caption_pixels", caption_pixels)
@@ -220,7 +220,7 @@ def test_a_killed_move_is_finished_by_the_next_run(fixed_captions, input_dir, se
 
 
 def test_select_top_n_keeps_the_best_scoring_texts_of_each_image(monkeypatch, input_dir, settings, tmp_path):
-    def caption_pixels(self, pixel_values, num_captions=1, seed=None):
+    def caption_pixels(self, pixel_values, num_captions=1, seed=None, *, seeds=None):
         return [["a green square", "a blue triangle"][:num_captions] for _ in range(len(pixel_values))]
 
     monkeypatch.setattr(Captioner, "caption_pixels", caption_pixels)

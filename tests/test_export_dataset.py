@@ -14,6 +14,7 @@ from PIL import Image
 from capfilt import cli
 from capfilt.pipelines import bootstrap
 from capfilt.pipelines.export_dataset import ExportError, export_webdataset, sample_key
+from capfilt.pipelines.schema import SCHEMA_VERSION
 from capfilt.pipelines.settings import BootstrapSettings
 from capfilt.pipelines.shards import list_shards
 
@@ -73,7 +74,7 @@ def test_every_kept_row_comes_back_from_the_tars_with_its_text_and_image(kept, t
         per_tar[name] = per_tar.get(name, 0) + 1
     assert sizes == per_tar and sum(sizes[t.name] for t in tars) == len(rows)
     manifest = json.loads((out / "capfilt_export.json").read_text())
-    assert manifest["samples"] == len(rows) and manifest["capfilt"]["schema_version"] == 3
+    assert manifest["samples"] == len(rows) and manifest["capfilt"]["schema_version"] == SCHEMA_VERSION
     # The same kept/ gives the same bytes.
     again = tmp_path / "again"
     export_webdataset([str(kept)], again, SAMPLES_PER_TAR)

@@ -324,3 +324,103 @@ def test_the_report_escapes_damage_and_keys():
     for html in (damaged, keys):
         assert "<script>" not in html and "<img" not in html and "<i>" not in html and "<b>s" not in html
     assert "&lt;script&gt;x&lt;/script&gt;" in damaged and "&lt;script&gt;k" in keys
+
+
+def write_sparse_tar(path, rows: list[dict], huge: str, size: int = 1 << 30) -> None:
+    """A webdataset tar whose member ``huge`` claims ``size`` bytes of data that are a hole in the file: a few
+    kilobytes on disk, ``size`` bytes to anything that reads the member."""
+    with open(path, "wb") as f:
+        for row in rows:
+            if row["status"] != "success":
+                continue
+            for extension, data in (("jpg", row["jpg"]), ("txt", row["caption"].encode())):
+                info = tarfile.TarInfo(f"{row['key']}.{extension}")
+                info.size = size if info.name == huge else len(data)
+                f.write(info.tobuf(tarfile.USTAR_FORMAT))
+                if info.name == huge:
+                    f.seek(size, io.SEEK_CUR)  # a multiple of 512: no padding
+                else:
+                    f.write(data + b"\0" * (-len(data) % tarfile.BLOCKSIZE))
+        f.write(b"\0" * 2 * tarfile.BLOCKSIZE)  # end of archive
+
+
+# The child's peak RSS: /proc's VmHWM, the peak of its own memory since exec. Linux's ru_maxrss also holds the
+# peak of the process it was forked from (exec keeps it), here pytest's, which can be above a gigabyte itself.
+READ_IN_CHILD = """
+import json, re, resource, sys
+from capfilt.pipelines.shards import ShardReader, list_shards
+(shard,) = list_shards(sys.argv[1])
+reader = ShardReader(shard)
+rows = [(r.key, r.input_stage, r.input_error, len(r.image or b"")) for r in reader.rows()]
+try:
+    with open("/proc/self/status") as status:
+        peak = int(re.search(r"VmHWM:\\s*(\\d+) kB", status.read()).group(1))
+except OSError:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"rows": rows, "damage": reader.damage, "unfinished": reader.unfinished_damage,
+                  "max_rss_kib": peak}))
+"""
+
+
+def test_a_huge_tar_member_fails_its_sample_unread(settings, tmp_path):
+    import subprocess
+    import sys
+
+    folder = tmp_path / "wds"
+    folder.mkdir()
+    rows = shard_rows(0)
+    write_sparse_tar(folder / "00000.tar", rows, huge="000000003.jpg")
+    assert (folder / "00000.tar").stat().st_blocks * 512 < 1 << 20  # sparse: the gigabyte is a hole
+    done = subprocess.run([sys.executable, "-c", READ_IN_CHILD, str(folder)], capture_output=True, text=True,
+                          check=True, timeout=300)
+    result = json.loads(done.stdout.splitlines()[-1])
+    read = {key: (stage, error, size) for key, stage, error, size in result["rows"]}
+    assert read["000000003"][:2] == ("read", f"sample 000000003: member 000000003.jpg is {1 << 30} bytes, over the "
+                                             f"{64 << 20}-byte limit for .jpg members")
+    assert read["000000003"][2] == 0
+    assert [key for key, (stage, _, _) in read.items() if stage] == ["000000003"]  # the tar read on after it
+    assert read["000000006"][2] == len(rows[6]["jpg"])
+    assert result["unfinished"] == 0 and "000000003.jpg" in result["damage"][0]
+    assert result["max_rss_kib"] < (1 << 30) // 1024, f"peak RSS {result['max_rss_kib'] // 1024} MiB"
+
+    layout = run_pipeline(list_shards(folder), settings, tmp_path / "out")
+    found = accounted(layout)
+    assert found["000000003"][:2] == ("failed", "read") and "over the" in found["000000003"][2]
+    check_judged(found, [r for r in rows if r["status"] == "success"], skip={"000000003"})
+    assert layout.is_done("00000")
+
+
+@pytest.mark.parametrize("seekable", [True, False], ids=["sought past", "read through"])
+def test_tar_members_over_their_limit_are_skipped_in_both_tar_modes(tmp_path, monkeypatch, seekable):
+    from capfilt.pipelines import shards as shards_module
+
+    monkeypatch.setattr(shards_module, "MAX_IMAGE_MEMBER_BYTES", 640)
+    monkeypatch.setattr(shards_module, "MAX_TEXT_MEMBER_BYTES", 10)
+    rows = shard_rows(0)
+    write_sparse_tar(tmp_path / "s.tar", rows, huge="000000001.jpg", size=4096)
+    with open(tmp_path / "s.tar", "rb") as f:
+        data = f.read()
+
+    class Stream(io.BytesIO):
+        def seekable(self):
+            return seekable
+
+    samples = list(shards_module._tar_samples(shards_module._Storage(Stream(data))))
+    by_key = {s.key: s for s in samples}
+    successes = [r for r in rows if r["status"] == "success"]
+    assert list(by_key) == [r["key"] for r in successes]
+    for row in successes:
+        sample, large = by_key[row["key"]], []
+        if row["key"] == "000000001":
+            large.append("member 000000001.jpg is 4096 bytes, over the 640-byte limit for .jpg members")
+        elif len(row["jpg"]) > 640:
+            large.append(f"member {row['key']}.jpg is {len(row['jpg'])} bytes, over the 640-byte limit for .jpg "
+                         "members")
+        else:
+            assert sample.members["jpg"] == row["jpg"]
+        if len(row["caption"]) > 10:
+            large.append(f"member {row['key']}.txt is {len(row['caption'])} bytes, over the 10-byte limit for .txt "
+                         "members")
+        else:
+            assert sample.members["txt"] == row["caption"].encode()
+        assert sample.too_large == large

@@ -72,7 +72,7 @@ def write_inputs(folder):
     return folder
 
 
-def fixed_captions(self, pixel_values, num_captions=1, seed=None):
+def fixed_captions(self, pixel_values, num_captions=1, seed=None, *, seeds=None):
     return [CAPTIONS[:num_captions] for _ in range(len(pixel_values))]
 
 
@@ -326,7 +326,7 @@ def test_sources_refilter_cannot_use_are_clear_errors(everything, tmp_path):
     shutil.copytree(everything.root, old)
     run_file = json.loads((old / "_run.json").read_text())
     (old / "_run.json").write_text(json.dumps({**run_file, "schema_version": 2}))
-    with pytest.raises(RefilterError, match="schema version 2: refilter needs version 3"):
+    with pytest.raises(RefilterError, match="schema version 2: refilter needs version 4"):
         refilter(RefilterSettings(threshold=0.5), str(old), str(tmp_path / "out"))
     (old / "_run.json").write_text(json.dumps(run_file))
     path = old / KEPT / "00000.parquet"
