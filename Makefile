@@ -54,7 +54,7 @@ bench-throughput: install  ## images/s of plain transformers, capfilt's engine a
 
 # --- the loop in miniature ---------------------------------------------------------------
 # make demo-loop: round 1 (the shipped demo models) -> pre-train on human + kept -> fine-tune a captioner and a
-# filter on human -> round 2 with them; prints round 1 vs round 2 (capfilt.loop_report). docs/training.md,
+# filter on human -> round 2 with them; prints round 1 vs round 2 (capfilt.recipes.loop_report). docs/training.md,
 # "make demo-loop". Its folders are its own: out/bootstrap and runs/ are left alone. Every stage starts afresh.
 LOOP_OUT ?= out/demo-loop
 LOOP_RUNS ?= runs/demo-loop
@@ -79,7 +79,7 @@ demo-loop: install  ## the paper's loop in miniature on the demo: round 1, pre-t
 	  --out "$(LOOP_RUNS)/filter" --max-steps $(LOOP_FILTER_STEPS) --checkpoint-every 0
 	$(CAPFILT) bootstrap --data demo --out "$(LOOP_OUT)/round2" --runner "$(RUNNER)" \
 	  --captioner "$(LOOP_RUNS)/captioner/captioner" --filter "$(LOOP_RUNS)/filter/filter"
-	$(PY) -m capfilt.loop_report "$(LOOP_OUT)/round1" "$(LOOP_OUT)/round2"
+	$(PY) -m capfilt.recipes.loop_report "$(LOOP_OUT)/round1" "$(LOOP_OUT)/round2"
 
 # --- the shapes-world demo models ---------------------------------------------------------
 .PHONY: demo-models evaluate-demo experiment

@@ -32,7 +32,7 @@ from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval
 from capfilt.configs import preset_config
 from capfilt.pipelines import bootstrap
 from capfilt.pipelines.layout import OutputLayout
-from capfilt.pipelines.models import Models
+from capfilt.pipelines.worker_models import Models
 from capfilt.pipelines.process import process_shard
 from capfilt.pipelines.settings import BootstrapSettings
 from capfilt.pipelines.shards import list_shards

@@ -150,7 +150,7 @@ def pipeline(models: dict, work: Path, shards: list, settings) -> int:
     """(c) shards to Parquet with ``process_shard``; returns the number of texts scored."""
     # Imported here: the pipeline needs apache-beam, which a bare GPU machine may lack ((a) and (b) do not).
     from capfilt.pipelines.layout import OutputLayout
-    from capfilt.pipelines.models import Models
+    from capfilt.pipelines.worker_models import Models
     from capfilt.pipelines.process import process_shard
 
     out = work / f"out-{time.monotonic_ns()}"

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Train the demo models with `python -m capfilt.demo --gpu` on a lent GPU machine and bring back the
+# Train the demo models with `python -m capfilt.recipes.demo --gpu` on a lent GPU machine and bring back the
 # models and the training logs. Run from the repository root:
 #
-#   bash bench/device_demo_models.sh OUT_DIR [extra python -m capfilt.demo flags]
+#   bash bench/device_demo_models.sh OUT_DIR [extra python -m capfilt.recipes.demo flags]
 #   AB="--vision-position-init random" bash bench/device_demo_models.sh OUT_DIR [flags]
 #   bash bench/device_demo_models.sh OUT_DIR --continue-from capfilt/demo_models --finetune-lr 1e-4
 #
@@ -41,11 +41,11 @@ torch.cuda.is_available(), transformers.__version__, pyarrow.__version__, PIL.__
 cat "$OUT/env.txt"
 
 # The splits first; then the training stages share what is left of DEADLINE seconds, keeping OVERHEAD seconds
-# for starting processes, exporting and installing. capfilt.demo deals the budget out (split_budget: 45%
+# for starting processes, exporting and installing. capfilt.recipes.demo deals the budget out (split_budget: 45%
 # pre-training, 55% fine-tuning; all of it to the fine-tunes of a run that goes on from installed models).
 DEADLINE=${DEADLINE:-540}
 OVERHEAD=${OVERHEAD:-80}
-python3 -P -m capfilt.demo --gpu --splits-only --work "$WORK" "$@" 2>&1 | tee "$OUT/console.log"
+python3 -P -m capfilt.recipes.demo --gpu --splits-only --work "$WORK" "$@" 2>&1 | tee "$OUT/console.log"
 TRAIN=$((DEADLINE - OVERHEAD - ($(date +%s) - START)))
 echo "[device] $TRAIN s for training" | tee -a "$OUT/console.log"
 # One training run: WORK_DIR, OUT_DIR, then its flags. Its own work folder links the shared splits.
@@ -55,10 +55,10 @@ train() {
     mkdir -p "$work/data" "$out"
     [ "$work" = "$WORK" ] || ln -sfn "$WORK/data/human" "$work/data/human"
     [ "$work" = "$WORK" ] || ln -sfn "$WORK/data/web" "$work/data/web"
-    python3 -P -m capfilt.demo --gpu --work "$work" --install "$work/install" --train-seconds "$TRAIN" "$@" 2>&1 \
+    python3 -P -m capfilt.recipes.demo --gpu --work "$work" --install "$work/install" --train-seconds "$TRAIN" "$@" 2>&1 \
         | grep --line-buffered -v "Loading weights\|Writing model shards" | tee -a "$out/console.log"
     local status=${PIPESTATUS[0]}
-    echo "[device] capfilt.demo exited with $status after $(($(date +%s) - START)) s" | tee -a "$out/console.log"
+    echo "[device] capfilt.recipes.demo exited with $status after $(($(date +%s) - START)) s" | tee -a "$out/console.log"
     tar -czf "$out/logs.tar.gz" -C "$work" --ignore-failed-read pretrain/log.jsonl captioner/log.jsonl \
         filter/log.jsonl
     if [ -d "$work/install/filter" ]; then

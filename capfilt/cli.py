@@ -29,8 +29,8 @@ import os
 import sys
 from pathlib import Path
 
-from capfilt import datasets
-from capfilt.process_group import EXIT_SIGINT, EXIT_SIGTERM, Terminated, terminate_raises
+from capfilt.ingest import datasets
+from capfilt.ingest.process_group import EXIT_SIGINT, EXIT_SIGTERM, Terminated, terminate_raises
 from capfilt.pipelines import dask_cluster
 from capfilt.pipelines.schema import BELOW_THRESHOLD, REASONS
 
@@ -79,15 +79,15 @@ class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
 # argument after the command's name unchanged; it is imported only when chosen.
 COMMANDS: tuple[tuple[str, str | None, str], ...] = (
     ("datasets", None, "data: the named web datasets and their URL lists"),
-    ("shapes", "capfilt.shapes.cli", "data: render shapes-world splits as shards (offline)"),
+    ("shapes", "capfilt.shapes.__main__", "data: render shapes-world splits as shards (offline)"),
     ("train", "capfilt.models.train", "models: TASK pretrain|finetune-captioner|finetune-filter"),
     ("export", "capfilt.models.export", "models: a trained captioner/filter as an HF folder"),
-    ("evaluate", "capfilt.shapes.evaluate", "models: score captioner and filter on shapes data"),
+    ("evaluate", "capfilt.recipes.evaluate", "models: score captioner and filter on shapes data"),
     ("bootstrap", None, "CapFilt: caption and filter a dataset into OUT/kept"),
     ("refilter", None, "CapFilt: OUT split anew from its stored scores"),
     ("export-dataset", "capfilt.pipelines.export_dataset", "data: OUT/kept as webdataset tars (open_clip)"),
-    ("demo-models", "capfilt.demo", "whole loop: train the demo captioner and filter"),
-    ("experiment", "capfilt.experiment", "whole loop: pre-train on raw vs CapFilt web, score"),
+    ("demo-models", "capfilt.recipes.demo", "whole loop: train the demo captioner and filter"),
+    ("experiment", "capfilt.recipes.experiment", "whole loop: pre-train on raw vs CapFilt web, score"),
 )
 DELEGATED = {name: module for name, module, _ in COMMANDS if module}
 
@@ -150,7 +150,7 @@ def add_bootstrap_arguments(boot: argparse.ArgumentParser) -> None:
     """The flags of ``capfilt bootstrap``; defaults that are settings' are read from their dataclasses."""
     from capfilt.captioner import METHODS, SamplingSettings
     from capfilt.device import PRECISIONS
-    from capfilt.download import DISTRIBUTORS, OUTPUT_FORMATS, DownloadSettings
+    from capfilt.ingest.download import DISTRIBUTORS, OUTPUT_FORMATS, DownloadSettings
     from capfilt.pipelines.settings import BootstrapSettings
 
     settings, sampling, fetch = BootstrapSettings(), SamplingSettings(), DownloadSettings()
@@ -411,8 +411,8 @@ def prepare_demo(demo: datasets.DemoInput, folder: Path) -> str:
 
 def prepare_download(source: datasets.UrlListInput, folder: Path, args) -> str:
     """Write the canonical URL list (once), then download it with img2dataset (resuming)."""
-    from capfilt import folder_lock
-    from capfilt.download import DownloadError, DownloadSettings, download, lock_path
+    from capfilt.ingest import folder_lock
+    from capfilt.ingest.download import DownloadError, DownloadSettings, download, lock_path
 
     extra = tuple(c for c in args.keep_columns.split(",") if c)
     try:

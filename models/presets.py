@@ -1,5 +1,5 @@
 """The demo MED's training values: one source for ``--model demo`` (``capfilt.models.train``) and for
-``make demo-models`` (``capfilt.demo.DemoRecipe``, which starts from them), so that the trainer never
+``make demo-models`` (``capfilt.recipes.demo.DemoRecipe``, which starts from them), so that the trainer never
 imports the recipe above it. No torch here: the command line reads these without loading a model.
 """
 
@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class DemoTraining:
-    """How the shapes-world demo MED trains (2 CPU cores); see ``capfilt.demo.DemoRecipe`` for the rest."""
+    """How the shapes-world demo MED trains (2 CPU cores); see ``capfilt.recipes.demo.DemoRecipe`` for the rest."""
 
     batch_size: int = 64
     pretrain_lr: float = 5e-4

@@ -152,7 +152,7 @@ def _demo_tokenizer() -> str:
 
 
 def _train_presets() -> dict[str, TrainPreset]:
-    # The demo's values are `make demo-models`' (capfilt.models.presets, which capfilt.demo.DemoRecipe starts
+    # The demo's values are `make demo-models`' (capfilt.models.presets, which capfilt.recipes.demo.DemoRecipe starts
     # from), except the pre-training warm-up: the recipe's 300 steps are for 750 steps of 200,000 pairs; a loop
     # on `make bootstrap`'s output (1,400 pairs kept) trains 21 steps an epoch, so 30.
     recipe, demo_vit, tiny_vit = DEMO_TRAINING, PRESETS["demo"][0], PRESETS["tiny"][0]
@@ -165,7 +165,7 @@ def _train_presets() -> dict[str, TrainPreset]:
                           queue_size=64, lr=1e-3, warmup_steps=10),
             tokenizer=_demo_tokenizer()),
         "demo": TrainPreset(
-            about=f"the shapes-world demo MED (4 layers, 128 wide), `make demo-models`' recipe (capfilt.demo); "
+            about=f"the shapes-world demo MED (4 layers, 128 wide), `make demo-models`' recipe (capfilt.recipes.demo); "
                   f"{shapes_world}; exported captioners get its capfilt_sampling.json",
             settings=dict(image_size=demo_vit.image_size, patch_size=recipe.patch_size,
                           vision_position_init=recipe.vision_position_init, batch_size=recipe.batch_size,

@@ -68,7 +68,7 @@ class CapFiltShard(beam.DoFn):
     def setup(self):
         import torch
 
-        from capfilt.pipelines.models import Models
+        from capfilt.pipelines.worker_models import Models
 
         self._torch_threads = torch.get_num_threads()
         if self.settings.torch_threads:

@@ -142,7 +142,7 @@ _KEPT_LOCK = threading.Lock()  # a worker started with --nthreads > 1 loads them
 
 def worker_models(settings):
     """This Dask worker's models for ``settings``: loaded on its first shard, then kept (a new run replaces them)."""
-    from capfilt.pipelines.models import Models
+    from capfilt.pipelines.worker_models import Models
 
     key = repr(settings)
     with _KEPT_LOCK:

@@ -65,7 +65,7 @@ from capfilt.columns import INPUT_STAGE
 from capfilt.images import DecodedImage, ImagePreprocessor, decode_for_model, recorded_orientation, upright_rgb
 from capfilt.pipelines import schema
 from capfilt.pipelines.layout import FAILED, KEPT, REJECTED, OutputLayout, progress_path, remove_progress, write_text
-from capfilt.pipelines.models import Models
+from capfilt.pipelines.worker_models import Models
 from capfilt.pipelines.prefetch import ordered_map
 from capfilt.pipelines.selection import reasons
 from capfilt.pipelines.settings import BootstrapSettings

@@ -3,7 +3,7 @@
     python research/probe_demo_models.py --captioner demo --filter demo
     python research/probe_demo_models.py --captioner /work/sincos/install/captioner --filter /work/sincos/install/filter
 
-On the evaluation split (``web``, seed 20221, the first ``--n`` pairs, as ``python -m capfilt.shapes.evaluate``):
+On the evaluation split (``web``, seed 20221, the first ``--n`` pairs, as ``python -m capfilt.recipes.evaluate``):
 - captioner: greedy one-object captions, the shape said for each true size and shape (a confusion table);
 - captioner: how large the ViT's position embeddings are (std, [CLS] left out) beside how much its patch
   embeddings vary across an image (std after each image's mean patch is taken away), on 64 ``human`` images;
@@ -21,7 +21,7 @@ from dataclasses import replace
 import torch
 
 from capfilt.shapes.captions import parse
-from capfilt.shapes.evaluate import EVALUATION_SEED, scene_type
+from capfilt.recipes.evaluate import EVALUATION_SEED, scene_type
 from capfilt.shapes.splits import iter_split
 from capfilt.shapes.world import SHAPES
 

@@ -17,7 +17,8 @@ import pytest
 import torch
 from PIL import Image
 
-from capfilt import cli, datasets
+from capfilt import cli
+from capfilt.ingest import datasets
 from capfilt.pipelines.settings import BootstrapSettings
 from capfilt.cli import UsageError, parse_shard_selection
 from loopback import Handler, LoopbackHTTP, keep_proxies_away
@@ -254,7 +255,7 @@ def test_worker_processes_share_the_cores_unless_told():
 
 def test_the_flags_defaults_are_the_settings_own():
     from capfilt.captioner import SamplingSettings
-    from capfilt.download import DownloadSettings
+    from capfilt.ingest.download import DownloadSettings
 
     args, _ = cli.build_parser().parse_known_args(["bootstrap"])
     assert vars(cli.bootstrap_parser().parse_args([])) == {k: v for k, v in vars(args).items()

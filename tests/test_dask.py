@@ -17,7 +17,8 @@ import pytest
 from apache_beam.options.pipeline_options import StandardOptions
 from apache_beam.runners.dask.dask_runner import DaskOptions
 
-from capfilt import cli, datasets
+from capfilt import cli
+from capfilt.ingest import datasets
 from capfilt.cli import UsageError
 from capfilt.pipelines import dask_cluster
 from capfilt.pipelines.bootstrap import pipeline_options

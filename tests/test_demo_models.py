@@ -18,7 +18,7 @@ from capfilt import cli
 from capfilt.captioner import Captioner
 from capfilt.filter import Filter
 from capfilt.shapes.captions import caption_errors, is_correct
-from capfilt.shapes.evaluate import (
+from capfilt.recipes.evaluate import (
     EVALUATION_SEED, evaluate_captioner, evaluate_filter, evaluate_relation, scene_type, table,
 )
 from capfilt.shapes.rerender import rerender
@@ -197,7 +197,7 @@ def test_relation_probe_ranks_as_greedy_decoding_continues():
 def test_swap_probe_scores_each_swap_as_the_filter_scores_it_alone():
     """evaluate_swaps counts the swaps the scenes allow, and its comparisons are the filter's own, pair by pair."""
     from capfilt.shapes.captions import describe
-    from capfilt.shapes.evaluate import evaluate_swaps
+    from capfilt.recipes.evaluate import evaluate_swaps
     from capfilt.shapes.negatives import swapped
 
     filter_ = Filter.load("demo")

@@ -1,4 +1,4 @@
-"""`python -m capfilt.demo` end to end in miniature: splits, pre-training, both fine-tunes, install."""
+"""`python -m capfilt.recipes.demo` end to end in miniature: splits, pre-training, both fine-tunes, install."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 from safetensors.torch import load_file
 
-from capfilt import demo
+from capfilt.recipes import demo
 from capfilt.captioner import Captioner
 from capfilt.filter import Filter
 from capfilt.models.checkpointing import latest_checkpoint, read_checkpoint
@@ -119,7 +119,7 @@ def test_shared_vision_puts_the_captioners_vit_under_the_filters_text_side(minia
 
 
 def test_an_old_human_split_is_rendered_again_only_when_the_recipe_reads_negatives(tmp_path):
-    from capfilt.shapes.shards import write_split
+    from capfilt.shapes.writer import write_split
 
     human = demo.split_folders(tmp_path)["human"]
     write_split("human", 8, 11, human, shard_size=8)  # rendered before the negatives column existed

@@ -200,7 +200,7 @@ def test_a_job_that_stops_in_the_pipeline_says_what_is_kept_and_how_to_go_on(mon
 def test_downloaded_shards_are_rewritten_in_key_order_once(tmp_path):
     import pyarrow as pa
 
-    from capfilt.download import sort_shards
+    from capfilt.ingest.download import sort_shards
 
     keys = ["0000000003", "0000000000", "0000000002", "0000000001"]
     pq.write_table(pa.table({"key": keys, "caption": [f"c{k[-1]}" for k in keys], "jpg": [k.encode() for k in keys]}),

@@ -17,12 +17,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from capfilt.demo import DemoRecipe
-from capfilt.experiment import RUNS, ExperimentConfig, capfilt_table, markdown, run_experiment, web_texts_only
+from capfilt.recipes.demo import DemoRecipe
+from capfilt.recipes.experiment import RUNS, ExperimentConfig, capfilt_table, markdown, run_experiment, web_texts_only
 from capfilt.filter import Filter
 from capfilt.models.checkpointing import latest_checkpoint, read_checkpoint
 from capfilt.shapes.captions import is_correct
-from capfilt.shapes.evaluate import evaluate_retrieval
+from capfilt.recipes.evaluate import evaluate_retrieval
 from capfilt.shapes.scene import scene_from_json
 from capfilt.shapes.splits import iter_split
 

@@ -1,4 +1,4 @@
-"""Fetching under the address policy (``capfilt.fetch``), at connect time and at every redirect hop.
+"""Fetching under the address policy (``capfilt.ingest.fetch``), at connect time and at every redirect hop.
 
 Traffic goes to loopback only: servers on 127.0.0.1 and 127.0.0.2 (Linux routes all of 127/8 to ``lo``) and
 on ``::1`` where the machine has it. Made-up names reach them through an injected resolver, never DNS or
@@ -21,9 +21,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from capfilt.download import DownloadSettings, PolicyDownloader, download, fetching_with, install_fetcher
-from capfilt.fetch import DISALLOWED, USER_AGENT, FetchError, FetchPolicy, ImageFetcher, TableResolver, fetch
-from capfilt.urls import check_url
+from capfilt.ingest.download import DownloadSettings, PolicyDownloader, download, fetching_with, install_fetcher
+from capfilt.ingest.fetch import DISALLOWED, USER_AGENT, FetchError, FetchPolicy, ImageFetcher, TableResolver, fetch
+from capfilt.ingest.urls import check_url
 from loopback import Handler, QuietServer, keep_proxies_away
 
 LOOPBACK_HINT = "a loopback address (--allow-private-addresses lets loopback and private addresses through)"
@@ -523,7 +523,7 @@ def certificate(tmp_path_factory):
 
 
 def test_https_verifies_the_certificate_against_the_name_and_sends_it_for_sni(certificate, monkeypatch):
-    import capfilt.fetch as fetch_module
+    import capfilt.ingest.fetch as fetch_module
 
     cert, key = certificate
     server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -647,8 +647,9 @@ def test_download_enforces_the_policy_in_img2datasets_workers(second, local, lis
 def test_the_command_line_passes_the_policy_to_the_list_check_the_download_and_the_record(tmp_path, monkeypatch):
     import json
 
-    from capfilt import cli, datasets
-    from capfilt import download as download_module
+    from capfilt import cli
+    from capfilt.ingest import datasets
+    from capfilt.ingest import download as download_module
 
     url_list = tmp_path / "urls.tsv"
     url_list.write_text("http://127.0.0.2:8080/a.jpg\ta\nhttp://127.0.0.1:8080/b.jpg\tb\n")

@@ -12,8 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from capfilt import datasets
-from capfilt.datasets import Columns, DatasetError, DatasetNotAvailableError, resolve, write_url_list
+from capfilt.ingest import datasets
+from capfilt.ingest.datasets import Columns, DatasetError, DatasetNotAvailableError, resolve, write_url_list
 from capfilt.columns import INPUT_COLUMNS, INPUT_ERROR, INPUT_STAGE, INPUT_URL
 from capfilt.pipelines.shards import ShardError, ShardReader, list_shards
 
@@ -289,7 +289,7 @@ def test_refused_urls_are_kept_without_url_to_fail_at_download(allow, tmp_path, 
     path = tmp_path / "list.tsv"
     path.write_text("".join(line + "\n" for line in lines))
     target = tmp_path / "out.parquet"
-    with caplog.at_level("WARNING", logger="capfilt.datasets"):
+    with caplog.at_level("WARNING", logger="capfilt.ingest.datasets"):
         summary = write_url_list(resolve(str(path)).url_list, target, allow_private_addresses=allow)
     table = pq.read_table(target)
     assert table.column_names == ["url", "caption", *INPUT_COLUMNS]
@@ -340,7 +340,7 @@ def test_capfilts_own_columns_cannot_be_kept(column, tmp_path):
 
 def test_download_carries_capfilts_columns_into_the_shards(tmp_path):
     """img2dataset is asked to keep capfilt_error, capfilt_stage and capfilt_url (no download happens here)."""
-    from capfilt.download import DownloadSettings, img2dataset_arguments
+    from capfilt.ingest.download import DownloadSettings, img2dataset_arguments
 
     path = tmp_path / "list.tsv"
     path.write_text("url\tcaption\tlicense\nfile:///etc/passwd\ta\tx\nhttp://l.example/1.jpg\tb\ty\n")

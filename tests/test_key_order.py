@@ -21,7 +21,7 @@ from test_pipeline import jpeg
 from capfilt.filter import Filter
 from capfilt.images import decode_image
 from capfilt.pipelines.layout import FAILED, KEPT, REJECTED, OutputLayout
-from capfilt.pipelines.models import Models
+from capfilt.pipelines.worker_models import Models
 from capfilt.pipelines.process import process_shard
 from capfilt.pipelines.settings import BootstrapSettings
 from capfilt.pipelines.shards import InputRow, ShardReader, _in_order, key_order, list_shards

@@ -1,4 +1,4 @@
-"""capfilt.loop_report: the round-against-round table from two fake CapFilt output folders."""
+"""capfilt.recipes.loop_report: the round-against-round table from two fake CapFilt output folders."""
 
 import io
 import json
@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from capfilt import loop_report
+from capfilt.recipes import loop_report
 from capfilt.pipelines.schema import BELOW_THRESHOLD
 from capfilt.pipelines.stats import ShardStats, merge
 from capfilt.shapes import caption, iter_split, scene_to_json

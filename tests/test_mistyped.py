@@ -17,7 +17,7 @@ import pytest
 from test_key_order import ROWS, content, process, rows
 
 from capfilt.pipelines.layout import FAILED, KEPT, REJECTED
-from capfilt.pipelines.models import Models
+from capfilt.pipelines.worker_models import Models
 from capfilt.pipelines.settings import BootstrapSettings
 from capfilt.pipelines.shards import ShardReader, list_shards
 

@@ -34,7 +34,7 @@ from capfilt.filter import Filter
 from capfilt.images import decode_image
 from capfilt.pipelines import bootstrap
 from capfilt.pipelines.layout import FAILED, KEPT, REJECTED, OutputLayout, SettingsMismatchError
-from capfilt.pipelines.models import Models
+from capfilt.pipelines.worker_models import Models
 from capfilt.pipelines.progress import Progress
 from capfilt.pipelines.schema import SCHEMA_VERSION, read_provenance
 from capfilt.pipelines.settings import BootstrapSettings

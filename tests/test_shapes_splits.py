@@ -20,7 +20,7 @@ from capfilt.shapes import (
     scene_from_json,
     write_split,
 )
-from capfilt.shapes.cli import main
+from capfilt.shapes.__main__ import main
 
 COLUMNS = ["key", "jpg", "caption", "url", "width", "height", "status", "error_message", "kind", "scene"]
 

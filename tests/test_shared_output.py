@@ -14,7 +14,7 @@ from test_pipeline import ROWS_PER_SHARD, run_pipeline
 
 from capfilt.pipelines import process
 from capfilt.pipelines.layout import OutputLayout
-from capfilt.pipelines.models import Models
+from capfilt.pipelines.worker_models import Models
 from capfilt.pipelines.settings import BootstrapSettings
 from capfilt.pipelines.shards import list_shards
 from capfilt.pipelines.report import read_stats

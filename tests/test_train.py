@@ -241,7 +241,7 @@ def test_sincos_position_init_reaches_the_run(tmp_path, dataset, tokenizer_dir):
 
 
 def test_a_filter_trains_on_a_split_with_negatives_and_a_captioner_refuses_them(tmp_path, tokenizer_dir):
-    from capfilt.shapes.shards import write_split
+    from capfilt.shapes.writer import write_split
 
     write_split("human", 16, seed=2, out=tmp_path / "human", shard_size=16, negatives=True)
     data = str(tmp_path / "human")

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from capfilt.checkpoints import DEMO_MODELS
-from capfilt.demo import DemoRecipe
+from capfilt.recipes.demo import DemoRecipe
 from capfilt.models.train import SETTINGS, TASKS, _parser, configure, main, task_config
 
 

@@ -127,7 +127,7 @@ def test_augmentation_is_seeded_and_flip_can_be_turned_off():
 
 
 def test_shapes_world_splits_are_read_as_img2dataset(tmp_path, tokenizer):
-    from capfilt.shapes.shards import read_split, write_split
+    from capfilt.shapes.writer import read_split, write_split
 
     write_split("human", 8, seed=3, out=tmp_path, shard_size=4)
     files = find_files([str(tmp_path)])
@@ -191,7 +191,7 @@ def test_worker_processes_give_the_threads_batches_and_tokens_match_the_tokenize
 
 
 def test_a_negatives_column_is_read_into_each_batch(tmp_path, tokenizer):
-    from capfilt.shapes.shards import read_split, write_split
+    from capfilt.shapes.writer import read_split, write_split
 
     write_split("human", 12, seed=3, out=tmp_path / "neg", shard_size=12, negatives=True)
     files = find_files([str(tmp_path / "neg")])

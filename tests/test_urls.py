@@ -1,4 +1,4 @@
-"""Which URLs capfilt fetches (``capfilt.urls``): decided on the URL's text alone.
+"""Which URLs capfilt fetches (``capfilt.ingest.urls``): decided on the URL's text alone.
 
 Nothing here opens a connection or resolves a name: the check never does, and the tests make sure of it.
 """
@@ -10,7 +10,7 @@ import socket
 import pyarrow as pa
 import pytest
 
-from capfilt.urls import check_url, refusals
+from capfilt.ingest.urls import check_url, refusals
 
 FLAG_HINT = "--allow-private-addresses lets"
 ALWAYS = "refused even with --allow-private-addresses"
@@ -156,7 +156,7 @@ TABLE = [
 def no_network(monkeypatch):
     """The check must decide on the text alone: any attempt to resolve or connect fails the test."""
     def refuse(*args, **kwargs):
-        raise AssertionError(f"capfilt.urls tried the network: {args}")
+        raise AssertionError(f"capfilt.ingest.urls tried the network: {args}")
 
     for name in ("getaddrinfo", "gethostbyname", "gethostbyname_ex", "create_connection"):
         monkeypatch.setattr(socket, name, refuse)
@@ -214,7 +214,7 @@ def test_ipv4_forms_read_as_the_c_library_reads_them():
     one, so that no spelling of an address slips past as a name."""
     import random
 
-    from capfilt.urls import _ipv4
+    from capfilt.ingest.urls import _ipv4
 
     rng = random.Random(0)
     spellings = ["0", "00", "0x", "0x0", "08", "09", "010", "0xff", "0XFF", "0x100", "255", "256", "4294967295",
@@ -272,7 +272,7 @@ def test_allow_networks_lets_just_those_networks_through(url, networks, reason):
 def test_refused_address_is_the_one_judge_of_an_address():
     import ipaddress
 
-    from capfilt.urls import Refusal, refused_address
+    from capfilt.ingest.urls import Refusal, refused_address
 
     loopback = ipaddress.ip_address("127.0.0.1")
     assert refused_address(loopback) == Refusal(loopback, "a loopback address (--allow-private-addresses lets "

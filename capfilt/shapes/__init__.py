@@ -27,7 +27,7 @@ from capfilt.shapes.scene import (
     scene_from_json,
     scene_to_json,
 )
-from capfilt.shapes.shards import read_split, write_split
+from capfilt.shapes.writer import read_split, write_split
 from capfilt.shapes.splits import SPLITS, Sample, WorldConfig, iter_split, make_sample
 from capfilt.shapes.web import DEFAULT_MIXTURE, KINDS, alt_text, draw_kind, web_text
 

@@ -1,7 +1,54 @@
-"""``python -m capfilt.shapes …``"""
+"""``python -m capfilt.shapes``: write a split as Parquet shards, or print the world's vocabulary."""
 
+from __future__ import annotations
+
+import argparse
+import json
 import sys
+from collections import Counter
 
-from capfilt.shapes.cli import main
+from capfilt.shapes.captions import VOCABULARY
+from capfilt.shapes.render import IMAGE_FORMATS, RenderConfig
+from capfilt.shapes.writer import DEFAULT_SHARD_SIZE, write_split
+from capfilt.shapes.splits import SPLITS, WorldConfig
 
-sys.exit(main())
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m capfilt.shapes", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    write = commands.add_parser("write", help="write a split as img2dataset-style Parquet shards")
+    write.add_argument("--split", choices=SPLITS, required=True)
+    write.add_argument("--n", type=int, required=True, help="number of image-text pairs")
+    write.add_argument("--seed", type=int, default=0)
+    write.add_argument("--out", required=True, help="output folder")
+    write.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE)
+    write.add_argument("--format", choices=IMAGE_FORMATS, default="jpg", help="image encoding (and column name)")
+    write.add_argument("--processes", type=int, default=1)
+    write.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
+    write.add_argument("--negatives", action="store_true",
+                       help="add the hard negatives' columns, negative_caption and replaced_caption "
+                            "(capfilt.shapes.negatives)")
+    commands.add_parser("vocab", help="print the world's caption words, one a line")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "vocab":
+        print("\n".join(VOCABULARY))
+        return 0
+    config = WorldConfig(render=RenderConfig(image_formats=(args.format,)))
+    paths = write_split(
+        args.split, args.n, args.seed, args.out, args.shard_size, config, args.processes, args.overwrite,
+        negatives=args.negatives,
+    )
+    kinds: Counter = Counter()
+    for path in paths:
+        stats = json.loads(path.with_name(path.stem + "_stats.json").read_text(encoding="utf-8"))
+        kinds.update(stats["kinds"])
+    print(f"wrote {args.n} {args.split} pairs (seed {args.seed}) in {len(paths)} shards to {args.out}: {dict(kinds)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -4,7 +4,7 @@ A URL list is untrusted input, and its URLs are fetched by img2dataset's workers
 inside a private network: next to internal services, and next to the cloud's metadata service
 (169.254.169.254 on AWS, GCP, Azure and Oracle; ``metadata.google.internal``), which hands out the
 machine's credentials to whoever asks. A list that names such addresses would make capfilt a tool for
-server-side request forgery (SSRF). So, before img2dataset sees the list, ``capfilt.datasets.write_url_list``
+server-side request forgery (SSRF). So, before img2dataset sees the list, ``capfilt.ingest.datasets.write_url_list``
 refuses (``check_url``; ``refusals`` for a whole column):
 
 - every scheme but ``http`` and ``https`` (``file:``, ``ftp:``, ``data:``, ... and a URL without scheme):
@@ -43,7 +43,7 @@ unspecified, link-local and multicast addresses; names are judged as without it.
 This module judges the URL's TEXT only: it resolves no name and never opens a connection. What the text
 cannot show (a public-looking name whose DNS record points at a private or metadata address, such as
 ``127.0.0.1.nip.io`` or a rebinding domain; a redirect to such an address) is judged where the connection
-is made, by ``capfilt.fetch``, which img2dataset's workers fetch with: it applies ``check_url`` to every
+is made, by ``capfilt.ingest.fetch``, which img2dataset's workers fetch with: it applies ``check_url`` to every
 redirect target and ``refused_address`` to every address a name resolves to, and connects to the address
 it checked.
 """
@@ -257,7 +257,7 @@ def refused_address(address: IPAddress, allow_private_addresses: bool = False,
     ``a loopback address (--allow-private-addresses lets loopback and private addresses through)``.
 
     The rules of ``check_url`` for an address (the module's docstring), the one place they are written: the
-    URL check applies them to an address written in the URL, ``capfilt.fetch`` to every address a name
+    URL check applies them to an address written in the URL, ``capfilt.ingest.fetch`` to every address a name
     resolves to. ``allow_networks`` (CIDR strings or networks, ``--allow-network``) lets just the addresses in
     those networks through, whatever else they are, except the ones refused always: the cloud metadata,
     unspecified, link-local and multicast addresses. An IPv6 address that embeds an IPv4 address (mapped,

@@ -1,6 +1,6 @@
 """Round against round: what each CapFilt output kept (`make demo-loop`'s closing table).
 
-``python -m capfilt.loop_report OUT1 OUT2 ...`` prints one column per output
+``python -m capfilt.recipes.loop_report OUT1 OUT2 ...`` prints one column per output
 folder of ``capfilt bootstrap`` (its ``stats.json``, ``kept/`` and
 ``rejected/``):
 
@@ -125,7 +125,7 @@ def report(outs: list[str | Path], labels: list[str] | None = None, file=None) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m capfilt.loop_report", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m capfilt.recipes.loop_report", description=__doc__.split("\n\n")[0])
     parser.add_argument("outs", nargs="+", metavar="OUT", help="capfilt bootstrap output folders, one per round")
     parser.add_argument("--labels", nargs="+", default=None, help="column names [round 1, round 2, ...]")
     args = parser.parse_args(argv)

@@ -40,7 +40,7 @@ from pathlib import Path
 
 from capfilt.checkpoints import DEMO_MODELS
 from capfilt.models.presets import DEMO_TRAINING
-from capfilt.shapes.shards import NEGATIVE_COLUMNS
+from capfilt.shapes.writer import NEGATIVE_COLUMNS
 
 WORK = Path("runs/demo")
 PRETRAIN_SEED = 42  # the shipped models' pre-training seed (TrainConfig's default)
@@ -105,7 +105,7 @@ class DemoRecipe:
 NEGATIVE_CHOICES = ("", *NEGATIVE_COLUMNS)  # DemoRecipe.negatives: none (BLIP's) or a column of the human split
 
 
-# `python -m capfilt.demo --gpu`: the same model and data on one GPU with 16 CPU cores. Every stage runs to its
+# `python -m capfilt.recipes.demo --gpu`: the same model and data on one GPU with 16 CPU cores. Every stage runs to its
 # wall-clock limit instead of a step count (the steps reached go into capfilt_recipe.json); 16 files per split so
 # that 16 streams mix files within every batch. Batch 256: a step of this small model costs about the same at 256
 # as at 64 on an H100 (bench/bench_gpu_step.py), so the learning rates are the CPU recipe's times 2 (the square
@@ -326,7 +326,7 @@ def _yes_no(text: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m capfilt.demo", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m capfilt.recipes.demo", description=__doc__.split("\n")[0])
     parser.add_argument("--work", default=str(WORK), help="splits and training runs (resumable)")
     parser.add_argument("--install", default=str(DEMO_MODELS), help="where the models go")
     parser.add_argument("--gpu", action="store_true", help="start from GPU_RECIPE (one GPU, 16 cores, ~10 min)")

@@ -18,7 +18,7 @@ source's quirks (CC12M has no header, CC3M puts the caption first, SBU is a
 JSON object of lists). Every source row becomes one row of it: a TSV/CSV line
 that does not parse is kept as a row without URL whose ``capfilt_error`` says
 why, and ends in ``failed/`` at stage ``parse``; a URL that capfilt does not
-fetch (``capfilt.urls``: any scheme but http and https, loopback, private,
+fetch (``capfilt.ingest.urls``: any scheme but http and https, loopback, private,
 link-local and other non-public addresses) is kept as a row without URL,
 the URL in ``capfilt_url`` and the reason in ``capfilt_error``, and ends in
 ``failed/`` at stage ``download`` without img2dataset ever seeing it.
@@ -44,7 +44,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
 from capfilt.columns import IMAGE_COLUMNS, INPUT_COLUMNS, INPUT_ERROR, INPUT_STAGE, INPUT_URL
-from capfilt.urls import refusals
+from capfilt.ingest.urls import refusals
 
 log = logging.getLogger(__name__)
 
@@ -412,14 +412,14 @@ def write_url_list(url_list: UrlList, target: str | Path, extra: tuple[str, ...]
     - a CSV/TSV line that does not parse (too many or too few fields, bytes that are not UTF-8): ``url``
       null, the line's text as ``caption``, the reason in ``capfilt_error`` (``malformed line 7 of
       urls.tsv: expected 2 fields, got 3``) and ``capfilt_stage`` ``parse``;
-    - a URL that ``capfilt.urls.check_url`` refuses (a scheme other than http and https, a loopback,
+    - a URL that ``capfilt.ingest.urls.check_url`` refuses (a scheme other than http and https, a loopback,
       private, link-local or otherwise non-public address, an internal name): ``url`` null, so that
       img2dataset never fetches it, the URL in ``capfilt_url``, the reason in ``capfilt_error``
       (``refused: scheme 'file' (capfilt fetches only http and https URLs)``) and ``capfilt_stage``
       ``download``. ``allow_private_addresses`` (``--allow-private-addresses``) lets loopback and private
       addresses and internal names through; link-local addresses (the cloud metadata service's
       169.254.169.254) stay refused. ``allow_networks`` (``--allow-network CIDR``) lets just the addresses
-      of those networks through (``capfilt.urls.refused_address``).
+      of those networks through (``capfilt.ingest.urls.refused_address``).
 
     The pipeline writes the last two kinds to ``failed/`` at their stage. Returns the counts: ``rows``
     (all of them, malformed and refused included), ``without_url``, ``malformed`` and ``refused``.
@@ -463,7 +463,7 @@ def write_url_list(url_list: UrlList, target: str | Path, extra: tuple[str, ...]
 def _with_refusals(table: pa.Table, allow_private_addresses: bool, allow_networks: tuple[str, ...],
                    summary: dict) -> pa.Table:
     """One block of the canonical list with ``capfilt_stage`` and ``capfilt_url``: the URLs that
-    ``capfilt.urls`` refuses are taken out of ``url`` (a malformed row has none) and fail at stage download."""
+    ``capfilt.ingest.urls`` refuses are taken out of ``url`` (a malformed row has none) and fail at stage download."""
     url, error = table["url"].combine_chunks(), table[INPUT_ERROR].combine_chunks()
     reasons = refusals(url, allow_private_addresses, allow_networks)
     refused = pc.is_valid(reasons)

@@ -11,11 +11,11 @@ into the shards, so that a source line that did not parse fails at stage
 its URL and reason. Reruns resume: img2dataset skips shards whose
 ``_stats.json`` exists.
 
-URLs are checked twice. Before img2dataset sees them (``capfilt.urls``, in
-``capfilt.datasets.write_url_list``): only http and https URLs to public
+URLs are checked twice. Before img2dataset sees them (``capfilt.ingest.urls``, in
+``capfilt.ingest.datasets.write_url_list``): only http and https URLs to public
 addresses reach it; a refused row has no URL, so img2dataset never fetches
 it. Then where the connection is made: img2dataset's workers fetch with
-``capfilt.fetch`` (``ImageFetcher``) instead of ``urllib.request.urlopen``,
+``capfilt.ingest.fetch`` (``ImageFetcher``) instead of ``urllib.request.urlopen``,
 which resolves each host once, refuses it if any of its addresses is refused,
 connects to the checked address, judges every redirect target the same way
 (at most ``FetchPolicy.max_redirects``; no ftp:, file: or data:), and bounds
@@ -23,7 +23,7 @@ each URL's body (``max_body_bytes``) and time (``total_seconds``); such a row
 fails with ``status`` failed_to_download and the reason (``refused: ...``) in
 ``error_message``. ``allow_private_addresses`` and ``allow_networks`` apply
 to both checks alike. What neither sees (proxies, which capfilt does not use;
-the routes themselves) is in ``capfilt.fetch``'s docstring: on a cluster,
+the routes themselves) is in ``capfilt.ingest.fetch``'s docstring: on a cluster,
 keep the download workers off the metadata address at the network level too.
 
 How capfilt's fetcher reaches img2dataset's workers without a fork of img2dataset: ``img2dataset.main.download``
@@ -35,14 +35,14 @@ img2dataset's arguments, wrapped with the policy. The distributor pickles that o
 its call puts ``ImageFetcher(policy)`` in place of ``download_image`` (``install_fetcher``, once per process)
 and then runs img2dataset's shard download as it is. This works in the spawned processes of the
 ``multiprocessing`` distributor; with ``pyspark`` or ``ray`` the workers unpickle
-``capfilt.download.PolicyDownloader``, so capfilt (with img2dataset) must be installed on every worker, in the
+``capfilt.ingest.download.PolicyDownloader``, so capfilt (with img2dataset) must be installed on every worker, in the
 version of the driver. Should a later img2dataset rename these seams, ``install_fetcher`` fails the download
 rather than fetch without the policy.
 
-Stopping and sharing. img2dataset runs in a child process of its own process group (``capfilt.process_group``):
+Stopping and sharing. img2dataset runs in a child process of its own process group (``capfilt.ingest.process_group``):
 its SIGINT handler (which exits 0) and its worker pool live there, and Ctrl-C or SIGTERM to capfilt stops the
 whole group before capfilt exits 130 or 143; the rerun resumes from the shards img2dataset finished. A local
-shards folder F has a lock, ``F.lock`` (``capfilt.folder_lock``), held by the download and by its child: a second
+shards folder F has a lock, ``F.lock`` (``capfilt.ingest.folder_lock``), held by the download and by its child: a second
 job on the same folder waits, then finds the shards downloaded, so no URL is fetched twice.
 
 Decompression bombs: an image of more than ``max_image_pixels`` pixels (50 M, the pipeline's own limit,
@@ -79,10 +79,10 @@ from pathlib import Path
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from capfilt import folder_lock
+from capfilt.ingest import folder_lock
 from capfilt.columns import INPUT_COLUMNS
-from capfilt.fetch import FetchPolicy, ImageFetcher
-from capfilt.process_group import ChildFailed, run_in_own_group
+from capfilt.ingest.fetch import FetchPolicy, ImageFetcher
+from capfilt.ingest.process_group import ChildFailed, run_in_own_group
 
 log = logging.getLogger(__name__)
 
@@ -107,9 +107,9 @@ class DownloadSettings:
     timeout: int = 10  # seconds per connection attempt and per read (img2dataset's timeout)
     retries: int = 0
     encode_format: str = "jpg"
-    # The fetch policy (capfilt.fetch.FetchPolicy), applied by the workers at every redirect hop:
+    # The fetch policy (capfilt.ingest.fetch.FetchPolicy), applied by the workers at every redirect hop:
     allow_private_addresses: bool = False  # --allow-private-addresses: loopback, private, shared, internal names
-    allow_networks: tuple[str, ...] = ()  # --allow-network CIDR: just these networks (capfilt.urls)
+    allow_networks: tuple[str, ...] = ()  # --allow-network CIDR: just these networks (capfilt.ingest.urls)
     max_body_bytes: int = FetchPolicy.max_body_bytes  # a larger body fails (50,000,000 bytes)
     total_seconds: float = FetchPolicy.total_seconds  # per URL in all, redirects and body included (30 s)
 
@@ -161,7 +161,7 @@ def install_fetcher(policy: FetchPolicy) -> None:
             tuple(inspect.signature(current).parameters) != DOWNLOAD_IMAGE_PARAMETERS:
         raise RuntimeError("img2dataset.downloader no longer has download_image(row, timeout, user_agent_token, "
                            "disallowed_header_directives) called through download_image_with_retry: capfilt cannot "
-                           "apply its fetch policy (capfilt.fetch) to this img2dataset version")
+                           "apply its fetch policy (capfilt.ingest.fetch) to this img2dataset version")
     module.download_image = ImageFetcher(policy)
 
 
@@ -204,12 +204,12 @@ def lock_path(output_folder: str | Path) -> Path:
 
 def download(url_list: str | Path, output_folder: str | Path, settings: DownloadSettings = DownloadSettings(),
              extra_columns: tuple[str, ...] = (), on_wait: Callable[[str], None] | None = None) -> str:
-    """Download the canonical URL list (``capfilt.datasets.write_url_list``) into ``output_folder``.
+    """Download the canonical URL list (``capfilt.ingest.datasets.write_url_list``) into ``output_folder``.
 
     Returns the folder. Shards finished by an earlier call are kept (img2dataset's incremental mode),
     and when all are finished img2dataset is not started at all. One download per local folder at a time: a
-    second call waits for the first (``capfilt.folder_lock``; ``on_wait`` hears why), then finds its shards.
-    img2dataset runs in a child process group (``capfilt.process_group``): KeyboardInterrupt or ``Terminated``
+    second call waits for the first (``capfilt.ingest.folder_lock``; ``on_wait`` hears why), then finds its shards.
+    img2dataset runs in a child process group (``capfilt.ingest.process_group``): KeyboardInterrupt or ``Terminated``
     while it runs stops all of its processes before going on; its failure is a ``DownloadError``.
     """
     with contextlib.ExitStack() as stack:

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 
 STOP_GRACE_S = 5.0  # seconds between SIGTERM and SIGKILL to what is left of a stopped group
 EXIT_SIGINT, EXIT_SIGTERM = 128 + signal.SIGINT, 128 + signal.SIGTERM  # the shell's statuses: 130, 143
-_CHILD = "from capfilt.process_group import _child_main; _child_main()"
+_CHILD = "from capfilt.ingest.process_group import _child_main; _child_main()"
 
 
 class Terminated(BaseException):

@@ -43,7 +43,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from capfilt.demo import PRETRAIN_SEED, WORK, DemoRecipe, pretrain, write_splits
+from capfilt.recipes.demo import PRETRAIN_SEED, WORK, DemoRecipe, pretrain, write_splits
 
 TEST_SEED = 13  # the test split's seed: the demo recipe renders human with 11 and web with 12
 
@@ -114,7 +114,7 @@ def pretrained_models(checkpoint: Path):
 def evaluate_run(run: Path, config: ExperimentConfig) -> dict:
     """Step 5 for one pre-trained MED: recall@1 both ways and greedy caption correctness on ``test``."""
     from capfilt.models.checkpointing import latest_checkpoint
-    from capfilt.shapes.evaluate import evaluate_captioner, evaluate_retrieval
+    from capfilt.recipes.evaluate import evaluate_captioner, evaluate_retrieval
     from capfilt.shapes.splits import iter_split
 
     checkpoint = latest_checkpoint(run)
@@ -155,7 +155,7 @@ def capfilt_table(nucleus: Path, beam: Path) -> dict:
     """Step 3's measures: removal per web-text kind; noise ratio and correctness of synthetic captions."""
     from capfilt.pipelines.schema import BELOW_THRESHOLD
     from capfilt.shapes import is_correct, scene_from_json
-    from capfilt.shapes.evaluate import scene_type
+    from capfilt.recipes.evaluate import scene_type
 
     def tally(out: Path, names: set[str] | None) -> dict:
         counts: Counter = Counter()
@@ -354,7 +354,7 @@ def markdown(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m capfilt.experiment", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m capfilt.recipes.experiment", description=__doc__.split("\n")[0])
     parser.add_argument("--work", default=str(WORK), help="make demo-models' work folder (splits, runs; resumable)")
     for name, value in asdict(ExperimentConfig()).items():
         flag = "--" + name.replace("_", "-")

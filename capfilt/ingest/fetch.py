@@ -1,9 +1,9 @@
 """Fetching one URL safely: the address policy applied where the connection is made, at every redirect hop.
 
-``capfilt.urls`` judges a URL's text before img2dataset sees the list. The text cannot show what a name
+``capfilt.ingest.urls`` judges a URL's text before img2dataset sees the list. The text cannot show what a name
 resolves to (``127.0.0.1.nip.io``, a rebinding domain), nor where a server redirects (a public image host
 answering ``302 Location: http://169.254.169.254/``). So img2dataset's workers fetch with this module instead
-of ``urllib.request.urlopen`` (``ImageFetcher``, put in place by ``capfilt.download``), and per URL
+of ``urllib.request.urlopen`` (``ImageFetcher``, put in place by ``capfilt.ingest.download``), and per URL
 (``FetchPolicy``, the same flags as the URL check):
 
 - Every hop's URL (the first, then each redirect target) is judged by ``urls.check_url`` before anything is
@@ -60,7 +60,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, Mapping, Sequence
 from urllib.parse import quote, unwrap, urljoin, urlsplit
 
-from capfilt.urls import check_url, parse_networks, refused_address
+from capfilt.ingest.urls import check_url, parse_networks, refused_address
 
 # img2dataset's User-Agent (downloader.download_image), with its token appended the same way.
 USER_AGENT = "Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:72.0) Gecko/20100101 Firefox/72.0"
@@ -76,7 +76,7 @@ class FetchPolicy:
     """What a worker may fetch, per URL; frozen and picklable, so that it travels to every worker process."""
 
     allow_private_addresses: bool = False  # --allow-private-addresses: loopback, private, shared and internal names
-    allow_networks: tuple[str, ...] = ()  # --allow-network CIDR: just these networks (capfilt.urls.refused_address)
+    allow_networks: tuple[str, ...] = ()  # --allow-network CIDR: just these networks (capfilt.ingest.urls.refused_address)
     max_redirects: int = 5  # redirects followed per URL; image hosts and CDNs use one or two
     max_body_bytes: int = 50_000_000  # a larger body fails: far above any real image, bounds memory per thread
     # Per URL in all (every hop, from resolving to the last body byte): what one slow or dripping server can cost a

@@ -22,7 +22,7 @@
 - Retrieval, on a clean split (``test``): image→text and text→image
   recall@1 of a filter's ITC, and of ITC's top k re-ranked by ITM.
 
-``python -m capfilt.shapes.evaluate --captioner demo --filter demo`` prints
+``python -m capfilt.recipes.evaluate --captioner demo --filter demo`` prints
 the table and writes it as JSON with ``--json``.
 """
 
@@ -289,7 +289,7 @@ def table(filter_results: dict | None, captioner_results: dict | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m capfilt.shapes.evaluate", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m capfilt.recipes.evaluate", description=__doc__.split("\n")[0])
     parser.add_argument("--captioner", default=None, help="model reference (e.g. demo); omit to skip")
     parser.add_argument("--filter", default=None, help="model reference (e.g. demo); omit to skip")
     parser.add_argument("--n", type=int, default=1000, help="web pairs to score / scenes to caption")
