@@ -420,3 +420,11 @@ def test_a_damaged_first_shard_does_not_decide_what_the_folder_is(tmp_path):
     (tmp_path / "00001.parquet").write_bytes(b"not parquet either")
     with pytest.raises(DatasetError, match="no Parquet file of 2 can be read: .*00000.parquet"):
         resolve(str(tmp_path))
+
+
+@pytest.mark.parametrize("content", ["url\tcaption\n", "url\tcaption", "url\tcaption\r\n"])
+def test_a_list_with_a_header_and_no_rows_is_a_clear_error(content, tmp_path):
+    path = tmp_path / "list.tsv"
+    path.write_text(content)
+    with pytest.raises(DatasetError, match="list.tsv: no rows"):
+        write_url_list(resolve(str(path)).url_list, tmp_path / "out.parquet")

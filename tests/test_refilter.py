@@ -346,6 +346,11 @@ def test_sources_refilter_cannot_use_are_clear_errors(everything, tmp_path):
     pq.write_table(table.slice(1), path)
     with pytest.raises(RefilterError, match="shard 00001 .* hold .* texts, its marker counts"):
         refilter(RefilterSettings(threshold=0.5), str(old), str(tmp_path / "out4"))
+    # A file cut short: the error names it (pyarrow names a '<Buffer>').
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size // 2)
+    with pytest.raises(ValueError, match=f"{re.escape(str(path))} cannot be read"):
+        refilter(RefilterSettings(threshold=0.5), str(old), str(tmp_path / "out5"))
 
 
 def test_selection_matches_the_rules_applied_image_by_image():

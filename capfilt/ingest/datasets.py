@@ -309,6 +309,13 @@ def _first_line(path: Path) -> str:
         return f.readline().rstrip("\r\n")
 
 
+def _only_one_line(path: Path) -> bool:
+    """Whether the file holds nothing after its first line (a header and no rows)."""
+    with _open_text(path) as f:
+        f.readline()
+        return f.read(1) == ""
+
+
 def _pick(names: list[str], candidates: tuple[str, ...], required: str | None, path: Path) -> str | None:
     lowered = {name.lower(): name for name in names}
     for candidate in candidates:
@@ -651,6 +658,8 @@ def _csv_tables(path: Path, url_list: UrlList, extra: tuple[str, ...], summary: 
         header = _first_line(path).split(delimiter)
         names = [n.strip().strip('"') for n in header]
         skip = 1
+        if _only_one_line(path):  # pyarrow cannot skip the header of a file that ends without a line break
+            return
     else:
         width = _headerless_width(path, url_list.format)
         names = [f"f{i}" for i in range(width)]
