@@ -22,48 +22,20 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import logging
-import math
 import os
 import sys
-from pathlib import Path
 
 from capfilt.ingest import datasets
 from capfilt.ingest.process_group import EXIT_SIGINT, EXIT_SIGTERM, Terminated, terminate_raises
-from capfilt.pipelines import dask_cluster
-from capfilt.pipelines.schema import BELOW_THRESHOLD, REASONS
+from capfilt.pipelines.schema import BELOW_THRESHOLD
+from capfilt.recipes import bootstrap as recipe
+from capfilt.recipes.bootstrap import (
+    DEFAULT_CAPTIONER, DEFAULT_FILTER, EXIT_KEEP_SHARE, EXIT_USAGE, KEEP_SHARE_HIGH, KEEP_SHARE_LOW,
+    KEEP_SHARE_MIN_TEXTS, BootstrapRun, UsageError, say,
+)
 
 log = logging.getLogger(__name__)
-
-DEMO_MODEL = "demo"
-# BLIP w/ ViT-L, fine-tuned on COCO: the paper's captioner and filter, as transformers hub ids.
-DEFAULT_CAPTIONER = "Salesforce/blip-image-captioning-large"
-DEFAULT_FILTER = "Salesforce/blip-itm-large-coco"
-LOCAL_RUNNERS = ("DirectRunner", "FnApiRunner", "BundleBasedDirectRunner", "SwitchingDirectRunner")
-SHARDS_FOLDER = "shards"
-# Beside the shards folder F (img2dataset allows no other files in it): F.url_list.parquet, the
-# canonical URL list it downloads, and F.source.json, what made the shards.
-URL_LIST_SUFFIX = ".url_list.parquet"
-SOURCE_SUFFIX = ".source.json"
-
-
-def beside(folder: Path, suffix: str) -> Path:
-    return folder.with_name(folder.name + suffix)
-
-
-# Exit statuses: 0 every shard done; 1 shards unfinished (rerun to retry them); 2 bad usage; 3 done, but input
-# shards are damaged (rerunning will not help: replace the files; see print_summary); 4 (--strict) done, but the
-# filter kept almost none or almost all of a source's texts (see keep_share_warnings).
-EXIT_UNFINISHED, EXIT_USAGE, EXIT_DAMAGED, EXIT_KEEP_SHARE = 1, 2, 3, 4
-# A source (web texts, synthetic captions) of which the filter kept under 1% or over 99% is suspicious, once enough
-# of its texts were judged for one text to weigh less than 1%.
-KEEP_SHARE_LOW, KEEP_SHARE_HIGH, KEEP_SHARE_MIN_TEXTS = 0.01, 0.99, 100
-
-
-class UsageError(ValueError):
-    """Bad command-line input, reported without a traceback."""
-
 
 class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
     """Shows a flag's default unless it has none (a switch) or its help already says it."""
@@ -321,146 +293,41 @@ def refilter(args) -> int:
     chosen, web = stats["settings"], stats["texts"][WEB]
     passed = web - stats["rejected_reasons"][BELOW_THRESHOLD][WEB]
     fraction = f" (--keep-fraction {chosen['keep_fraction']})" if chosen["keep_fraction"] is not None else ""
-    _say(f"split {args.source} anew by {chosen['by']} at threshold {chosen['threshold']:.6g}{fraction}: {passed} of "
+    say(f"split {args.source} anew by {chosen['by']} at threshold {chosen['threshold']:.6g}{fraction}: {passed} of "
          f"{web} web texts pass ({passed / web if web else 0:.1%}); select {chosen['select']}"
          f"{', duplicate images dropped' if chosen['dedup_images'] else ''}; {time.perf_counter() - started:.1f} s")
     damaged = stats["shards"]["damaged"]
-    print_summary(stats, OutputLayout(args.out), [], damaged)
+    recipe.print_summary(stats, OutputLayout(args.out), [], damaged)
     unfinished = unfinished_in_source(args.source)
     if unfinished:
-        _say(f"warning: {args.source} has {len(unfinished)} unfinished shard(s) ({', '.join(unfinished[:5])}): they "
+        say(f"warning: {args.source} has {len(unfinished)} unfinished shard(s) ({', '.join(unfinished[:5])}): they "
              "are not in the new split; finish them with bootstrap, then refilter again")
-    return exit_status([], damaged)
+    return recipe.exit_status([], damaged)
 
 
-def parse_shard_selection(spec: str | None, count: int) -> list[int]:
-    """Indices from ``0-9,12`` (inclusive ranges), within ``count`` shards."""
-    if spec is None or spec.strip() in ("", "all"):
-        return list(range(count))
-    chosen: set[int] = set()
-    for part in spec.split(","):
-        part = part.strip()
-        try:
-            if "-" in part:
-                first, last = (int(x) for x in part.split("-", 1))
-                chosen.update(range(first, last + 1))
-            else:
-                chosen.add(int(part))
-        except ValueError:
-            raise UsageError(f"--shards {spec!r}: use indices and ranges, e.g. 0-9,12") from None
-    outside = sorted(i for i in chosen if not 0 <= i < count)
-    if outside:
-        raise UsageError(f"--shards {spec!r}: there are {count} input shards (0-{count - 1}); no {outside[:5]}")
-    return sorted(chosen)
+def torch_threads(args) -> int | None:
+    """``--torch-threads``, else the machine's cores shared out among ``--workers`` processes (else torch's)."""
+    if args.torch_threads:
+        return args.torch_threads
+    return max(1, (os.cpu_count() or 1) // args.workers) if args.workers > 1 else None
 
 
-def select_shards(location: str, spec: str | None):
-    """The input shards at ``location`` that ``spec`` (``--shards``: ``0-9,12``; None: all) selects, by index."""
-    from capfilt.pipelines.shards import list_shards
+def settings_from_args(args):
+    """The run's ``BootstrapSettings`` from the flags; the models default by DATA."""
+    from capfilt.pipelines.settings import BootstrapSettings
 
-    shards = list_shards(location)
-    return [shards[i] for i in parse_shard_selection(spec, len(shards))]
-
-
-def default_models(data: str) -> tuple[str, str]:
-    """The captioner and filter a dataset runs with unless told otherwise."""
-    return (DEMO_MODEL, DEMO_MODEL) if data == "demo" else (DEFAULT_CAPTIONER, DEFAULT_FILTER)
-
-
-def check_models(captioner: str, filter_: str) -> None:
-    """Fail early, with the loader's message, when a model is not on disk (runners whose workers are here)."""
-    from capfilt.checkpoints import CAPTIONER, FILTER, CheckpointError, resolve
-
-    for ref, role in ((captioner, CAPTIONER), (filter_, FILTER)):
-        try:
-            resolve(ref, role)
-        except CheckpointError as error:
-            raise UsageError(f"the {role} {ref!r} is not available: {error}") from None
-
-
-def record_source(folder: Path, params: dict) -> bool:
-    """Bind ``folder`` (the pipeline's input shards) to what made them; True when it already was.
-
-    A rerun with the same DATA reuses (and resumes) the shards; another DATA
-    or other download settings in the same folder is an error, not a mix.
-    """
-    record = beside(folder, SOURCE_SUFFIX)
-    if record.is_file():
-        earlier = json.loads(record.read_text())
-        if earlier != params:
-            raise UsageError(f"{folder} holds shards of another input ({json.dumps(earlier)}); "
-                             "use another --out (or --shards-dir)")
-        return True
-    folder.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps(params, indent=2) + "\n")
-    return False
-
-
-def prepare_demo(demo: datasets.DemoInput, folder: Path) -> str:
-    """Render the demo's web split into ``folder`` once; later runs with the same settings reuse it."""
-    from capfilt.shapes import write_split
-
-    params = {"data": "demo", "split": "web", "size": demo.size, "seed": demo.seed, "shard_size": demo.shard_size}
-    shards = math.ceil(demo.size / demo.shard_size)
-    if record_source(folder, params) and len(list(folder.glob("*_stats.json"))) == shards:
-        return str(folder)
-    _say(f"rendering the shapes world's web split: {demo.size} pairs into {folder}")
-    write_split("web", demo.size, demo.seed, folder, shard_size=demo.shard_size, overwrite=True)
-    return str(folder)
-
-
-def prepare_download(source: datasets.UrlListInput, folder: Path, args) -> str:
-    """Write the canonical URL list (once), then download it with img2dataset (resuming)."""
-    from capfilt.ingest import folder_lock
-    from capfilt.ingest.download import DownloadError, DownloadSettings, download, lock_path
-
-    extra = tuple(c for c in args.keep_columns.split(",") if c)
-    try:
-        settings = DownloadSettings(
-            processes=args.processes, threads=args.threads, image_size=args.image_size,
-            samples_per_shard=args.samples_per_shard, distributor=args.distributor,
-            output_format=args.output_format, timeout=args.timeout, retries=args.retries,
-            allow_private_addresses=args.allow_private_addresses, allow_networks=tuple(args.allow_network),
-            max_body_bytes=args.max_body_bytes, total_seconds=args.total_timeout,
-        )
-    except ValueError as error:  # a bad --allow-network, --max-body-bytes or --total-timeout
-        raise UsageError(str(error)) from None
-    url_list = beside(folder, URL_LIST_SUFFIX)
-    params = {
-        "data": source.name, "paths": [str(p.resolve()) for p in source.url_list.paths],
-        "url_col": source.url_list.url_col, "caption_col": source.url_list.caption_col, "keep_columns": list(extra),
-        "image_size": settings.image_size,
-        "samples_per_shard": settings.samples_per_shard, "output_format": settings.output_format,
-        "allow_private_addresses": args.allow_private_addresses,  # which URLs were refused before download
-    }
-    # Which URLs were refused depends on the allowed networks too: recorded when there are any, so that a folder
-    # recorded before the flag existed still resumes. The limits (like --timeout) decide failures at download and
-    # are not recorded.
-    if settings.allow_networks:
-        params["allow_networks"] = list(settings.allow_networks)
-    with folder_lock.hold(lock_path(folder), on_wait=_say):  # one job writes the URL list, the other waits
-        record_source(folder, params)
-        if not url_list.is_file():
-            summary = datasets.write_url_list(source.url_list, url_list, extra,
-                                              allow_private_addresses=args.allow_private_addresses,
-                                              allow_networks=settings.allow_networks)
-            _say(f"URL list: {summary['rows']} rows -> {url_list}")
-    _say(f"downloading with img2dataset ({settings.distributor}, {settings.processes} processes) into {folder}; "
-         "finished shards are kept")
-    try:
-        return download(url_list, folder, settings, extra, on_wait=_say)
-    except DownloadError as error:
-        raise UsageError(str(error)) from None
-
-
-def shards_folder(args) -> Path:
-    """Where the demo's or img2dataset's shards go: ``--shards-dir``, else ``OUT/shards`` (a local folder)."""
-    if args.shards_dir:
-        return Path(args.shards_dir)
-    if "://" in args.out:
-        raise UsageError(f"--out {args.out} is remote: give a local --shards-dir for the downloaded shards "
-                         "(or download them first and pass their folder as --data)")
-    return Path(args.out) / SHARDS_FOLDER
+    captioner, filter_ = recipe.default_models(args.data)
+    return BootstrapSettings(
+        captioner=args.captioner or captioner, filter=args.filter or filter_,
+        captioner_tokenizer=args.captioner_tokenizer, filter_tokenizer=args.filter_tokenizer,
+        device=args.device, precision=args.precision, torch_threads=torch_threads(args),
+        decode_threads=args.decode_threads, num_captions=args.num_captions,
+        sampling_overrides={name: value for name, value in (
+            ("method", args.method), ("top_p", args.top_p), ("top_k", args.top_k),
+            ("max_length", args.max_length), ("min_length", args.min_length)) if value is not None},
+        threshold=args.threshold, select=args.select, dedup_images=args.dedup_images, batch_size=args.batch_size,
+        seed=args.seed, min_image_size=args.min_image_size,
+    )
 
 
 def beam_options(unknown: list[str]) -> list[str]:
@@ -480,198 +347,35 @@ def beam_options(unknown: list[str]) -> list[str]:
     return options
 
 
-def runs_locally(args, options: list[str]) -> bool:
-    """Whether the workers read this machine's paths: a local runner, or a Dask cluster capfilt starts here."""
-    if dask_cluster.is_dask(args.runner):
-        return not dask_cluster.joins_cluster(options)
-    return args.runner in LOCAL_RUNNERS
+def download_settings_from_args(args):
+    """img2dataset's and the fetcher's settings from the flags (a bad network or limit is a usage error)."""
+    from capfilt.ingest.download import DownloadSettings
+
+    try:
+        return DownloadSettings(
+            processes=args.processes, threads=args.threads, image_size=args.image_size,
+            samples_per_shard=args.samples_per_shard, distributor=args.distributor,
+            output_format=args.output_format, timeout=args.timeout, retries=args.retries,
+            allow_private_addresses=args.allow_private_addresses, allow_networks=tuple(args.allow_network),
+            max_body_bytes=args.max_body_bytes, total_seconds=args.total_timeout,
+        )
+    except ValueError as error:  # a bad --allow-network, --max-body-bytes or --total-timeout
+        raise UsageError(str(error)) from None
 
 
-def beam_arguments(args, unknown: list[str]) -> list[str]:
-    extra = list(unknown)
-    if args.workers > 1 and args.runner in LOCAL_RUNNERS:
-        extra += [f"--direct_num_workers={args.workers}", "--direct_running_mode=multi_processing"]
-    return extra
-
-
-def torch_threads(args) -> int | None:
-    """``--torch-threads``, else the machine's cores shared out among ``--workers`` processes (else torch's)."""
-    if args.torch_threads:
-        return args.torch_threads
-    return max(1, (os.cpu_count() or 1) // args.workers) if args.workers > 1 else None
-
-
-def settings_from_args(args):
-    """The run's ``BootstrapSettings`` from the flags; the models default by DATA."""
-    from capfilt.pipelines.settings import BootstrapSettings
-
-    captioner, filter_ = default_models(args.data)
-    return BootstrapSettings(
-        captioner=args.captioner or captioner, filter=args.filter or filter_,
-        captioner_tokenizer=args.captioner_tokenizer, filter_tokenizer=args.filter_tokenizer,
-        device=args.device, precision=args.precision, torch_threads=torch_threads(args),
-        decode_threads=args.decode_threads, num_captions=args.num_captions,
-        sampling_overrides={name: value for name, value in (
-            ("method", args.method), ("top_p", args.top_p), ("top_k", args.top_k),
-            ("max_length", args.max_length), ("min_length", args.min_length)) if value is not None},
-        threshold=args.threshold, select=args.select, dedup_images=args.dedup_images, batch_size=args.batch_size,
-        seed=args.seed, min_image_size=args.min_image_size,
+def run_from_args(args, unknown: list[str]) -> BootstrapRun:
+    """``capfilt bootstrap``'s flags as a ``BootstrapRun``; flags capfilt does not know are Beam options."""
+    return BootstrapRun(
+        data=args.data, out=str(args.out), settings=settings_from_args(args),
+        download=download_settings_from_args(args),
+        columns=datasets.Columns(url=args.url_col, caption=args.caption_col),
+        keep_columns=tuple(c for c in args.keep_columns.split(",") if c), cache_dir=args.cache_dir,
+        fetch=False if args.no_fetch else None,
+        demo=datasets.DemoInput(args.demo_size, args.demo_seed, args.demo_shard_size),
+        shards_dir=args.shards_dir, shards=args.shards, runner=args.runner,
+        beam_options=tuple(beam_options(unknown)), workers=args.workers, report=not args.no_report,
+        strict=args.strict, progress_interval=args.progress_interval,
     )
-
-
-def bootstrap(args, unknown: list[str]) -> int:
-    from capfilt.pipelines import bootstrap as pipeline
-    from capfilt.pipelines.layout import OutputLayout
-    from capfilt.pipelines.progress import Progress
-    from capfilt.pipelines.report import read_stats
-
-    options = beam_options(unknown)
-    if dask_cluster.is_dask(args.runner):
-        try:
-            dask_cluster.check_installed()
-        except ImportError as error:
-            raise UsageError(str(error)) from None
-    settings = settings_from_args(args)
-    if runs_locally(args, options):
-        check_models(settings.captioner, settings.filter)
-    columns = datasets.Columns(url=args.url_col, caption=args.caption_col)
-    source = datasets.resolve(args.data, args.cache_dir, columns, fetch=False if args.no_fetch else None)
-    layout = OutputLayout(args.out)
-    layout.claim(settings.provenance())  # before any download: a mismatched OUT fails now, not after hours
-    if isinstance(source, datasets.ShardsInput):
-        location = source.location
-    elif isinstance(source, datasets.DemoInput):
-        demo = datasets.DemoInput(args.demo_size, args.demo_seed, args.demo_shard_size)
-        location = prepare_demo(demo, shards_folder(args))
-    else:
-        location = prepare_download(source, shards_folder(args), args)
-
-    shards = select_shards(location, args.shards)
-    missing = [s.shard_id for s in shards if s.stats_missing]
-    if missing:
-        _say(f"warning: {len(missing)} shard(s) have no img2dataset _stats.json ({', '.join(missing[:10])}"
-             f"{' ...' if len(missing) > 10 else ''}): is a download still running? They are processed; one that "
-             "cannot be read whole is left unfinished, to rerun once the download is over")
-    _say(f"CapFilt on {len(shards)} shard(s) from {location} with {args.runner}: "
-         f"captioner {settings.captioner}, filter {settings.filter}, K={settings.num_captions}, "
-         f"threshold {settings.threshold}, select {settings.select}"
-         f"{', duplicate images dropped' if settings.dedup_images else ''}, "
-         f"sampling {settings.sampling_overrides or 'defaults'}")
-    selected = {s.shard_id for s in shards}
-    failure = None
-    with Progress(layout, [s.shard_id for s in shards], interval=args.progress_interval):
-        try:
-            pipeline.run(shards, settings, str(args.out), runner=args.runner,
-                         beam_args=beam_arguments(args, options), report=not args.no_report, workers=args.workers)
-        except Exception as error:  # noqa: BLE001 - the job's end (a full disk, a lost worker): what is kept, and
-            failure = error  # how to go on, not the runner's traceback
-    if failure is not None:
-        return stopped(failure, layout, selected)
-    stats = read_stats(layout)
-    # From the markers, not stats.json: another job on the same OUT may have written stats.json last.
-    unfinished = sorted(selected - layout.done_ids())
-    damaged = [d for d in stats["shards"]["damaged"] if d["shard"] in selected]
-    print_summary(stats, layout, unfinished, damaged)
-    warnings = keep_share_warnings(stats, settings)
-    for warning in warnings:
-        _say(f"warning: {warning}")
-    return exit_status(unfinished, damaged, warnings if args.strict else [])
-
-
-def stopped(error: Exception, layout, selected: set[str]) -> int:
-    """The job ended with ``error`` before its summary: say what finished (the markers) and how to go on."""
-    log.debug("the job stopped", exc_info=error)
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]  # runners put tracebacks in
-    done = selected & layout.done_ids()
-    _say(f"error: the job stopped: {type(error).__name__}: {lines[-1] if lines else ''} (--verbose for the trace)")
-    _say(f"{len(done)} of {len(selected)} shard(s) are done and kept in {layout.root}; "
-         f"{len(selected) - len(done)} unfinished: rerun the same command to resume them")
-    return EXIT_UNFINISHED
-
-
-def exit_status(unfinished: list[str], damaged: list[dict], keep_share: list[str] = ()) -> int:
-    """0: every shard done; 1: shards unfinished, a rerun retries them; 3: done, but input shards are damaged;
-    4: done, but the keep share is suspicious (``keep_share``: the warnings that count, i.e. with --strict)."""
-    if unfinished:
-        return EXIT_UNFINISHED
-    if damaged:
-        return EXIT_DAMAGED
-    return EXIT_KEEP_SHARE if keep_share else 0
-
-
-def keep_share_warnings(stats: dict, settings) -> list[str]:
-    """What a keep share under 1% or over 99% likely means, per source (web texts, synthetic captions).
-
-    Per source, not pooled: the two fail differently (web texts: the data, the filter or the threshold;
-    synthetic captions: the captioner too), and a pooled share hides one source at 0% beside the other at 40%.
-    A source with fewer than ``KEEP_SHARE_MIN_TEXTS`` texts judged is not checked: one text would be over 1%.
-    The share is the filter's: texts removed as duplicates or by ``--select`` passed it.
-    """
-    warnings = []
-    for source, what in (("web", "web texts"), ("synthetic", "synthetic captions")):
-        judged = stats["texts"][source]
-        if judged < KEEP_SHARE_MIN_TEXTS:
-            continue
-        share = 1 - stats["rejected_reasons"][BELOW_THRESHOLD][source] / judged
-        kept = f"the filter kept {100 * share:.1f}% of the {judged} {what} it judged"
-        if share < KEEP_SHARE_LOW:
-            cause = ("the captioner likely writes captions that do not describe these images (a .pth captioner "
-                     "with the wrong tokenizer writes nonsense), or the captioner and filter do not belong together"
-                     if source == "synthetic" else "the filter likely does not know these images or texts")
-            warnings.append(
-                f"{kept} (under {KEEP_SHARE_LOW:.0%}): {cause}; the demo models know only the shapes world (give "
-                f"--captioner and --filter for real photos); or --threshold {settings.threshold} is too high for "
-                f"this filter (captioner {settings.captioner}, filter {settings.filter}). Look at rejected/ and "
-                "report.html before training on kept/")
-        elif share > KEEP_SHARE_HIGH:
-            warnings.append(
-                f"{kept} (over {KEEP_SHARE_HIGH:.0%}): the filter removes next to nothing: --threshold "
-                f"{settings.threshold} is likely too low (0 keeps every text), or the filter scores every pair "
-                f"alike (a model mismatch: an untrained or wrong filter {settings.filter}). Look at kept/ and "
-                "report.html before training on it")
-    return warnings
-
-
-def print_summary(stats: dict, layout, unfinished: list[str], damaged: list[dict]) -> None:
-    failed = ", ".join(f"{stage} {n}" for stage, n in stats["failed"].items() if n) or "none"
-    _say(f"{stats['rows']} input rows: {stats['images']} images judged, "
-         f"{sum(stats['failed'].values())} failed ({failed})")
-    for source in ("web", "synthetic"):
-        ratio = stats["noise_ratio"][source]
-        _say(f"{source:9} texts {stats['texts'][source]}: kept {stats['kept'][source]}, "
-             f"removed {stats['rejected'][source]} ({stats['rejected_reasons'][BELOW_THRESHOLD][source]} by the "
-             f"filter: noise ratio {'–' if ratio is None else f'{100 * ratio:.1f}%'})")
-    removed = [f"{reason} {sum(stats['rejected_reasons'][reason].values())}" for reason in REASONS
-               if sum(stats["rejected_reasons"][reason].values())]
-    _say(f"texts before CapFilt {stats['texts_before']}, after {stats['texts_after']}; removed: "
-         f"{', '.join(removed) or 'none'}")
-    images = stats.get("duplicate_images")
-    if images and images["images"]:
-        fate = "dropped (their texts are in rejected/)" if images["dropped"] else "kept (--dedup-images drops them)"
-        _say(f"{images['images']} images with a kept text repeat the bytes of one kept before "
-             f"({images['within_shards']} within a shard, {images['across_shards']} across shards): {fate}")
-    duplicates = stats.get("duplicate_keys")
-    if duplicates and duplicates["rows"]:
-        examples = ", ".join(str(e["key"]) for e in duplicates["examples"][:3])
-        _say(f"{duplicates['rows']} input rows repeat a key seen before ({duplicates['within_shards']} within a "
-             f"shard, {duplicates['across_shards']} across shards; e.g. {examples}): use sample_id to tell rows apart")
-    _say(f"output in {layout.root}: kept/ rejected/ failed/ stats.json report.html")
-    errors = {error["shard"]: error["error"] for error in stats["shards"]["errors"]}
-    for shard in unfinished:
-        _say(f"shard {shard} is unfinished ({errors.get(shard, 'see the log above')}); rerun the same command to "
-             "retry it")
-    for damage in damaged:
-        lost = "" if damage["all_rows_accounted"] else ", and rows after the damage are not in the output"
-        _say(f"input shard {damage['shard']} is damaged: {damage['input']}: {'; '.join(damage['errors'])} "
-             f"({damage['rows_read']} rows read, {damage['rows_failed_read']} failed at stage read{lost})")
-    if damaged:
-        _say(f"rerunning will not change damaged shards: replace the input file (for img2dataset's shards, delete it "
-             f"and its _stats.json to download it again), delete {layout.root}/_done/SHARD.json, and rerun")
-
-
-def _say(text: str) -> None:
-    print(f"[capfilt] {text}", file=sys.stderr, flush=True)
-
 
 def _quiet_model_loading() -> None:
     """No per-load "Loading weights" bars from transformers: the run's own progress lines are the ones to read."""
@@ -740,7 +444,7 @@ def _main(argv: list[str] | None) -> int:
             boot_args, unknown = bootstrap_parser().parse_known_args(rest)
             boot_args.verbose = args.verbose
             _quiet_model_loading()
-            return bootstrap(boot_args, unknown)
+            return recipe.run(run_from_args(boot_args, unknown))
     except (UsageError, ValueError, FileNotFoundError) as error:  # bad input: a message, not a traceback
         if args.verbose:
             raise
@@ -748,7 +452,7 @@ def _main(argv: list[str] | None) -> int:
         return EXIT_USAGE
     except (KeyboardInterrupt, Terminated) as signal:
         name, status = ("SIGINT", EXIT_SIGINT) if isinstance(signal, KeyboardInterrupt) else ("SIGTERM", EXIT_SIGTERM)
-        _say(f"stopped by {name}: finished shards and downloads are kept; rerun the same command to resume")
+        say(f"stopped by {name}: finished shards and downloads are kept; rerun the same command to resume")
         return status
 
 

@@ -135,6 +135,28 @@ def capfilt_transform(p_shards, settings: BootstrapSettings, layout: OutputLayou
     )
 
 
+def runs_locally(runner: str, beam_args: Sequence[str] = ()) -> bool:
+    """Whether the job's workers run on this machine and end with this process: a local runner, or a Dask
+    cluster started here (not one joined with ``--dask_client_address``). They then read this machine's paths."""
+    if dask_cluster.is_dask(runner):
+        return not dask_cluster.joins_cluster(beam_args)
+    return runner in LOCAL_RUNNERS
+
+
+def worker_arguments(runner: str, workers: int) -> list[str]:
+    """The Beam options that give a local runner ``workers`` processes (the DaskRunner's are ``run``'s)."""
+    if workers > 1 and runner in LOCAL_RUNNERS:
+        return [f"--direct_num_workers={workers}", "--direct_running_mode=multi_processing"]
+    return []
+
+
+def claim_output(out: str, settings: BootstrapSettings) -> OutputLayout:
+    """OUT bound to these settings (``OutputLayout.claim``): a folder of another run's settings is refused."""
+    layout = OutputLayout(out)
+    layout.claim(settings.provenance())
+    return layout
+
+
 def build_pipeline(pipeline: beam.Pipeline, shards: Sequence[InputShard], settings: BootstrapSettings,
                    out: str, report: bool = True, local: bool | None = None):
     """Add the whole CapFilt job over ``shards`` to ``pipeline``; returns the stats PCollection.
@@ -142,8 +164,7 @@ def build_pipeline(pipeline: beam.Pipeline, shards: Sequence[InputShard], settin
     ``local``: whether the job's workers run on this machine and end with this process (default: the runner is
     one of ``LOCAL_RUNNERS``); a later job removes a dead local job's temporary files, and only lists others'.
     """
-    layout = OutputLayout(out)
-    layout.claim(settings.provenance())
+    layout = claim_output(out, settings)
     layout.sweep_temp()
     layout = layout.start_run(local=type(pipeline.runner).__name__ in LOCAL_RUNNERS if local is None else local)
     p_shards = pipeline | "ListShards" >> beam.Create(list(shards))
@@ -166,9 +187,9 @@ def run(shards: Sequence[InputShard], settings: BootstrapSettings, out: str, run
 
     ``workers``: on the DaskRunner without ``--dask_client_address``, the worker processes of the local
     cluster started for this run and closed after it, also on error (the local runner's ``--workers`` are
-    Beam options: ``capfilt.cli.beam_arguments``).
+    Beam options: ``worker_arguments``).
     """
-    local = runner in LOCAL_RUNNERS or (dask_cluster.is_dask(runner) and not dask_cluster.joins_cluster(beam_args))
+    local = runs_locally(runner, beam_args)
     with ExitStack() as stack:
         if dask_cluster.is_dask(runner):
             beam_args = stack.enter_context(dask_cluster.dask_arguments(beam_args, workers, len(shards)))

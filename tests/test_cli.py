@@ -20,7 +20,8 @@ from PIL import Image
 from capfilt import cli
 from capfilt.ingest import datasets
 from capfilt.pipelines.settings import BootstrapSettings
-from capfilt.cli import UsageError, parse_shard_selection
+from capfilt.recipes import bootstrap as recipe
+from capfilt.recipes.bootstrap import UsageError, parse_shard_selection
 from loopback import Handler, LoopbackHTTP, keep_proxies_away
 
 IMAGES = 6
@@ -81,8 +82,8 @@ def test_shard_selection():
 
 
 def test_default_models_follow_the_data():
-    assert cli.default_models("demo") == ("demo", "demo")
-    assert cli.default_models("cc12m") == ("Salesforce/blip-image-captioning-large", "Salesforce/blip-itm-large-coco")
+    assert recipe.default_models("demo") == ("demo", "demo")
+    assert recipe.default_models("cc12m") == ("Salesforce/blip-image-captioning-large", "Salesforce/blip-itm-large-coco")
 
 
 def test_a_model_not_on_disk_is_a_clear_error(tmp_path, capsys):
@@ -185,16 +186,16 @@ def test_bootstrap_the_demo_world(captioner_folder, filter_folder, tmp_path, one
 
 def test_shards_folder_is_bound_to_its_input(tmp_path):
     folder = tmp_path / "shards"
-    assert cli.record_source(folder, {"data": "demo", "size": 8}) is False
-    assert cli.record_source(folder, {"data": "demo", "size": 8}) is True
+    assert recipe.record_source(folder, {"data": "demo", "size": 8}) is False
+    assert recipe.record_source(folder, {"data": "demo", "size": 8}) is True
     with pytest.raises(UsageError, match="another input"):
-        cli.record_source(folder, {"data": "demo", "size": 12})
+        recipe.record_source(folder, {"data": "demo", "size": 12})
 
 
 def test_a_remote_out_needs_a_local_shards_folder():
     args = cli.build_parser().parse_args(["bootstrap", "--out", "gs://bucket/run"])
     with pytest.raises(UsageError, match="--shards-dir"):
-        cli.shards_folder(args)
+        recipe.shards_folder(cli.run_from_args(args, []))
 
 
 def read_back_by_downstream_trainers(kept, tokenizer_folder):

@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from capfilt import cli
+from capfilt.recipes import bootstrap as recipe
 
 LOOP = ("datasets", "shapes", "train", "export", "evaluate", "bootstrap", "refilter", "export-dataset",
         "demo-models", "experiment")
@@ -133,28 +134,28 @@ def test_keep_share_warnings_per_source():
     from capfilt.pipelines.settings import BootstrapSettings
 
     settings = BootstrapSettings(threshold=0.5)
-    assert cli.keep_share_warnings(stats(600, 400, 500, 500), settings) == []
-    assert cli.keep_share_warnings(stats(0, 99, 99, 0), settings) == []  # too few texts to tell
+    assert recipe.keep_share_warnings(stats(600, 400, 500, 500), settings) == []
+    assert recipe.keep_share_warnings(stats(0, 99, 99, 0), settings) == []  # too few texts to tell
     # The share is the filter's: texts removed as duplicates passed it.
-    assert cli.keep_share_warnings(stats(600, 400, 500, 500, duplicates=595), settings) == []
-    (duplicates,) = cli.keep_share_warnings(stats(1000, 0, 500, 500, duplicates=600), settings)
+    assert recipe.keep_share_warnings(stats(600, 400, 500, 500, duplicates=595), settings) == []
+    (duplicates,) = recipe.keep_share_warnings(stats(1000, 0, 500, 500, duplicates=600), settings)
     assert "kept 100.0% of the 1000 web texts" in duplicates
-    (low,) = cli.keep_share_warnings(stats(0, 1000, 500, 500), settings)
+    (low,) = recipe.keep_share_warnings(stats(0, 1000, 500, 500), settings)
     assert "kept 0.0% of the 1000 web texts" in low and "shapes world" in low and "--threshold 0.5" in low
-    (captions,) = cli.keep_share_warnings(stats(500, 500, 9, 991), settings)
+    (captions,) = recipe.keep_share_warnings(stats(500, 500, 9, 991), settings)
     assert "synthetic captions" in captions and "captioner" in captions
-    high = cli.keep_share_warnings(stats(1000, 0, 995, 5), BootstrapSettings(threshold=0.0))
+    high = recipe.keep_share_warnings(stats(1000, 0, 995, 5), BootstrapSettings(threshold=0.0))
     assert len(high) == 2 and all("over 99%" in w and "--threshold 0.0" in w for w in high)
     # --strict: 4, after the statuses that ask for something else first (1: rerun, 3: replace damaged input).
-    assert cli.exit_status([], [], high) == cli.EXIT_KEEP_SHARE == 4
-    assert cli.exit_status([], [], []) == 0
-    assert cli.exit_status(["00000"], [], high) == 1
-    assert cli.exit_status([], [{"shard": "00000"}], high) == 3
+    assert recipe.exit_status([], [], high) == recipe.EXIT_KEEP_SHARE == 4
+    assert recipe.exit_status([], [], []) == 0
+    assert recipe.exit_status(["00000"], [], high) == 1
+    assert recipe.exit_status([], [{"shard": "00000"}], high) == 3
 
 
 def test_a_run_that_keeps_everything_warns_and_fails_with_strict(captioner_folder, filter_folder, tmp_path,
                                                                   monkeypatch, capsys):
-    monkeypatch.setattr(cli, "KEEP_SHARE_MIN_TEXTS", 4)  # a tiny run: 4 images
+    monkeypatch.setattr(recipe, "KEEP_SHARE_MIN_TEXTS", 4)  # a tiny run: 4 images
     common = ["bootstrap", "--out", str(tmp_path / "out"), "--captioner", str(captioner_folder),
               "--filter", str(filter_folder), "--demo-size", "4", "--demo-shard-size", "4", "--torch-threads", "1",
               "--threshold", "0"]

@@ -19,9 +19,11 @@ from apache_beam.runners.dask.dask_runner import DaskOptions
 
 from capfilt import cli
 from capfilt.ingest import datasets
-from capfilt.cli import UsageError
+from capfilt.pipelines import bootstrap as bootstrap_pipeline
 from capfilt.pipelines import dask_cluster
 from capfilt.pipelines.bootstrap import pipeline_options
+from capfilt.recipes import bootstrap as recipe
+from capfilt.recipes.bootstrap import UsageError
 
 # 48 pairs of the shapes world in 3 shards, judged by the shipped demo models.
 DEMO = datasets.DemoInput(size=48, shard_size=16)
@@ -83,7 +85,7 @@ def watched_cluster(monkeypatch):
 @pytest.mark.slow
 def test_dask_runner_writes_what_the_local_runner_writes(tmp_path, monkeypatch, watched_cluster):
     shards = tmp_path / "shards"
-    cli.prepare_demo(DEMO, shards)
+    recipe.prepare_demo(DEMO, shards)
     broken = shards / "00001.parquet"
     readable = broken.read_bytes()
     broken.write_bytes(b"not a parquet file")  # a damaged shard: recorded once as damaged, not retried
@@ -97,8 +99,8 @@ def test_dask_runner_writes_what_the_local_runner_writes(tmp_path, monkeypatch, 
     here = psutil.Process()
     children = set(here.children(recursive=True))
     local, dask = tmp_path / "local", tmp_path / "dask"
-    assert run(local) == cli.EXIT_DAMAGED
-    assert run(dask, "--runner", "DaskRunner", "--workers", "2") == cli.EXIT_DAMAGED
+    assert run(local) == recipe.EXIT_DAMAGED
+    assert run(dask, "--runner", "DaskRunner", "--workers", "2") == recipe.EXIT_DAMAGED
     assert_same_output(local, dask)
     assert [d["shard"] for d in stats(dask)["shards"]["damaged"]] == ["00001"]
     assert stats(dask)["shards"]["errors"] == []
@@ -143,8 +145,8 @@ def test_beam_options_pass_through_as_opt_value_and_opt_equals_value():
             cli.beam_options(stray)
 
     # A named cluster is joined (its workers may not see this machine's models); without one capfilt starts one.
-    assert dask_cluster.joins_cluster(options) and not cli.runs_locally(args, options)
-    assert not dask_cluster.joins_cluster(["--dask_npartitions=4"]) and cli.runs_locally(args, [])
+    assert dask_cluster.joins_cluster(options) and not bootstrap_pipeline.runs_locally(args.runner, options)
+    assert not dask_cluster.joins_cluster(["--dask_npartitions=4"]) and bootstrap_pipeline.runs_locally(args.runner, [])
     beam = pipeline_options("DaskRunner", options)
     assert beam.view_as(StandardOptions).runner == dask_cluster.DASK_RUNNER
     assert beam.view_as(DaskOptions).address == "tcp://scheduler:8786"

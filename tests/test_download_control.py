@@ -23,6 +23,7 @@ import pytest
 from PIL import Image
 
 from capfilt import cli
+from capfilt.recipes import bootstrap as recipe
 from loopback import Handler, LoopbackHTTP, keep_proxies_away
 
 URLS = 12
@@ -190,7 +191,7 @@ def test_a_job_that_stops_in_the_pipeline_says_what_is_kept_and_how_to_go_on(mon
     code = cli.main(["bootstrap", "--data", "demo", "--out", str(out), "--captioner", "demo", "--filter", "demo",
                      "--demo-size", "16", "--demo-shard-size", "8", "--torch-threads", "1",
                      "--progress-interval", "60"])
-    assert code == cli.EXIT_UNFINISHED
+    assert code == recipe.EXIT_UNFINISHED
     lines = capsys.readouterr().err.strip().splitlines()
     assert "No space left on device" in lines[-2]
     assert lines[-1].endswith("2 of 2 shard(s) are done and kept in " + str(out)

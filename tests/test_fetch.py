@@ -649,6 +649,7 @@ def test_the_command_line_passes_the_policy_to_the_list_check_the_download_and_t
 
     from capfilt import cli
     from capfilt.ingest import datasets
+    from capfilt.recipes import bootstrap as recipe
     from capfilt.ingest import download as download_module
 
     url_list = tmp_path / "urls.tsv"
@@ -660,19 +661,20 @@ def test_the_command_line_passes_the_policy_to_the_list_check_the_download_and_t
     args = cli.bootstrap_parser().parse_args(["--data", str(url_list), "--allow-network", "127.0.0.2/32",
                                               "--allow-network", "10.1.0.0/16", "--total-timeout", "5",
                                               "--max-body-bytes", "1000000"])
-    cli.prepare_download(datasets.resolve(str(url_list)), folder, args)
+    recipe.prepare_download(datasets.resolve(str(url_list)), folder, cli.download_settings_from_args(args))
     assert seen[0].fetch_policy() == FetchPolicy(allow_networks=("127.0.0.2/32", "10.1.0.0/16"),
                                                  max_body_bytes=1_000_000, total_seconds=5.0)
-    canonical = pq.read_table(cli.beside(folder, cli.URL_LIST_SUFFIX)).to_pylist()
+    canonical = pq.read_table(recipe.beside(folder, recipe.URL_LIST_SUFFIX)).to_pylist()
     assert [row["capfilt_error"] for row in canonical] == [None, f"refused: 127.0.0.1 is {LOOPBACK_HINT}"]
-    record = json.loads(cli.beside(folder, cli.SOURCE_SUFFIX).read_text())
+    record = json.loads(recipe.beside(folder, recipe.SOURCE_SUFFIX).read_text())
     assert record["allow_networks"] == ["127.0.0.2/32", "10.1.0.0/16"]
     assert not {"max_body_bytes", "total_seconds"} & set(record)  # limits decide at download, as --timeout does
     # No networks are not recorded (a folder recorded before the flag existed still matches); a bad network
     # is a usage error.
     defaults = cli.bootstrap_parser().parse_args(["--data", str(url_list)])
-    cli.prepare_download(datasets.resolve(str(url_list)), tmp_path / "other" / "shards", defaults)
-    assert "allow_networks" not in json.loads(cli.beside(tmp_path / "other" / "shards", cli.SOURCE_SUFFIX).read_text())
+    recipe.prepare_download(datasets.resolve(str(url_list)), tmp_path / "other" / "shards",
+                            cli.download_settings_from_args(defaults))
+    assert "allow_networks" not in json.loads(recipe.beside(tmp_path / "other" / "shards", recipe.SOURCE_SUFFIX).read_text())
     bad = cli.bootstrap_parser().parse_args(["--data", str(url_list), "--allow-network", "nope"])
     with pytest.raises(cli.UsageError, match="--allow-network 'nope'"):
-        cli.prepare_download(datasets.resolve(str(url_list)), tmp_path / "bad" / "shards", bad)
+        cli.download_settings_from_args(bad)

@@ -11,12 +11,10 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 FOLDERS = {"capfilt": "capfilt", "models": "capfilt.models", "pipelines": "capfilt.pipelines"}
 
-# The inference core: loading checkpoints, the captioner and the filter, images, and the offline shapes world.
-CORE = {"capfilt", "capfilt.attention", "capfilt.captioner", "capfilt.checkpoints", "capfilt.columns",
-        "capfilt.configs", "capfilt.device", "capfilt.filter", "capfilt.images", "capfilt.tokenizer",
-        "capfilt.vocab", "capfilt.shapes"}
-INGEST = {"capfilt.ingest", "capfilt.ingest.datasets", "capfilt.ingest.download", "capfilt.ingest.fetch",
-          "capfilt.ingest.folder_lock", "capfilt.ingest.process_group", "capfilt.ingest.urls"}
+# The layers are folders. The inference core is capfilt/'s own modules and the shapes world (capfilt/shapes/); ingest
+# is capfilt/ingest/; the pipeline pipelines/ (capfilt.pipelines); the trainer models/ (capfilt.models); the top is
+# the use cases (capfilt/recipes/) and the command line (capfilt/cli.py).
+TOP = ("capfilt.cli", "capfilt.recipes")
 # Layer of each module -> the layers it may import. The top (cli, demo, experiment, ...) may import anything.
 MAY_IMPORT = {
     "core": {"core"},
@@ -27,15 +25,14 @@ MAY_IMPORT = {
 
 
 def layer(module: str) -> str:
-    if module in CORE or module.startswith("capfilt.shapes."):
-        return "core"
-    if module in INGEST:
-        return "ingest"
-    if module.startswith("capfilt.pipelines"):
-        return "pipelines"
-    if module.startswith("capfilt.models"):
-        return "models"
-    return "top"
+    """The layer of a module, from its folder alone."""
+    if module.startswith(("capfilt.pipelines.", "capfilt.models.", "capfilt.ingest.", "capfilt.recipes.")) or \
+            module in ("capfilt.pipelines", "capfilt.models", "capfilt.ingest", "capfilt.recipes"):
+        folder = module.split(".")[1]
+        return {"pipelines": "pipelines", "models": "models", "ingest": "ingest", "recipes": "top"}[folder]
+    if module in TOP:
+        return "top"
+    return "core"  # capfilt/*.py and capfilt/shapes/
 
 
 def modules() -> dict[str, Path]:
@@ -82,7 +79,18 @@ def test_no_two_modules_import_each_other():
 
 
 @pytest.mark.parametrize("module,expected", [("capfilt.captioner", "core"), ("capfilt.shapes.world", "core"),
-                                             ("capfilt.ingest.datasets", "ingest"), ("capfilt.models.med", "models"),
-                                             ("capfilt.pipelines.report", "pipelines"), ("capfilt.cli", "top")])
+                                             ("capfilt.ingest.datasets", "ingest"), ("capfilt.ingest.fetch", "ingest"),
+                                             ("capfilt.models.med", "models"), ("capfilt.pipelines.report", "pipelines"),
+                                             ("capfilt.recipes.bootstrap", "top"), ("capfilt.cli", "top")])
 def test_layer_names(module, expected):
     assert layer(module) == expected
+
+
+def test_every_folder_is_a_layer_and_the_core_holds_no_use_case():
+    """A new module lands in a layer by where it is put; the core's root holds no command line or recipe."""
+    found = modules()
+    root = {m for m in found if m.count(".") == 1}  # capfilt/*.py and the packages beside them
+    assert {m for m in root if layer(m) != "core"} == {"capfilt.cli", "capfilt.recipes", "capfilt.ingest",
+                                                       "capfilt.pipelines", "capfilt.models"}
+    assert {m.split(".")[1] for m in found if m.count(".") >= 2 and layer(m) != "core"} == \
+        {"ingest", "pipelines", "models", "recipes"}

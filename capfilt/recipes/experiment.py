@@ -50,7 +50,7 @@ TEST_SEED = 13  # the test split's seed: the demo recipe renders human with 11 a
 
 @dataclass(frozen=True)
 class ExperimentConfig:
-    """What the experiment compares and how it measures; the defaults made the README's table."""
+    """What the experiment compares and how it measures; the defaults made docs/experiment.md's results."""
 
     captioner: str = "demo"  # fine-tuned from the raw run (step 2); any model reference
     filter: str = "demo"  # likewise
@@ -75,10 +75,10 @@ def run_capfilt(web: Path, out: Path, config: ExperimentConfig, method: str | No
                 shards: str | None = None) -> Path:
     """Step 3: the CapFilt pipeline over the web shards (``shards``: indices such as ``0-3``; default all),
     with the captioner's own sampling or ``method``; resumes finished shards."""
-    from capfilt.cli import select_shards
     from capfilt.pipelines import bootstrap
     from capfilt.pipelines.layout import OutputLayout
     from capfilt.pipelines.report import read_stats
+    from capfilt.recipes.bootstrap import select_shards
     from capfilt.pipelines.settings import BootstrapSettings
 
     settings = BootstrapSettings(captioner=config.captioner, filter=config.filter,
