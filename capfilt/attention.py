@@ -2,9 +2,9 @@
 
 transformers' BLIP classes (5.23) have only the eager path: ``softmax(Q Kᵀ · d^-½) V`` with the attention
 matrix materialised, batch × heads × 577² floats per layer for ViT-B/16 at 384 px. SDPA computes the same
-thing (max difference ~3e-6 on ViT-B/16) without keeping that matrix, and takes flash or memory-efficient
-kernels on a GPU. Written here because transformers offers no SDPA for BLIP. Measured with
-``bench/bench_attention.py`` on 2 CPU cores: 17% less time for ViT-B/16 at 384 px (docs/training.md).
+thing (within 1e-5, ``tests/test_attention.py``) without keeping that matrix, and takes flash or
+memory-efficient kernels on a GPU. Written here because transformers offers no SDPA for BLIP.
+``bench/bench_attention.py`` times the two paths (docs/throughput.md, "What makes the engine fast").
 The text side (BERT, 35 tokens or fewer) keeps the eager path.
 
 ``use_sdpa(model)`` switches every ``BlipAttention`` in a model in place: same parameters, same state-dict

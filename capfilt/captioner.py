@@ -124,8 +124,8 @@ class Captioner:
 
     def __post_init__(self):
         self.model.to(self.device, dtype=torch.float32).eval()  # fp32 weights; products under autocast_dtype
-        # Logits in fp32: with bf16 logits the demo captioner's nucleus captions were right for 81.2% of 1,000
-        # scenes instead of 85.2% (fp32 head: 85.3%); rounding shifts the distribution that top-p draws from.
+        # Logits in fp32: top-p keeps the fewest tokens whose probabilities reach p, so logits rounded to bf16
+        # shift the distribution it draws from (docs/throughput.md, "bf16 and the output").
         compute_in_fp32(self.model.text_decoder.cls)
         self.preprocess = ImagePreprocessor(self.model.config.vision_config.image_size)
         self.ids = special_ids(self.tokenizer)

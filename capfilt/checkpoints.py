@@ -1,6 +1,6 @@
 """Loading BLIP checkpoints from local paths, strictly, offline.
 
-Three forms are read (blip-reference.md, "Checkpoints"):
+Three forms are read (docs/models.md, "Model references"):
 
 - an HF-format folder (``save_pretrained`` layout: ``config.json`` +
   ``model.safetensors`` or ``pytorch_model.bin``, tokenizer files);
@@ -90,7 +90,7 @@ def _from_hub_cache(repo_id: str) -> Path:
 
 
 # --- original Salesforce keys -> transformers keys -------------------------------------------
-# The text side keeps its names; the ViT differs (blip-reference.md, "Checkpoints").
+# The text side keeps its names; the ViT differs: BLIP's models/vit.py against transformers' modeling_blip.py.
 # One table, read in both directions; "{n}" stands for a block number.
 _VISION_KEYS = [
     ("visual_encoder.cls_token", "vision_model.embeddings.class_embedding"),

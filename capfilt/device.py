@@ -5,9 +5,9 @@ when absent. Weights stay fp32; matrix products run under autocast in a lower pr
 hardware has it natively (``precision="auto"``):
 
 - CUDA: bf16 (fp16 on cards without bf16).
-- CPU: bf16 where the CPU has native bf16 dot products (AVX512-BF16 or AMX); on 2 cores of an
-  AVX512-BF16 EPYC, ``bench/bench_throughput.py --config base`` ran capfilt's engine at 0.88 images/s
-  against 0.35 with ``--precision fp32`` (docs/throughput.md). Elsewhere fp32 (emulated bf16 is slower).
+- CPU: bf16 where the CPU has native bf16 dot products (AVX512-BF16 or AMX); elsewhere fp32, since
+  emulated bf16 is slower. ``bench/bench_throughput.py --precision auto|fp32`` measures the difference
+  (docs/throughput.md).
 
 ``precision="fp32"`` turns autocast off (the reference for tests); ``"bf16"`` forces it.
 

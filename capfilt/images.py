@@ -5,9 +5,9 @@ The original code converts to RGB with PIL, resizes to a square
 with the OpenAI CLIP mean and std (``transform_test`` in BLIP's
 ``data/__init__.py``). ``ImagePreprocessor`` does the same in PIL and numpy.
 transformers' ``BlipImageProcessorPil`` computes the same values (within 1e-6,
-``tests/test_images.py``) but takes 8.5-10.9 ms for a 512x384 image where
-this takes 3.5-3.8 ms (2 cores, 2026-12-04): at the hundreds of images a second a
-GPU takes, preprocessing must not be what the GPU waits for.
+``tests/test_images.py``) in more time (docs/throughput.md, "What makes the
+engine fast"): at the hundreds of images a second a GPU takes, preprocessing
+must not be what the GPU waits for.
 
 Every image becomes 8-bit RGB through ``to_rgb``, whatever its mode:
 

@@ -252,7 +252,7 @@ def _percent(value: float | None) -> str:
 
 
 def table(filter_results: dict | None, captioner_results: dict | None) -> str:
-    """The results as Markdown tables (the README's): per kind and scene type, then what goes wrong."""
+    """The results as Markdown tables (docs/demo.md quotes them): per kind and scene type, then what goes wrong."""
     lines = []
     if filter_results:
         scenes = sorted({name for r in filter_results.values() for name in r.get("by_scene", {})})

@@ -314,7 +314,7 @@ def _percent(value: float | None) -> str:
 
 
 def markdown(results: dict) -> str:
-    """The README's tables."""
+    """The results as Markdown tables (docs/experiment.md's)."""
     streams = results["config"]["streams"] or 1
     lines = ["| pre-training data | seed, streams | image→text R@1 (ITC / +ITM) | text→image R@1 (ITC / +ITM) "
              "| captions correct: one object | two objects | all |", "| --- |" + " --- |" * 6]

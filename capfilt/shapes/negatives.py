@@ -1,7 +1,7 @@
 """Hard negative texts for ITM: a caption with its words bound wrongly, its relation wrong, or one word replaced.
 
-A departure from BLIP for the demo filter (docs/research-log.md, "Compositional
-negatives"). ITM's hard negative text for an image is drawn from the batch by
+A departure from BLIP for the demo filter (docs/demo.md, "How they are
+trained"). ITM's hard negative text for an image is drawn from the batch by
 ITC similarity (paper §3.2). In a batch of 64 scenes out of 100,000, a
 caption naming the same two objects with the other relation almost never
 occurs, so nothing tells the filter which object is where. NegCLIP
@@ -19,12 +19,13 @@ NegCLIP also replaces words; here the one word that carries geometry:
 - ``relation``: the relation replaced by another one that is wrong for the
   scene (``A left of B`` -> ``A right of B``, ``A above B`` or ``A below B``).
 
-The swaps hold the true caption's words, so they test binding alone; in
-training, ITM sat at chance on the objects swap for ~1,000 steps before it
-learned the direction (docs/research-log.md), and a filter trained on swaps still
-passed almost every web text whose relation was changed. A third of the
-draws swap the objects, a third change the relation, a third swap an
-attribute. Every negative is checked wrong for its scene with the caption
+The swaps hold the true caption's words, so they test binding alone
+(``capfilt.recipes.evaluate``, ``evaluate_swaps``). As training negatives
+they did not help the demo filter: ITM learned a relation's direction from
+the objects swap only after a long stretch at chance, and a filter trained
+on swaps grew stricter on clean texts. A third of the draws swap the
+objects, a third change the relation, a third swap an attribute. Every
+negative is checked wrong for its scene with the caption
 parser. One-object scenes have none (nothing to swap, no relation); two
 alike objects get only a relation on the other axis (their converse is
 correct).
@@ -33,7 +34,7 @@ correct).
 replaced (a size, colour or shape of one object, or the relation by one on
 the other axis), for half the rows of any scene. These are the same kind of
 edit as the world's ``partial`` web texts, except a relation's converse; the
-shipped demo filter trained on them (docs/research-log.md, "Replaced words").
+shipped demo filter trained on them (docs/demo.md, "How they are trained").
 """
 
 from __future__ import annotations
