@@ -26,7 +26,7 @@ import logging
 import os
 import sys
 
-from capfilt.ingest import datasets
+from capfilt.ingest import datasets, named, url_list
 from capfilt.ingest.process_group import EXIT_SIGINT, EXIT_SIGTERM, Terminated, terminate_raises
 from capfilt.pipelines.schema import BELOW_THRESHOLD
 from capfilt.recipes import bootstrap as recipe
@@ -96,7 +96,7 @@ def build_parser(bootstrap_flags: bool = True) -> argparse.ArgumentParser:
         if name == "datasets":
             listing = commands.add_parser(name, help=summary, description="List the named web datasets (cc12m, "
                                           "cc3m, sbu, laion400m) and whether their URL lists are on disk.")
-            listing.add_argument("--cache-dir", default=str(datasets.DEFAULT_CACHE),
+            listing.add_argument("--cache-dir", default=str(named.DEFAULT_CACHE),
                                  help="where the named datasets' URL lists are (default: %(default)s)")
         elif name == "bootstrap" and bootstrap_flags:
             add_bootstrap_arguments(commands.add_parser(name, help=summary, **_bootstrap_parser_settings()))
@@ -136,7 +136,7 @@ def add_bootstrap_arguments(boot: argparse.ArgumentParser) -> None:
                       help="input shards to run, by index: e.g. 0-9,12 (default: all)")
     data.add_argument("--shards-dir", default=None,
                       help="folder where downloaded (or demo) shards go (default: OUT/shards)")
-    data.add_argument("--cache-dir", default=str(datasets.DEFAULT_CACHE),
+    data.add_argument("--cache-dir", default=str(named.DEFAULT_CACHE),
                       help="folder of the named datasets' URL lists")
     data.add_argument("--no-fetch", action="store_true", help="never fetch a named dataset's URL list")
     data.add_argument("--url-col", default=None,
@@ -368,7 +368,7 @@ def run_from_args(args, unknown: list[str]) -> BootstrapRun:
     return BootstrapRun(
         data=args.data, out=str(args.out), settings=settings_from_args(args),
         download=download_settings_from_args(args),
-        columns=datasets.Columns(url=args.url_col, caption=args.caption_col),
+        columns=url_list.Columns(url=args.url_col, caption=args.caption_col),
         keep_columns=tuple(c for c in args.keep_columns.split(",") if c), cache_dir=args.cache_dir,
         fetch=False if args.no_fetch else None,
         demo=datasets.DemoInput(args.demo_size, args.demo_seed, args.demo_shard_size),
@@ -435,7 +435,7 @@ def _main(argv: list[str] | None) -> int:
     if args.command == "datasets":
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
-        print(datasets.describe_named(args.cache_dir))
+        print(named.describe_named(args.cache_dir))
         return 0
     try:
         with terminate_raises():  # SIGTERM as an exception: the download's processes are stopped on the way out

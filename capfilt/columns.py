@@ -8,7 +8,7 @@ importing each other. The output's own schema is ``capfilt.pipelines.schema``.
 from __future__ import annotations
 
 # The canonical URL list's (and so img2dataset's shards') column that marks a row as unparseable: null for good
-# rows, the reason for a line that did not parse (``capfilt.ingest.datasets.write_url_list``). Never passed through.
+# rows, the reason for a line that did not parse (``capfilt.ingest.url_list.write_url_list``). Never passed through.
 INPUT_ERROR = "capfilt_error"
 # With ``capfilt_error`` set, the stage the row fails at: null or ``parse`` for a line that did not parse,
 # ``download`` for a URL refused before img2dataset saw it (``capfilt.ingest.urls``). Never passed through.

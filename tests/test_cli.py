@@ -18,7 +18,8 @@ import torch
 from PIL import Image
 
 from capfilt import cli
-from capfilt.ingest import datasets
+from capfilt.ingest import datasets, named
+from capfilt.ingest.url_list import DatasetNotAvailableError
 from capfilt.pipelines.settings import BootstrapSettings
 from capfilt.recipes import bootstrap as recipe
 from capfilt.recipes.bootstrap import UsageError, parse_shard_selection
@@ -101,15 +102,15 @@ def test_datasets_listing(tmp_path, capsys):
 
 
 def test_named_dataset_fetch_over_loopback(loopback, tmp_path, monkeypatch):
-    spec = datasets.NAMED["sbu"]
-    monkeypatch.setitem(datasets.NAMED, "sbu", datasets.NamedDataset(
+    spec = named.NAMED["sbu"]
+    monkeypatch.setitem(named.NAMED, "sbu", named.NamedDataset(
         **{**spec.__dict__, "files": ((loopback.url + "/sbu.tar.gz", "sbu-captions-all.tar.gz"),)}))
     source = datasets.resolve("sbu", cache=tmp_path, fetch=True)
     assert source.url_list.paths == (tmp_path / "sbu" / "sbu-captions-all.json",)
-    spec = datasets.NAMED["cc12m"]
-    monkeypatch.setitem(datasets.NAMED, "cc12m", datasets.NamedDataset(
+    spec = named.NAMED["cc12m"]
+    monkeypatch.setitem(named.NAMED, "cc12m", named.NamedDataset(
         **{**spec.__dict__, "files": ((loopback.url + "/gone.tsv", "cc12m.tsv"),)}))
-    with pytest.raises(datasets.DatasetNotAvailableError, match="404") as error:
+    with pytest.raises(DatasetNotAvailableError, match="404") as error:
         datasets.resolve("cc12m", cache=tmp_path, fetch=True)
     assert str(tmp_path / "cc12m" / "cc12m.tsv") in str(error.value)
     assert not (tmp_path / "cc12m" / "cc12m.tsv").exists()

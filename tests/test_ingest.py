@@ -12,8 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from capfilt.ingest import datasets
-from capfilt.ingest.datasets import Columns, DatasetError, DatasetNotAvailableError, resolve, write_url_list
+from capfilt.ingest import datasets, named, url_list
+from capfilt.ingest.datasets import resolve
+from capfilt.ingest.url_list import Columns, DatasetError, DatasetNotAvailableError, UrlList, write_url_list
 from capfilt.columns import INPUT_COLUMNS, INPUT_ERROR, INPUT_STAGE, INPUT_URL
 from capfilt.pipelines.shards import ShardError, ShardReader, list_shards
 
@@ -50,9 +51,9 @@ def test_demo_and_unknown_names():
         resolve("no-such-dataset")
 
 
-@pytest.mark.parametrize("name", sorted(datasets.NAMED))
+@pytest.mark.parametrize("name", sorted(named.NAMED))
 def test_named_dataset_offline_says_where_to_put_the_file(name, tmp_path):
-    spec = datasets.NAMED[name]
+    spec = named.NAMED[name]
     with pytest.raises(DatasetNotAvailableError) as error:
         resolve(name, cache=tmp_path, fetch=False)
     message = str(error.value)
@@ -153,7 +154,7 @@ def test_rows_without_url_and_malformed_lines_are_kept(tmp_path):
 
 def test_malformed_lines_keep_their_place_across_blocks(tmp_path, monkeypatch):
     """The canonical list is the file's rows in the file's order, however the parser splits it into blocks."""
-    monkeypatch.setattr(datasets, "CSV_BLOCK_BYTES", 256)  # ~8 lines a block
+    monkeypatch.setattr(url_list, "CSV_BLOCK_BYTES", 256)  # ~8 lines a block
     lines = [f"http://i.example/{i}.jpg\tcaption {i}" for i in range(120)]
     for i in (1, 2, 3, 30, 31, 64, 118, 119):  # runs of bad lines, at block edges too, and at the end
         lines[i] = f"http://i.example/{i}.jpg\tcaption\t{i}"
@@ -249,7 +250,7 @@ def test_an_odd_first_line_does_not_set_a_headerless_lists_width(tmp_path):
 @pytest.mark.parametrize("fmt", ["tsv", "csv"])
 def test_a_line_that_is_not_utf8_fails_alone_at_parse(fmt, tmp_path, monkeypatch):
     """One bad byte (here Latin-1's é) fails its own line, at stage parse, and the list goes on."""
-    monkeypatch.setattr(datasets, "CSV_BLOCK_BYTES", 256)  # several blocks: line numbers hold across them
+    monkeypatch.setattr(url_list, "CSV_BLOCK_BYTES", 256)  # several blocks: line numbers hold across them
     sep = "\t" if fmt == "tsv" else ","
     lines = [f"http://u.example/{i}.jpg{sep}caption {i}".encode() for i in range(40)]
     lines[7] = f"http://u.example/7.jpg{sep}caf".encode() + b"\xe9 au lait"
@@ -406,7 +407,7 @@ def test_a_json_value_that_is_not_utf8_fails_its_row_and_a_broken_document_names
     assert rows[1][INPUT_ERROR] == "record 2 of list.json is not UTF-8: byte 0xe9 in 'captions'"
     broken = tmp_path / "broken.json"
     broken.write_text('{"image_urls": ["https://k.example/1.jpg"], "captions": ["one"]')
-    url_list = datasets.UrlList((broken,), "json", "image_urls", "captions", header=True)
+    url_list = UrlList((broken,), "json", "image_urls", "captions", header=True)
     with pytest.raises(DatasetError, match="broken.json: not a JSON document"):
         write_url_list(url_list, tmp_path / "out2.parquet")
 

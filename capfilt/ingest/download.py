@@ -12,7 +12,7 @@ its URL and reason. Reruns resume: img2dataset skips shards whose
 ``_stats.json`` exists.
 
 URLs are checked twice. Before img2dataset sees them (``capfilt.ingest.urls``, in
-``capfilt.ingest.datasets.write_url_list``): only http and https URLs to public
+``capfilt.ingest.url_list.write_url_list``): only http and https URLs to public
 addresses reach it; a refused row has no URL, so img2dataset never fetches
 it. Then where the connection is made: img2dataset's workers fetch with
 ``capfilt.ingest.fetch`` (``ImageFetcher``) instead of ``urllib.request.urlopen``,
@@ -204,7 +204,7 @@ def lock_path(output_folder: str | Path) -> Path:
 
 def download(url_list: str | Path, output_folder: str | Path, settings: DownloadSettings = DownloadSettings(),
              extra_columns: tuple[str, ...] = (), on_wait: Callable[[str], None] | None = None) -> str:
-    """Download the canonical URL list (``capfilt.ingest.datasets.write_url_list``) into ``output_folder``.
+    """Download the canonical URL list (``capfilt.ingest.url_list.write_url_list``) into ``output_folder``.
 
     Returns the folder. Shards finished by an earlier call are kept (img2dataset's incremental mode),
     and when all are finished img2dataset is not started at all. One download per local folder at a time: a

@@ -4,7 +4,7 @@ A URL list is untrusted input, and its URLs are fetched by img2dataset's workers
 inside a private network: next to internal services, and next to the cloud's metadata service
 (169.254.169.254 on AWS, GCP, Azure and Oracle; ``metadata.google.internal``), which hands out the
 machine's credentials to whoever asks. A list that names such addresses would make capfilt a tool for
-server-side request forgery (SSRF). So, before img2dataset sees the list, ``capfilt.ingest.datasets.write_url_list``
+server-side request forgery (SSRF). So, before img2dataset sees the list, ``capfilt.ingest.url_list.write_url_list``
 refuses (``check_url``; ``refusals`` for a whole column):
 
 - every scheme but ``http`` and ``https`` (``file:``, ``ftp:``, ``data:``, ... and a URL without scheme):

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from capfilt.ingest import datasets
+from capfilt.ingest import datasets, named, url_list
 from capfilt.ingest.download import DownloadSettings
 from capfilt.pipelines import dask_cluster
 from capfilt.pipelines.schema import BELOW_THRESHOLD, REASONS
@@ -59,9 +59,9 @@ class BootstrapRun:
     out: str  # the output folder (local, gs://, s3://)
     settings: BootstrapSettings  # the CapFilt settings, models included
     download: DownloadSettings = field(default_factory=DownloadSettings)  # img2dataset's and the fetcher's
-    columns: datasets.Columns = field(default_factory=datasets.Columns)  # a URL list's url/caption columns
+    columns: url_list.Columns = field(default_factory=url_list.Columns)  # a URL list's url/caption columns
     keep_columns: tuple[str, ...] = ()  # more columns of a URL list carried into the output
-    cache_dir: str = str(datasets.DEFAULT_CACHE)  # where named datasets' URL lists are
+    cache_dir: str = str(named.DEFAULT_CACHE)  # where named datasets' URL lists are
     fetch: bool | None = None  # fetch a named list (None: unless HF_HUB_OFFLINE or no network is allowed)
     demo: datasets.DemoInput = field(default_factory=datasets.DemoInput)  # the demo's size, seed, shard size
     shards_dir: str | None = None  # where downloaded or rendered shards go (None: OUT/shards)
@@ -160,7 +160,7 @@ def prepare_download(source: datasets.UrlListInput, folder: Path, settings: Down
     from capfilt.ingest import folder_lock
     from capfilt.ingest.download import DownloadError, download, lock_path
 
-    url_list = beside(folder, URL_LIST_SUFFIX)
+    list_file = beside(folder, URL_LIST_SUFFIX)
     params = {
         "data": source.name, "paths": [str(p.resolve()) for p in source.url_list.paths],
         "url_col": source.url_list.url_col, "caption_col": source.url_list.caption_col,
@@ -175,15 +175,15 @@ def prepare_download(source: datasets.UrlListInput, folder: Path, settings: Down
         params["allow_networks"] = list(settings.allow_networks)
     with folder_lock.hold(lock_path(folder), on_wait=say):  # one job writes the URL list, the other waits
         record_source(folder, params)
-        if not url_list.is_file():
-            summary = datasets.write_url_list(source.url_list, url_list, keep_columns,
+        if not list_file.is_file():
+            summary = url_list.write_url_list(source.url_list, list_file, keep_columns,
                                               allow_private_addresses=settings.allow_private_addresses,
                                               allow_networks=settings.allow_networks)
-            say(f"URL list: {summary['rows']} rows -> {url_list}")
+            say(f"URL list: {summary['rows']} rows -> {list_file}")
     say(f"downloading with img2dataset ({settings.distributor}, {settings.processes} processes) into {folder}; "
         "finished shards are kept")
     try:
-        return download(url_list, folder, settings, keep_columns, on_wait=say)
+        return download(list_file, folder, settings, keep_columns, on_wait=say)
     except DownloadError as error:
         raise UsageError(str(error)) from None
 
