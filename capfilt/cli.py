@@ -119,15 +119,19 @@ def bootstrap_parser() -> argparse.ArgumentParser:
 
 
 def add_bootstrap_arguments(boot: argparse.ArgumentParser) -> None:
-    """The flags of ``capfilt bootstrap``; defaults that are settings' are read from their dataclasses."""
-    from capfilt.captioner import METHODS, SamplingSettings
-    from capfilt.device import PRECISIONS
-    from capfilt.ingest.download import DISTRIBUTORS, OUTPUT_FORMATS, DownloadSettings
+    """The flags of ``capfilt bootstrap``, in groups; defaults that are settings' are read from their dataclasses."""
     from capfilt.pipelines.settings import BootstrapSettings
 
-    settings, sampling, fetch = BootstrapSettings(), SamplingSettings(), DownloadSettings()
+    settings = BootstrapSettings()
+    _add_data_flags(boot.add_argument_group("data"))
+    _add_model_flags(boot.add_argument_group("models"), settings)
+    _add_capfilt_flags(boot.add_argument_group("CapFilt (defaults: the paper's)"), settings)
+    _add_runner_flags(boot.add_argument_group("runner"), settings)
+    _add_download_flags(boot.add_argument_group("download (img2dataset)"))
+
+
+def _add_data_flags(data) -> None:
     demo = datasets.DemoInput
-    data = boot.add_argument_group("data")
     data.add_argument("--data", default="demo",
                       help="demo, a named dataset (cc12m, cc3m, sbu, laion400m), a URL list file/folder, "
                            "or a file/folder of img2dataset shards")
@@ -150,7 +154,10 @@ def add_bootstrap_arguments(boot: argparse.ArgumentParser) -> None:
     data.add_argument("--demo-seed", type=int, default=demo.seed, help="demo: seed of the web split")
     data.add_argument("--demo-shard-size", type=int, default=demo.shard_size, help="demo: pairs per shard")
 
-    models = boot.add_argument_group("models")
+
+def _add_model_flags(models, settings) -> None:
+    from capfilt.device import PRECISIONS
+
     models.add_argument("--captioner", default=None,
                         help=f"captioner: HF folder, cached hub id, .pth or demo "
                              f"(default: demo for DATA=demo, else {DEFAULT_CAPTIONER})")
@@ -167,7 +174,11 @@ def add_bootstrap_arguments(boot: argparse.ArgumentParser) -> None:
                         help="auto: bf16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16, AMX), "
                              "else fp32")
 
-    capfilt = boot.add_argument_group("CapFilt (defaults: the paper's)")
+
+def _add_capfilt_flags(capfilt, settings) -> None:
+    from capfilt.captioner import METHODS, SamplingSettings
+
+    sampling = SamplingSettings()
     capfilt.add_argument("--threshold", type=float, default=settings.threshold,
                          help="remove texts whose ITM match probability (0-1) is below this")
     capfilt.add_argument("-k", "--num-captions", type=int, default=settings.num_captions,
@@ -198,12 +209,14 @@ def add_bootstrap_arguments(boot: argparse.ArgumentParser) -> None:
     capfilt.add_argument("--min-length", type=int, default=None,
                          help=f"fewest caption tokens, prompt included (default: {own} {sampling.min_length})")
     capfilt.add_argument("--batch-size", type=int, default=settings.batch_size, help="images per model call")
-    capfilt.add_argument("--seed", type=int, default=settings.seed, help="sampling seed (per shard and batch)")
+    capfilt.add_argument("--seed", type=int, default=settings.seed,
+                         help="sampling seed: each image's captions are drawn from (seed, its key)")
     capfilt.add_argument("--min-image-size", type=int, default=settings.min_image_size,
                          help="pixels: an image with a shorter side fails (stage size)")
 
-    run = boot.add_argument_group("runner")
-    run.add_argument("--runner", default="FnApiRunner",
+
+def _add_runner_flags(run, settings) -> None:
+    run.add_argument("--runner", default=recipe.DEFAULT_RUNNER,
                      help="Beam runner: FnApiRunner (local, in-process; DirectRunner would first try to fetch "
                           "Prism), DaskRunner (a local Dask cluster, or --dask_client_address tcp://HOST:8786), "
                           "DataflowRunner, FlinkRunner, SparkRunner, ...")
@@ -216,7 +229,11 @@ def add_bootstrap_arguments(boot: argparse.ArgumentParser) -> None:
     run.add_argument("--no-report", action="store_true", help="write stats.json only")
     run.add_argument("--progress-interval", type=float, default=10.0, help="seconds between progress lines")
 
-    download = boot.add_argument_group("download (img2dataset)")
+
+def _add_download_flags(download) -> None:
+    from capfilt.ingest.download import DISTRIBUTORS, OUTPUT_FORMATS, DownloadSettings
+
+    fetch = DownloadSettings()
     download.add_argument("--processes", type=int, default=fetch.processes, help="img2dataset processes")
     download.add_argument("--threads", type=int, default=fetch.threads, help="img2dataset threads per process")
     download.add_argument("--image-size", type=int, default=fetch.image_size,
@@ -242,7 +259,7 @@ def add_bootstrap_arguments(boot: argparse.ArgumentParser) -> None:
 
 
 REFILTER_EPILOG = (
-    "Exit status: 0 done; 2 bad input (a source that is not CapFilt output of schema version 3 or later, both or "
+    "Exit status: 0 done; 2 bad input (a source that is not CapFilt output of schema version 4 or later, both or "
     "neither of --threshold and --keep-fraction, an input shard that is needed and not reachable); 3 done, but the "
     "source has damaged input shards.")
 
