@@ -24,7 +24,7 @@ from PIL import Image
 from capfilt.ingest.download import DownloadSettings, PolicyDownloader, download, fetching_with, install_fetcher
 from capfilt.ingest.fetch import DISALLOWED, USER_AGENT, FetchError, FetchPolicy, ImageFetcher, TableResolver, fetch
 from capfilt.ingest.urls import check_url
-from loopback import Handler, QuietServer, keep_proxies_away
+from loopback import Handler, LoopbackHTTP, QuietServer, keep_proxies_away
 
 LOOPBACK_HINT = "a loopback address (--allow-private-addresses lets loopback and private addresses through)"
 ONLY_2 = ("127.0.0.2/32",)  # --allow-network 127.0.0.2/32: 127.0.0.2 passes, 127.0.0.1 stays refused
@@ -47,7 +47,7 @@ def ipv6_loopback() -> bool:
         return False
 
 
-class Server:
+class Server(LoopbackHTTP):
     """An HTTP/1.1 server on ``host`` in a thread: answers ``routes`` (path -> function of the handler), 404
     elsewhere, and logs each request's path and User-Agent in ``requests`` and ``agents``."""
 
@@ -77,14 +77,8 @@ class Server:
         self.host = f"[{host}]" if ":" in host else host
         self.url = f"{'https' if tls else 'http'}://{self.host}:{self.port}"
         self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
+        # LoopbackHTTP's __init__ is not called: the server is built here, on any host and with TLS; entering and
+        # leaving (start, shutdown) are LoopbackHTTP's.
 
 
 class Listener:

@@ -7,10 +7,8 @@ in another order. Each test writes one shard in key order and the same rows shuf
 
 from __future__ import annotations
 
-import io
 import json
 import random
-import tarfile
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -25,6 +23,7 @@ from capfilt.pipelines.worker_models import Models
 from capfilt.pipelines.process import process_shard
 from capfilt.pipelines.settings import BootstrapSettings
 from capfilt.pipelines.shards import InputRow, ShardReader, _in_order, key_order, list_shards
+from webdataset_shards import write_webdataset_tar
 
 ROWS = 12
 K = 2
@@ -77,15 +76,7 @@ def write_tar(folder, order: list[int], sidecar: bool):
     """img2dataset's webdataset layout, the tar's samples and the sidecar's rows both in ``order``."""
     folder.mkdir(parents=True)
     listed = [rows()[i] for i in order]
-    with tarfile.open(folder / "00000.tar", "w") as tar:
-        for row in listed:
-            if row["status"] != "success":
-                continue
-            for extension, data in (("jpg", row["jpg"]), ("txt", row["caption"].encode()),
-                                    ("json", json.dumps({"url": row["url"]}).encode())):
-                info = tarfile.TarInfo(f"{row['key']}.{extension}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
+    write_webdataset_tar(folder / "00000.tar", listed)
     if sidecar:
         pq.write_table(pa.Table.from_pylist([{k: v for k, v in r.items() if k != "jpg"} for r in listed]),
                        folder / "00000.parquet", row_group_size=5)

@@ -16,7 +16,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import tarfile
 from collections import Counter
 
 import apache_beam as beam
@@ -40,6 +39,7 @@ from capfilt.pipelines.schema import SCHEMA_VERSION, read_provenance
 from capfilt.pipelines.settings import BootstrapSettings
 from capfilt.pipelines.shards import list_shards
 from capfilt.pipelines.report import read_stats
+from webdataset_shards import write_webdataset_tar
 
 K = 2
 BATCH = 3
@@ -352,15 +352,7 @@ def test_webdataset_shards_with_sidecar(settings, tmp_path):
     folder = tmp_path / "wds"
     folder.mkdir()
     rows = shard_rows(0)
-    with tarfile.open(folder / "00000.tar", "w") as tar:
-        for row in rows:
-            if row["status"] != "success":
-                continue
-            for extension, data in (("jpg", row["jpg"]), ("txt", row["caption"].encode()),
-                                    ("json", json.dumps({"url": row["url"]}).encode())):
-                info = tarfile.TarInfo(f"{row['key']}.{extension}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
+    write_webdataset_tar(folder / "00000.tar", rows)
     pq.write_table(pa.Table.from_pylist([{k: v for k, v in r.items() if k != "jpg"} for r in rows]),
                    folder / "00000.parquet")
     shards = list_shards(folder)
