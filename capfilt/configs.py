@@ -1,4 +1,4 @@
-"""Model sizes: BLIP base (ViT-B/16) and large (ViT-L/16), a tiny one for tests.
+"""Model sizes: BLIP base (ViT-B/16) and large (ViT-L/16), the shapes-world demo, a tiny one for tests.
 
 A config is a transformers ``BlipConfig`` (vision + text + the 256-d ITC
 projection), the object that ``save_pretrained`` writes as ``config.json``.
@@ -72,17 +72,20 @@ class TextSize:
     dropout: float = 0.1
 
 
+# The shapes-world demo models, trained on 2 CPU cores: the one place for their shape, which the trainer's
+# ``--model demo`` (capfilt.models.presets) and `make demo-models` (capfilt.recipes.demo) read from here.
+# 64 px images in patches of 8: an 8x8 grid of ViT tokens (patches of 4 would give 16x16, four times the tokens).
+# No dropout: every training step sees freshly rendered pairs, so nothing is over-fitted.
+DEMO_VIT = VitSize(width=128, depth=4, heads=4, patch_size=8, image_size=64)
+DEMO_TEXT = TextSize(hidden_size=128, num_layers=4, num_heads=4, intermediate_size=512, max_positions=48,
+                     dropout=0.0)
+
 PRESETS: dict[str, tuple[VitSize, TextSize]] = {
     # BLIP w/ ViT-B/16: model_base*.pth, *_base_* captioners and filters.
     "base": (VitSize(width=768, depth=12, heads=12), TextSize()),
     # BLIP w/ ViT-L/16: model_large*.pth, *_large_* captioners and filters.
     "large": (VitSize(width=1024, depth=24, heads=16), TextSize()),
-    # The shapes-world demo models (64 px images, patch 8: an 8x8 grid), trained on 2 CPU cores.
-    # No dropout: every training step sees freshly rendered pairs, so nothing is over-fitted.
-    "demo": (
-        VitSize(width=128, depth=4, heads=4, patch_size=8, image_size=64),
-        TextSize(hidden_size=128, num_layers=4, num_heads=4, intermediate_size=512, max_positions=48, dropout=0.0),
-    ),
+    "demo": (DEMO_VIT, DEMO_TEXT),
     # Random-weight tests only: tiny and fast on CPU.
     "tiny": (
         VitSize(width=32, depth=2, heads=2, patch_size=8, image_size=32),

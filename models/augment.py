@@ -28,36 +28,18 @@ from __future__ import annotations
 
 import io
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
+from capfilt.models.config import AugmentConfig
+
 FILL = (128, 128, 128)
 RANDAUGMENT_OPS = ("identity", "autocontrast", "equalize", "brightness", "sharpness",
                    "shear_x", "shear_y", "translate_x", "translate_y", "rotate")  # BLIP's list
 MAX_MAGNITUDE = 10
-
-
-@dataclass(frozen=True)
-class AugmentConfig:
-    """Training augmentations; defaults are BLIP fine-tuning's (pre-training: ``crop_min_scale=0.2``)."""
-
-    augment: bool = True  # False: only resize to a square (BLIP's evaluation transform)
-    crop_min_scale: float = 0.5  # random resized crop area in [min_scale, 1]: 0.2 pre-training, 0.5 fine-tuning
-    hflip: bool = True  # flip with p 0.5 (paper); turn off where left/right matter (the shapes world)
-    randaugment: bool = True  # RandAugment as in BLIP's recipe
-    randaugment_ops: int = 2  # ops drawn per image
-    randaugment_magnitude: int = 5  # out of 10
-    # capfilt's, not BLIP's: the probability that an image's rendering details are changed (``jitter_rendering``:
-    # size and position by a fraction, edge blur, colour curve, JPEG re-compression) before anything above. For
-    # synthetic worlds, so that a model learns the scene and not one renderer's habits (the demo models). 0: never.
-    render_jitter: float = 0.0
-    # The probability of each of ``jitter_rendering``'s four changes in a jittered image: 0.5 draws every mix of
-    # them equally often (all four together 1 time in 16); higher values put more changes on one image.
-    render_jitter_each: float = 0.5
 
 
 def random_resized_crop(image: Image.Image, size: int, rng: np.random.Generator, min_scale: float,

@@ -3,9 +3,8 @@
 The checkpoints of one fine-tuning run near its end lie close together, and
 their mean tends to sit where the loss is flatter than at any one of them
 (Polyak averaging; Izmailov et al., 2018, "Averaging Weights Leads to Wider
-Optima"). The filter shipped with the demo models is the mean of its run's
-last three checkpoints, chosen so on validation (docs/research-log.md,
-"Changed rendering", "The filter once more").
+Optima"). The filter shipped with the demo models is such a mean (its
+``capfilt_average.json`` lists the folders).
 
 The folders are exports of one architecture (``capfilt.models.export``, or
 any transformers folder with a single ``model.safetensors``): the same

@@ -22,8 +22,9 @@ import torch
 from transformers import BlipConfig
 
 from capfilt.models import distributed
+from capfilt.models.config import MEDSettings
 from capfilt.models.data import StreamPosition
-from capfilt.models.med import MED, MEDSettings
+from capfilt.models.med import MED
 from capfilt.tokenizer import load_tokenizer, special_ids
 
 log = logging.getLogger(__name__)

@@ -61,7 +61,8 @@ import pyarrow.parquet as pq
 import torch
 
 from capfilt.images import decode_image
-from capfilt.models.augment import AugmentConfig, augmented_image, normalise
+from capfilt.models.augment import augmented_image, normalise
+from capfilt.models.config import AugmentConfig, DataConfig
 from capfilt.columns import IMAGE_COLUMNS
 from capfilt.tokenizer import pre_caption
 
@@ -116,43 +117,6 @@ class Skipped:
 
 
 @dataclass(frozen=True)
-class DataConfig:
-    """What is read and how batches are made; defaults are BLIP pre-training's."""
-
-    data: tuple[str, ...] = ()  # Parquet files, folders of them or glob patterns
-    batch_size: int = 2880  # global batch: 2880 for ViT-B pre-training (paper §4.1)
-    streams: int = 0  # file streams per global batch; 0 = one per process. Fix it to compare runs across world sizes
-    shuffle: bool = True  # shuffle the file order each epoch and the rows within each block
-    block_rows: int = 1024  # rows read (and shuffled) at a time per stream: bounds memory
-    max_words: int = 30  # captions cut to 30 words (BLIP's pre_caption)
-    max_tokens: int = 30  # token length, padded/truncated: 30 pre-training, 40 captioner, 35 filter (BLIP)
-    prompt: str = ""  # prepended to every caption: "a picture of " for the captioner (BLIP)
-    workers: int = 4  # threads (or processes, below) that decode and augment images
-    # Decode in spawned worker processes instead of threads. A 64-px JPEG costs ~0.3 ms of mostly
-    # GIL-holding Python and Pillow work, so threads feed about 2.5k images/s whatever their number (measured,
-    # bench/bench_loader.py): enough for a CPU, far too few for a GPU. Batches are the same either way.
-    worker_processes: bool = False
-    prefetch: int = 2  # batches prepared ahead of the training step
-    # What makes two pairs positives for ITC/ITM when same_image_positives is on: "image", the same image
-    # bytes (BLIP's retrieval fine-tuning: COCO's five captions of an image); "text", the same normalised
-    # caption (worlds where many images share one exact caption, such as the shapes world, whose in-batch
-    # "negatives" would otherwise often be correct captions).
-    positives: str = "image"
-    # A column of texts known to be wrong for their row's image (null where a row has none): ITM then uses a
-    # row's text as its image's hard negative text instead of one drawn by ITC similarity. "" (BLIP): no such
-    # column. The shapes world writes two: "negative_caption" and "replaced_caption" (capfilt.shapes.negatives).
-    negatives: str = ""
-    # A Parquet file or row group that cannot be read (no footer, a garbled page): False (default) stops with an
-    # error naming it, as losing training data should be a decision; True leaves it out (each one logged, counted in
-    # log.jsonl and the checkpoint) and trains on. Either way a resume replays the uninterrupted run exactly.
-    skip_bad_files: bool = False
-
-    def __post_init__(self):
-        if self.positives not in ("image", "text"):
-            raise ValueError(f"positives must be 'image' or 'text', not {self.positives!r}")
-
-
-@dataclass(frozen=True)
 class Layout:
     """Which columns hold the image and the text, and a status column to honour (img2dataset)."""
 
@@ -193,8 +157,8 @@ def trim_padding(batch: Batch, length: int | None = None) -> Batch:
     Captions are padded to ``max_tokens`` (what BLIP's tokenizer call does),
     but a padded position is masked everywhere (attention, ITC's [CLS], LM
     labels), so cutting the common padding changes no loss beyond float
-    rounding and saves its compute: the demo fine-tunes pad 12-token
-    captions to 32 and run ~1.7x faster cut (bench/bench_frozen_vit_step.py).
+    rounding and saves its compute: short captions padded to a long
+    ``max_tokens`` train faster cut (bench/bench_frozen_vit_step.py).
     Texts are right-padded (``_encode``). Across ranks, pass the ranks'
     largest length: ITM gathers token ids, which needs one length.
     """
@@ -584,8 +548,8 @@ class EpochLoader:
         """Token ids and attention mask, padded to ``max_tokens``: what the tokenizer's batch call gives.
 
         Each distinct text is tokenized once per epoch (a cache of up to
-        ``TOKEN_CACHE_SIZE`` texts): BERT's Python tokenizer costs ~0.1 ms a
-        text, in the one thread that assembles batches.
+        ``TOKEN_CACHE_SIZE`` texts): BERT's Python tokenizer is slow per text,
+        and runs in the one thread that assembles batches.
         """
         length = self.config.max_tokens
         input_ids = torch.full((len(texts), length), self.tokenizer.pad_token_id, dtype=torch.long)

@@ -23,7 +23,6 @@ use, as the original fine-tuning models do.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -36,42 +35,14 @@ from transformers.models.blip.modeling_blip_text import BlipTextLMHeadModel, Bli
 
 from capfilt.models import distributed
 from capfilt.attention import use_sdpa
+from capfilt.models.config import LOSSES, MEDSettings
 from capfilt.models.losses import (
     itc_targets, lm_labels, loss_itc, loss_itm, loss_lm, num_lm_targets, sample_hard_negatives,
 )
 from capfilt.tokenizer import SpecialIds, special_ids
 
-LOSSES = ("itc", "itm", "lm")
 # Parts of each text layer the decoder takes from the encoder (BLIP pre-training ties all but self-attention).
 SHARED_LAYER_PARTS = ("crossattention", "intermediate", "output")
-
-
-@dataclass(frozen=True)
-class MEDSettings:
-    """The MED's hyper-parameters; defaults are BLIP pre-training's (paper §3.2, ``configs/pretrain.yaml``)."""
-
-    losses: tuple[str, ...] = LOSSES  # objectives to build for: pretrain all; captioner ("lm",); filter ("itc", "itm")
-    queue_size: int = 57600  # ITC feature queue (paper/pretrain.yaml); a multiple of the global batch
-    momentum: float = 0.995  # momentum encoders: p_m <- m p_m + (1 - m) p, every step
-    temp_init: float = 0.07  # learned ITC temperature, initial value
-    temp_min: float = 0.001  # ... clamped to [temp_min, temp_max] before every use
-    temp_max: float = 0.5
-    label_smoothing: float = 0.1  # LM cross-entropy label smoothing
-    prompt_length: int = 0  # leading decoder tokens ([DEC] + prompt) not trained on; 4 for "a picture of "
-    same_image_positives: bool = False  # ITC/ITM: all pairs of one image are positives (retrieval fine-tuning)
-    # Train the text side only: the ViT keeps the weights it was loaded with (no gradient, no dropout). BLIP
-    # fine-tunes the ViT too; the shapes-world captioner learns a relation's direction only with it frozen
-    # (docs/research-log.md, "The captioner's ViT frozen").
-    freeze_vision: bool = False
-
-    def __post_init__(self):
-        unknown = set(self.losses) - set(LOSSES)
-        if unknown or not self.losses:
-            raise ValueError(f"losses must be a non-empty subset of {LOSSES}, got {self.losses}")
-        if "itm" in self.losses and "itc" not in self.losses:
-            raise ValueError("ITM draws its hard negatives from ITC similarities: 'itm' needs 'itc'")
-        if self.queue_size < 1 or not 0 <= self.momentum <= 1 or not 0 < self.temp_min <= self.temp_max:
-            raise ValueError(f"bad ITC settings: {self}")
 
 
 def share_encoder_decoder(encoder: BlipTextModel, decoder: BlipTextLMHeadModel) -> None:
@@ -208,8 +179,8 @@ class MED(nn.Module):
         A frozen ViT's momentum copy that starts equal (a load without momentum
         weights: every fine-tune from an exported model) stays equal, since a
         step lerps it towards the same weights. Its forward would then repeat
-        the online one (in eval mode, as the frozen ViT runs): 8% of a demo
-        filter step on 2 CPU cores (bench/bench_frozen_vit_step.py).
+        the online one (in eval mode, as the frozen ViT runs), so it is skipped
+        (bench/bench_frozen_vit_step.py measures what that saves).
         """
         if self.settings.freeze_vision and bool(torch.stack([  # one host sync a step, not one per tensor
                 (online == momentum).all() for online, momentum in
@@ -358,9 +329,9 @@ def start_positions_at_sincos(vision_model: BlipVisionModel) -> None:
 def init_sincos_positions(med: MED) -> None:
     """Start the MED's ViT (and the momentum ViT) at ``sincos_positions`` instead of BLIP's truncated normal.
 
-    From scratch, a small ViT learns positions slowly from BLIP's start (std
-    0.02): a demo ViT told horizontal from vertical object pairs only from
-    this one (docs/research-log.md).
+    capfilt's option, not BLIP's (BLIP's start is a truncated normal, std
+    0.02, from which a small ViT trained from scratch learns positions
+    slowly); the demo GPU recipe starts from it (``vision_position_init``).
     """
     for name in ("vision_model", "vision_model_m"):
         if hasattr(med, name):

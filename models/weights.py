@@ -38,7 +38,8 @@ from capfilt.checkpoints import (
     CAPTIONER, FILTER, CheckpointError, load_hf_folder, load_original_state_dict, original_to_hf,
 )
 from capfilt.models.checkpointing import latest_checkpoint, read_checkpoint
-from capfilt.models.med import LOSSES, MED, MEDSettings
+from capfilt.models.config import LOSSES, MEDSettings
+from capfilt.models.med import MED
 
 log = logging.getLogger(__name__)
 QUEUES = ("image_queue", "text_queue", "idx_queue", "queue_ptr")

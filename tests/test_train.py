@@ -22,7 +22,9 @@ from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval
 from capfilt.models.checkpointing import latest_checkpoint, read_checkpoint
 from capfilt.models.data import BadParquetFile
 from capfilt.models.checkpointing import med_from_run
-from capfilt.models.train import _parser, configure, main, train
+from capfilt.models.configure import configure
+from capfilt.models.loop import train
+from capfilt.models.train import _parser, main
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220)}
 SHAPES = ("square", "circle")
@@ -216,7 +218,7 @@ def test_a_time_limit_stops_with_a_checkpoint_and_an_export(tmp_path, dataset, t
 
 
 def test_patch_size_overrides_the_preset_and_must_divide_the_image(tmp_path, dataset, tokenizer_dir, tokenizer):
-    from capfilt.models.train import model_config
+    from capfilt.models.run_setup import model_config
 
     assert model_config(tiny("pretrain", dataset, tokenizer_dir, tmp_path), tokenizer).vision_config.patch_size == 8
     config = tiny("pretrain", dataset, tokenizer_dir, tmp_path / "p4", patch_size=4, max_steps=1)
@@ -412,6 +414,6 @@ def test_an_exported_captioner_carries_its_sources_sampling_defaults(tmp_path, d
     shipped = DEMO_MODELS / "captioner" / SETTINGS_FILE
     assert (demo / "captioner" / SETTINGS_FILE).read_text() == shipped.read_text()
     assert Captioner.load(demo / "captioner", device="cpu").settings.min_length == 5
-    from capfilt.models.train import _sampling_file  # a filter has no sampling defaults
+    from capfilt.models.run_setup import sampling_file  # a filter has no sampling defaults
 
-    assert _sampling_file(configure("finetune-filter", model="demo", init=str(first / "captioner"))) is None
+    assert sampling_file(configure("finetune-filter", model="demo", init=str(first / "captioner"))) is None

@@ -8,7 +8,9 @@ import pytest
 
 from capfilt.checkpoints import DEMO_MODELS
 from capfilt.recipes.demo import DemoRecipe
-from capfilt.models.train import SETTINGS, TASKS, _parser, configure, main, task_config
+from capfilt.models.config import TASKS, task_config
+from capfilt.models.configure import SETTINGS, configure
+from capfilt.models.train import _parser, main
 
 
 def resolved(*argv: str):

@@ -19,11 +19,10 @@ and ``right of``; the renderer already varies backgrounds, noise, jitter and
 edges), higher learning rates for a small model trained from scratch, the
 filter treats pairs with the same caption as positives (many scenes share one
 exact caption, so in-batch "negatives" would often be correct), and
-fine-tuning trains the text side only, the ViT frozen (the captioner learned a
-relation's direction only so; docs/research-log.md). One addition: half the
-training images get changed rendering details (``render_jitter``: size, edges,
-colour curve, JPEG), so that the models hold up on another renderer's images
-(docs/demo.md, "Changed rendering").
+fine-tuning trains the text side only, the ViT frozen as pre-training left it.
+One addition: half the training images get changed rendering details
+(``render_jitter``: size, edges, colour curve, JPEG), so that the models hold
+up on another renderer's images (docs/demo.md, "Changed rendering").
 """
 
 from __future__ import annotations
@@ -39,11 +38,13 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from capfilt.checkpoints import DEMO_MODELS
+from capfilt.configs import DEMO_VIT
 from capfilt.models.presets import DEMO_TRAINING
 from capfilt.shapes.writer import NEGATIVE_COLUMNS
 
 WORK = Path("runs/demo")
 PRETRAIN_SEED = 42  # the shipped models' pre-training seed (TrainConfig's default)
+PRETRAIN_WARMUP_STEPS = 300  # linear lr warm-up of the recipe's pre-training (BLIP's default is for far longer runs)
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,8 @@ class DemoRecipe:
 
     human: int = 100_000  # human (clean) pairs, seed 11
     web: int = 100_000  # web (noisy) pairs, seed 12
-    # The training values start from capfilt.models.presets (what `--model demo` trains with; comments there).
+    # The model's shape is capfilt.configs.DEMO_VIT/DEMO_TEXT; the training values start from
+    # capfilt.models.presets.DEMO_TRAINING (what `--model demo` trains with; comments there).
     batch_size: int = DEMO_TRAINING.batch_size
     pretrain_steps: int = 750
     pretrain_lr: float = DEMO_TRAINING.pretrain_lr
@@ -61,14 +63,12 @@ class DemoRecipe:
     finetune_lr: float = DEMO_TRAINING.finetune_lr
     queue_size: int = DEMO_TRAINING.queue_size
     max_tokens: int = DEMO_TRAINING.max_tokens
-    patch_size: int = DEMO_TRAINING.patch_size
+    patch_size: int = DEMO_VIT.patch_size
     vision_position_init: str = DEMO_TRAINING.vision_position_init
     # The human split's column of hard negative texts that the filter's fine-tuning gives ITM in place of drawn
     # ones (capfilt.shapes.negatives). "" (BLIP's): negatives drawn by ITC similarity only. "negative_caption":
-    # two-object captions with their words swapped or the relation changed; on CPU it did not teach the filter a
-    # relation's direction in 1,500 steps and made it stricter on clean texts ("Compositional negatives").
-    # "replaced_caption": half the captions with one word replaced, a relation only by one on the other axis
-    # (docs/research-log.md, "Replaced words").
+    # two-object captions with their words swapped or the relation changed. "replaced_caption": half the captions
+    # with one word replaced, a relation only by one on the other axis.
     negatives: str = ""
     # Fine-tuning trains the text side only, the ViT frozen as pre-training (or the models continued from) left it.
     freeze_vision: bool = DEMO_TRAINING.freeze_vision
@@ -85,16 +85,15 @@ class DemoRecipe:
     # when set it replaces the two limits above. 0: use them as given.
     train_seconds: float = 0.0
     loader_workers: int = 2  # decoders of pre-training; each fine-tune gets half
-    decode_in: str = "threads"  # "threads" or "processes" (threads feed ~2.5k images/s: enough for 2 cores, not a GPU)
+    decode_in: str = "threads"  # "threads" or "processes" (DataConfig.worker_processes: threads suffice on CPU)
     render_processes: int = 1  # processes that render the splits
     checkpoint_every: int = 250  # steps between training checkpoints (what an interrupted run resumes from)
     # Installed demo models (a folder with captioner/ and filter/) to go on fine-tuning instead of pre-training a
     # new MED: "" trains from scratch. Their own recipe is kept in capfilt_recipe.json under "continued".
     continue_from: str = ""
     # With continue_from: the filter goes on from its own text side on the captioner's ViT, so that both models
-    # read one image encoder, as two fine-tunes of one pre-trained MED with the ViT frozen do. The shipped
-    # captioner's ViT trained longer than the filter's and sees shapes better (docs/research-log.md, "The filter on the
-    # captioner's ViT"). No effect without continue_from (both fine-tunes then start from one pre-training).
+    # read one image encoder, as two fine-tunes of one pre-trained MED with the ViT frozen do. No effect without
+    # continue_from (both fine-tunes then start from one pre-training).
     shared_vision: bool = False
 
     def __post_init__(self):
@@ -107,10 +106,9 @@ NEGATIVE_CHOICES = ("", *NEGATIVE_COLUMNS)  # DemoRecipe.negatives: none (BLIP's
 
 # `python -m capfilt.recipes.demo --gpu`: the same model and data on one GPU with 16 CPU cores. Every stage runs to its
 # wall-clock limit instead of a step count (the steps reached go into capfilt_recipe.json); 16 files per split so
-# that 16 streams mix files within every batch. Batch 256: a step of this small model costs about the same at 256
-# as at 64 on an H100 (bench/bench_gpu_step.py), so the learning rates are the CPU recipe's times 2 (the square
-# root of 4). The ViT starts from 2-D sin-cos positions: from BLIP's random start the relation stayed at chance in
-# every run; from sin-cos the shipped models learned its axis (docs/research-log.md, "The shipped models").
+# that 16 streams mix files within every batch. Batch 256, 4x the CPU recipe's (a GPU step of this small model
+# costs about as much at 256 as at 64: bench/bench_gpu_step.py), so the learning rates are the CPU recipe's times 2,
+# the square root of 4. The ViT starts from 2-D sin-cos positions (MAE's; capfilt.models.med.init_sincos_positions).
 GPU_RECIPE = DemoRecipe(shard_size=6_250, streams=16, batch_size=256, pretrain_lr=1e-3, finetune_lr=4e-4,
                         vision_position_init="sincos", pretrain_steps=10**7, captioner_steps=10**7,
                         filter_steps=10**7, pretrain_seconds=170.0, finetune_seconds=220.0, loader_workers=14,
@@ -169,7 +167,7 @@ def write_splits(recipe: DemoRecipe, work: Path) -> dict[str, Path]:
 
 
 def _common(recipe: DemoRecipe, work: Path) -> dict:
-    return dict(model="demo", image_size=64, patch_size=recipe.patch_size,
+    return dict(model="demo", image_size=DEMO_VIT.image_size, patch_size=recipe.patch_size,
                 vision_position_init=recipe.vision_position_init, tokenizer=str(work / "tokenizer"),
                 batch_size=recipe.batch_size, augment=False, render_jitter=recipe.render_jitter,
                 render_jitter_each=recipe.render_jitter_each, max_tokens=recipe.max_tokens,
@@ -186,10 +184,11 @@ def pretrain(recipe: DemoRecipe, work: Path, data: list[Path], out: Path, seed: 
     ``streams``: the loader's file streams (0: one per process, which reads
     the files one after another; more mix files within every batch).
     """
-    from capfilt.models.train import configure, train
+    from capfilt.models.configure import configure
+    from capfilt.models.loop import train
 
     train(configure("pretrain", **_common(recipe, work), data=[str(folder) for folder in data], out=str(out),
-                    max_steps=recipe.pretrain_steps, lr=recipe.pretrain_lr, warmup_steps=300,
+                    max_steps=recipe.pretrain_steps, lr=recipe.pretrain_lr, warmup_steps=PRETRAIN_WARMUP_STEPS,
                     queue_size=recipe.queue_size, seed=seed, streams=streams, max_seconds=recipe.pretrain_seconds))
     return out
 
@@ -242,7 +241,8 @@ def finetune(job: tuple[str, dict]) -> None:
     import torch
 
     _log_to_console()
-    from capfilt.models.train import configure, train
+    from capfilt.models.configure import configure
+    from capfilt.models.loop import train
 
     torch.set_num_threads(1)  # two fine-tunes share the machine's two cores
     train(configure(task, **overrides))
