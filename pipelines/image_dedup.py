@@ -51,11 +51,13 @@ from apache_beam.io.filesystems import FileSystems
 
 from capfilt.columns import IMAGE_COLUMNS
 from capfilt.pipelines.layout import KEPT, REJECTED, OutputLayout, read_text
+from capfilt.pipelines.parquet_writer import ROW_GROUP_ROWS
 from capfilt.pipelines.schema import DUPLICATE_IMAGE, SOURCES
 from capfilt.pipelines.stats import KEY_HASH_DTYPE, image_hash
 
 THREADS = 8  # shards rewritten at a time (the work is file I/O and Parquet coding, which release the GIL)
-BATCH_ROWS = 256  # kept rows per row group when kept/ is written again (the pipeline's own row group size)
+# rejected/ (no image bytes) is rewritten whole, in row groups of this many rows; kept/ keeps ROW_GROUP_ROWS
+REJECTED_GROUP_ROWS = 16 * ROW_GROUP_ROWS
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +142,7 @@ def move_rows(layout: OutputLayout, shard_id: str, hashes: np.ndarray) -> int:
             kept_file = pq.ParquetFile(f)
             with pq.ParquetWriter(out, kept_file.schema_arrow) as writer:
                 start = 0
-                for batch in kept_file.iter_batches(batch_size=BATCH_ROWS):
+                for batch in kept_file.iter_batches(batch_size=ROW_GROUP_ROWS):
                     keep = ~mask[start:start + batch.num_rows]
                     start += batch.num_rows
                     if keep.any():
@@ -153,7 +155,7 @@ def move_rows(layout: OutputLayout, shard_id: str, hashes: np.ndarray) -> int:
 
 def _write(path: str, table: pa.Table) -> None:
     with FileSystems.create(path) as out:
-        pq.write_table(table, out, row_group_size=BATCH_ROWS * 16)
+        pq.write_table(table, out, row_group_size=REJECTED_GROUP_ROWS)
 
 
 def drop_duplicate_images(layout: OutputLayout) -> dict:

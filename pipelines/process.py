@@ -13,15 +13,18 @@ never travel between workers. The steps are the paper's:
    the run's seed and its key (``BootstrapSettings.sample_seed``): its captions
    do not depend on its batch or its place in the shard;
 3. the filter scores the web text and every synthetic caption of an image
-   against that image (one image encoding); texts whose ITM match probability
-   is below the threshold are removed, then duplicate texts of the image and,
-   with ``--select top-N``, all but its N best (``capfilt.pipelines.selection``);
-   with ``--dedup-images``, an image whose bytes the shard already kept loses
-   its kept texts (reason ``duplicate image``; across shards:
-   ``capfilt.pipelines.image_dedup``, at the run's end);
+   against that image (one image encoding); the selection rules
+   (``capfilt.pipelines.selection.select``, a batch of images at a time, the
+   same code ``capfilt refilter`` runs) remove the texts whose ITM match
+   probability is below the threshold, then duplicate texts of the image and,
+   with ``--select top-N``, all but its N best; with ``--dedup-images``, an
+   image whose bytes the shard already kept loses its kept texts (reason
+   ``duplicate image``; across shards: ``capfilt.pipelines.image_dedup``, at
+   the run's end);
 4. kept pairs, removed texts and failed rows go to the shard's three files,
    which ``OutputLayout.commit`` moves into place before writing the marker.
-   Parquet row groups are encoded and written in a thread behind the models.
+   Parquet row groups (``capfilt.pipelines.parquet_writer``) are encoded and
+   written in a thread behind the models.
 
 A model error on a batch is retried image by image, so that one bad image
 fails alone (stage ``caption`` or ``filter``); when every image of a batch
@@ -45,37 +48,34 @@ image hashes file; each output row gets its ``sample_id``
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import io
 import json
 import logging
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from apache_beam.io.filesystems import FileSystems
 from PIL import Image
 
 from capfilt.columns import INPUT_STAGE
-from capfilt.images import DecodedImage, ImagePreprocessor, decode_for_model, recorded_orientation, upright_rgb
+from capfilt.images import DecodedImage, ImagePreprocessor, decode_for_model, recorded_orientation
 from capfilt.pipelines import schema
 from capfilt.pipelines.layout import FAILED, KEPT, REJECTED, OutputLayout, progress_path, remove_progress, write_text
-from capfilt.pipelines.worker_models import Models
+from capfilt.pipelines.parquet_writer import TableWriter
 from capfilt.pipelines.prefetch import ordered_map
-from capfilt.pipelines.selection import reasons
+from capfilt.pipelines.report import example
+from capfilt.pipelines.selection import KEPT_CODE, REASON_OF_CODE, select
 from capfilt.pipelines.settings import BootstrapSettings
 from capfilt.pipelines.shards import (
     SUCCESS, DamagedShardError, InputRow, InputShard, ShardReader, error_text, expected_rows, without_addresses,
 )
-from capfilt.pipelines.stats import ShardStats, image_hash
+from capfilt.pipelines.stats import ShardStats
+from capfilt.pipelines.worker_models import Models
 
-FLUSH_ROWS = 256  # rows buffered per output file before a Parquet row group is written
-THUMBNAIL_SIZE = 96  # px, for the report's examples
 PROGRESS_EVERY_S = 10.0  # seconds between updates of a running shard's progress file (read by Progress)
 DECODE_AHEAD_BATCHES = 2  # decoded images held ahead of the models, in batches: bounds memory, hides decoding
 
@@ -152,53 +152,6 @@ def per_image(call: Callable[[list], list], items: list, what: str) -> list[tupl
         return outcomes
 
 
-class TableWriter:
-    """Rows (dicts) appended to one Parquet file, written a row group at a time.
-
-    With a ``background`` executor, a row group is encoded and written there while the caller goes on;
-    at most one row group per file is in flight, and ``close`` waits for it (and raises its error).
-    """
-
-    def __init__(self, path: str, schema_: pa.Schema, background: Executor | None = None):
-        self.path, self.schema = path, schema_
-        self._file = FileSystems.create(path)
-        self._writer = pq.ParquetWriter(self._file, schema_)
-        self._rows: list[dict] = []
-        self._background = background
-        self._pending: Future | None = None
-
-    def add(self, row: dict) -> None:
-        self._rows.append(row)
-        if len(self._rows) >= FLUSH_ROWS:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self._rows:
-            return
-        rows, self._rows = self._rows, []
-        self._wait()
-        if self._background is None:
-            self._write(rows)
-        else:
-            self._pending = self._background.submit(self._write, rows)
-
-    def _write(self, rows: list[dict]) -> None:
-        self._writer.write_table(pa.Table.from_pylist(rows, schema=self.schema))
-
-    def _wait(self) -> None:
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.result()
-
-    def close(self) -> None:
-        try:
-            self.flush()
-            self._wait()
-            self._writer.close()
-        finally:
-            self._file.close()
-
-
 class ShardWriter:
     """The kept, rejected and failed files of one shard, under a temporary folder."""
 
@@ -261,18 +214,6 @@ def _orientation(row: InputRow) -> int | None:
     """The EXIF orientation img2dataset recorded for the row (its ``exif`` column): it drops the tag itself."""
     exif = row.extra.get("exif")
     return recorded_orientation(exif) if isinstance(exif, str) else None
-
-
-def thumbnail(data: bytes, orientation: int | None = None) -> str:
-    """A small JPEG of the image in ``data`` as a ``data:`` URI (decoded again: only a few rows need one)."""
-    with Image.open(io.BytesIO(data)) as image:
-        image.draft("RGB", (THUMBNAIL_SIZE, THUMBNAIL_SIZE))  # JPEG: decode at a fraction of the size
-        image.load()
-        small = upright_rgb(image, orientation)  # as the models see it: 8-bit, composited, upright
-    small.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
-    buffer = io.BytesIO()
-    small.save(buffer, format="JPEG", quality=80)
-    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def web_text(row: InputRow) -> str | None:
@@ -401,32 +342,34 @@ class ShardJob:
             else:
                 captioned.append((judged, texts))
         candidates = [(judged, self._candidates(judged, synthetic)) for judged, synthetic in captioned]
-        scores = per_image(self._score, candidates, "filter")
-        for (judged, texts), (text_scores, error) in zip(candidates, scores):
+        scored = []
+        for (judged, texts), (text_scores, error) in zip(candidates, per_image(self._score, candidates, "filter")):
             if error is not None:
                 self.failed(judged.row, "filter", error, writer)
-                continue
-            self.stats.images += 1
-            if texts[0][0] != schema.WEB:
-                self.stats.web_missing += 1
-            why = self.select(judged, [text for _, _, text in texts], [score.itm for score in text_scores])
-            for (source, index, text), score, reason in zip(texts, text_scores, why):
-                kept = reason is None
-                writer.pair(judged, text, source, index, score.itm, score.itc, reason)
-                self.stats.add_text(source, score.itm, reason)
-                if self.stats.wants_sample(source, kept):
-                    self.stats.samples.append({"key": judged.row.key, "text": text, "source": source,
-                                               "itm": round(score.itm, 4), "kept": kept, "reason": reason,
-                                               "thumbnail": thumbnail(judged.row.image, _orientation(judged.row))})
+            else:
+                scored.append((judged, texts, text_scores))
+        self.keep_or_reject(scored, writer)
 
-    def select(self, judged: Judged, texts: list[str], itm: list[float]) -> list[str | None]:
-        """Per text, None (kept) or why it is removed: the selection rules, then this shard's duplicate images."""
-        why = reasons(texts, itm, self.settings.threshold, self.settings.top_n)
-        if any(reason is None for reason in why):
-            repeated = self.stats.kept_images.add(judged.sha256, image_hash(judged.sha256))
-            if repeated and self.settings.dedup_images:  # kept at the shard's first row that kept a text of it
-                why = [schema.DUPLICATE_IMAGE if reason is None else reason for reason in why]
-        return why
+    def keep_or_reject(self, scored: list[tuple[Judged, list, list]], writer: ShardWriter) -> None:
+        """The selection (``selection.select``) on the judged images of a batch, each as (image, its candidates
+        (source, index, text), their scores); every text written, counted and, while the report wants one, an
+        example."""
+        candidates = [candidate for _, texts, _ in scored for candidate in texts]
+        scores = [score for _, _, text_scores in scored for score in text_scores]
+        itm = [score.itm for score in scores]
+        codes = select(self.settings, [len(texts) for _, texts, _ in scored], itm,
+                       lambda start, stop: [text for _, _, text in candidates[start:stop]],
+                       [judged.sha256 for judged, _, _ in scored], self.stats.kept_images)
+        self.stats.images += len(scored)
+        self.stats.web_missing += sum(1 for _, texts, _ in scored if texts[0][0] != schema.WEB)
+        self.stats.add_texts([source for source, _, _ in candidates], itm, codes)
+        images = [judged for judged, texts, _ in scored for _ in texts]
+        why = REASON_OF_CODE[codes].tolist()
+        for judged, (source, index, text), score, reason in zip(images, candidates, scores, why):
+            writer.pair(judged, text, source, index, score.itm, score.itc, reason)
+        for i in self.stats.wanted_samples([source for source, _, _ in candidates], codes == KEPT_CODE):
+            (source, _, text), row = candidates[i], images[i].row
+            self.stats.samples.append(example(row.key, text, source, itm[i], why[i], row.image, row.extra.get("exif")))
 
     def _caption(self, items: Sequence[Judged], k: int) -> list[list[str]]:
         captioner = self.models.captioner

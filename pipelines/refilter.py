@@ -35,12 +35,9 @@ in memory at a time (its texts, and the image bytes of its kept/):
    pipeline's order (input row, then the web text and the captions by index,
    from ``sample_id``) and checked against the shard's marker: every text once,
    every score present;
-2. the rules: a text's score against T for every text at once; an image
-   with two or more texts that pass goes through ``selection.reasons`` (rules
-   1-3 in full: duplicate texts, top N), an image with one or none cannot
-   lose a text to rules 2-3. Then the shard's own duplicate images (rule 4,
-   each image kept at its first row with a kept text, by the 64-bit hash the
-   pipeline uses);
+2. the rules: the pipeline's own selection (``selection.select``: the
+   threshold, duplicate texts, top N, then the shard's own duplicate images)
+   over the shard's texts at once, counted by the pipeline's ``ShardStats``;
 3. each text that is kept needs its image: the bytes of any kept row of OUT's
    shard with the same SHA-256, else the input shard's row, read by
    reference with the pipeline's own reader (``capfilt.pipelines.shards``,
@@ -50,9 +47,11 @@ in memory at a time (its texts, and the image bytes of its kept/):
    is not the image OUT judged (its SHA-256), is an error that names it,
    never a dropped text; ``input`` (``--input``) says where the input shards
    are now;
-4. kept/, rejected/ and failed/ (rows unchanged) are written and committed
-   with the shard's marker, key hashes (OUT's) and kept-image hashes, as the
-   pipeline commits a shard.
+4. kept/, rejected/ and failed/ (rows unchanged) are written
+   (``capfilt.pipelines.parquet_writer``) and committed with the shard's
+   marker (its report examples chosen as the pipeline chooses them, among the
+   texts whose image bytes are at hand), key hashes (OUT's) and kept-image
+   hashes, as the pipeline commits a shard.
 
 Then, with ``dedup_images``, the pipeline's cross-shard step
 (``capfilt.pipelines.image_dedup``), and the summary. A rerun into the same
@@ -81,9 +80,12 @@ from apache_beam.io.filesystems import FileSystems
 from capfilt.columns import IMAGE_COLUMNS
 from capfilt.pipelines import schema
 from capfilt.pipelines.layout import FAILED, KEPT, REJECTED, RUN_FILE, OutputLayout, read_text
-from capfilt.pipelines.selection import SELECT_ALL, parse_select, reasons
+from capfilt.pipelines.image_dedup import drop_duplicate_images
+from capfilt.pipelines.parquet_writer import ROW_GROUP_ROWS, write_groups, write_table
+from capfilt.pipelines.report import example, write_summary
+from capfilt.pipelines.selection import KEPT_CODE, REASON_OF_CODE, SELECT_ALL, parse_select, select
 from capfilt.pipelines.shards import DamagedShardError, InputShard, ShardError, ShardReader, list_shards
-from capfilt.pipelines.stats import HISTOGRAM_BINS, KEY_HASH_DTYPE, MAX_KEY_EXAMPLES, ShardStats
+from capfilt.pipelines.stats import ShardStats
 
 BY_ITM, BY_ITC = "itm", "itc"
 BY = (BY_ITM, BY_ITC)
@@ -92,11 +94,9 @@ SCORE_RANGES = {BY_ITM: (0.0, 1.0), BY_ITC: (-1.0, 1.0)}  # a probability; a cos
 # From version 3 rejected/ holds every removed text with its scores and reason; from version 4 a row's place (in
 # sample_id, and where refilter finds its image in the input shard) is its place in key order.
 MIN_SCHEMA_VERSION = 4
-FLUSH_ROWS = 256  # kept rows per row group written, as the pipeline writes them (process.FLUSH_ROWS)
-# A text's outcome as a small integer: 0 kept, then the reasons in schema.REASONS' order.
-KEPT_CODE = 0
-CODES = {reason: code for code, reason in enumerate(schema.REASONS, start=1)}
-REASON_OF_CODE = np.array([None, *schema.REASONS], dtype=object)
+# The columns of kept/ (besides the image) and rejected/ (besides the reason) that refilter reads.
+NEEDED_COLUMNS = {"sample_id", "key", "source", "source_index", "caption", "itm_score", "itc_score", "image_sha256",
+                  "capfilt_config"}
 # The settings a refilter adds to its source's (in _run.json, stats.json, every file's and row's config).
 REFILTER_KEYS = ("by", "keep_fraction", "refiltered_from")
 
@@ -143,8 +143,9 @@ class RefilterSettings:
 @dataclass(frozen=True)
 class Plan:
     """One refilter's resolved selection. ``settings`` (the output's ``_run.json``) is the source's settings
-    with the new ``threshold``, ``select``, ``dedup_images`` and ``REFILTER_KEYS``; ``provenance()`` and
-    ``dedup_images`` are what the pipeline's summary (``report.write_summary``) reads of a run's settings."""
+    with the new ``threshold``, ``select``, ``dedup_images`` and ``REFILTER_KEYS``. Like ``BootstrapSettings`` it
+    has what the selection (``selection.Rules``: ``threshold``, ``top_n``, ``dedup_images``) and the summary
+    (``report.SummarySettings``: ``provenance()``, ``dedup_images``) read of a run's settings."""
 
     settings: dict
 
@@ -267,55 +268,6 @@ def _rows_of(sample_ids: pa.ChunkedArray, shard_id: str, path: str) -> np.ndarra
         raise RefilterError(f"{path} has sample_ids without their row ({prefix}<9 digits>_...)") from None
 
 
-def image_hashes(sha256_hex: list[str]) -> np.ndarray:
-    """``stats.image_hash`` of each SHA-256 (hex), as uint64: the first 8 bytes, little-endian."""
-    if not sha256_hex:
-        return np.empty(0, KEY_HASH_DTYPE)
-    return np.frombuffer(bytes.fromhex("".join(sha[:16] for sha in sha256_hex)), dtype=KEY_HASH_DTYPE)
-
-
-def select_texts(rows: np.ndarray, scores: np.ndarray, shas: list[str], texts_of, threshold: float,
-                 top_n: int | None, dedup_images: bool) -> tuple[np.ndarray, dict]:
-    """Each text's outcome, ``KEPT_CODE`` or ``CODES[reason]``, for the texts of a shard in the pipeline's order
-    (``rows``: each text's input row, grouped), and the shard's duplicate images (rule 4 within the shard)
-    ``{"images": n, "examples": [sha256, ...], "hashes": the kept images' uint64 hashes, sorted}``.
-
-    ``scores``: each text's score (float32); ``shas``: each image's SHA-256 (hex), in image order;
-    ``texts_of(start, stop)``: the texts of a range, read only for images that need rules 2-3.
-    """
-    n = rows.size
-    starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]]) if n else np.empty(0, np.int64)
-    stops = np.r_[starts[1:], n].astype(np.int64)
-    image_of = np.repeat(np.arange(starts.size), stops - starts)
-    codes = np.where(scores.astype(np.float64) >= threshold, KEPT_CODE, CODES[schema.BELOW_THRESHOLD]).astype(np.int8)
-    passing = np.add.reduceat(codes == KEPT_CODE, starts) if n else np.empty(0, np.int64)
-    score_list = None
-    for image in np.flatnonzero(passing >= 2):  # only there can rules 2-3 remove a text that passed
-        start, stop = int(starts[image]), int(stops[image])
-        if score_list is None:
-            score_list = scores.tolist()  # float32 values as Python floats, exactly as the pipeline compared them
-        why = reasons(texts_of(start, stop), score_list[start:stop], threshold, top_n)
-        codes[start:stop] = [KEPT_CODE if reason is None else CODES[reason] for reason in why]
-    # Rule 4 within the shard, as the pipeline tallies it: an image with a kept text whose 64-bit hash an earlier
-    # row with a kept text had.
-    with_kept = np.flatnonzero(np.add.reduceat(codes == KEPT_CODE, starts) > 0) if n else np.empty(0, np.int64)
-    hashes = image_hashes([shas[i] for i in with_kept])
-    distinct, first = np.unique(hashes, return_index=True)
-    repeated = np.ones(with_kept.size, dtype=bool)
-    repeated[first] = False
-    examples: list[str] = []
-    for i in np.flatnonzero(repeated):
-        if len(examples) == MAX_KEY_EXAMPLES:
-            break
-        if shas[with_kept[i]] not in examples:
-            examples.append(shas[with_kept[i]])
-    if dedup_images and repeated.any():
-        dropped = np.zeros(starts.size, dtype=bool)
-        dropped[with_kept[repeated]] = True
-        codes[(codes == KEPT_CODE) & dropped[image_of]] = CODES[schema.DUPLICATE_IMAGE]
-    return codes, {"images": int(repeated.sum()), "examples": examples, "hashes": distinct.astype(KEY_HASH_DTYPE)}
-
-
 @dataclass
 class Inputs:
     """Where a source's input shards are: as it recorded them, or under ``override`` (``--input``)."""
@@ -377,38 +329,31 @@ class Inputs:
         return found
 
 
-def _samples(texts: pa.Table, codes: np.ndarray, image_bytes) -> list[dict]:
-    """The report's examples, chosen as the pipeline chooses them (the first few per source and outcome, in order),
-    among the texts whose image bytes are at hand (``image_bytes(sha256)``: the bytes, or None)."""
-    from capfilt.images import recorded_orientation
-    from capfilt.pipelines.process import thumbnail
-    from capfilt.pipelines.stats import MAX_SAMPLES_PER_CELL
+@dataclass
+class SourceShard:
+    """One finished shard of the source, read: its kept/ (with the images), rejected/ and failed/ files, their
+    provenance and the name of kept/'s image column."""
 
-    sources = texts.column("source").to_pylist()
-    taken = {(source, kept): 0 for source in schema.SOURCES for kept in (True, False)}
-    samples = []
-    for i, source in enumerate(sources):
-        kept = bool(codes[i] == KEPT_CODE)
-        if taken.get((source, kept), MAX_SAMPLES_PER_CELL) >= MAX_SAMPLES_PER_CELL:
-            if min(taken.values()) >= MAX_SAMPLES_PER_CELL:
-                break
-            continue
-        row = texts.slice(i, 1).to_pylist()[0]
-        data = image_bytes(row["image_sha256"])
-        if data is None:
-            continue
-        tag = row.get("exif")
-        samples.append({"key": row["key"], "text": row["caption"], "source": source, "itm": round(row["itm_score"], 4),
-                        "kept": kept, "reason": REASON_OF_CODE[codes[i]],
-                        "thumbnail": thumbnail(data, recorded_orientation(tag) if isinstance(tag, str) else None)})
-        taken[(source, kept)] += 1
-    return samples
+    kept: pa.Table
+    rejected: pa.Table
+    failed: pa.Table
+    provenance: dict
+    image: str
 
 
-def _write(path: str, table: pa.Table, schema_: pa.Schema) -> None:
-    with FileSystems.create(path) as out, pq.ParquetWriter(out, schema_) as writer:
-        for start in range(0, table.num_rows, FLUSH_ROWS):
-            writer.write_table(table.slice(start, FLUSH_ROWS))
+def read_source_shard(source: OutputLayout, shard_id: str) -> SourceShard:
+    """A shard's three files in ``source``, checked to be CapFilt kept/ and rejected/ files refilter can split."""
+    paths = {kind: source.output(kind, shard_id) for kind in (KEPT, REJECTED, FAILED)}
+    kept, rejected, failed = (_read(paths[kind]) for kind in (KEPT, REJECTED, FAILED))
+    provenance = schema.read_provenance(kept.schema)
+    _check_version(provenance.get("schema_version"), paths[KEPT])
+    image = next((name for name in kept.schema.names if name in IMAGE_COLUMNS), None)
+    pair_names = set(rejected.schema.names) - {"reason"}
+    if image is None or NEEDED_COLUMNS - pair_names or set(kept.schema.names) - {image} != pair_names:
+        raise RefilterError(f"{paths[KEPT]} and {paths[REJECTED]} are not CapFilt kept/ and rejected/ files of "
+                            f"schema version {MIN_SCHEMA_VERSION} or later (lacking "
+                            f"{sorted(NEEDED_COLUMNS - pair_names)})")
+    return SourceShard(kept, rejected, failed, provenance, image)
 
 
 def _judged_texts(kept: pa.Table, rejected: pa.Table, shard_id: str, path: str) -> tuple[pa.Table, np.ndarray]:
@@ -429,31 +374,11 @@ def _judged_texts(kept: pa.Table, rejected: pa.Table, shard_id: str, path: str) 
     return texts, rows[order]
 
 
-def refilter_shard(plan: Plan, source: OutputLayout, target: OutputLayout, marker: dict, inputs: Inputs) -> dict:
-    """Refilter one finished shard of ``source`` into ``target`` and commit it; returns its marker."""
-    started = time.perf_counter()
+def _check_judged(texts: pa.Table, marker: dict, source: OutputLayout) -> None:
+    """The texts are those the shard's marker counts (per source), each with both scores."""
     shard_id = marker["shard"]
-    paths = {kind: source.output(kind, shard_id) for kind in (KEPT, REJECTED, FAILED)}
-    if not FileSystems.exists(paths[KEPT]):
-        if marker.get("damaged"):  # a damaged input shard of which nothing could be read: no files, as in source
-            target.commit_damaged(shard_id, marker)
-            return marker
-        raise RefilterError(f"{paths[KEPT]} is missing, but {source.marker(shard_id)} says the shard is done")
-    kept, rejected, failed = (_read(paths[kind]) for kind in (KEPT, REJECTED, FAILED))
-    provenance = schema.read_provenance(kept.schema)
-    _check_version(provenance.get("schema_version"), paths[KEPT])
-    image = next((name for name in kept.schema.names if name in IMAGE_COLUMNS), None)
-    pair_names = set(rejected.schema.names) - {"reason"}
-    needed = {"sample_id", "key", "source", "source_index", "caption", "itm_score", "itc_score", "image_sha256",
-              "capfilt_config"}
-    if image is None or needed - pair_names or set(kept.schema.names) - {image} != pair_names:
-        raise RefilterError(f"{paths[KEPT]} and {paths[REJECTED]} are not CapFilt kept/ and rejected/ files of "
-                            f"schema version {MIN_SCHEMA_VERSION} or later (lacking {sorted(needed - pair_names)})")
-
-    # 1. Every judged text once, in the pipeline's order, as the shard's marker counts them, with its scores.
-    texts, rows = _judged_texts(kept, rejected, shard_id, paths[KEPT])
-    synthetic = pc.equal(texts.column("source"), schema.SYNTHETIC).to_numpy()
-    judged = {schema.WEB: int((~synthetic).sum()), schema.SYNTHETIC: int(synthetic.sum())}
+    sources = texts.column("source")
+    judged = {name: pc.sum(pc.equal(sources, name)).as_py() or 0 for name in schema.SOURCES}
     expected = {name: marker["kept"][name] + marker["rejected"][name] for name in schema.SOURCES}
     if judged != expected:
         raise RefilterError(f"shard {shard_id} of {source.root}: kept/ and rejected/ hold {judged} texts, its marker "
@@ -462,92 +387,170 @@ def refilter_shard(plan: Plan, source: OutputLayout, target: OutputLayout, marke
         if texts.column(column).null_count:
             raise RefilterError(f"shard {shard_id} of {source.root} has texts without {column}: nothing to refilter by")
 
-    # 2. The rules.
-    starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]]) if rows.size else np.empty(0, np.int64)
-    shas = texts.column("image_sha256").take(pa.array(starts, pa.int64())).to_pylist()
-    captions = texts.column("caption")
-    codes, images = select_texts(rows, texts.column(plan.score_column).to_numpy(), shas,
-                                 lambda a, b: captions.slice(a, b - a).to_pylist(), plan.threshold, plan.top_n,
-                                 plan.dedup_images)
 
-    # 3. The image of each kept text: from source kept/ (any row with the same SHA-256), else the input shard's row.
-    # One pool of bytes, source kept/'s then the fetched ones; 64-bit offsets: a shard's images may pass 2 GiB.
-    kept_bytes = pc.struct_field(kept.column(image), "bytes")
+def _image_starts(rows: np.ndarray) -> np.ndarray:
+    """Where each image's texts start among texts grouped by input row (``rows``)."""
+    return np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]]) if rows.size else np.empty(0, np.int64)
+
+
+def _select(plan: Plan, texts: pa.Table, rows: np.ndarray, stats: ShardStats) -> np.ndarray:
+    """Each text's outcome code under the plan: the pipeline's selection (``selection.select``) over the whole
+    shard, counted in ``stats`` as the pipeline counts a batch."""
+    starts = _image_starts(rows)
+    captions = texts.column("caption")
+    codes = select(plan, np.diff(np.r_[starts, rows.size]), texts.column(plan.score_column).to_numpy(),
+                   lambda start, stop: captions.slice(start, stop - start).to_pylist(),
+                   texts.column("image_sha256").take(pa.array(starts, pa.int64())).to_pylist(), stats.kept_images)
+    stats.images = len(starts)
+    stats.add_texts(texts.column("source").to_numpy(zero_copy_only=False), texts.column("itm_score").to_numpy(), codes)
+    stats.web_missing = stats.images - stats.kept[schema.WEB] - stats.rejected[schema.WEB]
+    return codes
+
+
+@dataclass
+class ImagePool:
+    """The image bytes at hand for a shard: its source kept/'s, then those fetched from the input shard, in one
+    large_binary array (64-bit offsets: a shard's images may pass 2 GiB), and where each SHA-256's bytes are."""
+
+    data: pa.ChunkedArray
+    at: dict[str, int]
+
+    def take(self, shas: list[str]) -> pa.Array:
+        """The bytes of these images (each at hand), as a binary array."""
+        index = pa.array([self.at[sha] for sha in shas], pa.int64())
+        return self.data.take(index).combine_chunks().cast(pa.binary())
+
+    def get(self, sha: str) -> bytes | None:
+        return self.data[self.at[sha]].as_py() if sha in self.at else None
+
+
+def _kept_images(texts: pa.Table, rows: np.ndarray, codes: np.ndarray) -> dict[str, int]:
+    """The images with a kept text: SHA-256 -> the first input row that has it, in the order of the kept texts."""
+    keep = np.flatnonzero(codes == KEPT_CODE)
+    shas = texts.column("image_sha256").take(pa.array(keep, pa.int64())).to_pylist()
+    first: dict[str, int] = {}
+    for sha, row in zip(shas, rows[keep].tolist()):
+        first.setdefault(sha, row)
+    return first
+
+
+def _image_pool(shard: SourceShard, wanted: dict[str, int], inputs: Inputs, marker: dict) -> ImagePool:
+    """The bytes of the images ``wanted`` (SHA-256 -> its first input row): from source kept/ (any row with the same
+    SHA-256), else read from the input shard's row."""
+    kept = shard.kept
     firsts = pa.table({"sha": kept.column("image_sha256"), "at": pa.array(np.arange(kept.num_rows))}) \
         .group_by("sha", use_threads=False).aggregate([("at", "min")])
-    kept_at = dict(zip(firsts.column("sha").to_pylist(), firsts.column("at_min").to_pylist()))
-    keep = np.flatnonzero(codes == KEPT_CODE)
-    keep_shas = texts.column("image_sha256").take(pa.array(keep, pa.int64())).to_pylist()
-    first_rows: dict[str, int] = {}
-    for i, sha in enumerate(keep_shas):
-        if sha not in kept_at:
-            first_rows.setdefault(sha, int(rows[keep[i]]))
-    fetched = inputs.images(marker, {row: sha for sha, row in first_rows.items()}) if first_rows else {}
+    at = dict(zip(firsts.column("sha").to_pylist(), firsts.column("at_min").to_pylist()))
+    missing = {row: sha for sha, row in wanted.items() if sha not in at}
+    fetched = inputs.images(marker, missing) if missing else {}
     order = list(fetched)
-    pool = pa.chunked_array([chunk.cast(pa.large_binary()) for chunk in kept_bytes.chunks]
-                            + [pa.array([fetched[sha] for sha in order], pa.large_binary())], type=pa.large_binary())
-    at = {**kept_at, **{sha: kept.num_rows + j for j, sha in enumerate(order)}}
-    index = np.fromiter((at[sha] for sha in keep_shas), dtype=np.int64, count=len(keep_shas))
+    chunks = [chunk.cast(pa.large_binary()) for chunk in pc.struct_field(kept.column(shard.image), "bytes").chunks]
+    data = pa.chunked_array(chunks + [pa.array([fetched[sha] for sha in order], pa.large_binary())],
+                            type=pa.large_binary())
+    return ImagePool(data, {**at, **{sha: kept.num_rows + j for j, sha in enumerate(order)}})
 
-    # 4. Write and commit, with the shard's counts as the pipeline's ShardStats has them before the cross-shard step.
-    config = plan.config(provenance.get("config", {}))
-    new_provenance = {**{k: v for k, v in provenance.items() if k != "schema_version"}, "config": config}
+
+def _write_kept(path: str, schema_: pa.Schema, image: str, kept: pa.Table, pool: ImagePool) -> None:
+    """kept/: the kept texts with their images (bytes from ``pool``, no path), a row group at a time."""
+    fields = list(schema_.field(image).type)
+    shas = kept.column("image_sha256").to_pylist()
+
+    def groups():
+        for start in range(0, kept.num_rows, ROW_GROUP_ROWS):
+            part = kept.slice(start, ROW_GROUP_ROWS)
+            data = pool.take(shas[start:start + ROW_GROUP_ROWS])
+            struct = pa.StructArray.from_arrays([data, pa.nulls(len(data), pa.string())], fields=fields)
+            yield pa.Table.from_arrays([pa.chunked_array([struct]) if name == image else part.column(name)
+                                        for name in schema_.names], schema=schema_)
+
+    write_groups(path, schema_, groups())
+
+
+def _write_files(folder: str, plan: Plan, shard: SourceShard, texts: pa.Table, codes: np.ndarray,
+                 pool: ImagePool) -> dict[str, str]:
+    """The new kept/, rejected/ and failed/ (its rows unchanged) of a shard under ``folder``, with the plan's
+    settings in their provenance and in every row's ``capfilt_config``; their paths by kind."""
+    config = plan.config(shard.provenance.get("config", {}))
+    provenance = {**{k: v for k, v in shard.provenance.items() if k != "schema_version"}, "config": config}
     texts = texts.set_column(texts.schema.get_field_index("capfilt_config"), "capfilt_config",
                              pa.array([json.dumps(config, sort_keys=True)] * texts.num_rows, pa.string()))
-    kept_schema, rejected_schema, failed_schema = (schema.with_provenance(_plain(table.schema), new_provenance)
-                                                   for table in (kept, rejected, failed))
-    folder = target.temp_dir(shard_id)
+    schemas = {kind: schema.with_provenance(_plain(table.schema), provenance)
+               for kind, table in ((KEPT, shard.kept), (REJECTED, shard.rejected), (FAILED, shard.failed))}
     files = {kind: FileSystems.join(folder, f"{kind}.parquet") for kind in (KEPT, REJECTED, FAILED)}
+    keep, dropped = np.flatnonzero(codes == KEPT_CODE), np.flatnonzero(codes != KEPT_CODE)
+    _write_kept(files[KEPT], schemas[KEPT], shard.image, texts.take(pa.array(keep, pa.int64())), pool)
+    rejected = texts.take(pa.array(dropped, pa.int64())).append_column(
+        "reason", pa.array(REASON_OF_CODE[codes[dropped]].tolist(), pa.string()))
+    write_table(files[REJECTED], rejected.select(schemas[REJECTED].names).cast(schemas[REJECTED]), schemas[REJECTED])
+    write_table(files[FAILED], shard.failed.cast(schemas[FAILED]), schemas[FAILED])
+    return files
+
+
+def _take_samples(stats: ShardStats, texts: pa.Table, codes: np.ndarray, pool: ImagePool) -> None:
+    """The report's examples, chosen as the pipeline chooses them (``ShardStats.wanted_samples``) among the texts
+    whose image bytes are at hand."""
+    shas = texts.column("image_sha256")
+    usable = pc.is_in(shas, value_set=pa.array(list(pool.at), pa.string())).to_numpy(zero_copy_only=False)
+    picks = stats.wanted_samples(texts.column("source").to_numpy(zero_copy_only=False), codes == KEPT_CODE, usable)
+    for i in picks:
+        row = texts.slice(i, 1).to_pylist()[0]
+        stats.samples.append(example(row["key"], row["caption"], row["source"], row["itm_score"],
+                                     REASON_OF_CODE[codes[i]], pool.get(row["image_sha256"]), row.get("exif")))
+
+
+def _shard_stats(marker: dict) -> ShardStats:
+    """A shard's stats as its source marker has them before any text is judged: rows, failed rows, damage, keys."""
+    stats = ShardStats(shard=marker["shard"], input=marker.get("input", ""), rows=marker["rows"],
+                       damaged=marker.get("damaged"))
+    stats.failed.update(marker["failed"])
+    stats.keys.duplicates = marker["duplicate_keys"]["rows"]
+    stats.keys.examples = list(marker["duplicate_keys"]["examples"])
+    return stats
+
+
+def refilter_shard(plan: Plan, source: OutputLayout, target: OutputLayout, marker: dict, inputs: Inputs) -> dict:
+    """Refilter one finished shard of ``source`` into ``target`` and commit it, with its marker (the stats as the
+    pipeline's ``ShardStats`` has them before the cross-shard step); returns the marker."""
+    started = time.perf_counter()
+    shard_id = marker["shard"]
+    kept_path = source.output(KEPT, shard_id)
+    if not FileSystems.exists(kept_path):
+        if marker.get("damaged"):  # a damaged input shard of which nothing could be read: no files, as in source
+            target.commit_damaged(shard_id, marker)
+            return marker
+        raise RefilterError(f"{kept_path} is missing, but {source.marker(shard_id)} says the shard is done")
+    shard = read_source_shard(source, shard_id)
+    # 1. Every judged text once, in the pipeline's order, as the shard's marker counts them, with its scores.
+    texts, rows = _judged_texts(shard.kept, shard.rejected, shard_id, kept_path)
+    _check_judged(texts, marker, source)
+    # 2. The rules, and the counts.
+    stats = _shard_stats(marker)
+    codes = _select(plan, texts, rows, stats)
+    stats.check(int(plan.settings["num_captions"]))  # every input row and every text accounted for
+    # 3. The image of each kept text: from source kept/, else the input shard's row.
+    pool = _image_pool(shard, _kept_images(texts, rows, codes), inputs, marker)
+    # 4. Write and commit.
+    folder = target.temp_dir(shard_id)
     try:
-        new_kept = texts.take(pa.array(keep, pa.int64()))
-        image_fields = list(kept_schema.field(image).type)
-        with FileSystems.create(files[KEPT]) as out, pq.ParquetWriter(out, kept_schema) as writer:
-            for start in range(0, keep.size, FLUSH_ROWS):
-                part = new_kept.slice(start, FLUSH_ROWS)
-                data = pool.take(pa.array(index[start:start + FLUSH_ROWS])).combine_chunks().cast(pa.binary())
-                struct = pa.StructArray.from_arrays([data, pa.nulls(len(data), pa.string())], fields=image_fields)
-                columns = [pa.chunked_array([struct]) if name == image else part.column(name)
-                           for name in kept_schema.names]
-                writer.write_table(pa.Table.from_arrays(columns, schema=kept_schema))
-        dropped = np.flatnonzero(codes != KEPT_CODE)
-        new_rejected = texts.take(pa.array(dropped, pa.int64())).append_column(
-            "reason", pa.array(REASON_OF_CODE[codes[dropped]].tolist(), pa.string()))
-        _write(files[REJECTED], new_rejected.select(rejected_schema.names).cast(rejected_schema), rejected_schema)
-        _write(files[FAILED], failed.cast(failed_schema), failed_schema)
-
-        stats = ShardStats(shard=shard_id, input=marker.get("input", ""), rows=marker["rows"], images=len(starts),
-                           web_missing=len(starts) - judged[schema.WEB], damaged=marker.get("damaged"))
-        stats.failed.update(marker["failed"])
-        itm = texts.column("itm_score").to_numpy().astype(np.float64)
-        bins = np.minimum((itm * HISTOGRAM_BINS).astype(np.int64), HISTOGRAM_BINS - 1)  # as ShardStats.add_text
-        for s, name in enumerate(schema.SOURCES):
-            mine = synthetic == (name == schema.SYNTHETIC)
-            outcomes = np.bincount(codes[mine], minlength=len(schema.REASONS) + 1)
-            stats.kept[name] = int(outcomes[KEPT_CODE])
-            stats.rejected[name] = int(outcomes[1:].sum())
-            for reason, code in CODES.items():
-                stats.reasons[(reason, name)] = int(outcomes[code])
-            stats.histogram[name] = np.bincount(bins[mine], minlength=HISTOGRAM_BINS).tolist()
-        stats.keys.duplicates = marker["duplicate_keys"]["rows"]
-        stats.keys.examples = list(marker["duplicate_keys"]["examples"])
-        stats.kept_images.duplicates, stats.kept_images.examples = images["images"], images["examples"]
-        stats.check(int(plan.settings["num_captions"]))  # every input row and every text accounted for
-
-        def image_bytes(sha: str) -> bytes | None:
-            return pool[at[sha]].as_py() if sha in at else None
-
-        stats.samples = _samples(texts, codes, image_bytes)
+        files = _write_files(folder, plan, shard, texts, codes, pool)
+        _take_samples(stats, texts, codes, pool)
         stats.seconds = time.perf_counter() - started
         new_marker = {**stats.to_dict(), "sampling": marker.get("sampling")}
-        keys_path, keys = source.keys_file(shard_id), None
-        if FileSystems.exists(keys_path):
-            with FileSystems.open(keys_path) as f:
-                keys = f.read()
-        target.commit(shard_id, files, new_marker, keys=keys, images=images["hashes"].tobytes())
+        target.commit(shard_id, files, new_marker, keys=_key_hashes(source, shard_id),
+                      images=stats.kept_images.hashes_file())
     except BaseException:
         target.discard(folder)
         raise
     return new_marker
+
+
+def _key_hashes(source: OutputLayout, shard_id: str) -> bytes | None:
+    """The source shard's key hashes file (``_done/{shard}.keys``), None when it has none."""
+    path = source.keys_file(shard_id)
+    if not FileSystems.exists(path):
+        return None
+    with FileSystems.open(path) as f:
+        return f.read()
 
 
 def _same_folder(a: str, b: str) -> bool:
@@ -561,9 +564,6 @@ def refilter(settings: RefilterSettings, source: str, out: str, report: bool = T
 
     Resumes: shards finished in ``out`` by an earlier refilter with the same settings are kept.
     """
-    from capfilt.pipelines.image_dedup import drop_duplicate_images
-    from capfilt.pipelines.report import write_summary
-
     if _same_folder(source, out):
         raise RefilterError(f"--out {out} is the source folder: write the new split to a folder of its own")
     source_layout = OutputLayout(source)

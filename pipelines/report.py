@@ -12,24 +12,64 @@ histogram (inline SVG) and examples of kept and removed pairs. With
 (``capfilt.pipelines.image_dedup``). A split made by ``capfilt refilter``
 (``capfilt.pipelines.refilter``) is summed the same way; its report says so,
 and names the score that judged (ITM, or ITC: then the histogram, of ITM
-scores, has no threshold line).
+scores, has no threshold line). A shard's examples are made here
+(``example``, with its ``thumbnail``), by the pipeline and by refilter alike.
 """
 
 from __future__ import annotations
 
+import base64
 import html
+import io
 import json
+from typing import Protocol
+
+from PIL import Image
 
 import capfilt
 from capfilt.pipelines.image_dedup import apply_record, read_record
 from capfilt.pipelines.layout import FAILED, KEPT, REJECTED, OutputLayout, read_text
 from capfilt.pipelines.schema import DUPLICATE_IMAGE, REASONS, SCHEMA_VERSION, SOURCES, STAGES
-from capfilt.pipelines.settings import BootstrapSettings
 from capfilt.pipelines.stats import (
     HISTOGRAM_BINS, MAX_KEY_EXAMPLES, duplicates_across, image_hash, key_hash, merge,
 )
 
-EXAMPLES_PER_OUTCOME = 12
+EXAMPLES_PER_OUTCOME = 12  # example cards per outcome (kept, removed) on the report, from the first shards' samples
+THUMBNAIL_SIZE = 96  # px, the longer side of an example's thumbnail (the page shows it in a 96 px square)
+
+
+class SummarySettings(Protocol):
+    """What the summary reads of a run's settings: ``BootstrapSettings`` and a refilter's ``Plan``
+    (``capfilt.pipelines.refilter``) both have it."""
+
+    @property
+    def dedup_images(self) -> bool: ...
+
+    def provenance(self) -> dict: ...
+
+
+def thumbnail(data: bytes, exif: str | None = None) -> str:
+    """A small JPEG of the image in ``data`` as a ``data:`` URI, upright by the EXIF orientation img2dataset
+    recorded (its ``exif`` column), as the models saw it; decoded again: only a few rows need one."""
+    from capfilt.images import recorded_orientation, upright_rgb  # torch and transformers: only when one is made
+
+    orientation = recorded_orientation(exif) if isinstance(exif, str) else None
+    with Image.open(io.BytesIO(data)) as image:
+        image.draft("RGB", (THUMBNAIL_SIZE, THUMBNAIL_SIZE))  # JPEG: decode at a fraction of the size
+        image.load()
+        small = upright_rgb(image, orientation)  # as the models see it: 8-bit, composited, upright
+    small.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
+    buffer = io.BytesIO()
+    small.save(buffer, format="JPEG", quality=80)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def example(key: str, text: str, source: str, itm: float, reason: str | None, image: bytes,
+            exif: str | None) -> dict:
+    """A judged text as an example of the report (a shard's ``samples``, chosen by ``ShardStats.wanted_samples``):
+    kept when ``reason`` is None, with a thumbnail of its image."""
+    return {"key": key, "text": text, "source": source, "itm": round(itm, 4), "kept": reason is None,
+            "reason": reason, "thumbnail": thumbnail(image, exif)}
 
 
 def damaged_shards(markers: list[dict]) -> list[dict]:
@@ -80,7 +120,7 @@ def _value_with_hash(layout: OutputLayout, shard_id: str, digest: int, column: s
     return None
 
 
-def build_stats(markers: list[dict], settings: BootstrapSettings, selected_shards: int,
+def build_stats(markers: list[dict], settings: SummarySettings, selected_shards: int,
                 shard_errors: list[dict] = (), duplicates: dict | None = None, images: dict | None = None) -> dict:
     """The run's stats: every finished shard's counts summed, the settings, what is unfinished and damaged.
 
@@ -103,11 +143,10 @@ def build_stats(markers: list[dict], settings: BootstrapSettings, selected_shard
     }
 
 
-def write_summary(layout: OutputLayout, settings: BootstrapSettings, selected_shards: int,
+def write_summary(layout: OutputLayout, settings: SummarySettings, selected_shards: int,
                   shard_errors: list[dict] = (), report: bool = True) -> dict:
     """Write ``stats.json`` (and ``report.html``) from the markers under ``layout`` (with the cross-shard image
-    dedup's records applied); returns the stats. Of ``settings`` only ``provenance()`` and ``dedup_images`` are
-    read: a refilter's ``Plan`` (``capfilt.pipelines.refilter``) has them too."""
+    dedup's records applied); returns the stats."""
     markers = [apply_record(m, read_record(layout, m["shard"])) for m in layout.read_markers()]
     stats = build_stats(markers, settings, selected_shards, shard_errors, duplicate_keys(layout, markers),
                         duplicate_images(layout, markers, settings.dedup_images))

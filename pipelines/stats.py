@@ -15,25 +15,31 @@ themselves. Two different keys share a hash with probability about n²/2⁶⁵
 (4·10⁻⁶ for 12 million keys).
 
 Duplicate images, the same way: an image counts once it has a kept text;
-each shard counts the images whose bytes (SHA-256) it has already kept and
-stores its kept images' 64-bit hashes (the SHA-256's first 8 bytes) in
+each shard counts the images whose bytes (SHA-256) it has already kept
+(``ImageTally``, rule 4 of ``capfilt.pipelines.selection``) and stores its
+kept images' 64-bit hashes (the SHA-256's first 8 bytes) in
 ``_done/{shard}.images``, which both the summary's count across shards and
 ``--dedup-images``' drop across shards (``capfilt.pipelines.image_dedup``) read.
+
+Texts are counted in bulk (``ShardStats.add_texts``: each text's source, ITM
+match probability and outcome code from ``capfilt.pipelines.selection``), by
+the pipeline a batch at a time and by ``capfilt refilter`` a shard at a time.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from capfilt.pipelines.schema import BELOW_THRESHOLD, DUPLICATE_TEXT, REASONS, SOURCES, STAGES, SYNTHETIC, WEB
+from capfilt.pipelines.selection import CODES, KEPT_CODE
 
 HISTOGRAM_BINS = 20  # ITM match probability in [0, 1], bins of 0.05
-MAX_SAMPLES_PER_CELL = 3  # report examples per (source, kept/removed) and shard
+MAX_SAMPLES_PER_CELL = 3  # report examples per (source, kept/removed) and shard: the first ones in row order
 MAX_KEY_EXAMPLES = 5  # duplicate keys (and images) named per shard, and per run
 KEY_HASH_DTYPE = np.dtype("<u8")  # the key (and image) hashes files: little-endian uint64, sorted, distinct
 
@@ -47,6 +53,12 @@ def key_hash(key: str) -> int:
 def image_hash(sha256_hex: str) -> int:
     """An image's 64-bit hash: the first 8 bytes of its SHA-256 (``image_sha256``, hex), little-endian."""
     return int.from_bytes(bytes.fromhex(sha256_hex[:16]), "little")
+
+
+def itm_bins(itm) -> np.ndarray:
+    """Each ITM match probability's histogram bin: [0, 1] in ``HISTOGRAM_BINS`` bins of equal width, 1.0 in the
+    last."""
+    return np.minimum((np.asarray(itm, dtype=np.float64) * HISTOGRAM_BINS).astype(np.int64), HISTOGRAM_BINS - 1)
 
 
 class HashTally:
@@ -78,6 +90,14 @@ class KeyTally(HashTally):
 
     def add(self, key: str) -> bool:  # type: ignore[override]
         return super().add(key, key_hash(key))
+
+
+class ImageTally(HashTally):
+    """The images of one shard with a kept text, by SHA-256 (hex): how many repeat an image kept before (rule 4 of
+    ``capfilt.pipelines.selection``), a few of their SHA-256s, and the distinct images' hashes."""
+
+    def add(self, sha256_hex: str) -> bool:  # type: ignore[override]
+        return super().add(sha256_hex, image_hash(sha256_hex))
 
 
 def duplicates_across(shards: Iterable[tuple[str, bytes]]) -> tuple[int, list[tuple[int, list[str]]]]:
@@ -124,20 +144,50 @@ class ShardStats:
     samples: list = field(default_factory=list)  # a few judged pairs with thumbnails, for the report
     damaged: dict | None = None  # the input shard is damaged: what was broken (``ShardJob.damage_record``)
     keys: KeyTally = field(default_factory=KeyTally)  # not in the marker: its hashes go beside it
-    kept_images: HashTally = field(default_factory=HashTally)  # images with a kept text, by SHA-256 (hex); the same
+    kept_images: ImageTally = field(default_factory=ImageTally)  # images with a kept text (rule 4): as keys
     reasons: Counter = field(default_factory=Counter)  # (reason, source) -> rejected texts
+
+    def add_texts(self, sources: Sequence[str], itm, codes) -> None:
+        """Judged texts: each one's source, ITM match probability and outcome (``selection.KEPT_CODE``, or
+        ``selection.CODES[reason]``), counted per source and reason, and in the ITM histogram."""
+        sources = np.asarray(sources, dtype=object)
+        codes = np.asarray(codes, dtype=np.int64)
+        bins = itm_bins(itm)
+        if not sources.size == codes.size == bins.size:
+            raise ValueError(f"{sources.size} sources, {codes.size} outcomes and {bins.size} scores")
+        unknown = set(sources.tolist()) - set(SOURCES)
+        if unknown:
+            raise ValueError(f"texts of unknown sources {sorted(unknown)}: the sources are {SOURCES}")
+        for source in SOURCES:
+            mine = sources == source
+            outcomes = np.bincount(codes[mine], minlength=len(REASONS) + 1)
+            self.kept[source] += int(outcomes[KEPT_CODE])
+            self.rejected[source] += int(outcomes.sum() - outcomes[KEPT_CODE])
+            for reason, code in CODES.items():
+                self.reasons[(reason, source)] += int(outcomes[code])
+            counts = np.bincount(bins[mine], minlength=HISTOGRAM_BINS).tolist()
+            self.histogram[source] = [a + b for a, b in zip(self.histogram[source], counts)]
 
     def add_text(self, source: str, itm: float, reason: str | None) -> None:
         """One judged text: kept (``reason`` None) or rejected for ``reason`` (one of ``schema.REASONS``)."""
-        if reason is None:
-            self.kept[source] += 1
-        else:
-            self.rejected[source] += 1
-            self.reasons[(reason, source)] += 1
-        self.histogram[source][min(int(itm * HISTOGRAM_BINS), HISTOGRAM_BINS - 1)] += 1
+        self.add_texts([source], [itm], [KEPT_CODE if reason is None else CODES[reason]])
 
-    def wants_sample(self, source: str, kept: bool) -> bool:
-        return sum(1 for s in self.samples if s["source"] == source and s["kept"] == kept) < MAX_SAMPLES_PER_CELL
+    def wanted_samples(self, sources: Sequence[str], kept, usable=None) -> list[int]:
+        """Which of these judged texts (in row order: their sources, whether each is kept, and whether its image is
+        at hand, ``usable``, default all) the report takes as examples, as indices in row order: per source and
+        outcome (kept, removed) the first usable ones, until the shard has ``MAX_SAMPLES_PER_CELL`` of each
+        (``capfilt.pipelines.report.example`` makes them)."""
+        sources = np.asarray(sources, dtype=object)
+        kept = np.asarray(kept, dtype=bool)
+        usable = np.ones(kept.size, dtype=bool) if usable is None else np.asarray(usable, dtype=bool)
+        picks: list[int] = []
+        for source in SOURCES:
+            for outcome in (True, False):
+                room = MAX_SAMPLES_PER_CELL - sum(1 for s in self.samples if s["source"] == source and
+                                                  s["kept"] == outcome)
+                if room > 0:
+                    picks += np.flatnonzero((sources == source) & (kept == outcome) & usable)[:room].tolist()
+        return sorted(picks)
 
     def check(self, num_captions: int) -> None:
         """Raise unless every input row and every text is accounted for."""

@@ -1,9 +1,12 @@
-"""``capfilt refilter``: a new split from the stored scores equals a fresh run with the new settings, read back.
+"""``capfilt refilter``: a new split from the stored scores equals a fresh run with the new settings, read back; a
+split at the run's own settings is the run again.
 
 The captioner writes fixed captions (so that texts repeat); the filter is the tiny random-weight one. A fresh run
 with the new settings is the reference: kept/, rejected/ and failed/ row for row, every column, and stats.json,
 except the refilter's own record (``by``, ``keep_fraction``, ``refiltered_from`` in the settings) and the timings.
-The demo world with the shipped demo models is compared the same way through the command line.
+A refilter of a run at its own settings (``assert_reproduces``) is held to more: also each file's provenance and
+each shard's marker, hashes files and cross-shard record. The demo world with the shipped demo models is compared
+the same way through the command line.
 """
 
 from __future__ import annotations
@@ -13,14 +16,12 @@ import hashlib
 import io
 import json
 import math
-import random
 import re
 import shutil
 import tarfile
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -31,15 +32,12 @@ from capfilt import cli
 from capfilt.captioner import Captioner
 from capfilt.pipelines import bootstrap
 from capfilt.pipelines.layout import FAILED, KEPT, REJECTED, OutputLayout, SettingsMismatchError
-from capfilt.pipelines.refilter import (
-    REFILTER_KEYS, RefilterError, RefilterSettings, image_hashes, refilter, select_texts,
-)
+from capfilt.pipelines.refilter import REFILTER_KEYS, RefilterError, RefilterSettings, refilter
 from capfilt.pipelines.report import read_stats
-from capfilt.pipelines.schema import BELOW_THRESHOLD, DUPLICATE_IMAGE, REASONS, read_provenance
-from capfilt.pipelines.selection import reasons
+from capfilt.pipelines.schema import BELOW_THRESHOLD, DUPLICATE_IMAGE, read_provenance
 from capfilt.pipelines.settings import BootstrapSettings
 from capfilt.pipelines.shards import list_shards
-from capfilt.pipelines.stats import image_hash
+from capfilt.pipelines.stats import MAX_SAMPLES_PER_CELL
 
 K = 2
 CAPTIONS = ["a red circle", "a blue square"]
@@ -162,6 +160,77 @@ def assert_same_output(fresh, refiltered, source):
     assert "Refiltered from the scores stored in" in Path(refiltered.report_file).read_text()
 
 
+def _pipeline_order(row: dict) -> tuple:
+    """Where a judged text comes in its shard: by input row, the web text first, then the captions by index."""
+    shard, index, _ = row["sample_id"].split("_")
+    return shard, int(index), row["source"] != "web", row["source_index"]
+
+
+def _examples_at_hand(run: Path, shard: str) -> list[tuple]:
+    """The report examples of removed texts refilter takes for ``shard`` of ``run`` at the run's own settings: the
+    pipeline's rule (the first ``MAX_SAMPLES_PER_CELL`` of each source, in the pipeline's order) among the removed
+    texts whose image has a kept text in the shard, the only image bytes refilter has."""
+    at_hand = {row["image_sha256"] for row in pq.read_table(run / KEPT / f"{shard}.parquet").to_pylist()}
+    removed = sorted((row for row in pq.read_table(run / REJECTED / f"{shard}.parquet").to_pylist()
+                      if row["image_sha256"] in at_hand), key=_pipeline_order)
+    taken = Counter()
+    chosen = []
+    for row in removed:
+        if taken[row["source"]] < MAX_SAMPLES_PER_CELL:
+            taken[row["source"]] += 1
+            chosen.append((row["key"], row["caption"], row["source"], row["reason"]))
+    return chosen
+
+
+def assert_reproduces(run, refiltered):
+    """``refiltered``, a refilter of ``run`` at the run's own settings, is the run again: kept/, rejected/ and
+    failed/ row for row, every column; each file's provenance; each shard's marker, key and image hashes files and
+    cross-shard dedup record; stats.json.
+
+    What may differ, and why: the refilter's own record (``REFILTER_KEYS``: ``by``, ``keep_fraction``,
+    ``refiltered_from``, in every row's ``capfilt_config``, every file's provenance and stats.json's settings); the
+    timings (a marker's ``seconds``, stats.json's ``shard_seconds``); and a marker's report examples of removed
+    texts: refilter has the bytes of the kept images only (it reads no input shard for a removed text), so it takes
+    them by the pipeline's rule among the removed texts whose image is kept (``_examples_at_hand``)."""
+    run, refiltered = Path(run), Path(refiltered)
+    for kind in (KEPT, REJECTED, FAILED):
+        assert _names(run, kind) == _names(refiltered, kind)
+        assert rows(run, kind) == rows(refiltered, kind), kind  # capfilt_config without REFILTER_KEYS
+        for name in _names(run, kind):
+            ours = read_provenance(pq.read_schema(refiltered / kind / name))
+            theirs = read_provenance(pq.read_schema(run / kind / name))
+            assert ours["config"]["refiltered_from"] == str(run)
+            ours["config"] = {k: v for k, v in ours["config"].items() if k not in REFILTER_KEYS}
+            assert ours == theirs
+            configs = pq.read_table(refiltered / kind / name, columns=["capfilt_config"]).column(0).to_pylist() \
+                if kind != FAILED else []
+            assert all(json.loads(config)["refiltered_from"] == str(run) for config in configs)
+    assert sorted(p.name for p in (run / "_done").iterdir()) == sorted(p.name for p in (refiltered / "_done").iterdir())
+    for path in sorted((run / "_done").iterdir()):
+        if path.suffix != ".json":  # .keys, .images, .dedup
+            assert (refiltered / "_done" / path.name).read_bytes() == path.read_bytes(), path.name
+            continue
+        ours, theirs = json.loads((refiltered / "_done" / path.name).read_text()), json.loads(path.read_text())
+        samples = ours.pop("samples"), theirs.pop("samples")
+        examples = {outcome: [[s for s in found if s["kept"] == outcome] for found in samples]
+                    for outcome in (True, False)}
+        assert {k: v for k, v in ours.items() if k != "seconds"} == {k: v for k, v in theirs.items() if k != "seconds"}
+        assert examples[True][0] == examples[True][1]  # kept texts: their images are at hand, thumbnails and all
+        assert [(s["key"], s["text"], s["source"], s["reason"]) for s in examples[False][0]] == \
+            _examples_at_hand(run, path.stem)
+    ours, theirs = read_stats(OutputLayout(str(refiltered))), read_stats(OutputLayout(str(run)))
+    assert {k: v for k, v in ours.items() if k not in ("settings", "shard_seconds")} == \
+        {k: v for k, v in theirs.items() if k not in ("settings", "shard_seconds")}
+    assert {k: v for k, v in ours["settings"].items() if k not in REFILTER_KEYS} == theirs["settings"]
+
+
+def test_a_refilter_at_the_runs_own_settings_is_the_run(everything, tmp_path):
+    """Threshold 0: every text passes, so duplicate images repeat in kept/ within and across shards (counted)."""
+    refilter(RefilterSettings(threshold=0.0), everything.root, str(tmp_path / "again"))
+    assert_reproduces(everything.root, tmp_path / "again")
+    assert read_stats(OutputLayout(str(tmp_path / "again")))["duplicate_images"]["images"]
+
+
 @pytest.mark.parametrize("select, dedup", [("all", False), ("top-1", False), ("all", True)])
 def test_refilter_equals_a_fresh_run_with_the_new_settings(select, dedup, input_dir, settings, everything, high, low,
                                                            tmp_path):
@@ -180,6 +249,9 @@ def test_refilter_equals_a_fresh_run_with_the_new_settings(select, dedup, input_
                    if row["reason"] == DUPLICATE_IMAGE}
         assert dropped == {"00000_000000002", "00001_000000003", "00001_000000000", "00001_000000004",
                            "00001_000000005"}
+    # The fresh run refiltered at its own settings (select and dedup_images left to the source's) is the run again.
+    refilter(RefilterSettings(threshold=threshold), fresh.root, str(tmp_path / "again"))
+    assert_reproduces(fresh.root, tmp_path / "again")
 
 
 def test_lowering_the_threshold_takes_images_from_kept_or_by_reference_from_the_input(
@@ -353,42 +425,6 @@ def test_sources_refilter_cannot_use_are_clear_errors(everything, tmp_path):
         refilter(RefilterSettings(threshold=0.5), str(old), str(tmp_path / "out5"))
 
 
-def test_selection_matches_the_rules_applied_image_by_image():
-    """The vectorised selection against ``selection.reasons`` on every image and the pipeline's image tally."""
-    rng = random.Random(5)
-    words = ["a dog", "A dog", "a cat", "a  cat ", "a bird"]
-    for trial in range(200):
-        images = rng.randint(0, 12)
-        rows, texts, scores, shas = [], [], [], []
-        for image in range(images):
-            shas.append(rng.choice(["aa", "bb", "cc", "dd"]) * 32)
-            for _ in range(rng.randint(1, 4)):
-                rows.append(image * 3)
-                texts.append(rng.choice(words))
-                scores.append(rng.choice([0.2, 0.5, 0.7, 0.7, rng.random()]))
-        threshold, top_n, dedup = rng.choice([0.0, 0.5, 0.7]), rng.choice([None, 1, 2]), rng.random() < 0.5
-        score_array = np.array(scores, dtype=np.float32)
-        codes, tally = select_texts(np.array(rows, dtype=np.int64), score_array, shas,
-                                    lambda a, b: texts[a:b], threshold, top_n, dedup)
-        expected, seen, repeats, position = [], set(), 0, 0
-        as_floats = score_array.tolist()
-        for image in range(images):
-            count = rows.count(image * 3)
-            why = reasons(texts[position:position + count], as_floats[position:position + count], threshold, top_n)
-            if any(reason is None for reason in why):  # the pipeline's ShardJob.select
-                digest = image_hash(shas[image])
-                if digest in seen:
-                    repeats += 1
-                    if dedup:
-                        why = [DUPLICATE_IMAGE if reason is None else reason for reason in why]
-                seen.add(digest)
-            expected += why
-            position += count
-        assert [None if code == 0 else REASONS[code - 1] for code in codes] == expected, trial
-        assert tally["images"] == repeats
-        assert sorted(tally["hashes"].tolist()) == sorted(seen)
-
-
 def test_the_command_line(everything, high, tmp_path, capsys):
     assert cli.main(["refilter", "--from", everything.root, "--out", str(tmp_path / "cli"), "--threshold",
                      str(high)]) == 0
@@ -417,8 +453,8 @@ def demo_half(tmp_path_factory):
 
 @pytest.mark.parametrize("flags", [[], ["--select", "top-1", "--dedup-images"]])
 def test_on_the_demo_refilter_at_07_equals_a_fresh_run_at_07(flags, demo_half, tmp_path):
-    """The issue's acceptance: ``capfilt bootstrap`` on the demo at 0.7 (same seeds) and ``capfilt refilter --from
-    OUT(0.5) --threshold 0.7`` write the same kept/ and rejected/ (and failed/, stats)."""
+    """``capfilt bootstrap`` on the demo at 0.7 (same seeds) and ``capfilt refilter --from OUT(0.5) --threshold
+    0.7`` write the same kept/ and rejected/ (and failed/, stats); a refilter of the run at 0.7 is the run again."""
     fresh = tmp_path / "fresh"
     assert cli.main(["bootstrap", "--data", "demo", "--demo-size", "40", "--demo-shard-size", "20", "--out",
                      str(fresh), "--threshold", "0.7", "--torch-threads", "1", "--progress-interval", "1000",
@@ -428,12 +464,5 @@ def test_on_the_demo_refilter_at_07_equals_a_fresh_run_at_07(flags, demo_half, t
     assert_same_output(fresh, tmp_path / "re", demo_half)
     removed = {r["sample_id"] for r in rows(demo_half, KEPT)} & {r["sample_id"] for r in rows(fresh, REJECTED)}
     assert removed  # the split changed: the comparison is not of two copies of the source
-
-
-def test_the_vectorised_image_hashes_are_the_pipelines_own():
-    """refilter's ``image_hashes`` (numpy, a shard at once) against ``stats.image_hash``, which the pipeline writes
-    to ``_done/*.images``: a difference would let refilter miss duplicates across shards."""
-    shas = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(200)]
-    hashes = image_hashes(shas)
-    assert hashes.dtype == np.dtype("<u8") and hashes.tolist() == [image_hash(sha) for sha in shas]
-    assert image_hashes([]).size == 0
+    assert cli.main(["refilter", "--from", str(fresh), "--out", str(tmp_path / "again"), "--threshold", "0.7"]) == 0
+    assert_reproduces(fresh, tmp_path / "again")
