@@ -296,6 +296,10 @@ def beam_search_blip(decoder, image_embeds: torch.Tensor, prompt_ids: torch.Tens
     worst kept (``BeamHypotheses.is_done``). At ``max_length`` the running beams join the finished ones, scored by
     ``max_length``; each image returns its best ``K``, ``[SEP]`` appended where it fits, ``[PAD]`` after.
     transformers 5 instead divides by the generated length with ``[SEP]`` (``_update_finished_beams``).
+
+    One function on purpose: its steps follow 4.15's loop in that loop's order, so that it reads against the
+    original line by line; split, the state each step shares (sums, beams, finished hypotheses) would travel
+    through every call.
     """
     beams = max(settings.num_beams, num_captions)
     batch = image_embeds.shape[0]
