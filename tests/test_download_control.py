@@ -217,3 +217,35 @@ def test_downloaded_shards_are_rewritten_in_key_order_once(tmp_path):
     assert sort_shards(tmp_path) == []  # nothing left to sort
     assert sorted(p.name for p in tmp_path.iterdir()) == ["00000.parquet", "00000_stats.json", "00001.parquet",
                                                           "00001_stats.json", "00002.parquet"]
+
+
+def test_a_signal_that_the_runner_wrapped_still_ends_the_command_as_that_signal():
+    from capfilt.ingest.process_group import Terminated
+
+    with pytest.raises(KeyboardInterrupt):
+        recipe.interrupted(RuntimeError("KeyboardInterrupt [while running 'CaptionAndFilter']"))
+    with pytest.raises(Terminated):
+        recipe.interrupted(RuntimeError("Terminated [while running 'CaptionAndFilter']"))
+    try:
+        raise RuntimeError("a worker failed") from KeyboardInterrupt()
+    except RuntimeError as wrapped:
+        with pytest.raises(KeyboardInterrupt):
+            recipe.interrupted(wrapped)
+    recipe.interrupted(OSError(28, "No space left on device"))  # a real failure is the job's end, not a signal
+
+
+@pytest.mark.slow  # a demo run in a separate process, stopped midway: about half a minute
+@pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_while_the_models_run_exits_as_that_signal(signum, status, tmp_path):
+    out = tmp_path / "out"
+    job = start(["bootstrap", "--data", "demo", "--out", str(out), "--captioner", "demo", "--filter", "demo",
+                 "--demo-size", "2000", "--demo-shard-size", "250", "--torch-threads", "1"], uuid.uuid4().hex)
+    try:
+        assert wait_for(lambda: (out / "_done").is_dir() and any((out / "_done").glob("*.json")), 120)
+        os.killpg(job.pid, signum)
+        output, _ = job.communicate(timeout=60)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    assert job.returncode == status, output
+    assert "rerun the same command to resume" in output.strip().splitlines()[-1], output

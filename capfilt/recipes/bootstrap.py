@@ -242,6 +242,7 @@ def run(job: BootstrapRun) -> int:
         except Exception as error:  # noqa: BLE001 - the job's end (a full disk, a lost worker): what is kept, and
             failure = error  # how to go on, not the runner's traceback
     if failure is not None:
+        interrupted(failure)
         return stopped(failure, layout, selected)
     stats = read_stats(layout)
     # From the markers, not stats.json: another job on the same OUT may have written stats.json last.
@@ -252,6 +253,23 @@ def run(job: BootstrapRun) -> int:
     for warning in warnings:
         say(f"warning: {warning}")
     return exit_status(unfinished, damaged, warnings if job.strict else [])
+
+
+def interrupted(error: BaseException) -> None:
+    """Raise a signal that a runner wrapped (Beam's FnApiRunner turns a KeyboardInterrupt in its workers into
+    ``RuntimeError: KeyboardInterrupt [while running ...]``), so that the command exits 130 or 143, not 1."""
+    from capfilt.ingest.process_group import Terminated
+
+    seen = error
+    while seen is not None:
+        if isinstance(seen, (KeyboardInterrupt, Terminated)):
+            raise seen
+        text = str(seen)
+        if text.startswith("KeyboardInterrupt"):
+            raise KeyboardInterrupt from error
+        if text.startswith("Terminated"):
+            raise Terminated() from error
+        seen = seen.__cause__ or seen.__context__
 
 
 def stopped(error: Exception, layout, selected: set[str]) -> int:
