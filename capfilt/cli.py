@@ -21,6 +21,7 @@ on to the runner. ``capfilt datasets`` lists the named datasets.
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import logging
 import os
@@ -28,6 +29,7 @@ import sys
 
 from capfilt.ingest import datasets, named, url_list
 from capfilt.ingest.process_group import EXIT_SIGINT, EXIT_SIGTERM, Terminated, terminate_raises
+from capfilt.pipelines import dask_cluster
 from capfilt.pipelines.schema import BELOW_THRESHOLD
 from capfilt.recipes import bootstrap as recipe
 from capfilt.recipes.bootstrap import (
@@ -364,6 +366,44 @@ def beam_options(unknown: list[str]) -> list[str]:
     return options
 
 
+def beam_flags(runner: str) -> set[str]:
+    """Every flag some Beam options class defines (``--project``, ``--temp_location``, ...; with the DaskRunner
+    its ``--dask_*`` too), read as Beam reads them (``PipelineOptions.get_all_options``). Empty where Beam's
+    parser cannot be had: the check is then skipped, never the run."""
+    try:
+        from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
+    except ImportError:
+        return set()
+    if dask_cluster.is_dask(runner):
+        import apache_beam.runners.dask.dask_runner  # noqa: F401 - defines DaskOptions, Beam's Dask flags
+    flags: set[str] = set()
+    for options in PipelineOptions.__subclasses__():
+        parser = _BeamArgumentParser(allow_abbrev=False)
+        try:
+            options._add_argparse_args(parser)  # noqa: SLF001 - Beam's own way to list an options class's flags
+        except Exception:  # noqa: BLE001 - a third-party options class that does not list: its flags pass unchecked
+            return set()
+        flags.update(flag for action in parser._actions for flag in action.option_strings)
+    return flags
+
+
+def check_beam_options(options: list[str], runner: str) -> None:
+    """A flag neither capfilt nor Beam knows is a usage error naming the closest known flag (Beam itself would
+    drop it with a warning, and the job would run without it: ``--treshold 0.9`` at threshold 0.5)."""
+    known = beam_flags(runner)
+    if not known:
+        return
+    unknown = [option.split("=", 1)[0] for option in options if option.split("=", 1)[0] not in known]
+    if unknown:
+        ours = [flag for action in bootstrap_parser()._actions for flag in action.option_strings]
+        hints = []
+        for flag in unknown:
+            close = difflib.get_close_matches(flag, ours, n=1) or difflib.get_close_matches(flag, sorted(known), n=1)
+            hints.append(f"{flag}" + (f" (did you mean {close[0]}?)" if close else ""))
+        raise UsageError(f"unknown flag{'s' if len(unknown) > 1 else ''} {', '.join(hints)}: neither capfilt "
+                         "bootstrap nor Beam knows it (capfilt bootstrap --help lists capfilt's)")
+
+
 def download_settings_from_args(args):
     """img2dataset's and the fetcher's settings from the flags (a bad network or limit is a usage error)."""
     from capfilt.ingest.download import DownloadSettings
@@ -381,7 +421,10 @@ def download_settings_from_args(args):
 
 
 def run_from_args(args, unknown: list[str]) -> BootstrapRun:
-    """``capfilt bootstrap``'s flags as a ``BootstrapRun``; flags capfilt does not know are Beam options."""
+    """``capfilt bootstrap``'s flags as a ``BootstrapRun``; flags capfilt does not know are Beam options, and a
+    flag Beam does not know either is a ``UsageError``."""
+    options = beam_options(unknown)
+    check_beam_options(options, args.runner)
     return BootstrapRun(
         data=args.data, out=str(args.out), settings=settings_from_args(args),
         download=download_settings_from_args(args),
@@ -390,7 +433,7 @@ def run_from_args(args, unknown: list[str]) -> BootstrapRun:
         fetch=False if args.no_fetch else None,
         demo=datasets.DemoInput(args.demo_size, args.demo_seed, args.demo_shard_size),
         shards_dir=args.shards_dir, shards=args.shards, runner=args.runner,
-        beam_options=tuple(beam_options(unknown)), workers=args.workers, report=not args.no_report,
+        beam_options=tuple(options), workers=args.workers, report=not args.no_report,
         strict=args.strict, progress_interval=args.progress_interval,
     )
 

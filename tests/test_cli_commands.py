@@ -177,3 +177,19 @@ def test_a_reader_that_leaves_early_is_no_error(tmp_path):
                             text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     os.close(write_end)
     assert writer.returncode == 0 and "Traceback" not in writer.stderr, writer.stderr
+
+
+def test_a_flag_neither_capfilt_nor_beam_knows_stops_the_run_before_it_starts(tmp_path, capsys):
+    out = tmp_path / "out"
+    code = cli.main(["bootstrap", "--treshold", "0.9", "--captioner", "demo", "--filter", "demo", "--out", str(out)])
+    assert code == 2 and not out.exists()  # nothing written: the job never started
+    assert "unknown flag --treshold (did you mean --threshold?)" in capsys.readouterr().err
+
+
+def test_beams_own_options_still_pass_through():
+    cli.check_beam_options(["--project=P", "--region=europe-west4", "--temp_location=gs://b/t", "--streaming",
+                            "--setup_file=./setup.py", "--sdk_container_image=img", "--direct_num_workers=2",
+                            "--direct_running_mode=multi_processing", "--flink_master=h:8081"], "DataflowRunner")
+    cli.check_beam_options(["--dask_client_address=tcp://h:8786", "--dask_npartitions=4"], "DaskRunner")
+    with pytest.raises(cli.UsageError, match="--projcet"):
+        cli.check_beam_options(["--projcet=P"], "DataflowRunner")
