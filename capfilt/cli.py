@@ -390,6 +390,8 @@ def beam_flags(runner: str) -> set[str]:
 def check_beam_options(options: list[str], runner: str) -> None:
     """A flag neither capfilt nor Beam knows is a usage error naming the closest known flag (Beam itself would
     drop it with a warning, and the job would run without it: ``--treshold 0.9`` at threshold 0.5)."""
+    if not options:
+        return  # nothing to check: Beam's option classes are not even listed
     known = beam_flags(runner)
     if not known:
         return

@@ -60,7 +60,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, Mapping, Sequence
 from urllib.parse import quote, unwrap, urljoin, urlsplit
 
-from capfilt.ingest.urls import check_url, parse_networks, refused_address
+from capfilt.ingest.urls import abridged, check_url, parse_networks, refused_address
 
 # img2dataset's User-Agent (downloader.download_image), with its token appended the same way.
 USER_AGENT = "Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:72.0) Gecko/20100101 Firefox/72.0"
@@ -264,7 +264,7 @@ class _Fetch:
         """The connection and the response whose headers are read, after redirects, and the URL that gave it."""
         policy = self.policy
         for hop in range(policy.max_redirects + 1):
-            prefix = "refused: " if hop == 0 else f"refused: redirect to {_shown(url)}: "
+            prefix = "refused: " if hop == 0 else f"refused: redirect to {abridged(url, _SHOWN_URL)}: "
             reason = check_url(url, policy.allow_private_addresses, policy._networks)
             if reason is not None:
                 raise FetchError(prefix + reason.removeprefix("refused: "))
@@ -416,7 +416,3 @@ class ImageFetcher:
                 return key, response.body(), None
         except Exception as error:  # img2dataset records every failure as the row's error_message
             return key, None, str(error) or type(error).__name__
-
-
-def _shown(url: str) -> str:
-    return url if len(url) <= _SHOWN_URL else url[:_SHOWN_URL] + "..."

@@ -113,10 +113,10 @@ def check_url(url: str | None, allow_private_addresses: bool = False,
     text = unwrap(url)  # what urllib.request.Request does first: strip, then unwrap '<URL:...>'
     scheme = _SCHEME.fullmatch(text)
     if scheme is None:
-        return f"refused: {_shown(text)} has no scheme (capfilt fetches only http and https URLs)"
+        return f"refused: {abridged(text)} has no scheme (capfilt fetches only http and https URLs)"
     name = scheme.group(1).lower()
     if name not in SCHEMES:
-        return f"refused: scheme {_shown(name)!r} (capfilt fetches only http and https URLs)"
+        return f"refused: scheme {abridged(name)!r} (capfilt fetches only http and https URLs)"
     for host in _hosts(text, scheme.group(2)):
         if not host:
             return "refused: the URL names no host"
@@ -157,7 +157,8 @@ _SPECIAL = (r"^https?://(?:[a-z0-9.-]*\.)?(?:localhost|metadata\.goog|"
             + "|".join(re.escape(s) for s in INTERNAL_SUFFIXES) + ")" + _HOST_END)
 
 
-def _shown(text: str, limit: int = 80) -> str:
+def abridged(text: str, limit: int = 80) -> str:
+    """``text`` cut to ``limit`` characters, ``...`` marking the cut: a URL or host as an error shows it."""
     return text if len(text) <= limit else text[:limit] + "..."
 
 
@@ -192,7 +193,7 @@ def _hosts(text: str, rest: str) -> list[str]:
 def _check_host(host: str, allow: bool, networks: tuple[IPNetwork, ...]) -> str | None:
     if _CONTROL_OR_SPACE.search(host):
         return "refused: the host holds whitespace or control characters"
-    shown = _shown(host)
+    shown = abridged(host)
     if not host.isascii():
         try:  # what socket.getaddrinfo does with a str host: full-width digits and dots become ASCII
             host = host.encode("idna").decode("ascii")
