@@ -168,10 +168,6 @@ class ShardStats:
             counts = np.bincount(bins[mine], minlength=HISTOGRAM_BINS).tolist()
             self.histogram[source] = [a + b for a, b in zip(self.histogram[source], counts)]
 
-    def add_text(self, source: str, itm: float, reason: str | None) -> None:
-        """One judged text: kept (``reason`` None) or rejected for ``reason`` (one of ``schema.REASONS``)."""
-        self.add_texts([source], [itm], [KEPT_CODE if reason is None else CODES[reason]])
-
     def wanted_samples(self, sources: Sequence[str], kept, usable=None) -> list[int]:
         """Which of these judged texts (in row order: their sources, whether each is kept, and whether its image is
         at hand, ``usable``, default all) the report takes as examples, as indices in row order: per source and

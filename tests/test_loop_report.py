@@ -7,9 +7,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from capfilt.recipes import loop_report
 from capfilt.pipelines.schema import BELOW_THRESHOLD
+from capfilt.pipelines.selection import CODES, KEPT_CODE
 from capfilt.pipelines.stats import ShardStats, merge
+from capfilt.recipes import loop_report
 from capfilt.shapes import caption, iter_split, scene_to_json
 
 
@@ -38,8 +39,8 @@ def _write_out(folder, web: dict, synthetic: list[tuple[bool, bool]]) -> None:
     # stats.json as the pipeline writes it: the merge of its shards' counts.
     shard = ShardStats(shard="00000")
     for is_kept in (True, False):
-        for row in rows[is_kept]:
-            shard.add_text(row["source"], row["itm_score"], None if is_kept else BELOW_THRESHOLD)
+        shard.add_texts([row["source"] for row in rows[is_kept]], [row["itm_score"] for row in rows[is_kept]],
+                        [KEPT_CODE if is_kept else CODES[BELOW_THRESHOLD]] * len(rows[is_kept]))
     shard.images = shard.rows = len(synthetic)
     stats = merge([shard.to_dict()])
     (folder / "stats.json").write_text(json.dumps(stats))

@@ -135,7 +135,7 @@ def test_the_engine_is_the_rules_image_by_image_whatever_the_batches():
 
 
 def test_counts_and_examples_are_the_same_in_bulk_and_text_by_text():
-    """``ShardStats.add_texts`` (a batch, a shard) against ``add_text`` per text; ``wanted_samples`` per batch against
+    """``ShardStats.add_texts`` on a batch and on a shard against one text per call; ``wanted_samples`` per batch against
     the first ``MAX_SAMPLES_PER_CELL`` texts of each source and outcome taken one at a time."""
     rng = random.Random(7)
     for trial in range(100):
@@ -146,7 +146,7 @@ def test_counts_and_examples_are_the_same_in_bulk_and_text_by_text():
         taken = {(source, kept): 0 for source in SOURCES for kept in (True, False)}
         expected = []
         for i, (source, score, code) in enumerate(zip(sources, scores, codes.tolist())):
-            one.add_text(source, score, REASON_OF_CODE[code])
+            one.add_texts([source], [score], [code])
             if taken[(source, code == KEPT_CODE)] < MAX_SAMPLES_PER_CELL:
                 taken[(source, code == KEPT_CODE)] += 1
                 expected.append(i)
