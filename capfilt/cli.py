@@ -27,6 +27,7 @@ import logging
 import os
 import sys
 
+from capfilt.help_format import HelpWithDefaults
 from capfilt.ingest import datasets, named, url_list
 from capfilt.ingest.process_group import EXIT_SIGINT, EXIT_SIGTERM, Terminated, terminate_raises
 from capfilt.pipelines import dask_cluster
@@ -38,15 +39,6 @@ from capfilt.recipes.bootstrap import (
 )
 
 log = logging.getLogger(__name__)
-
-class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows a flag's default unless it has none (a switch) or its help already says it."""
-
-    def _get_help_string(self, action):
-        if action.default is None or action.default is False or action.default == "" or "default" in action.help:
-            return action.help
-        return super()._get_help_string(action)
-
 
 # The commands, in the order of the loop: data -> models -> CapFilt -> (pre-train again on kept/); then the loop's
 # two end-to-end runs in the shapes world. A command with a module is that module's main(argv), given every
@@ -110,7 +102,7 @@ def build_parser(bootstrap_flags: bool = True) -> argparse.ArgumentParser:
 def _bootstrap_parser_settings() -> dict:
     return dict(description="Caption and filter a dataset (CapFilt). Unknown --flags are passed to Beam as "
                             "pipeline options, as --opt=value or --opt value.",
-                epilog=BOOTSTRAP_EPILOG, formatter_class=_HelpWithDefaults)
+                epilog=BOOTSTRAP_EPILOG, formatter_class=HelpWithDefaults)
 
 
 def bootstrap_parser() -> argparse.ArgumentParser:
@@ -269,7 +261,7 @@ REFILTER_EPILOG = (
 def refilter_parser() -> argparse.ArgumentParser:
     """``capfilt refilter``'s parser; the defaults are ``RefilterSettings``' (None: the source run's)."""
     parser = argparse.ArgumentParser(
-        prog="capfilt refilter", formatter_class=_HelpWithDefaults, epilog=REFILTER_EPILOG,
+        prog="capfilt refilter", formatter_class=HelpWithDefaults, epilog=REFILTER_EPILOG,
         description="A new kept/rejected split of a CapFilt output from its stored scores, without running the "
                     "models: another threshold, or the threshold that keeps a share of the web texts; by ITM, or by "
                     "ITC (with --keep-fraction: DataComp's CLIP-score filter); another --select or --dedup-images. "

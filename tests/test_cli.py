@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from capfilt import cli
+from capfilt.help_format import HelpWithDefaults
 from capfilt.ingest import datasets, named
 from capfilt.ingest.url_list import DatasetNotAvailableError
 from capfilt.pipelines.settings import BootstrapSettings
@@ -287,7 +288,7 @@ def test_every_bootstrap_flag_shows_its_default(capsys):
     text = "".join(capsys.readouterr().out.split())  # argparse wraps lines, also at hyphens
     for action in parser._actions:
         if action.option_strings and action.nargs != 0:  # switches are off unless given
-            formatted = cli._HelpWithDefaults("capfilt")._get_help_string(action)
+            formatted = HelpWithDefaults("capfilt")._get_help_string(action)
             assert "default" in formatted, action.option_strings
             assert "".join(formatted.split()).replace("%(default)s", str(action.default)) in text
     assert "Exitstatus:0" in text and "4(with--strictonly)" in text
