@@ -17,7 +17,18 @@ RSS during the way (CPU) or torch's peak allocation (CUDA). On CUDA it also prin
 utilisation (MFU): the engine's FLOPs per image (counted by ``torch.utils.flop_counter``) times images/s,
 over the card's dense bf16 peak.
 
+BLIP-2 and CLIP rows (``--config blip2-tiny blip2-small clip-tiny clip-small``): (a) and (b) only. ``blip2-*``
+is a BLIP-2 captioner with an OPT language model, ``Blip2ForConditionalGeneration.generate`` on transformers'
+``Blip2ImageProcessor`` pixels against capfilt's ``Blip2Captioner`` (one nucleus caption of exactly
+``--caption-tokens`` new tokens, no prompt); ``clip-*`` a CLIP ranker scoring the web text and one caption
+per image, ``CLIPModel`` on ``CLIPProcessor`` inputs (every text against every image of the batch, the
+diagonal kept) against capfilt's ``ClipRanker`` (one image encoding, each text against its own image).
+Sizes (random weights, ``FAMILY_SIZES``): blip2-small is a ViT of width 384, 6 layers at 224 px, a 4-layer
+Q-Former with 32 queries and a 6-layer OPT of width 512 with OPT's 50,272-token vocabulary; clip-small is
+CLIP ViT-B/32's shape (224 px, 12 + 12 layers of width 768 / 512), its 49,408-token vocabulary.
+
     HF_HUB_OFFLINE=1 nice .venv/bin/python bench/bench_throughput.py --config base --images 8
+    HF_HUB_OFFLINE=1 nice .venv/bin/python bench/bench_throughput.py --config blip2-small clip-small --images 8
     HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_throughput.py --config base large --device cuda --images 512
 """
 
@@ -65,6 +76,143 @@ WEB_TEXT = "a small red circle left of a large blue square"
 # Dense bf16 peak of a card, TFLOP/s (vendors' data sheets, without sparsity); --peak-tflops overrides.
 BF16_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10G": 70.0,
                     "A10": 125.0, "V100": 125.0, "T4": 65.0}
+
+
+# BLIP-2 (OPT) and CLIP sizes: (vision width, layers, image size, patch), (Q-Former width, layers, queries),
+# (LM / CLIP text width, layers, vocabulary)
+FAMILY_SIZES = {
+    "blip2-tiny": ((64, 2, 64, 16), (64, 2, 8), (64, 2, 1000)),
+    "blip2-small": ((384, 6, 224, 16), (256, 4, 32), (512, 6, 50272)),
+    "clip-tiny": ((64, 2, 64, 16), None, (64, 2, 1000)),
+    "clip-small": ((768, 12, 224, 32), None, (512, 12, 49408)),
+}
+
+
+def word_tokenizer(vocab: int, template: str):
+    """A word-level tokenizer over ``vocab`` entries (the benchmark's words first), saved nowhere."""
+    from tokenizers import Tokenizer, models as token_models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "</s>", "<unk>", "<image>", "<s>", *WORDS]
+    words += [f"w{i}" for i in range(vocab - len(words))]
+    backend = Tokenizer(token_models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(single=template, special_tokens=[("</s>", 1), ("<s>", 4)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
+
+
+def build_family(name: str, device: torch.device, precision: str) -> dict:
+    """A random-weight BLIP-2 (OPT) captioner or CLIP ranker: transformers' model and capfilt's on a copy."""
+    from transformers import Blip2Config, Blip2ForConditionalGeneration, CLIPConfig, CLIPModel
+
+    (width, depth, size, patch), qformer, (text_width, text_depth, vocab) = FAMILY_SIZES[name]
+    vision = dict(hidden_size=width, intermediate_size=4 * width, num_hidden_layers=depth,
+                  num_attention_heads=max(1, width // 64), image_size=size, patch_size=patch)
+    torch.manual_seed(0)
+    if name.startswith("blip2"):
+        from capfilt.blip2 import Blip2Captioner
+
+        q_width, q_depth, queries = qformer
+        config = Blip2Config(vision_config=vision, num_query_tokens=queries, image_token_index=3,
+                             qformer_config=dict(hidden_size=q_width, num_hidden_layers=q_depth,
+                                                 num_attention_heads=max(1, q_width // 64),
+                                                 intermediate_size=4 * q_width, encoder_hidden_size=width),
+                             text_config=dict(model_type="opt", vocab_size=vocab, hidden_size=text_width,
+                                              word_embed_proj_dim=text_width, num_hidden_layers=text_depth,
+                                              ffn_dim=4 * text_width, num_attention_heads=max(1, text_width // 64),
+                                              bos_token_id=1, eos_token_id=1, pad_token_id=0))
+        hf = Blip2ForConditionalGeneration(config).eval()
+        tokenizer = word_tokenizer(vocab, "</s> $A")
+        ours = Blip2Captioner(model=copy.deepcopy(hf), tokenizer=tokenizer, device=device, precision=precision)
+    else:
+        from capfilt.clip_ranker import ClipRanker
+
+        config = CLIPConfig(vision_config=vision, projection_dim=text_width,
+                            text_config=dict(vocab_size=vocab, hidden_size=text_width, intermediate_size=4 * text_width,
+                                             num_hidden_layers=text_depth, num_attention_heads=max(1, text_width // 64),
+                                             max_position_embeddings=77, bos_token_id=4, eos_token_id=1,
+                                             pad_token_id=0))
+        hf = CLIPModel(config).eval()
+        tokenizer = word_tokenizer(vocab, "<s> $A </s>")
+        ours = ClipRanker(model=copy.deepcopy(hf), tokenizer=tokenizer, device=device, precision=precision)
+    ours.model.requires_grad_(False)  # torch's FLOP counter trips over parameters that ask for gradients
+    return {"config": config, "tokenizer": tokenizer, "hf": hf.to(device), "ours": ours}
+
+
+def plain_family(name: str, models: dict, images: list[Image.Image], tokens: int, batch_size: int,
+                 device: torch.device) -> int:
+    """(a) for BLIP-2 / CLIP: transformers' processors and classes alone; returns captions or texts scored."""
+    try:  # the PIL-backed processors, as the BLIP rows use (BlipImageProcessor: see the imports)
+        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil as CLIPImageProcessor
+    except ImportError:
+        from transformers import CLIPImageProcessor
+
+    model, tokenizer, size = models["hf"], models["tokenizer"], models["config"].vision_config.image_size
+    done = 0
+    for start in range(0, len(images), batch_size):
+        batch = images[start : start + batch_size]
+        with torch.no_grad(), autocast(device, PLAIN_PRECISION[device.type]):
+            if name.startswith("blip2"):
+                pixel_values = BlipImageProcessor(size={"height": size, "width": size})(
+                    images=batch, return_tensors="pt")["pixel_values"].to(device)
+                config = models["config"]
+                prompt = torch.tensor([[config.image_token_index] * config.num_query_tokens + [1]] * len(batch),
+                                      device=device)
+                ids = model.generate(pixel_values=pixel_values, input_ids=prompt, do_sample=True, top_p=0.9,
+                                     top_k=50, max_new_tokens=tokens, min_new_tokens=tokens)
+                done += len(tokenizer.batch_decode(ids, skip_special_tokens=True))
+            else:
+                processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+                pixel_values = processor(images=batch, return_tensors="pt")["pixel_values"].to(device)
+                texts = [WEB_TEXT] * len(batch) + ["a small red circle"] * len(batch)
+                text = tokenizer(texts, padding="longest", truncation=True, max_length=77, return_tensors="pt")
+                out = model(input_ids=text.input_ids.to(device), attention_mask=text.attention_mask.to(device),
+                            pixel_values=pixel_values)
+                rows = torch.arange(len(texts), device=device)
+                done += len(out.logits_per_text[rows, rows % len(batch)].tolist())
+    return done
+
+
+def engine_family(name: str, models: dict, images: list[Image.Image], batch_size: int) -> int:
+    """(b) for BLIP-2 / CLIP: capfilt's ``Blip2Captioner`` or ``ClipRanker``."""
+    done = 0
+    for start in range(0, len(images), batch_size):
+        batch = images[start : start + batch_size]
+        if name.startswith("blip2"):
+            done += sum(len(group) for group in models["ours"].caption(batch, seed=start))  # as engine()
+        else:
+            scores = models["ours"].score(batch, [[WEB_TEXT, "a small red circle"]] * len(batch))
+            done += sum(len(group) for group in scores)
+    return done
+
+
+def run_family(name: str, args, device: torch.device) -> dict:
+    """A BLIP-2 or CLIP row: (a) and (b), best of ``--rounds`` after a warm-up."""
+    from capfilt.blip2 import LmSamplingSettings
+
+    started = time.perf_counter()
+    models = build_family(name, device, args.precision)
+    if name.startswith("blip2"):
+        models["ours"].settings = LmSamplingSettings(max_length=args.caption_tokens, min_length=args.caption_tokens)
+    images = [Image.open(io.BytesIO(data)).convert("RGB") for data in make_images(args.images)]
+    result = {"config": name, "images": args.images, "batch_size": args.batch_size,
+              "caption_tokens": args.caption_tokens, "precision": precision_name(device, args.precision),
+              "build_s": round(time.perf_counter() - started, 1)}
+    ways = {"plain": lambda: plain_family(name, models, images, args.caption_tokens, args.batch_size, device),
+            "engine": lambda: engine_family(name, models, images, args.batch_size)}
+    for way in [w for w in args.ways if w in ways]:
+        seconds, memory = timed(ways[way], args.rounds, device)
+        result[way] = {"images_per_s": args.images / seconds, **memory}
+        print(f"{name} {way}: {result[way]['images_per_s']:.3f} images/s, peak {memory['peak_gb']:.2f} GB",
+              file=sys.stderr, flush=True)
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        engine_family(name, models, images[:2], batch_size=2)
+    result["engine_gflop_per_image"] = counter.get_total_flops() / 2 / 1e9
+    return result
 
 
 def build(config_name: str, device: torch.device, precision: str) -> dict:
@@ -284,8 +432,9 @@ def table(results: list[dict], device_name: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--config", nargs="+", default=["base"], choices=("tiny", "base", "large"),
-                        help="model sizes to run, one after the other")
+    parser.add_argument("--config", nargs="+", default=["base"],
+                        choices=("tiny", "base", "large", *FAMILY_SIZES),
+                        help="model sizes to run, one after the other (BLIP; blip2-*, clip-*: FAMILY_SIZES)")
     parser.add_argument("--images", type=int, default=8, help="images per round (and in the shards)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per model call, every way")
     parser.add_argument("--caption-tokens", type=int, default=20,
@@ -311,7 +460,8 @@ def main() -> None:
     results = []
     try:
         for name in args.config:
-            results.append(run_config(name, args, device, work))
+            run = run_family(name, args, device) if name in FAMILY_SIZES else run_config(name, args, device, work)
+            results.append(run)
             print(json.dumps(results[-1]), flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# CapFilt throughput on a lent GPU machine: bench/bench_throughput.py for BLIP base and large (random
+# CapFilt throughput on a lent GPU machine: bench/bench_throughput.py for BLIP base and large, then BLIP-2 and CLIP (random
 # weights, bf16 autocast), the plain transformers loop, capfilt's engine and the pipeline side by side, with
 # the model FLOPs utilisation against the card's bf16 peak. One command, well under 8 minutes. From the
 # repository root:
@@ -37,7 +37,14 @@ python3 -c "import apache_beam" 2>/dev/null || { WAYS="plain engine"; echo "[dev
 # 512 images in batches of 64: each way runs a warm-up and 2 timed rounds; large's plain loop is the slowest
 # part (about 10 s a round at 100 images/s). Captions are 20 tokens, prompt included, as on CPU.
 # shellcheck disable=SC2086
-timeout 450 python3 -P bench/bench_throughput.py --config base large --device cuda --images 512 --batch-size 64 \
+timeout 400 python3 -P bench/bench_throughput.py --config base large --device cuda --images 512 --batch-size 64 \
     --ways $WAYS --json "$OUT/throughput.json" "$@" 2>&1 | tee "$OUT/throughput.log"
 grep -A20 '^device:' "$OUT/throughput.log" >"$OUT/throughput.md" || true
+# BLIP-2 (OPT) captioner and CLIP ranker rows, random weights of the sizes in FAMILY_SIZES: plain transformers
+# against capfilt's engine; captions of 20 new tokens.
+# shellcheck disable=SC2086
+timeout 110 python3 -P bench/bench_throughput.py --config blip2-small clip-small --device cuda --images 256 \
+    --batch-size 64 --ways plain engine --json "$OUT/throughput_families.json" "$@" 2>&1 \
+    | tee "$OUT/throughput_families.log"
+grep -A20 '^device:' "$OUT/throughput_families.log" >>"$OUT/throughput.md" || true
 cat "$OUT/throughput.md"

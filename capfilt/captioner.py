@@ -8,6 +8,11 @@ encoded once by the ViT and its embedding reused for all its K captions.
 Beam search ranks finished captions as BLIP's pinned transformers 4.15 did
 (``beam_search_blip``), not as transformers 5 does.
 
+Other families (BLIP-2, InstructBLIP: ``capfilt.blip2``, ``capfilt.instructblip``) implement the same
+captioner interface; ``capfilt.families.load_captioner`` returns the one the model's config.json names.
+Every captioner has ``family``, ``source``, ``ref``, ``device``, ``precision``, ``settings``, ``preprocess``,
+``caption(images, K, seed, seeds=)``, ``caption_pixels(pixels, K, seed, seeds=)``, ``generate_ids`` and ``decode``.
+
 Seeds. ``seed`` seeds torch's global RNG for the whole call, as transformers'
 own sampling draws from it: a caption then depends on the batch it is in.
 ``seeds`` (one per image) give each caption its own generator instead
@@ -24,6 +29,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from PIL import Image
@@ -33,6 +39,7 @@ from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsW
 from capfilt.checkpoints import CAPTIONER, ModelSource, load_model
 from capfilt.device import autocast, compute_in_fp32, pick_device
 from capfilt.images import ImagePreprocessor
+from capfilt.model_kind import require_blip
 from capfilt.tokenizer import special_ids
 
 METHODS = ("nucleus", "beam", "greedy")
@@ -115,15 +122,19 @@ class SamplingSettings:
 class Captioner:
     """A BLIP captioner: images in, K captions per image out."""
 
+    family: ClassVar[str] = "blip"  # capfilt.model_kind's family name
+
     model: BlipForConditionalGeneration
     tokenizer: object
     settings: SamplingSettings = field(default_factory=SamplingSettings)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     source: ModelSource | None = None
     precision: str = "auto"  # autocast: bf16 on CUDA and on CPUs with native bf16, else fp32 (capfilt.device)
+    ref: str | None = None  # the reference it was loaded from (provenance)
 
     def __post_init__(self):
         self.model.to(self.device, dtype=torch.float32).eval()  # fp32 weights; products under autocast_dtype
+        self.weights = torch.float32
         # Logits in fp32: top-p keeps the fewest tokens whose probabilities reach p, so logits rounded to bf16
         # shift the distribution it draws from (docs/throughput.md, "bf16 and the output").
         compute_in_fp32(self.model.text_decoder.cls)
@@ -145,9 +156,11 @@ class Captioner:
     ) -> Captioner:
         """Load from an HF folder, a cached hub id, an original ``.pth`` or ``demo`` (see ``checkpoints``).
 
-        ``settings`` default to ``SamplingSettings.for_model``: the paper's,
+        BLIP only: ``capfilt.families.load_captioner`` loads any family. A model that cannot caption, or of
+        another family, is a one-line error. ``settings`` default to ``SamplingSettings.for_model``: the paper's,
         unless the model's folder carries a ``capfilt_sampling.json``.
         """
+        require_blip(ref, CAPTIONER, tokenizer)
         model, tokenizer, source = load_model(BlipForConditionalGeneration, ref, CAPTIONER, config, tokenizer)
         return cls(
             model=model,
@@ -156,6 +169,7 @@ class Captioner:
             device=pick_device(device),
             source=source,
             precision=precision,
+            ref=str(ref),
         )
 
     @torch.no_grad()

@@ -10,6 +10,12 @@ For every candidate text of an image it gives two scores:
 - ``itc``: the cosine similarity of the ``[CLS]`` unimodal text feature and
   the image feature, both projected to 256-d and L2-normalised (paper §3.2).
 
+Other families implement the same filter interface (``family``, ``judged_by``, ``source``, ``ref``, ``device``,
+``precision``, ``preprocess``, ``score(images, texts)``, ``score_pixels(pixels, texts)``): BLIP-2's Q-Former
+(``capfilt.blip2.Blip2Filter``, ITM and ITC) and CLIP / SigLIP (``capfilt.clip_ranker.ClipRanker``, ITC only:
+``TextScore.itm`` is None and ``judged_by`` is ``itc``). ``Filter.load`` returns the one the model's config.json
+names (``capfilt.families.load_filter``).
+
 The image is encoded once for all its texts. Texts are normalised as BLIP's
 data loaders do (``pre_caption``) and cut at 35 tokens, as in BLIP's
 retrieval code.
@@ -20,6 +26,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +36,7 @@ from transformers import BlipConfig, BlipForImageTextRetrieval
 from capfilt.checkpoints import FILTER, ModelSource, load_model
 from capfilt.device import autocast, compute_in_fp32, pick_device
 from capfilt.images import ImagePreprocessor
+from capfilt.model_kind import require_blip
 from capfilt.tokenizer import pre_caption, special_ids
 
 ITM_THRESHOLD = 0.5  # paper §3.3: a text is noise when its match probability is below 0.5
@@ -40,10 +48,13 @@ MAX_WORDS = 30  # BLIP's pre_caption in pre-training: at most 30 words
 class TextScore:
     """The filter's judgement of one (image, text) pair."""
 
-    itm: float  # ITM match probability
+    itm: float | None  # ITM match probability; None from a filter without an ITM head (CLIP, SigLIP)
     itc: float  # ITC cosine similarity
 
     def is_noise(self, threshold: float = ITM_THRESHOLD) -> bool:
+        """Whether the ITM probability is below ``threshold``; a filter without ITM judges by ``itc`` instead."""
+        if self.itm is None:
+            raise ValueError("this filter has no ITM head: judge by the ITC similarity (itc) instead")
         return self.itm < threshold
 
 
@@ -51,15 +62,20 @@ class TextScore:
 class Filter:
     """A BLIP filter: for each image, any number of texts in, a ``TextScore`` per text out."""
 
+    family: ClassVar[str] = "blip"  # capfilt.model_kind's family name
+    judged_by: ClassVar[str] = "itm"  # the score a threshold applies to by default
+
     model: BlipForImageTextRetrieval
     tokenizer: object
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     source: ModelSource | None = None
     text_batch_size: int = 256  # texts per text-encoder call
     precision: str = "auto"  # autocast: bf16 on CUDA and on CPUs with native bf16, else fp32 (capfilt.device)
+    ref: str | None = None  # the reference it was loaded from (provenance)
 
     def __post_init__(self):
         self.model.to(self.device, dtype=torch.float32).eval()  # fp32 weights; products under autocast_dtype
+        self.weights = torch.float32
         for head in (self.model.itm_head, self.model.text_proj, self.model.vision_proj):  # scores in fp32
             compute_in_fp32(head)
         self.preprocess = ImagePreprocessor(self.model.config.vision_config.image_size)
@@ -75,9 +91,15 @@ class Filter:
         config: str | Path | BlipConfig | None = None,
         precision: str = "auto",
     ) -> Filter:
-        """Load from an HF folder, a cached hub id, an original ``.pth`` or ``demo`` (see ``checkpoints``)."""
+        """Load from an HF folder, a cached hub id, an original ``.pth`` or ``demo`` (see ``checkpoints``).
+
+        BLIP only: ``capfilt.families.load_filter`` loads any family. A model that cannot filter, or of another
+        family, is a one-line error.
+        """
+        require_blip(ref, FILTER, tokenizer)
         model, tokenizer, source = load_model(BlipForImageTextRetrieval, ref, FILTER, config, tokenizer)
-        return cls(model=model, tokenizer=tokenizer, device=pick_device(device), source=source, precision=precision)
+        return cls(model=model, tokenizer=tokenizer, device=pick_device(device), source=source, precision=precision,
+                   ref=str(ref))
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         """``[CLS] text [SEP]`` ids and mask, after BLIP's caption normalisation."""
