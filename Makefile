@@ -46,6 +46,18 @@ bootstrap: install  ## CapFilt: DATA=demo|cc12m|cc3m|sbu|laion400m|PATH OUT=... 
 	$(VENV)/bin/capfilt bootstrap --data "$(DATA)" --out "$(OUT)" --runner "$(RUNNER)" \
 	  $(if $(CAPTIONER),--captioner "$(CAPTIONER)") $(if $(FILTER),--filter "$(FILTER)") $(ARGS)
 
+# Look at OUT's report as a browser draws it: headless Chromium (not in setup.py; Debian: apt-get install chromium).
+CHROMIUM ?= chromium
+SCREENSHOT ?= $(OUT)/report.png
+
+.PHONY: report-screenshot
+
+report-screenshot:  ## a headless Chromium screenshot of OUT's report.html into SCREENSHOT (default OUT/report.png; CHROMIUM=...)
+	@test -f "$(OUT)/report.html" || { echo "no $(OUT)/report.html: run make bootstrap OUT=$(OUT) first" >&2; exit 2; }
+	HOME="$${TMPDIR:-/tmp}" $(CHROMIUM) --headless --no-sandbox --disable-gpu --hide-scrollbars \
+	  --window-size=1200,2800 --screenshot="$(abspath $(SCREENSHOT))" "file://$(abspath $(OUT))/report.html" 2>/dev/null
+	@echo "$(SCREENSHOT)"
+
 bench-pipeline: install  ## images/s of the CapFilt pipeline on tiny models (this CPU)
 	nice $(PY) bench/bench_pipeline.py $(ARGS)
 

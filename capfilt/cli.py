@@ -27,12 +27,14 @@ import logging
 import os
 import sys
 
+from capfilt import __version__
 from capfilt.help_format import HelpWithDefaults
 from capfilt.ingest import datasets, named, url_list
 from capfilt.ingest.process_group import EXIT_SIGINT, EXIT_SIGTERM, Terminated, terminate_raises
 from capfilt.pipelines import dask_cluster
 from capfilt.pipelines.schema import BELOW_THRESHOLD
 from capfilt.recipes import bootstrap as recipe
+from capfilt.recipes import preflight
 from capfilt.recipes.bootstrap import (
     DEFAULT_CAPTIONER, DEFAULT_FILTER, EXIT_KEEP_SHARE, EXIT_USAGE, KEEP_SHARE_HIGH, KEEP_SHARE_LOW,
     KEEP_SHARE_MIN_TEXTS, BootstrapRun, UsageError, say,
@@ -81,10 +83,10 @@ def build_parser(bootstrap_flags: bool = True) -> argparse.ArgumentParser:
         prog="capfilt", formatter_class=_CommandsHelp,
         description="CapFilt (BLIP's dataset bootstrapping) and the loop around it: data -> train -> export -> "
                     "evaluate -> bootstrap -> train again on OUT/kept.",
-        epilog="`capfilt COMMAND --help` shows a command's own flags (a delegated command's help may name itself "
-               "`python -m capfilt...`; both forms run the same code).\nExit status: a command's own; bootstrap's "
-               "is in `capfilt bootstrap --help`.")
+        epilog="`capfilt COMMAND --help` shows a command's own flags.\nExit status: a command's own (130/143 when "
+               "stopped by Ctrl-C/SIGTERM); bootstrap's is in `capfilt bootstrap --help`.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level (bootstrap, datasets)")
+    parser.add_argument("--version", action="version", version=f"capfilt {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands (in loop order)")
     for name, module, summary in COMMANDS:
         if name == "datasets":
@@ -133,7 +135,7 @@ def _add_data_flags(data) -> None:
     data.add_argument("--shards", default=None,
                       help="input shards to run, by index: e.g. 0-9,12 (default: all)")
     data.add_argument("--shards-dir", default=None,
-                      help="folder where downloaded (or demo) shards go (default: OUT/shards)")
+                      help="folder where downloaded (or demo) shards go (default: OUT/.capfilt/shards)")
     data.add_argument("--cache-dir", default=str(named.DEFAULT_CACHE),
                       help="folder of the named datasets' URL lists")
     data.add_argument("--no-fetch", action="store_true", help="never fetch a named dataset's URL list")
@@ -142,6 +144,9 @@ def _add_data_flags(data) -> None:
                            "dataset's, else detected)")
     data.add_argument("--caption-col", default=None,
                       help="caption column of a URL list (default: the named dataset's, else detected)")
+    data.add_argument("--no-caption", action="store_true",
+                      help="the URL list has no caption column: caption its images without web texts (a list "
+                           "whose caption column is not found is an error otherwise)")
     data.add_argument("--keep-columns", default="",
                       help="comma-separated URL list columns to carry to the output (default: none)")
     data.add_argument("--demo-size", type=int, default=demo.size, help="demo: image-text pairs")
@@ -309,6 +314,8 @@ def refilter(args) -> int:
          f"{', duplicate images dropped' if chosen['dedup_images'] else ''}; {time.perf_counter() - started:.1f} s")
     damaged = stats["shards"]["damaged"]
     recipe.print_summary(stats, OutputLayout(args.out), [], damaged)
+    for warning in stats.get("keep_share_warnings") or []:  # a split that keeps almost none or all: as bootstrap
+        say(f"warning: {warning}")
     unfinished = unfinished_in_source(args.source)
     if unfinished:
         say(f"warning: {args.source} has {len(unfinished)} unfinished shard(s) ({', '.join(unfinished[:5])}): they "
@@ -382,11 +389,18 @@ def beam_flags(runner: str) -> set[str]:
 def check_beam_options(options: list[str], runner: str) -> None:
     """A flag neither capfilt nor Beam knows is a usage error naming the closest known flag (Beam itself would
     drop it with a warning, and the job would run without it: ``--treshold 0.9`` at threshold 0.5)."""
+    problem = unknown_flags(options, runner)
+    if problem:
+        raise UsageError(problem)
+
+
+def unknown_flags(options: list[str], runner: str) -> str | None:
+    """``check_beam_options``' problem as a line (None: every flag is known), for the pre-flight's list."""
     if not options:
-        return  # nothing to check: Beam's option classes are not even listed
+        return None  # nothing to check: Beam's option classes are not even listed
     known = beam_flags(runner)
     if not known:
-        return
+        return None
     unknown = [option.split("=", 1)[0] for option in options if option.split("=", 1)[0] not in known]
     if unknown:
         ours = [flag for action in bootstrap_parser()._actions for flag in action.option_strings]
@@ -394,8 +408,9 @@ def check_beam_options(options: list[str], runner: str) -> None:
         for flag in unknown:
             close = difflib.get_close_matches(flag, ours, n=1) or difflib.get_close_matches(flag, sorted(known), n=1)
             hints.append(f"{flag}" + (f" (did you mean {close[0]}?)" if close else ""))
-        raise UsageError(f"unknown flag{'s' if len(unknown) > 1 else ''} {', '.join(hints)}: neither capfilt "
-                         "bootstrap nor Beam knows it (capfilt bootstrap --help lists capfilt's)")
+        return (f"unknown flag{'s' if len(unknown) > 1 else ''} {', '.join(hints)}: neither capfilt bootstrap nor "
+                "Beam knows it (capfilt bootstrap --help lists capfilt's)")
+    return None
 
 
 def download_settings_from_args(args):
@@ -416,19 +431,20 @@ def download_settings_from_args(args):
 
 def run_from_args(args, unknown: list[str]) -> BootstrapRun:
     """``capfilt bootstrap``'s flags as a ``BootstrapRun``; flags capfilt does not know are Beam options, and a
-    flag Beam does not know either is a ``UsageError``."""
+    flag Beam does not know either is a problem the pre-flight lists with the others (``preflight.check``)."""
     options = beam_options(unknown)
-    check_beam_options(options, args.runner)
+    flag_problem = unknown_flags(options, args.runner)
     return BootstrapRun(
         data=args.data, out=str(args.out), settings=settings_from_args(args),
         download=download_settings_from_args(args),
-        columns=url_list.Columns(url=args.url_col, caption=args.caption_col),
+        columns=url_list.Columns(url=args.url_col, caption=args.caption_col, no_caption=args.no_caption),
         keep_columns=tuple(c for c in args.keep_columns.split(",") if c), cache_dir=args.cache_dir,
         fetch=False if args.no_fetch else None,
         demo=datasets.DemoInput(args.demo_size, args.demo_seed, args.demo_shard_size),
         shards_dir=args.shards_dir, shards=args.shards, runner=args.runner,
         beam_options=tuple(options), workers=args.workers, report=not args.no_report,
         strict=args.strict, progress_interval=args.progress_interval,
+        problems=(flag_problem,) if flag_problem else (),
     )
 
 def _quiet_model_loading() -> None:
@@ -455,12 +471,20 @@ def silence_beam_apitools_warning() -> None:
 
 
 def delegate(command: str, rest: list[str]) -> int:
-    """Run a delegated command's ``main(rest)``; its exit status, whether it returns or calls ``sys.exit``."""
-    module = importlib.import_module(DELEGATED[command])
+    """Run a delegated command's ``main(rest)``; its exit status, whether it returns or calls ``sys.exit``.
+
+    Ctrl-C or SIGTERM that the command does not handle itself ends it with one line and 130 or 143 (the trainer
+    saves a checkpoint first and says so itself), not a traceback.
+    """
     try:
-        code = module.main(list(rest))
+        with terminate_raises():
+            module = importlib.import_module(DELEGATED[command])
+            code = module.main(list(rest))
     except SystemExit as exit_:
         code = exit_.code
+    except (KeyboardInterrupt, Terminated) as signal:
+        return stopped_by(signal, f"capfilt {command} stopped; what it finished is kept (rerun the same command to "
+                                  "do the rest)")
     if code is None:
         return 0
     if isinstance(code, int):
@@ -498,16 +522,24 @@ def _main(argv: list[str] | None) -> int:
             boot_args, unknown = bootstrap_parser().parse_known_args(rest)
             boot_args.verbose = args.verbose
             _quiet_model_loading()
-            return recipe.run(run_from_args(boot_args, unknown))
+            job = run_from_args(boot_args, unknown)
+            return recipe.run(job, preflight.check(job))  # every check that can fail before the job, at once
     except (UsageError, ValueError, FileNotFoundError) as error:  # bad input: a message, not a traceback
         if args.verbose:
             raise
         print(f"capfilt: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     except (KeyboardInterrupt, Terminated) as signal:
-        name, status = ("SIGINT", EXIT_SIGINT) if isinstance(signal, KeyboardInterrupt) else ("SIGTERM", EXIT_SIGTERM)
-        say(f"stopped by {name}: finished shards and downloads are kept; rerun the same command to resume")
-        return status
+        if args.command == "refilter":
+            return stopped_by(signal, "finished shards of the new split are kept; rerun the same command to resume")
+        return stopped_by(signal, "finished shards and downloads are kept; rerun the same command to resume")
+
+
+def stopped_by(signal: BaseException, what: str) -> int:
+    """One line for a job stopped by Ctrl-C or SIGTERM, and the shell's status for it (130, 143)."""
+    name, status = ("SIGINT", EXIT_SIGINT) if isinstance(signal, KeyboardInterrupt) else ("SIGTERM", EXIT_SIGTERM)
+    say(f"stopped by {name}: {what}")
+    return status
 
 
 if __name__ == "__main__":

@@ -27,12 +27,14 @@ import argparse
 import json
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-import transformers
-from safetensors.torch import load_file, save_file
+from capfilt.help_format import HelpWithDefaults
 
-from capfilt.checkpoints import CheckpointError, load_hf_folder
+if TYPE_CHECKING:
+    import torch
+
+# torch, transformers and safetensors are imported where used: --help stays quick.
 
 WEIGHTS = "model.safetensors"
 RECORD = "capfilt_average.json"  # the averaged folders, in order
@@ -41,6 +43,8 @@ RECORD = "capfilt_average.json"  # the averaged folders, in order
 def average_state_dicts(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """The element-wise mean of ``states``' floating-point tensors, in the first state's dtypes; other tensors must
     agree exactly."""
+    import torch
+
     if not states:
         raise ValueError("nothing to average")
     first = states[0]
@@ -77,6 +81,8 @@ def _comparable(config):
 
 def _model_classes(config: dict, folder: Path) -> list[type]:
     """The transformers classes a config.json names (``architectures``), for the strict reload."""
+    import transformers
+
     names = config.get("architectures") or []
     if not names:
         raise ValueError(f"{folder}/config.json names no architectures: the average could not be loaded back")
@@ -92,6 +98,10 @@ def average_folders(folders: list[str | Path], out: str | Path) -> Path:
     ``out`` is new or an empty folder, outside every input folder. It is written beside itself first and renamed
     when complete and loaded back, so that a failure leaves nothing half-written.
     """
+    from safetensors.torch import load_file, save_file
+
+    from capfilt.checkpoints import load_hf_folder
+
     folders, out = [Path(folder) for folder in folders], Path(out)
     if len(folders) < 2:
         raise ValueError("averaging needs at least two folders")
@@ -128,14 +138,20 @@ def average_folders(folders: list[str | Path], out: str | Path) -> Path:
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m capfilt.models.average", description=__doc__.split("\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m capfilt.models.average", description=__doc__.split("\n")[0],
+                                     formatter_class=HelpWithDefaults)
     parser.add_argument("out", help="the folder to write (new or empty)")
     parser.add_argument("folders", nargs="+", help="exported model folders of one architecture (two or more)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         print(average_folders(args.folders, args.out))
-    except (CheckpointError, FileExistsError, FileNotFoundError, ValueError) as error:
+    except (FileExistsError, FileNotFoundError, ValueError) as error:  # a CheckpointError is a ValueError
         parser.exit(2, f"error: {error}\n")
 
 

@@ -72,6 +72,11 @@ def checkpoints_folder(out: str | Path) -> Path:
     return Path(out) / "checkpoints"
 
 
+def step_folder(out: str | Path, step: int) -> Path:
+    """Where the checkpoint of ``step`` goes in the run folder ``out``."""
+    return checkpoints_folder(out) / f"{PREFIX}{step:08d}"
+
+
 def latest_checkpoint(out: str | Path) -> Path | None:
     """The newest complete checkpoint under ``out`` (a run folder) or ``out`` itself if it is one."""
     out = Path(out)
@@ -107,7 +112,7 @@ def save_checkpoint(out: str | Path, model: torch.nn.Module, optimizer: torch.op
     for rank_positions in distributed.gather_objects(state.positions):
         positions.update(rank_positions)
     state = replace(state, positions=positions)
-    folder = checkpoints_folder(out) / f"{PREFIX}{state.step:08d}"
+    folder = step_folder(out, state.step)
     partial = folder.with_name(folder.name + ".partial")
     if distributed.rank() == 0:
         shutil.rmtree(partial, ignore_errors=True)

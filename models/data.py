@@ -573,7 +573,8 @@ def decoding_processes(workers: int) -> ProcessPoolExecutor:
     """This process's pool of ``workers`` decoding processes, started on first use and kept for later epochs."""
     if workers not in _PROCESS_POOLS:
         # spawn: safe whatever threads (torch, CUDA) the training process runs
-        _PROCESS_POOLS[workers] = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+        _PROCESS_POOLS[workers] = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                                      initializer=_ignore_ctrl_c)
     return _PROCESS_POOLS[workers]
 
 
@@ -596,3 +597,11 @@ def decode_sample(job: tuple[bytes, tuple[int, ...], int, AugmentConfig]) -> np.
         return None
     rng = np.random.default_rng(seed_for(*seed_parts)) if augment.augment or augment.render_jitter else None
     return np.asarray(augmented_image(image, size, augment, rng))
+
+
+def _ignore_ctrl_c() -> None:
+    """A terminal's Ctrl-C reaches every process of its group: the decoding processes leave it to the trainer,
+    which stops between steps and saves a checkpoint (a pool whose processes died first would break that step)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

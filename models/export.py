@@ -17,7 +17,8 @@ or of its preset (``--model demo``), so the next round of CapFilt samples as
 the last one did; the training run keeps a copy at its top, which
 ``export_run`` finds.
 
-Command line: ``python -m capfilt.models.export captioner|filter RUN_OR_CHECKPOINT OUT_FOLDER``.
+Command line: ``capfilt export captioner|filter RUN_OR_CHECKPOINT OUT_FOLDER`` (or ``python -m
+capfilt.models.export ...``).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from transformers import BlipConfig, BlipForConditionalGeneration, BlipForImageT
 from capfilt.captioner import SETTINGS_FILE as SAMPLING_FILE
 from capfilt.captioner import SamplingSettings
 from capfilt.checkpoints import CheckpointError, load_hf_folder, load_strict
+from capfilt.help_format import HelpWithDefaults
 from capfilt.models.med import MED
 
 ROLES = {
@@ -96,11 +98,17 @@ def export_run(source: str | Path, role: str, folder: str | Path) -> Path:
     return export(med, tokenizer, role, folder, sampling=find_sampling_file(source) if role == "captioner" else None)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m capfilt.models.export", description=__doc__.split("\n")[0])
-    parser.add_argument("role", choices=sorted(ROLES))
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="capfilt export", description=__doc__.split("\n")[0],
+                                     formatter_class=HelpWithDefaults)
+    parser.add_argument("role", choices=sorted(ROLES), help="which model of the MED to export")
     parser.add_argument("source", help="a capfilt training run folder, or one of its checkpoints/step-* folders")
     parser.add_argument("out", help="the folder to write")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         print(export_run(args.source, args.role, args.out))

@@ -2,7 +2,8 @@
 
 Each step trains on a global batch (this rank's slice of it), each epoch on what the streams hold until one runs
 out; checkpoints every ``checkpoint_every`` steps and at the end, so that a run resumes exactly; after
-fine-tuning, the captioner or filter is exported into the run folder.
+fine-tuning, the captioner or filter is exported into the run folder. SIGINT (Ctrl-C) or SIGTERM stops the loop
+after the step in progress, with a checkpoint of that step (``TrainingStopped``).
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +20,7 @@ from pathlib import Path
 import torch
 
 from capfilt.models import distributed
-from capfilt.models.checkpointing import save_checkpoint
+from capfilt.models.checkpointing import save_checkpoint, step_folder
 from capfilt.models.config import TASKS, TrainConfig
 from capfilt.models.data import (
     EpochLoader, check_files, close_decoding_processes, find_files, longest_text, seed_for, steps_in_epoch,
@@ -31,6 +34,24 @@ from capfilt.models.schedule import itc_alpha, learning_rate
 
 log = logging.getLogger("capfilt.train")
 EXPORT_ROLE = {"finetune-captioner": "captioner", "finetune-filter": "filter"}
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class TrainingStopped(BaseException):
+    """SIGINT or SIGTERM stopped a run between two steps, after a checkpoint of the step it reached.
+
+    A BaseException, as KeyboardInterrupt is: ``except Exception`` must not swallow it. ``status`` is the shell's
+    status for the signal (130 for SIGINT, 143 for SIGTERM).
+    """
+
+    def __init__(self, signum: int, step: int, checkpoint: Path):
+        super().__init__(signum, step, checkpoint)
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        self.status = 128 + signum
+
+    def __str__(self) -> str:
+        return (f"stopped by {signal.Signals(self.signum).name} at step {self.step}: checkpoint {self.checkpoint} "
+                "saved; rerun the same command to resume")
 
 
 def train(config: TrainConfig) -> dict:
@@ -60,6 +81,8 @@ class _Loop:
     skips: SkipCounts
     started: float = field(default_factory=time.monotonic)
     out_of_time: bool = False
+    signalled: int | None = None  # the signal this process received (set by the handler, read after each step)
+    stop_signal: int | None = None  # the signal every rank stops for, agreed after a step
     saved_step: int = -1  # the step of the newest checkpoint written or resumed from (-1: none)
     record: dict | None = None  # the last log record
     losses: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -68,21 +91,61 @@ class _Loop:
 
     def done(self) -> bool:
         optim = self.config.optim
-        return (bool(optim.max_steps) and self.run.state.step >= optim.max_steps) or self.out_of_time
+        return ((bool(optim.max_steps) and self.run.state.step >= optim.max_steps) or self.out_of_time
+                or self.stop_signal is not None)
 
-    def checkpoint(self) -> None:
+    def checkpoint(self) -> Path:
         self.skips.flush()
-        save_checkpoint(self.out, self.run.med, self.run.optimizer, self.run.state, self.run.info,
-                        self.config.keep_checkpoints)
+        folder = save_checkpoint(self.out, self.run.med, self.run.optimizer, self.run.state, self.run.info,
+                                 self.config.keep_checkpoints)
         self.saved_step = self.run.state.step
+        return folder
 
 
 def _train(config: TrainConfig, world: distributed.World) -> dict:
     loop = _start(config, world)
     loop.run.model.train()
-    while loop.run.state.epoch < config.optim.epochs and not loop.done():
-        _epoch(loop)
+    log.info("training from step %d: %d steps in all, a log line every %d steps (and at the first ones)",
+             loop.run.state.step, loop.progress.total, loop.progress.every)
+    with _signals_stop_the_loop(loop):
+        while loop.run.state.epoch < config.optim.epochs and not loop.done():
+            _epoch(loop)
+    if loop.stop_signal is not None:
+        _stop(loop)
     return _finish(loop)
+
+
+@contextlib.contextmanager
+def _signals_stop_the_loop(loop: _Loop):
+    """While inside, SIGINT and SIGTERM only mark ``loop.signalled``; the loop reads it after each step, so that
+    the checkpoint it then writes is of a whole step. Repeated signals change nothing (torchrun passes a terminal's
+    Ctrl-C on to workers that got it already). Outside the main thread signals cannot be caught: nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        if loop.signalled is None:
+            loop.signalled = signum
+
+    earlier = {signum: signal.signal(signum, handler) for signum in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, previous in earlier.items():
+            signal.signal(signum, previous)
+
+
+def _stop(loop: _Loop) -> None:
+    """After a signal: the last step's log record and a checkpoint of it (unless one exists), then
+    ``TrainingStopped``, without the export of a finished run."""
+    state = loop.run.state
+    if loop.losses and state.step % loop.progress.every:
+        loop.skips.flush()
+        loop.progress.update(state, loop.losses, loop.lr, loop.alpha, force=True)
+    folder = loop.checkpoint() if loop.saved_step != state.step else step_folder(loop.out, state.step)
+    distributed.barrier()
+    raise TrainingStopped(loop.stop_signal, state.step, folder)
 
 
 def _start(config: TrainConfig, world: distributed.World) -> _Loop:
@@ -143,9 +206,20 @@ def _train_on(loop: _Loop, batch) -> None:
     if optim.max_seconds:  # every rank stops after the same step
         loop.out_of_time = not distributed.all_ranks_true(time.monotonic() - loop.started < optim.max_seconds,
                                                           loop.world.device)
+    _agree_on_signals(loop)
     loop.record = loop.progress.update(state, loop.losses, loop.lr, loop.alpha) or loop.record
     if config.checkpoint_every and state.step % config.checkpoint_every == 0:
         loop.checkpoint()
+
+
+def _agree_on_signals(loop: _Loop) -> None:
+    """Whether any rank got a signal: then every rank stops after this step, for SIGINT if any rank got it (a
+    terminal's Ctrl-C), else SIGTERM."""
+    device = loop.world.device
+    if distributed.all_ranks_true(loop.signalled is None, device):
+        return
+    got_sigint = not distributed.all_ranks_true(loop.signalled != signal.SIGINT, device)
+    loop.stop_signal = signal.SIGINT if got_sigint else signal.SIGTERM
 
 
 def _finish(loop: _Loop) -> dict:

@@ -28,7 +28,7 @@ all finished shards (``capfilt.pipelines.image_dedup``): no shard can know,
 while it runs, what the others hold, so the cross-shard rule runs once they
 are done, on one worker, rewriting only the shards it changes.
 
-Each job writes its temporary files under its own ``_tmp/{run}/`` and
+Each job writes its temporary files under its own ``.capfilt/tmp/{run}/`` and
 removes only that folder at its end, so jobs on one output folder at the
 same time do not break each other's shards (``capfilt.pipelines.layout``).
 """

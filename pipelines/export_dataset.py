@@ -10,12 +10,23 @@ Each kept row becomes one sample, three tar members named by its key:
   ``height``, ``captioner``, ``filter`` and the input's own columns.
 
 The key is the row's ``sample_id`` with ``.`` and ``/`` written ``_``: a webdataset reader ends a key at its name's
-first dot. Tars are ``00000.tar``, ``00001.tar`` ... of ``samples_per_tar`` samples (10,000, img2dataset's shard
-size: about 1 GB at 100 kB an image; the last one holds the rest), in the order of the kept files (sorted by name)
-and their rows. Beside them:
+first dot. Tars are ``00000.tar``, ``00001.tar`` ... in the order of the kept files (sorted by name) and their
+rows, sized by this rule (``tar_sizes``):
+
+- ``samples_per_tar`` samples a tar (10,000, img2dataset's shard size: about 1 GB at 100 kB an image; the last one
+  holds the rest), where that makes at least ``min_tars`` tars (8);
+- otherwise ``min_tars`` tars (one a sample where there are fewer samples), their sizes differing by at most one.
+
+Why: a webdataset loader gives each DataLoader worker whole tars, and open_clip refuses to start with fewer tars
+than workers ("number of shards must be >= total workers": ``--workers`` 4 by default, times the GPUs), so a small
+export in one tar would not train. 8 tars serve the usual 2 to 8 workers; ``--min-tars`` sets more.
+Beside the tars:
 
 - ``sizes.json``: ``{"00000.tar": 10000, ...}``, the samples of each tar, as open_clip's ``get_dataset_size``
   reads it from the tars' folder (so ``--train-num-samples`` can be left out);
+- ``shardindex.json``: the same as a ``wids`` shard index (webdataset's indexed, random-access reader:
+  ``wids.ShardListDataset("DIR/shardindex.json")``): ``wids_version`` 1 and each tar's ``url`` (relative to the
+  index), ``nsamples`` and ``filesize``;
 - ``capfilt_export.json``: where the samples came from, the counts and the run's provenance (the kept files'
   Parquet metadata ``capfilt``).
 
@@ -23,7 +34,8 @@ A tar is written under a temporary name and renamed when whole; ``sizes.json`` i
 it is complete. Members carry no time or owner (mtime 0, uid/gid 0, mode 0644): the same kept/ gives the same
 bytes. Rows are read a row group at a time; memory does not grow with the dataset. The output is a local folder.
 
-Command line: ``capfilt export-dataset --format webdataset --from OUT/kept --out DIR [--samples-per-tar 10000]``.
+Command line: ``capfilt export-dataset --format webdataset --from OUT/kept --out DIR [--samples-per-tar 10000]
+[--min-tars 8]``; it prints the open_clip command that trains on DIR (``open_clip_command``).
 """
 
 from __future__ import annotations
@@ -33,6 +45,7 @@ import glob
 import io
 import json
 import os
+import shlex
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,7 +57,9 @@ from capfilt.pipelines.schema import read_provenance
 
 FORMATS = ("webdataset",)
 SAMPLES_PER_TAR = 10_000  # img2dataset's default shard size
+MIN_TARS = 8  # a small export is split into this many tars, for loaders with up to 8 workers (module docstring)
 SIZES_FILE = "sizes.json"  # open_clip's name
+WIDS_INDEX_FILE = "shardindex.json"  # the name webdataset's `widsindex create` gives a shard index
 MANIFEST_FILE = "capfilt_export.json"
 READ_BATCH_ROWS = 256
 _LEFT_OUT = ("text", "capfilt_config")  # besides the image and caption: the same as caption; the run's, once
@@ -119,13 +134,42 @@ def _ready(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def export_webdataset(sources: list[str], out: str | Path, samples_per_tar: int = SAMPLES_PER_TAR) -> dict:
+def tar_sizes(samples: int, samples_per_tar: int = SAMPLES_PER_TAR, min_tars: int = MIN_TARS) -> list[int]:
+    """The samples of each tar for ``samples`` samples (the module's docstring): full tars of ``samples_per_tar``
+    where they make ``min_tars`` tars or more, else ``min(min_tars, samples)`` tars of near-equal sizes."""
+    if samples_per_tar < 1 or min_tars < 1:
+        raise ExportError(f"samples_per_tar and min_tars must be at least 1, not {samples_per_tar} and {min_tars}")
+    full = -(-samples // samples_per_tar)
+    if full >= min_tars:
+        return [samples_per_tar] * (full - 1) + [samples - samples_per_tar * (full - 1)]
+    tars = min(min_tars, samples)
+    return [samples // tars + (1 if i < samples % tars else 0) for i in range(tars)]
+
+
+def brace_pattern(names: list[str]) -> str:
+    """The tars ``00000.tar`` ... as one brace pattern (``{00000..00007}.tar``), as open_clip's ``--train-data``
+    and webdataset expand it."""
+    stems = [name[: -len(".tar")] for name in names]
+    return f"{stems[0]}.tar" if len(stems) == 1 else f"{{{stems[0]}..{stems[-1]}}}.tar"
+
+
+def open_clip_command(out: str | Path, manifest: dict) -> str:
+    """The open_clip training command that reads the export in ``out``: its tars by brace pattern (open_clip reads
+    the sample count from sizes.json beside them), and its default 4 workers or fewer where there are fewer tars.
+    The model and training flags are open_clip's defaults unless added (``--model``, ``--batch-size`` ...)."""
+    tars = shlex.quote(str(Path(out).resolve() / brace_pattern(manifest["tar_names"])))
+    return f"python -m open_clip_train.main --dataset-type webdataset --train-data {tars} --workers " \
+           f"{min(4, manifest['tars'])}"
+
+
+def export_webdataset(sources: list[str], out: str | Path, samples_per_tar: int = SAMPLES_PER_TAR,
+                      min_tars: int = MIN_TARS) -> dict:
     """Write the kept rows of ``sources`` as tars into ``out`` (a new or empty folder); returns the manifest."""
-    if samples_per_tar < 1:
-        raise ExportError(f"samples_per_tar must be at least 1, not {samples_per_tar}")
+    tar_sizes(1, samples_per_tar, min_tars)  # checks the sizes before anything is read
     files = kept_files(sources)
     for path in files:  # every file before any tar: a wrong input fails at once
         _check(path, pq.read_schema(path))
+    plan = tar_sizes(sum(pq.ParquetFile(path).metadata.num_rows for path in files), samples_per_tar, min_tars)
     out = Path(out)
     _ready(out)
     sizes: dict[str, int] = {}
@@ -133,6 +177,8 @@ def export_webdataset(sources: list[str], out: str | Path, samples_per_tar: int 
     try:
         for key, extension, data, caption, other in samples(files):
             if tar is None:
+                if len(sizes) == len(plan):
+                    raise ExportError(f"{files} hold more rows than their Parquet metadata counts")
                 name = f"{len(sizes):05d}.tar"
                 tar, count = tarfile.open(out / f"{name}.tmp", "w"), 0
             if key == previous:  # webdataset would merge two samples with the same key that follow each other
@@ -142,24 +188,25 @@ def export_webdataset(sources: list[str], out: str | Path, samples_per_tar: int 
             _member(tar, f"{key}.json", json.dumps(other, ensure_ascii=False).encode("utf-8"))
             _member(tar, f"{key}.txt", caption.encode("utf-8"))
             count += 1
-            if count == samples_per_tar:
+            if count == plan[len(sizes)]:
                 tar.close()
                 tar = None
                 os.replace(out / f"{name}.tmp", out / name)
                 sizes[name] = count
-        if tar is not None:
-            tar.close()
-            tar = None
-            os.replace(out / f"{name}.tmp", out / name)
-            sizes[name] = count
     finally:
         if tar is not None:  # an error mid-tar: no half tar is left with a final name
             tar.close()
             (out / f"{name}.tmp").unlink(missing_ok=True)
+    names = list(sizes)
     manifest = {"format": "webdataset", "from": [str(Path(path).resolve()) for path in files],
-                "samples": sum(sizes.values()), "tars": len(sizes), "samples_per_tar": samples_per_tar,
+                "samples": sum(sizes.values()), "tars": len(sizes), "tar_names": names,
+                "samples_per_tar": samples_per_tar, "min_tars": min_tars,
                 "capfilt": read_provenance(pq.read_schema(files[0]))}
+    index = {"__kind__": "wids-shard-index-v1", "wids_version": 1, "name": out.resolve().name,
+             "shardlist": [{"url": name, "nsamples": sizes[name], "filesize": (out / name).stat().st_size}
+                           for name in names]}
     (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    (out / WIDS_INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     (out / SIZES_FILE).write_text(json.dumps(sizes, indent=2) + "\n")
     return manifest
 
@@ -174,10 +221,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="CapFilt's OUT/kept folder, or kept Parquet files or globs")
     parser.add_argument("--out", required=True, help="a new (or empty) local folder for the tars")
     parser.add_argument("--samples-per-tar", type=int, default=SAMPLES_PER_TAR, help="samples in each tar")
+    parser.add_argument("--min-tars", type=int, default=MIN_TARS,
+                        help="split a smaller export into this many tars (at least the DataLoader workers in all)")
     args = parser.parse_args(argv)
     try:
-        manifest = export_webdataset(args.sources, args.out, args.samples_per_tar)
+        manifest = export_webdataset(args.sources, args.out, args.samples_per_tar, args.min_tars)
     except (ExportError, OSError) as error:
         parser.exit(2, f"capfilt export-dataset: error: {error}\n")
-    print(f"{manifest['samples']} samples in {manifest['tars']} tar(s) -> {args.out} (sizes in {SIZES_FILE})")
+    print(f"{manifest['samples']} samples in {manifest['tars']} tar(s) -> {args.out} (sizes in {SIZES_FILE}, a wids "
+          f"index in {WIDS_INDEX_FILE})")
+    if manifest["tars"]:
+        print(f"open_clip: {open_clip_command(args.out, manifest)}")
     return 0

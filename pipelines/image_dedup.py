@@ -9,12 +9,12 @@ in whatever order, and no shard can wait for the others. So it runs after the
 shards, in the run's summary step (``drop_duplicate_images``), over every
 finished shard of the output folder:
 
-1. read each finished shard's ``_done/{shard}.images`` (the 64-bit hashes of
+1. read each finished shard's ``.capfilt/done/{shard}.images`` (the 64-bit hashes of
    its images with a kept text; ``capfilt.pipelines.stats.HashTally``) and
    find, per shard, the hashes that a shard with a smaller id holds too
    (``held_earlier``: one sort of all hashes, 8 bytes per kept image);
 2. for each shard with such hashes, move the kept rows of those images
-   (``move_rows``): record them in ``_done/{shard}.dedup`` (their
+   (``move_rows``): record them in ``.capfilt/done/{shard}.dedup`` (their
    ``sample_id``s and sources), write rejected/ with them (reason
    ``duplicate image``, the image bytes left out, each row once), then kept/
    without them, each through a temporary file renamed into place.

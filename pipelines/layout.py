@@ -3,20 +3,31 @@
 ::
 
     OUT/
+      README.md                  the dataset card: its configs open kept/ (default), rejected/, failed/ with HF
+                                 datasets (capfilt.pipelines.dataset_card)
       kept/{shard}.parquet       kept (image, text) pairs, image bytes included
       rejected/{shard}.parquet   removed texts with their scores
       failed/{shard}.parquet     rows that could not be judged, with stage and error
-      _done/{shard}.json         completion marker: the shard's stats
-      _done/{shard}.keys         the 64-bit hashes of the shard's keys (duplicate keys across shards)
-      _done/{shard}.images       the 64-bit hashes of its images with a kept text (duplicate images across shards)
-      _done/{shard}.dedup        --dedup-images: the rows moved from kept/ to rejected/ at a run's end
-                                 because an earlier shard kept the same image (capfilt.pipelines.image_dedup)
-      _tmp/{run}/                one folder per job: its run.json (host, pid), and per
+      .capfilt/done/{shard}.json     completion marker: the shard's stats
+      .capfilt/done/{shard}.keys     the 64-bit hashes of the shard's keys (duplicate keys across shards)
+      .capfilt/done/{shard}.images   the 64-bit hashes of its images with a kept text (duplicate images across
+                                     shards)
+      .capfilt/done/{shard}.dedup    --dedup-images: the rows moved from kept/ to rejected/ at a run's end
+                                     because an earlier shard kept the same image (capfilt.pipelines.image_dedup)
+      .capfilt/tmp/{run}/        one folder per job: its run.json (host, pid), and per
                                  attempt at a shard a folder of files being written
                                  (never read) with its progress.json (rows read so far)
       stats.json, report.html    the whole run (see capfilt.pipelines.report)
+      _run.json                  the run's settings (``claim``)
 
-A shard's three files are written under ``_tmp/`` with a unique name, then
+The bookkeeping lives under ``.capfilt/``: a name starting with a dot, which HF datasets' default globbing
+(``load_dataset("parquet", data_dir=OUT)``, a card's patterns) and shell globs skip, so that no loader takes a
+marker or a half-written file for data. Outputs of schema version 4 and earlier kept their markers in ``_done/``
+(``LEGACY_DONE``; temporary files in ``_tmp/``, never read): ``OutputLayout.existing`` reads them where they are, so
+that ``capfilt refilter`` takes such a folder as its source and writes it anew in this layout. A bootstrap rerun
+into one is refused (``claim``: its kept/ lacks version 5's columns, and one folder holds one schema).
+
+A shard's three files are written under ``.capfilt/tmp/`` with a unique name, then
 renamed to their final names, and only then is the marker written (itself
 through a temporary name). A shard counts as done exactly when its marker
 exists; a rerun skips those and redoes the others, overwriting whatever a
@@ -27,13 +38,13 @@ keeps nothing), and needs no shuffle of image bytes: each shard is read,
 judged and written by one worker.
 
 Jobs sharing an output folder. Each job (``start_run``) writes only under
-its own ``_tmp/{run}/`` and removes only that folder when it ends
+its own ``.capfilt/tmp/{run}/`` and removes only that folder when it ends
 (``end_run``); an attempt that fails removes its own files at once. So two
 jobs may run at the same time on one OUT: on disjoint shard sets, or even on
 the same shard (both write the same rows; the second commit replaces the
 first's identical files, and a shard done meanwhile is skipped). A job with
 other settings is refused by ``_run.json`` (``claim``). What a killed job
-left in ``_tmp/`` is removed by the next job that can tell it is dead
+left in ``.capfilt/tmp/`` is removed by the next job that can tell it is dead
 (``sweep_temp``: a job on a local runner on this machine whose process is
 gone); any other job's folder is left alone and listed in a warning, to be
 deleted by hand once that job is over. Leftovers are never read.
@@ -60,7 +71,9 @@ log = logging.getLogger(__name__)
 
 KEPT, REJECTED, FAILED = "kept", "rejected", "failed"
 OUTPUTS = (KEPT, REJECTED, FAILED)
-DONE, TMP = "_done", "_tmp"
+INTERNAL = ".capfilt"  # capfilt's own files: hidden from loaders' globs (the module's docstring)
+DONE, TMP = f"{INTERNAL}/done", f"{INTERNAL}/tmp"
+LEGACY_DONE = "_done"  # the markers' folder up to schema version 4
 STATS_FILE, REPORT_FILE, RUN_FILE = "stats.json", "report.html", "_run.json"
 PROGRESS_FILE = "progress.json"  # in an attempt's temp folder: {"rows": rows read so far}; gone at commit
 RUN_INFO = "run.json"  # in a job's temp folder: who runs it (host, pid, whether its workers run on that host)
@@ -78,7 +91,16 @@ class OutputLayout:
     """Paths under one output root (a local folder or a ``gs://``/``s3://`` prefix)."""
 
     root: str
-    run: str = ""  # the job's id (``start_run``): its attempts write under _tmp/{run}/
+    run: str = ""  # the job's id (``start_run``): its attempts write under .capfilt/tmp/{run}/
+    done: str = DONE  # the markers' folder: LEGACY_DONE for an output of schema version 4 read as is (``existing``)
+
+    @classmethod
+    def existing(cls, root: str) -> OutputLayout:
+        """The layout of an output folder to read: its markers where they are, in ``.capfilt/done/`` or (written
+        by capfilt of schema version 4 or earlier) in ``_done/``."""
+        if not glob_in(root, DONE, "*.json") and glob_in(root, LEGACY_DONE, "*.json"):
+            return cls(root, done=LEGACY_DONE)
+        return cls(root)
 
     def _path(self, *parts: str) -> str:
         return FileSystems.join(self.root.rstrip("/"), *parts)
@@ -87,7 +109,7 @@ class OutputLayout:
         return self._path(kind, f"{shard_id}.parquet")
 
     def marker(self, shard_id: str) -> str:
-        return self._path(DONE, f"{shard_id}.json")
+        return self._path(self.done, f"{shard_id}.json")
 
     @property
     def stats_file(self) -> str:
@@ -98,13 +120,13 @@ class OutputLayout:
         return self._path(REPORT_FILE)
 
     def keys_file(self, shard_id: str) -> str:
-        return self._path(DONE, f"{shard_id}{KEYS_SUFFIX}")
+        return self._path(self.done, f"{shard_id}{KEYS_SUFFIX}")
 
     def images_file(self, shard_id: str) -> str:
-        return self._path(DONE, f"{shard_id}{IMAGES_SUFFIX}")
+        return self._path(self.done, f"{shard_id}{IMAGES_SUFFIX}")
 
     def dedup_file(self, shard_id: str) -> str:
-        return self._path(DONE, f"{shard_id}{DEDUP_SUFFIX}")
+        return self._path(self.done, f"{shard_id}{DEDUP_SUFFIX}")
 
     def temp_dir(self, shard_id: str) -> str:
         """A fresh folder for one attempt at a shard, in the job's own folder (concurrent attempts never collide)."""
@@ -170,7 +192,7 @@ class OutputLayout:
         return FileSystems.exists(self.marker(shard_id))
 
     def _marker_paths(self) -> list[str]:
-        return glob_in(self.root, DONE, "*.json")
+        return glob_in(self.root, self.done, "*.json")
 
     def done_ids(self) -> set[str]:
         return {posixpath.basename(p)[: -len(".json")] for p in self._marker_paths()}
@@ -198,7 +220,7 @@ class OutputLayout:
                                   ("images.bin", images, self.images_file(shard_id))):
             if data is None:
                 continue
-            _ensure_dir(self._path(DONE))
+            _ensure_dir(self._path(self.done))
             sources.append(FileSystems.join(folder, name))
             finals.append(final)
             with FileSystems.create(sources[-1]) as f:
@@ -209,7 +231,7 @@ class OutputLayout:
         FileSystems.rename(sources, finals)
         temp_marker = posixpath.join(folder, "marker.json")
         write_text(temp_marker, json.dumps(marker, sort_keys=True))
-        _ensure_dir(self._path(DONE))
+        _ensure_dir(self._path(self.done))
         FileSystems.rename([temp_marker], [self.marker(shard_id)])
         remove_progress(folder)  # explicitly: object stores keep "folders"' objects
         _delete_quietly(folder)
@@ -261,30 +283,73 @@ class OutputLayout:
         folder = self.temp_dir(shard_id)
         temp_marker = FileSystems.join(folder, "marker.json")
         write_text(temp_marker, json.dumps(marker, sort_keys=True))
-        _ensure_dir(self._path(DONE))
+        _ensure_dir(self._path(self.done))
         FileSystems.rename([temp_marker], [self.marker(shard_id)])
         _delete_quietly(folder)
 
     def claim(self, settings: dict) -> None:
-        """Record the run's settings in ``_run.json``, or check them against an earlier run's.
+        """Record the run's settings in ``_run.json``, or check them against an earlier run's (``check_claim``).
 
         Resuming is only sound with the same settings: finished shards are
         skipped, so a changed threshold or model would mix two runs' outputs.
         """
+        if not self.check_claim(settings):
+            write_text(self._path(RUN_FILE), json.dumps(settings, indent=2, sort_keys=True) + "\n")
+
+    def check_claim(self, settings: dict) -> bool:
+        """Whether an earlier run recorded these settings here (False: none did); a ``SettingsMismatchError`` when
+        it recorded others, or when this output cannot be claimed. Reads only."""
         if paths.is_remote(self.root) and paths.has_wildcards(self.root):
             raise SettingsMismatchError(f"{self.root}: an output prefix on an object store cannot hold * ? [ (Beam "
                                         "reads them as wildcards, and a rerun could not delete its own files)")
         path = self._path(RUN_FILE)
-        if FileSystems.exists(path):
-            earlier = json.loads(read_text(path))
-            if earlier != settings:
-                changed = sorted(k for k in set(earlier) | set(settings) if earlier.get(k) != settings.get(k))
-                raise SettingsMismatchError(
-                    f"{self.root} holds the output of a run with other settings (changed: {', '.join(changed)}); "
-                    "resume with the same settings or write to a new output folder"
-                )
-            return
-        write_text(path, json.dumps(settings, indent=2, sort_keys=True) + "\n")
+        if not FileSystems.exists(path):
+            return False
+        earlier = json.loads(read_text(path))
+        if earlier == settings:
+            return True
+        if self._unused():  # a run that stopped before any shard was done (a model that failed to load): no mix
+            log.info("%s: no shard was done with its recorded settings; claiming it with these", self.root)
+            return False
+        old, new = earlier.get("schema_version"), settings.get("schema_version")
+        if old != new:
+            raise SettingsMismatchError(
+                f"{self.root} holds output of schema version {old}, this capfilt writes version {new} (the versions "
+                "are listed in capfilt/pipelines/schema.py): finish it with the capfilt that made it, or write to a "
+                "new output folder; `capfilt refilter --from OUT --out NEW --threshold T` rewrites its finished "
+                "shards in this version without running the models")
+        changed = sorted(k for k in set(earlier) | set(settings) if earlier.get(k) != settings.get(k))
+        hint = ""
+        if set(changed) <= REFILTER_SETTINGS:
+            hint = (f"; or split it anew from its stored scores, without running the models: capfilt refilter "
+                    f"--from {self.root} --out NEW --threshold {settings.get('threshold')}" +
+                    "".join(f" {_refilter_flag(k, settings.get(k))}" for k in changed if k != "threshold"))
+        raise SettingsMismatchError(
+            f"{self.root} holds the output of a run with other settings (changed: {', '.join(changed)}); "
+            f"resume with the same settings or write to a new output folder{hint}")
+
+    def _unused(self) -> bool:
+        """No shard is done here (in this layout or schema 4's) and no other job that may be alive writes here."""
+        if glob_in(self.root, DONE, "*.json") or glob_in(self.root, LEGACY_DONE, "*.json"):
+            return False
+        for info_path in glob_in(self.root, TMP, "*", RUN_INFO):
+            try:
+                info = json.loads(read_text(info_path))
+            except (OSError, ValueError):  # being written: a job is starting
+                return False
+            if not (isinstance(info, dict) and _dead_local_job(info)):
+                return False
+        return True
+
+
+# Settings that ``capfilt refilter`` changes from stored scores (the changed-settings error names it for them).
+REFILTER_SETTINGS = {"threshold", "select", "dedup_images"}
+
+
+def _refilter_flag(name: str, value) -> str:
+    if name == "dedup_images":
+        return "--dedup-images" if value else "--no-dedup-images"
+    return f"--{name.replace('_', '-')} {value}"
 
 
 def write_text(path: str, text: str) -> None:

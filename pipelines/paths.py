@@ -2,7 +2,7 @@
 folder.
 
 Beam's ``FileSystems.match`` reads every ``*``, ``?`` and ``[`` of its pattern as a wildcard and has no way to
-quote them (``FileSystem.translate_pattern``), so ``out[1]/_done/*.json`` would look for ``out1/...`` and find
+quote them (``FileSystem.translate_pattern``), so ``out[1]/.capfilt/done/*.json`` would look for ``out1/...`` and find
 nothing. ``glob_in(folder, *parts)`` keeps ``folder`` literal and lets only ``parts`` hold wildcards:
 
 - a local folder is listed with the standard library's ``glob`` after ``glob.escape(folder)``;

@@ -76,7 +76,8 @@ from capfilt.pipelines.shards import (
 from capfilt.pipelines.stats import ShardStats
 from capfilt.pipelines.worker_models import Models
 
-PROGRESS_EVERY_S = 10.0  # seconds between updates of a running shard's progress file (read by Progress)
+# Seconds between updates of a running shard's progress file (read by Progress); the first is after the first batch.
+PROGRESS_EVERY_S = 3.0
 DECODE_AHEAD_BATCHES = 2  # decoded images held ahead of the models, in batches: bounds memory, hides decoding
 
 log = logging.getLogger(__name__)
@@ -188,7 +189,7 @@ class ShardWriter:
             "sample_id": schema.sample_id(self.shard_id, row.index, source, index), "key": row.key, "url": row.url,
             "caption": text, "text": text, "web_text": row.caption, "source": source, "source_index": index,
             "itm_score": itm, "itc_score": itc, "image_sha256": judged.sha256, "width": judged.image.width,
-            "height": judged.image.height, **self.provenance_columns, **row.extra,
+            "height": judged.image.height, **self.provenance_columns, **schema.DOWNLOADED, **row.extra,
         }
         if reason is None:
             record[self.image_column] = schema.image_value(row.image)
@@ -227,8 +228,9 @@ class ShardJob:
 
     def __init__(self, shard: InputShard, models: Models, settings: BootstrapSettings, layout: OutputLayout):
         self.shard, self.models, self.settings, self.layout = shard, models, settings, layout
-        self.stats = ShardStats(shard=shard.shard_id, input=shard.path)
-        self._progress_written = time.monotonic()
+        self.stats = ShardStats(shard=shard.shard_id, input=shard.path, run=layout.run)
+        self._progress_written: float | None = None  # not yet: the first batch writes it
+        self._size: int | None = None  # the shard's rows, as img2dataset recorded them (for the ETA)
         self.preprocessors = (models.captioner.preprocess, models.filter.preprocess)
 
     def run(self) -> dict:
@@ -238,6 +240,7 @@ class ShardJob:
         except DamagedShardError as damage:
             return self.unreadable(damage)
         writer = ShardWriter(self.layout.temp_dir(self.shard.shard_id), reader, self.settings, self.models)
+        self._size = expected_rows(self.shard)
         try:
             batch: list[Judged] = []
             batch_index = 0
@@ -302,13 +305,15 @@ class ShardJob:
         return marker
 
     def report_progress(self, folder: str) -> None:
-        """Every ``PROGRESS_EVERY_S``, the rows read so far into the attempt's progress file (for ``Progress``)."""
+        """After the first batch and then every ``PROGRESS_EVERY_S``, the rows read so far and the shard's size (None
+        where unknown) into the attempt's progress file (for ``Progress``). Its reader keeps its last good read, so
+        a rewrite caught midway does no harm."""
         now = time.monotonic()
-        if now - self._progress_written < PROGRESS_EVERY_S:
+        if self._progress_written is not None and now - self._progress_written < PROGRESS_EVERY_S:
             return
         self._progress_written = now
         try:
-            write_text(progress_path(folder), json.dumps({"rows": self.stats.rows}))
+            write_text(progress_path(folder), json.dumps({"rows": self.stats.rows, "total": self._size}))
         except Exception as error:  # noqa: BLE001 - progress is a courtesy: never fail a shard over it
             log.debug("could not write progress of shard %s: %s", self.shard.shard_id, error)
 

@@ -60,6 +60,11 @@ with the new ``threshold``, ``select`` and ``dedup_images``, and ``by``,
 ``keep_fraction`` and ``refiltered_from`` (OUT). The same settings are in
 every file's provenance and every row's ``capfilt_config``: a refiltered
 row's config is a fresh run's plus those three keys.
+
+A source of schema version 4 (markers in ``_done/``, kept/ and rejected/ without
+``status`` and ``error_message``) is read as it is, and OUT2 is written in this
+version: ``OutputLayout.existing`` finds its markers, ``schema.with_download_status``
+adds the two columns, and OUT2's settings carry this ``schema_version``.
 """
 
 from __future__ import annotations
@@ -174,8 +179,8 @@ class Plan:
 
     def config(self, source_config: dict) -> dict:
         """A source file's config (its settings and the sampling used) with this refilter's settings."""
-        return {**source_config, **{k: self.settings[k] for k in ("threshold", "select", "dedup_images",
-                                                                  *REFILTER_KEYS)}}
+        return {**source_config, **{k: self.settings[k] for k in ("schema_version", "threshold", "select",
+                                                                  "dedup_images", *REFILTER_KEYS)}}
 
 
 def read_run_settings(layout: OutputLayout) -> dict:
@@ -234,7 +239,8 @@ def make_plan(settings: RefilterSettings, source: OutputLayout, run_settings: di
                                             settings.keep_fraction)
     select = run_settings.get("select", SELECT_ALL) if settings.select is None else settings.select
     dedup = bool(run_settings.get("dedup_images", False)) if settings.dedup_images is None else settings.dedup_images
-    return Plan({**run_settings, "threshold": threshold, "select": select, "dedup_images": dedup, "by": settings.by,
+    return Plan({**run_settings, "schema_version": schema.SCHEMA_VERSION, "threshold": threshold, "select": select,
+                 "dedup_images": dedup, "by": settings.by,
                  "keep_fraction": settings.keep_fraction, "refiltered_from": source.root})
 
 
@@ -246,8 +252,8 @@ def _read(path: str, columns: list[str] | None = None) -> pa.Table:
             return pq.read_table(f, columns=columns)
         except (pa.ArrowException, OSError) as error:
             raise ValueError(f"{path} cannot be read ({' '.join(str(error).split())}): replace it from a copy, or "
-                             "delete its shard's _done/SHARD.json in the source and rerun capfilt bootstrap there, "
-                             "which writes the shard again") from None
+                             "delete its shard's marker (.capfilt/done/SHARD.json) in the source and rerun capfilt "
+                             "bootstrap there, which writes the shard again") from None
 
 
 def _plain(schema_: pa.Schema) -> pa.Schema:
@@ -345,6 +351,7 @@ def read_source_shard(source: OutputLayout, shard_id: str) -> SourceShard:
     """A shard's three files in ``source``, checked to be CapFilt kept/ and rejected/ files refilter can split."""
     paths = {kind: source.output(kind, shard_id) for kind in (KEPT, REJECTED, FAILED)}
     kept, rejected, failed = (_read(paths[kind]) for kind in (KEPT, REJECTED, FAILED))
+    kept, rejected = schema.with_download_status(kept), schema.with_download_status(rejected)  # version 4's lack them
     provenance = schema.read_provenance(kept.schema)
     _check_version(provenance.get("schema_version"), paths[KEPT])
     image = next((name for name in kept.schema.names if name in IMAGE_COLUMNS), None)
@@ -525,6 +532,7 @@ def refilter_shard(plan: Plan, source: OutputLayout, target: OutputLayout, marke
     _check_judged(texts, marker, source)
     # 2. The rules, and the counts.
     stats = _shard_stats(marker)
+    stats.run = target.run  # this job's shards: the report's "this job" time
     codes = _select(plan, texts, rows, stats)
     stats.check(int(plan.settings["num_captions"]))  # every input row and every text accounted for
     # 3. The image of each kept text: from source kept/, else the input shard's row.
@@ -545,7 +553,7 @@ def refilter_shard(plan: Plan, source: OutputLayout, target: OutputLayout, marke
 
 
 def _key_hashes(source: OutputLayout, shard_id: str) -> bytes | None:
-    """The source shard's key hashes file (``_done/{shard}.keys``), None when it has none."""
+    """The source shard's key hashes file (``.capfilt/done/{shard}.keys``), None when it has none."""
     path = source.keys_file(shard_id)
     if not FileSystems.exists(path):
         return None
@@ -566,11 +574,11 @@ def refilter(settings: RefilterSettings, source: str, out: str, report: bool = T
     """
     if _same_folder(source, out):
         raise RefilterError(f"--out {out} is the source folder: write the new split to a folder of its own")
-    source_layout = OutputLayout(source)
+    source_layout = OutputLayout.existing(source)  # an output of schema version 4 has its markers in _done/
     run_settings = read_run_settings(source_layout)
     markers = source_layout.read_markers()
     if not markers:
-        raise RefilterError(f"{source} has no finished shard (no {source}/_done/*.json) to refilter")
+        raise RefilterError(f"{source} has no finished shard (no {source}/{source_layout.done}/*.json) to refilter")
     plan = make_plan(settings, source_layout, run_settings, [m["shard"] for m in markers])
     layout = OutputLayout(out)
     layout.claim(plan.provenance())
@@ -590,7 +598,7 @@ def refilter(settings: RefilterSettings, source: str, out: str, report: bool = T
 
 def unfinished_in_source(source: str) -> list[str]:
     """The shards the source's own stats.json lists as unfinished: they are not refiltered."""
-    layout = OutputLayout(source)
+    layout = OutputLayout.existing(source)
     if not FileSystems.exists(layout.stats_file):
         return []
     errors = json.loads(read_text(layout.stats_file))["shards"]["errors"]

@@ -1,6 +1,6 @@
 """A CapFilt run's ``stats.json`` and ``report.html``, built from its shards' completion markers.
 
-The markers (``_done/{shard}.json``) hold each shard's counts, its ITM score
+The markers (``.capfilt/done/{shard}.json``) hold each shard's counts, its ITM score
 histogram and a few example pairs with thumbnails, so the run's summary
 needs no second pass over the data and includes shards finished by earlier
 (interrupted) runs. The report shows the counts per source, the paper's
@@ -14,6 +14,15 @@ histogram (inline SVG) and examples of kept and removed pairs. With
 and names the score that judged (ITM, or ITC: then the histogram, of ITM
 scores, has no threshold line). A shard's examples are made here
 (``example``, with its ``thumbnail``), by the pipeline and by refilter alike.
+
+For someone deciding whether to train on the output, the page opens with the
+noise ratio per source and the keep-share warnings
+(``capfilt.recipes.bootstrap.keep_share_warnings``), then shows a few failed
+rows per stage with their URL and error (read back from failed/), the run
+time (``capfilt.pipelines.stats.run_timing``: summed per-shard processing
+seconds over every run, and this job's wall time) and every setting. It is
+one self-contained file: inline CSS and SVG (``capfilt.pipelines.histogram``),
+thumbnails as ``data:`` URIs, no scripts.
 """
 
 from __future__ import annotations
@@ -22,19 +31,20 @@ import base64
 import html
 import io
 import json
+from datetime import timedelta
 from typing import Protocol
 
 from PIL import Image
 
 import capfilt
+from capfilt.pipelines.histogram import COLOURS, TITLES, histogram_svg
 from capfilt.pipelines.image_dedup import apply_record, read_record
 from capfilt.pipelines.layout import FAILED, KEPT, REJECTED, OutputLayout, read_text
-from capfilt.pipelines.schema import DUPLICATE_IMAGE, REASONS, SCHEMA_VERSION, SOURCES, STAGES
-from capfilt.pipelines.stats import (
-    HISTOGRAM_BINS, MAX_KEY_EXAMPLES, duplicates_across, image_hash, key_hash, merge,
-)
+from capfilt.pipelines.schema import BELOW_THRESHOLD, DUPLICATE_IMAGE, REASONS, SCHEMA_VERSION, SOURCES, STAGES
+from capfilt.pipelines.stats import MAX_KEY_EXAMPLES, duplicates_across, image_hash, key_hash, merge, run_timing
 
 EXAMPLES_PER_OUTCOME = 12  # example cards per outcome (kept, removed) on the report, from the first shards' samples
+FAILED_EXAMPLES_PER_STAGE = 3  # failed rows (key, URL, error) shown per stage, from the first shards with any
 THUMBNAIL_SIZE = 96  # px, the longer side of an example's thumbnail (the page shows it in a 96 px square)
 
 
@@ -121,26 +131,65 @@ def _value_with_hash(layout: OutputLayout, shard_id: str, digest: int, column: s
 
 
 def build_stats(markers: list[dict], settings: SummarySettings, selected_shards: int,
-                shard_errors: list[dict] = (), duplicates: dict | None = None, images: dict | None = None) -> dict:
+                shard_errors: list[dict] = (), duplicates: dict | None = None, images: dict | None = None,
+                failed: dict | None = None, run: str = "") -> dict:
     """The run's stats: every finished shard's counts summed, the settings, what is unfinished and damaged.
 
     ``shards.errors``: shards left unfinished (a rerun retries them). ``shards.damaged``: finished shards whose
     input file is damaged (a rerun will not change them: replace the file and delete the shard's marker).
+    ``failed_examples``: a few failed rows per stage (``failed_examples``). ``timing``: ``stats.run_timing`` for
+    the job ``run``. ``keep_share_warnings``: a source the filter kept under 1% or over 99% of
+    (``capfilt.recipes.bootstrap.keep_share_warnings``).
     """
+    from capfilt.recipes.bootstrap import keep_share_warnings  # the rule the command line exits by (--strict)
+
     totals = merge(markers)
     totals.pop("shards")
+    provenance = settings.provenance()
     return {
         "schema_version": SCHEMA_VERSION,
         "capfilt_version": capfilt.__version__,
         # the sampling the captioner used: the paper's, its folder's or the run's (recorded by each shard)
-        "settings": {**settings.provenance(), "sampling": markers[0]["sampling"] if markers else None},
+        "settings": {**provenance, "sampling": markers[0]["sampling"] if markers else None},
         "shards": {"selected": selected_shards, "done": len(markers), "errors": list(shard_errors),
                    "damaged": damaged_shards(markers)},
         **totals,
         "duplicate_keys": duplicates,
         "duplicate_images": images,
         "outputs": {kind: f"{kind}/*.parquet" for kind in (KEPT, REJECTED, FAILED)},
+        "failed_examples": failed if failed is not None else {stage: [] for stage in STAGES},
+        "timing": run_timing(markers, run),
+        "keep_share_warnings": keep_share_warnings(totals, _Judged(provenance)),
     }
+
+
+class _Judged:
+    """The settings ``keep_share_warnings`` names (threshold, captioner, filter), from a run's provenance."""
+
+    def __init__(self, provenance: dict):
+        self.threshold, self.captioner, self.filter = (provenance.get(k) for k in ("threshold", "captioner", "filter"))
+
+
+def failed_examples(layout: OutputLayout, markers: list[dict], per_stage: int = FAILED_EXAMPLES_PER_STAGE) -> dict:
+    """Up to ``per_stage`` failed rows per stage (shard, key, URL, error), read from failed/ of the first shards
+    whose markers count failures at a stage still short of examples; only those shards' files are opened."""
+    import pyarrow.parquet as pq
+    from apache_beam.io.filesystems import FileSystems
+
+    found: dict[str, list[dict]] = {stage: [] for stage in STAGES}
+    for marker in markers:
+        short = {stage for stage, n in marker["failed"].items() if n and len(found.get(stage, ())) < per_stage}
+        path = layout.output(FAILED, marker["shard"])
+        if not short or not FileSystems.exists(path):
+            continue
+        with FileSystems.open(path) as f:
+            table = pq.read_table(f, columns=["key", "url", "stage", "error"])
+        for row in table.to_pylist():
+            stage = row["stage"]
+            if stage in short and len(found[stage]) < per_stage:
+                found[stage].append({"shard": marker["shard"], "key": row["key"], "url": row["url"],
+                                     "error": row["error"]})
+    return found
 
 
 def write_summary(layout: OutputLayout, settings: SummarySettings, selected_shards: int,
@@ -149,8 +198,11 @@ def write_summary(layout: OutputLayout, settings: SummarySettings, selected_shar
     dedup's records applied); returns the stats."""
     markers = [apply_record(m, read_record(layout, m["shard"])) for m in layout.read_markers()]
     stats = build_stats(markers, settings, selected_shards, shard_errors, duplicate_keys(layout, markers),
-                        duplicate_images(layout, markers, settings.dedup_images))
+                        duplicate_images(layout, markers, settings.dedup_images), failed_examples(layout, markers),
+                        run=layout.run)
     layout.write_atomically(layout.stats_file, json.dumps(stats, indent=2) + "\n")  # jobs on one OUT may race
+    from capfilt.pipelines.dataset_card import write_dataset_card  # OUT/README.md: what load_dataset(OUT) opens
+    write_dataset_card(layout, stats, markers)
     if report:
         layout.write_atomically(layout.report_file, render_report(stats, markers))
     return stats
@@ -162,41 +214,6 @@ def read_stats(layout: OutputLayout) -> dict:
 
 def _percent(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.1f}%"
-
-
-def histogram_svg(histogram: dict[str, list[int]], threshold: float | None, width: int = 640,
-                  height: int = 240) -> str:
-    """Grouped bars of ITM match probability per source, the threshold (when it is one on ITM) as a dashed line."""
-    colours = {"web": "#d9822b", "synthetic": "#2b7bd9"}
-    left, bottom, top = 40, 30, 24  # the legend sits above the bars
-    plot_w, plot_h = width - left - 10, height - bottom - top
-    peak = max(1, *(max(counts) for counts in histogram.values()))
-    bin_w = plot_w / HISTOGRAM_BINS
-    bar_w = bin_w / (len(SOURCES) + 0.5)
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-             f'role="img" aria-label="ITM score histogram">',
-             f'<line x1="{left}" y1="{top + plot_h}" x2="{left + plot_w}" y2="{top + plot_h}" stroke="#333"/>']
-    for s, source in enumerate(SOURCES):
-        for b, count in enumerate(histogram[source]):
-            h = plot_h * count / peak
-            x = left + b * bin_w + s * bar_w + bar_w / 4
-            parts.append(f'<rect x="{x:.1f}" y="{top + plot_h - h:.1f}" width="{bar_w:.1f}" height="{h:.1f}" '
-                         f'fill="{colours[source]}"><title>{source} {b / HISTOGRAM_BINS:.2f}–'
-                         f'{(b + 1) / HISTOGRAM_BINS:.2f}: {count}</title></rect>')
-    for tick in range(0, 11, 2):
-        x = left + plot_w * tick / 10
-        parts.append(f'<text x="{x:.1f}" y="{height - 12}" font-size="11" text-anchor="middle">{tick / 10:.1f}</text>')
-    parts.append(f'<text x="{left - 6}" y="{top + 10}" font-size="11" text-anchor="end">{peak}</text>')
-    if threshold is not None:
-        x = left + plot_w * threshold
-        parts.append(f'<line x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{top + plot_h}" stroke="#c00" '
-                     f'stroke-dasharray="4 3"><title>threshold {threshold}</title></line>')
-    for s, source in enumerate(SOURCES):
-        parts.append(f'<rect x="{left + 10 + 90 * s}" y="4" width="10" height="10" fill="{colours[source]}"/>'
-                     f'<text x="{left + 24 + 90 * s}" y="13" font-size="11">{source}</text>')
-    parts.append(f'<text x="{left + plot_w / 2:.1f}" y="{height - 1}" font-size="11" text-anchor="middle">'
-                 "ITM match probability</text></svg>")
-    return "".join(parts)
 
 
 def _examples(markers: list[dict], kept: bool) -> list[dict]:
@@ -273,7 +290,7 @@ def _damaged_section(damaged: list[dict]) -> str:
                      f"{d['rows_read']} rows read{expected}, {d['rows_failed_read']} failed at read{lost}."
                      f"<ul>{''.join(f'<li>{html.escape(e)}</li>' for e in d['errors'])}</ul>{more}</li>")
     return ("<h2>Damaged input shards</h2><p>These input files are damaged; what could be read is in the output. "
-            "Rerunning will not change them: replace the file, delete <code>_done/SHARD.json</code> "
+            "Rerunning will not change them: replace the file, delete <code>.capfilt/done/SHARD.json</code> "
             f"and rerun.</p><ul>{''.join(items)}</ul>")
 
 
@@ -296,6 +313,93 @@ def _refiltered_note(settings: dict) -> str:
             "(<code>capfilt refilter</code>): the models did not run again.</p>")
 
 
+def _glance(stats: dict) -> str:
+    """The noise ratio of each source as a number and a bar (kept, removed as noise, removed for another reason)."""
+    cards = []
+    for source in SOURCES:
+        judged = stats["texts"][source]
+        noise = stats["rejected_reasons"][BELOW_THRESHOLD][source]
+        kept = stats["kept"][source]
+        other = judged - noise - kept
+        shares = [(kept, COLOURS[source], "kept"), (noise, "#c44", "removed as noise"),
+                  (other, "#aaa", "removed for another reason")]
+        bar = "".join(f'<span style="width:{100 * n / judged:.2f}%;background:{colour}" title="{what}: {n}"></span>'
+                      for n, colour, what in shares if judged and n)
+        cards.append(
+            f'<div class="glance-card" data-source="{source}"><div class="label">{TITLES[source]}: noise ratio</div>'
+            f'<div class="big" style="color:{COLOURS[source]}">{_percent(stats["noise_ratio"][source])}</div>'
+            f'<div class="bar">{bar}</div><div class="small">{judged} judged · {kept} kept · {noise} removed as noise'
+            f' · {other} removed for another reason</div></div>')
+    failed = sum(stats["failed"].values())
+    cards.append(f'<div class="glance-card"><div class="label">rows</div><div class="big">{stats["images"]}</div>'
+                 f'<div class="small">images judged of {stats["rows"]} input rows; {failed} failed '
+                 f'({_percent(failed / stats["rows"] if stats["rows"] else None)}); {stats["texts_after"]} texts '
+                 f'kept</div></div>')
+    return '<div class="glance">' + "".join(cards) + "</div>"
+
+
+def _warnings(warnings: list[str]) -> str:
+    if not warnings:
+        return ('<p class="ok">Keep share: the filter kept between 1% and 99% of each source\'s judged texts (or too '
+                "few were judged to tell).</p>")
+    return "".join(f'<div class="warn"><b>Warning:</b> {html.escape(w)}</div>' for w in warnings)
+
+
+def _failed_examples_table(examples: dict) -> str:
+    rows = "".join(
+        f"<tr><td>{html.escape(stage)}</td><td><code>{html.escape(str(e['key']))}</code></td>"
+        f'<td class="url"><code>{html.escape(str(e["url"]) if e["url"] is not None else "–")}</code></td>'
+        f'<td class="err">{html.escape(str(e["error"]))}</td></tr>'
+        for stage in STAGES for e in examples.get(stage, []))
+    if not rows:
+        return "<p>No failed rows.</p>"
+    return (f"<p>A few failed rows per stage (up to {FAILED_EXAMPLES_PER_STAGE}, from the first shards with any); "
+            "all of them are in <code>failed/*.parquet</code>.</p>"
+            '<table class="failed"><tr><th>stage</th><th>key</th><th>URL</th><th>error</th></tr>'
+            f"{rows}</table>")
+
+
+def _duration(seconds: float) -> str:
+    return str(timedelta(seconds=round(seconds)))
+
+
+def _timing_section(stats: dict) -> str:
+    timing = stats.get("timing") or {}
+    this = timing.get("this_run")
+    if this:
+        rate = "–" if this["images_per_second"] is None else f"{this['images_per_second']:.1f}"
+        job = (f"<p><b>This job</b> (<code>{html.escape(this['run'])}</code>): {this['shards']} shard(s), "
+               f"{this['images']} images judged in <b>{_duration(this['wall_seconds'])}</b> → <b>{rate} images/s</b> "
+               "with all its workers. Wall clock from its first shard's start to its last shard's commit: model "
+               "loading and this summary are not included.</p>")
+    else:
+        job = ("<p><b>This job</b> finished no shard of its own (they were done by earlier runs or another job, "
+               "or its shards do not record timing).</p>")
+    seconds = timing.get("shard_seconds", stats.get("shard_seconds", 0.0))
+    per_worker = timing.get("images_per_shard_second")
+    untimed = timing.get("shards_untimed", 0)
+    every = (f"<p><b>Processing time of every finished shard</b> ({stats['shards']['done']} shard(s), by "
+             f"{timing.get('runs', '?')} job(s): resumed and concurrent runs included): "
+             f"<b>{_duration(seconds)}</b> ({seconds:.1f} s), summed per shard from reading its rows to committing "
+             f"its files → <b>{'–' if per_worker is None else f'{per_worker:.1f}'} images/s per worker</b>. "
+             "Shards run side by side, so a job with W workers is up to W times faster than that; a shard counts "
+             "once, for the attempt that committed it."
+             f"{f' {untimed} shard(s) were made before capfilt recorded when: they count here only.' if untimed else ''}"
+             "</p>")
+    return job + every
+
+
+def _settings_table(settings: dict) -> str:
+    rows = []
+    for key, value in settings.items():
+        if key == "sampling" and isinstance(value, dict):
+            value = ", ".join(f"{k} {v}" for k, v in value.items())
+        elif isinstance(value, (dict, list)):
+            value = json.dumps(value)
+        rows.append(f"<tr><th>{html.escape(key)}</th><td>{html.escape(str(value))}</td></tr>")
+    return '<table class="settings">' + "".join(rows) + "</table>"
+
+
 def render_report(stats: dict, markers: list[dict]) -> str:
     """The report page for ``stats`` (from ``build_stats``) and the markers' examples."""
     settings = stats["settings"]
@@ -309,37 +413,67 @@ def render_report(stats: dict, markers: list[dict]) -> str:
     errors = stats["shards"]["errors"]
     error_list = "".join(f"<li>{html.escape(e['shard'])}: {html.escape(e['error'])}</li>" for e in errors)
     damaged = stats["shards"]["damaged"]
+    warnings = stats.get("keep_share_warnings")
+    if warnings is None:  # stats of an older capfilt
+        from capfilt.recipes.bootstrap import keep_share_warnings
+
+        warnings = keep_share_warnings(stats, _Judged(settings))
+    by_itc = settings.get("by") == "itc"
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>CapFilt report</title>
 <style>
-body {{ font-family: sans-serif; margin: 2em; max-width: 1100px; }}
+body {{ font-family: sans-serif; margin: 2em; max-width: 1100px; color: #222; }}
 table {{ border-collapse: collapse; margin: 0.5em 0 1.5em; }}
 td, th {{ border: 1px solid #ccc; padding: 0.25em 0.75em; text-align: right; }}
 td:first-child, th:first-child {{ text-align: left; }}
+table.failed td, table.failed th, table.settings td {{ text-align: left; }}
+table.failed td.url {{ max-width: 380px; overflow-wrap: anywhere; }}
+table.failed td.err {{ max-width: 420px; overflow-wrap: anywhere; }}
+.glance {{ display: flex; flex-wrap: wrap; gap: 16px; margin: 1em 0; }}
+.glance-card {{ border: 1px solid #ddd; border-radius: 6px; padding: 0.75em 1em; width: 300px; }}
+.glance-card .label {{ font-size: 13px; color: #555; }}
+.glance-card .big {{ font-size: 32px; font-weight: bold; margin: 0.1em 0; }}
+.glance-card .small {{ font-size: 12px; color: #555; }}
+.bar {{ display: flex; height: 10px; background: #eee; border-radius: 3px; overflow: hidden; margin: 0.3em 0; }}
+.bar span {{ display: block; height: 100%; }}
+.warn {{ background: #fff4e5; border-left: 4px solid #d9822b; padding: 0.6em 1em; margin: 0.5em 0; }}
+.ok {{ color: #2a6b2a; }}
 .cards {{ display: flex; flex-wrap: wrap; gap: 12px; }}
 figure {{ width: 180px; margin: 0; font-size: 12px; }}
 figure img {{ width: 96px; height: 96px; object-fit: contain; background: #eee; }}
 </style></head><body>
 <h1>CapFilt report</h1>
-<p>Captioner <code>{html.escape(settings['captioner'])}</code>, filter <code>{html.escape(settings['filter'])}</code>;
-K = {settings['num_captions']} synthetic caption(s) per image by {html.escape(sampling['method'])}
-(top_p {sampling['top_p']}); {html.escape(_criterion(settings))};
-of the texts of an image that pass, {html.escape(settings['select'])} are kept, each distinct text once{
-'' if not settings['dedup_images'] else '; duplicate images are dropped'}.
-Schema version {stats['schema_version']}, capfilt {html.escape(stats['capfilt_version'])}.</p>
 {_refiltered_note(settings)}
-<h2>Rows</h2>
-<p>{stats['rows']} input rows in {stats['shards']['done']} shard(s):
-{stats['images']} images judged, {sum(stats['failed'].values())} failed.
-Texts before CapFilt: {stats['texts_before']} web texts; after: {stats['texts_after']} texts.</p>
-<table><tr><th>failed at</th><th>rows</th></tr>{failed}</table>
-{_duplicates_paragraph(stats.get('duplicate_keys'))}
+<h2 id="glance">At a glance</h2>
+{_glance(stats)}
+<p>The noise ratio is the share of a source's judged texts the filter removed as below the threshold (BLIP §4.2);
+{html.escape(_criterion(settings))}.</p>
+{_warnings(warnings)}
+<h2 id="histogram">ITM score histogram</h2>
+{histogram_svg(stats['itm_histogram'], None if by_itc else settings['threshold'])}
+{'<p>This split was judged by ITC: the threshold is not on this axis, so no line is drawn.</p>' if by_itc else ''}
 <h2>Texts and noise ratio</h2>
 <table><tr><th>source</th><th>texts</th><th>kept</th><th>removed</th><th>noise ratio</th></tr>{rows}</table>
 {_reasons_table(stats)}
 {_duplicate_images_paragraph(stats.get('duplicate_images'), stats)}
-<h2>ITM score histogram</h2>
-{histogram_svg(stats['itm_histogram'], None if settings.get('by') == 'itc' else settings['threshold'])}
+<h2 id="rows">Rows</h2>
+<p>{stats['rows']} input rows in {stats['shards']['done']} shard(s):
+{stats['images']} images judged, {sum(stats['failed'].values())} failed.
+Texts before CapFilt: {stats['texts_before']} web texts; after: {stats['texts_after']} texts.</p>
+<table><tr><th>failed at</th><th>rows</th></tr>{failed}</table>
+<h3 id="failed-examples">Failed rows (examples)</h3>
+{_failed_examples_table(stats.get('failed_examples') or {})}
+{_duplicates_paragraph(stats.get('duplicate_keys'))}
+<h2 id="run-time">Run time</h2>
+{_timing_section(stats)}
+<h2 id="settings">Models and settings</h2>
+<p>Captioner <code>{html.escape(settings['captioner'])}</code>, filter <code>{html.escape(settings['filter'])}</code>;
+K = {settings['num_captions']} synthetic caption(s) per image by {html.escape(str(sampling['method']))}
+(top_p {sampling['top_p']}); {html.escape(_criterion(settings))};
+of the texts of an image that pass, {html.escape(settings['select'])} are kept, each distinct text once{
+'' if not settings['dedup_images'] else '; duplicate images are dropped'}.
+Schema version {stats['schema_version']}, capfilt {html.escape(stats['capfilt_version'])}.</p>
+{_settings_table(settings)}
 <h2>Kept pairs (examples)</h2>
 {_example_cards(_examples(markers, kept=True))}
 <h2>Removed texts (examples)</h2>

@@ -52,7 +52,10 @@ from capfilt.columns import IMAGE_COLUMNS, INPUT_COLUMNS
 # 4: rows in key order within a shard (``sample_id``'s row is the place in key order, not in the file); each
 #    image's captions sampled with its own seed (from the run's seed and its key), so captions differ from those of
 #    schema 3 runs; a mistyped input column and an oversized tar member fail rows at stage read.
-SCHEMA_VERSION = 4
+# 5: kept/ and rejected/ carry img2dataset's ``status`` ("success") and ``error_message`` (null), so that readers of
+#    img2dataset output that keep ``status == "success"`` read kept/ as is; the bookkeeping folders moved to
+#    ``.capfilt/`` (``capfilt.pipelines.layout``), which datasets' and other loaders' globs skip.
+SCHEMA_VERSION = 5
 METADATA_KEY = b"capfilt"  # Parquet key-value metadata: JSON with schema_version, models, settings
 HF_METADATA_KEY = b"huggingface"  # Parquet key-value metadata that HF datasets reads its features from
 
@@ -78,8 +81,12 @@ REASONS = (BELOW_THRESHOLD, DUPLICATE_TEXT, NOT_IN_TOP_N, DUPLICATE_IMAGE)
 # The image column's type: HF datasets' Image storage (see the module's docstring).
 IMAGE_TYPE = pa.struct([pa.field("bytes", pa.binary()), pa.field("path", pa.string())])
 
+# img2dataset's download outcome of a judged text's image: always downloaded (and decoded) well. An input row
+# whose download failed is in failed/, with img2dataset's ``status`` and its ``error_message`` as ``error``.
+SUCCESS = "success"
+DOWNLOADED = {"status": SUCCESS, "error_message": None}
+
 # Columns capfilt writes itself; an input column of the same name is not passed through.
-# ``status``/``error_message`` are img2dataset's download outcome: kept in failed/ as ``status``.
 _PAIR_FIELDS = [
     pa.field("sample_id", pa.string()),  # unique per output row: {shard}_{row:09d}_{source}{source_index}
     pa.field("key", pa.string()),
@@ -97,6 +104,8 @@ _PAIR_FIELDS = [
     pa.field("captioner", pa.string()),  # the captioner reference (folder, hub id, .pth or 'demo')
     pa.field("filter", pa.string()),  # the filter reference
     pa.field("capfilt_config", pa.string()),  # JSON: sampling settings, K, threshold, seed, schema_version
+    pa.field("status", pa.string()),  # img2dataset's: always 'success' (DOWNLOADED)
+    pa.field("error_message", pa.string()),  # img2dataset's: always null
 ]
 _FAILED_FIELDS = [
     pa.field("sample_id", pa.string()),  # unique per output row: {shard}_{row:09d}
@@ -105,9 +114,40 @@ _FAILED_FIELDS = [
     pa.field("web_text", pa.string()),  # the input's text for the row, as in kept/ and rejected/
     pa.field("stage", pa.string()),  # one of STAGES
     pa.field("error", pa.string()),
-    pa.field("status", pa.string()),  # img2dataset's status for the row (null when the input had none)
+    pa.field("status", pa.string()),  # img2dataset's status for the row ('success' when the input had none, or
+    # when the download went well and a later stage failed; 'failed_to_download' ...: then ``error`` is its
+    # error_message)
 ]
 _REASON_FIELD = pa.field("reason", pa.string())  # rejected/ only: one of REASONS
+# What each column means, for people: the dataset card (``capfilt.pipelines.dataset_card``) lists them.
+DESCRIPTIONS = {
+    "sample_id": "unique per output row across kept/, rejected/ and failed/: {shard}_{row:09d} (failed), "
+                 "{shard}_{row:09d}_{source}{index} (a judged text), row being the input row's place in key order",
+    "key": "the input's own key (may repeat; stats.json counts duplicates); {shard}_{row:09d} where it had none",
+    "url": "the image's URL, as the input gave it",
+    "caption": "the text of this pair: the web text or a synthetic caption (what a trainer reads)",
+    "text": "the same as caption (its name in schema versions 1-2)",
+    "web_text": "the image's web text as the input gave it (null: none)",
+    "source": "'web' (the input's text) or 'synthetic' (written by the captioner)",
+    "source_index": "0 for the web text; 0..K-1 for the K synthetic captions",
+    "itm_score": "the filter's ITM match probability (0 to 1)",
+    "itc_score": "the filter's ITC cosine similarity (-1 to 1)",
+    "image": "the image: a struct {bytes, path}, HF datasets' Image storage (path always null; DuckDB and pyarrow "
+             "read jpg.bytes); named as the input's image column: jpg, png or webp",
+    "reason": "rejected/ only: why the text was removed: " + ", ".join(REASONS),
+    "image_sha256": "hex SHA-256 of the image bytes (exact duplicates share it)",
+    "width": "the image's width in pixels, as stored",
+    "height": "the image's height in pixels, as stored",
+    "captioner": "the captioner (folder, hub id, .pth or 'demo')",
+    "filter": "the filter (folder, hub id, .pth or 'demo')",
+    "capfilt_config": "JSON: the run's settings (K, threshold, seed, sampling, schema_version)",
+    "status": "img2dataset's download status; in kept/ and rejected/ always 'success'; in failed/ the input's "
+              "('success' when the download went well and a later stage failed)",
+    "error_message": "img2dataset's download error; in kept/ and rejected/ always null",
+    "stage": "failed/ only: where the row failed: " + ", ".join(STAGES),
+    "error": "failed/ only: what went wrong (for a failed download, img2dataset's error_message)",
+}
+
 RESERVED = ({f.name for f in _PAIR_FIELDS + _FAILED_FIELDS} | {_REASON_FIELD.name, "error_message", "txt",
                                                                  *INPUT_COLUMNS} | set(IMAGE_COLUMNS))
 
@@ -119,6 +159,18 @@ def passthrough_fields(input_schema: pa.Schema) -> list[pa.Field]:
 
 def _after_scores() -> int:
     return [f.name for f in _PAIR_FIELDS].index("image_sha256")
+
+
+def with_download_status(table: pa.Table) -> pa.Table:
+    """A kept/ or rejected/ table of schema version 4 or earlier with ``status`` and ``error_message``
+    (``DOWNLOADED``) after ``capfilt_config``, where version 5 has them; a table that has them is returned as is."""
+    if "status" in table.schema.names:
+        return table
+    at = table.schema.get_field_index("capfilt_config") + 1
+    for offset, (name, value) in enumerate(DOWNLOADED.items()):
+        table = table.add_column(at + offset, pa.field(name, pa.string()), pa.array([value] * table.num_rows,
+                                                                                     pa.string()))
+    return table
 
 
 def kept_schema(extra: list[pa.Field], image_column: str = "jpg") -> pa.Schema:

@@ -7,7 +7,7 @@ done.
 
 Duplicate keys. Each shard counts the rows whose key it has already seen
 (``HashTally``) and stores the sorted 64-bit hashes (BLAKE2b) of its distinct
-keys beside its marker (``_done/{shard}.keys``, 8 bytes per key). The run's
+keys beside its marker (``.capfilt/done/{shard}.keys``, 8 bytes per key). The run's
 summary counts the keys that also occur in another shard from those files
 (``duplicates_across``): it holds two arrays of 8 bytes per distinct
 (shard, key), about 200 MB for 1,200 shards of 10,000 rows, never the keys
@@ -18,7 +18,7 @@ Duplicate images, the same way: an image counts once it has a kept text;
 each shard counts the images whose bytes (SHA-256) it has already kept
 (``ImageTally``, rule 4 of ``capfilt.pipelines.selection``) and stores its
 kept images' 64-bit hashes (the SHA-256's first 8 bytes) in
-``_done/{shard}.images``, which both the summary's count across shards and
+``.capfilt/done/{shard}.images``, which both the summary's count across shards and
 ``--dedup-images``' drop across shards (``capfilt.pipelines.image_dedup``) read.
 
 Texts are counted in bulk (``ShardStats.add_texts``: each text's source, ITM
@@ -29,6 +29,7 @@ the pipeline a batch at a time and by ``capfilt refilter`` a shard at a time.
 from __future__ import annotations
 
 import hashlib
+import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -63,7 +64,7 @@ def itm_bins(itm) -> np.ndarray:
 
 class HashTally:
     """Values of one shard by their 64-bit hashes: how many repeat one seen before, a few of those values, and the
-    distinct hashes (the ``_done/{shard}.keys`` or ``.images`` file)."""
+    distinct hashes (the ``.capfilt/done/{shard}.keys`` or ``.images`` file)."""
 
     def __init__(self):
         self._hashes: set[int] = set()
@@ -146,6 +147,8 @@ class ShardStats:
     keys: KeyTally = field(default_factory=KeyTally)  # not in the marker: its hashes go beside it
     kept_images: ImageTally = field(default_factory=ImageTally)  # images with a kept text (rule 4): as keys
     reasons: Counter = field(default_factory=Counter)  # (reason, source) -> rejected texts
+    run: str = ""  # the job that processed the shard (``OutputLayout.run``), "" where not recorded
+    started: float = field(default_factory=time.time)  # wall clock (Unix seconds) when its processing began
 
     def add_texts(self, sources: Sequence[str], itm, codes) -> None:
         """Judged texts: each one's source, ITM match probability and outcome (``selection.KEPT_CODE``, or
@@ -222,6 +225,8 @@ class ShardStats:
                                  for reason in REASONS},
             # Images with a kept text whose bytes an earlier row of the shard had (sha256 hex examples).
             "duplicate_images": {"images": self.kept_images.duplicates, "examples": list(self.kept_images.examples)},
+            # Which job did the shard, and when it began (it ended ``seconds`` later): the report's run time.
+            "timing": {"run": self.run, "started": round(self.started, 3)},
         }
 
 
@@ -267,3 +272,32 @@ def merge(markers: list[dict]) -> dict:
     total["texts_after"] = sum(total["kept"].values())  # kept web texts + kept synthetic captions
     total["shard_seconds"] = round(total["shard_seconds"], 3)
     return total
+
+
+def run_timing(markers: list[dict], run: str = "") -> dict:
+    """How long the finished shards took, over every run that made them, and this job's part (``run``, its
+    ``OutputLayout.run``), for the report and ``stats.json``'s ``timing``.
+
+    ``shard_seconds``: each shard's processing time (reading its rows to committing its files) summed over all
+    finished shards, whichever run or job made them; ``images_per_shard_second`` is then one worker's rate (with W
+    workers at once a job goes up to W times faster). ``this_run``: the shards this job finished, from the first
+    one's start to the last one's commit on the wall clock (model loading and the summary not included), and the
+    images per second of the job with all its workers; None when it finished none (all were done before, or its
+    markers do not record it). Shards made before capfilt recorded timing count in ``shard_seconds`` only.
+    """
+    seconds = sum(m["seconds"] for m in markers)
+    images = sum(m["images"] for m in markers)
+    timed = [m for m in markers if isinstance(m.get("timing"), dict) and m["timing"].get("started")]
+    runs = sorted({m["timing"]["run"] for m in timed if m["timing"].get("run")})
+    mine = [m for m in timed if run and m["timing"].get("run") == run]
+    this_run = None
+    if mine:
+        start = min(m["timing"]["started"] for m in mine)
+        wall = max(m["timing"]["started"] + m["seconds"] for m in mine) - start
+        done = sum(m["images"] for m in mine)
+        this_run = {"run": run, "shards": len(mine), "rows": sum(m["rows"] for m in mine), "images": done,
+                    "started": round(start, 3), "wall_seconds": round(wall, 3),
+                    "images_per_second": round(done / wall, 3) if wall > 0 else None}
+    return {"shard_seconds": round(seconds, 3),
+            "images_per_shard_second": round(images / seconds, 3) if seconds > 0 else None,
+            "runs": len(runs), "shards_untimed": len(markers) - len(timed), "this_run": this_run}

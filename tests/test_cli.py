@@ -117,7 +117,8 @@ def test_named_dataset_fetch_over_loopback(loopback, tmp_path, monkeypatch):
     assert not (tmp_path / "cc12m" / "cc12m.tsv").exists()
 
 
-def test_bootstrap_a_url_list_end_to_end(loopback, captioner_folder, filter_folder, tmp_path, one_torch_thread):
+def test_bootstrap_a_url_list_end_to_end(loopback, captioner_folder, filter_folder, tmp_path, one_torch_thread,
+                                        capsys):
     urls = [(f"{loopback.url}/img/{i}.jpg", f"picture number {i}") for i in range(IMAGES)]
     urls += [(f"{loopback.url}/missing.jpg", "a lost picture"), (f"{loopback.url}/page.html", "a web page"),
              ("", "a row without URL")]
@@ -136,7 +137,7 @@ def test_bootstrap_a_url_list_end_to_end(loopback, captioner_folder, filter_fold
     ])
     assert code == 0
     # img2dataset kept a row for every URL; the pipeline accounted for each.
-    stats = duckdb.sql(f"select count(*) from read_parquet('{out}/shards/*.parquet')").fetchall()[0][0]
+    stats = duckdb.sql(f"select count(*) from read_parquet('{out}/.capfilt/shards/*.parquet')").fetchall()[0][0]
     assert stats == len(lines)
     judged = duckdb.sql(f"""
         select url, source, count(*) as n from (
@@ -169,6 +170,14 @@ def test_bootstrap_a_url_list_end_to_end(loopback, captioner_folder, filter_fold
     assert pq.read_table(out / "kept").to_pylist() == kept_before
     assert {r["key"]: r for r in pq.read_table(out / "failed").to_pylist()}[failed[malformed]["key"]] == \
         failed[malformed]  # the same key
+
+    # Rows appended to the list: reported before anything runs, not "every shard already done".
+    with url_list.open("a") as f:
+        f.write(f"{loopback.url}/img/1.jpg\tone more\n")
+    assert cli.main(["bootstrap", "--data", str(url_list), "--out", str(out), "--captioner", str(captioner_folder),
+                     "--filter", str(filter_folder), "--samples-per-shard", "4", "--allow-private-addresses"]) == 2
+    assert "grew since the shards" in capsys.readouterr().err
+    assert pq.read_table(out / "kept").to_pylist() == kept_before
 
 
 def test_bootstrap_the_demo_world(captioner_folder, filter_folder, tmp_path, one_torch_thread):

@@ -110,7 +110,7 @@ def test_dask_runner_writes_what_the_local_runner_writes(tmp_path, monkeypatch, 
     # output as its own.
     broken.write_bytes(readable)
     for out in (local, dask):
-        (out / "_done" / "00001.json").unlink()
+        (out / ".capfilt" / "done" / "00001.json").unlink()
     assert run(local) == 0 and run(dask) == 0
     assert_same_output(local, dask)
     assert stats(dask)["shards"] == {"selected": 3, "done": 3, "errors": [], "damaged": []}

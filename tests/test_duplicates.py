@@ -172,7 +172,7 @@ def test_dedup_images_keeps_each_image_at_its_first_shard_and_row_whatever_the_o
     stats = read_stats(OutputLayout(str(together)))
     assert stats["duplicate_images"]["dropped"] is True
     assert sum(stats["rejected_reasons"]["duplicate image"].values()) == len(dropped)
-    assert json.loads((together / "_done" / "00001.dedup").read_text())["moved"] == {
+    assert json.loads((together / ".capfilt" / "done" / "00001.dedup").read_text())["moved"] == {
         r["sample_id"]: r["source"] for r in dropped if place(r)[0] == 1 and place(r)[1] == 0}
     # The later shard first, in its own job, then the earlier one: the same rows and counts.
     apart = tmp_path / "apart"

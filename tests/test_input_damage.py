@@ -165,11 +165,11 @@ def test_damaged_parquet_shards_are_recorded_and_what_reads_is_processed(caption
     assert "Damaged input shards" in report and str(folder / "00001.parquet") in report
 
     # A rerun changes nothing and says the same; replacing the file and deleting its marker redoes the shard.
-    markers = {p.name: p.read_bytes() for p in (out / "_done").glob("*.json")}
+    markers = {p.name: p.read_bytes() for p in (out / ".capfilt" / "done").glob("*.json")}
     assert bootstrap_cli(folder, out, captioner_folder, filter_folder) == 3
-    assert {p.name: p.read_bytes() for p in (out / "_done").glob("*.json")} == markers
+    assert {p.name: p.read_bytes() for p in (out / ".capfilt" / "done").glob("*.json")} == markers
     write_shard(folder, 1)
-    (out / "_done" / "00001.json").unlink()
+    (out / ".capfilt" / "done" / "00001.json").unlink()
     assert bootstrap_cli(folder, out, captioner_folder, filter_folder) == 3  # 00002 and 00003 are still damaged
     found = accounted(layout)
     check_judged(found, inputs[1])
@@ -203,7 +203,7 @@ def test_a_shard_without_stats_is_processed_or_left_unfinished_never_skipped(cap
     assert "shard 00002 is unfinished" in said and "still running" in said
     stats = read_stats(run_layout(out))
     assert stats["shards"]["damaged"] == [] and [e["shard"] for e in stats["shards"]["errors"]] == ["00002"]
-    assert not (out / "_done" / "00002.json").exists() and not list((out / "_tmp").rglob("*.parquet"))
+    assert not (out / ".capfilt" / "done" / "00002.json").exists() and not list((out / ".capfilt" / "tmp").rglob("*.parquet"))
     rows = write_shard(folder, 2)  # the download finished
     assert bootstrap_cli(folder, out, captioner_folder, filter_folder) == 0
     check_judged(accounted(run_layout(out)), rows)

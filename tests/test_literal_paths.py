@@ -26,8 +26,8 @@ def test_a_run_into_an_output_folder_with_wildcard_characters_is_whole_and_resum
     assert cli.main(args) == 0
     stats = json.loads((out / "stats.json").read_text())
     assert stats["rows"] == 24 and stats["shards"]["done"] == 3
-    assert sorted(p.name for p in (out / "_done").glob("*.json")) == ["00000.json", "00001.json", "00002.json"]
-    assert not list((out / "_tmp").glob("*"))  # the job's temporary folder went with it
+    assert sorted(p.name for p in (out / ".capfilt" / "done").glob("*.json")) == ["00000.json", "00001.json", "00002.json"]
+    assert not list((out / ".capfilt" / "tmp").glob("*"))  # the job's temporary folder went with it
     judged = len(rows(out, "kept")) + len(rows(out, "rejected"))
     capsys.readouterr()
     assert cli.main(args) == 0  # the rerun finds every shard done

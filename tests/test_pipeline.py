@@ -250,11 +250,11 @@ def test_killed_run_resumes_to_the_same_output(full_run, input_dir, settings, tm
     shards = list_shards(input_dir)
     out = tmp_path / "resumed"
     layout = run_pipeline(shards[:1], settings, out)  # the "killed" run finished shard 0 only
-    first_marker = (out / "_done" / "00000.json").stat().st_mtime_ns
+    first_marker = (out / ".capfilt" / "done" / "00000.json").stat().st_mtime_ns
     # ... and was killed while writing shard 1: a temp file, and a stale final file without marker.
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()  # a process that is gone: the killed job's
-    killed = out / "_tmp" / "run-killed"
+    killed = out / ".capfilt" / "tmp" / "run-killed"
     (killed / "00001-deadbeef").mkdir(parents=True)
     (killed / "run.json").write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid, "local": True}))
     (killed / "00001-deadbeef" / "kept.parquet").write_bytes(b"half a parquet file")
@@ -262,10 +262,10 @@ def test_killed_run_resumes_to_the_same_output(full_run, input_dir, settings, tm
     assert not layout.is_done("00001")
 
     run_pipeline(shards, settings, out)
-    assert (out / "_done" / "00000.json").stat().st_mtime_ns == first_marker  # shard 0 was skipped
+    assert (out / ".capfilt" / "done" / "00000.json").stat().st_mtime_ns == first_marker  # shard 0 was skipped
     for kind in (KEPT, REJECTED, FAILED):
         assert sorted_rows(layout, kind) == sorted_rows(full_run, kind)
-    assert not (out / "_tmp").exists()
+    assert not (out / ".capfilt" / "tmp").exists()
     total = duckdb.sql(f"select count(*), count(distinct (key, source, source_index)) "
                        f"from read_parquet('{out}/kept/*.parquet')").fetchall()[0]
     assert total[0] == total[1]
@@ -321,7 +321,7 @@ def test_a_running_shard_reports_the_rows_it_has_read(input_dir, settings, tmp_p
     monkeypatch.setattr(process, "write_text", spy)
     layout = run_pipeline(list_shards(input_dir)[:1], settings, tmp_path / "out", expected_rows=ROWS_PER_SHARD)
     assert written, "no progress was written"
-    assert all(path.startswith(str(tmp_path / "out" / "_tmp" / "run-")) and path.endswith("/progress.json")
+    assert all(path.startswith(str(tmp_path / "out" / ".capfilt" / "tmp" / "run-")) and path.endswith("/progress.json")
                and "/00000-" in path for path, _ in written)
     rows = [n for _, n in written]
     assert rows == sorted(rows) and BATCH <= rows[0] and rows[-1] <= ROWS_PER_SHARD
@@ -330,7 +330,7 @@ def test_a_running_shard_reports_the_rows_it_has_read(input_dir, settings, tmp_p
 
 def test_progress_counts_running_shards_once_and_ignores_stale_attempts(tmp_path):
     def attempt(folder: str, rows: int):
-        path = tmp_path / "_tmp" / "run-x" / folder
+        path = tmp_path / ".capfilt" / "tmp" / "run-x" / folder
         path.mkdir(parents=True, exist_ok=True)
         (path / "progress.json").write_text(json.dumps({"rows": rows}))
 
@@ -340,8 +340,8 @@ def test_progress_counts_running_shards_once_and_ignores_stale_attempts(tmp_path
         attempt("00001-bbbbbbbbbbbb", 25)
         attempt("00001-cccccccccccc", 30)  # a retry of the same shard: its furthest attempt counts
         attempt("00002-dddddddddddd", 7)
-        (tmp_path / "_done").mkdir()
-        (tmp_path / "_done" / "00002.json").write_text(json.dumps({"rows": 100}))  # done: its marker counts
+        (tmp_path / ".capfilt" / "done").mkdir()
+        (tmp_path / ".capfilt" / "done" / "00002.json").write_text(json.dumps({"rows": 100}))  # done: its marker counts
         progress.update()
         assert (progress.in_flight, progress.images) == (30, 100)
         assert "shards 1/3 | 130 images this run" in progress.line()

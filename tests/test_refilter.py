@@ -31,7 +31,7 @@ from PIL import Image
 from capfilt import cli
 from capfilt.captioner import Captioner
 from capfilt.pipelines import bootstrap
-from capfilt.pipelines.layout import FAILED, KEPT, REJECTED, OutputLayout, SettingsMismatchError
+from capfilt.pipelines.layout import DONE, FAILED, KEPT, REJECTED, OutputLayout, SettingsMismatchError
 from capfilt.pipelines.refilter import REFILTER_KEYS, RefilterError, RefilterSettings, refilter
 from capfilt.pipelines.report import read_stats
 from capfilt.pipelines.schema import BELOW_THRESHOLD, DUPLICATE_IMAGE, read_provenance
@@ -154,8 +154,8 @@ def assert_same_output(fresh, refiltered, source):
     for row in pq.read_table(f"{refiltered.root}/{KEPT}").to_pylist()[:3]:
         assert json.loads(row["capfilt_config"])["refiltered_from"] == str(source)
     ours, theirs = read_stats(refiltered), read_stats(fresh)
-    assert {k: v for k, v in ours.items() if k not in ("settings", "shard_seconds")} == \
-        {k: v for k, v in theirs.items() if k not in ("settings", "shard_seconds")}
+    assert {k: v for k, v in ours.items() if k not in ("settings", "shard_seconds", "timing")} == \
+        {k: v for k, v in theirs.items() if k not in ("settings", "shard_seconds", "timing")}
     assert {k: v for k, v in ours["settings"].items() if k not in REFILTER_KEYS} == theirs["settings"]
     assert "Refiltered from the scores stored in" in Path(refiltered.report_file).read_text()
 
@@ -189,9 +189,10 @@ def assert_reproduces(run, refiltered):
 
     What may differ, and why: the refilter's own record (``REFILTER_KEYS``: ``by``, ``keep_fraction``,
     ``refiltered_from``, in every row's ``capfilt_config``, every file's provenance and stats.json's settings); the
-    timings (a marker's ``seconds``, stats.json's ``shard_seconds``); and a marker's report examples of removed
-    texts: refilter has the bytes of the kept images only (it reads no input shard for a removed text), so it takes
-    them by the pipeline's rule among the removed texts whose image is kept (``_examples_at_hand``)."""
+    timings (a marker's ``seconds`` and ``timing``, stats.json's ``shard_seconds`` and ``timing``); and a marker's
+    report examples of removed texts: refilter has the bytes of the kept images only (it reads no input shard for a
+    removed text), so it takes them by the pipeline's rule among the removed texts whose image is kept
+    (``_examples_at_hand``)."""
     run, refiltered = Path(run), Path(refiltered)
     for kind in (KEPT, REJECTED, FAILED):
         assert _names(run, kind) == _names(refiltered, kind)
@@ -205,22 +206,23 @@ def assert_reproduces(run, refiltered):
             configs = pq.read_table(refiltered / kind / name, columns=["capfilt_config"]).column(0).to_pylist() \
                 if kind != FAILED else []
             assert all(json.loads(config)["refiltered_from"] == str(run) for config in configs)
-    assert sorted(p.name for p in (run / "_done").iterdir()) == sorted(p.name for p in (refiltered / "_done").iterdir())
-    for path in sorted((run / "_done").iterdir()):
+    assert sorted(p.name for p in (run / DONE).iterdir()) == sorted(p.name for p in (refiltered / DONE).iterdir())
+    for path in sorted((run / DONE).iterdir()):
         if path.suffix != ".json":  # .keys, .images, .dedup
-            assert (refiltered / "_done" / path.name).read_bytes() == path.read_bytes(), path.name
+            assert (refiltered / DONE / path.name).read_bytes() == path.read_bytes(), path.name
             continue
-        ours, theirs = json.loads((refiltered / "_done" / path.name).read_text()), json.loads(path.read_text())
+        ours, theirs = json.loads((refiltered / DONE / path.name).read_text()), json.loads(path.read_text())
         samples = ours.pop("samples"), theirs.pop("samples")
         examples = {outcome: [[s for s in found if s["kept"] == outcome] for found in samples]
                     for outcome in (True, False)}
-        assert {k: v for k, v in ours.items() if k != "seconds"} == {k: v for k, v in theirs.items() if k != "seconds"}
+        assert {k: v for k, v in ours.items() if k not in ("seconds", "timing")} == \
+            {k: v for k, v in theirs.items() if k not in ("seconds", "timing")}
         assert examples[True][0] == examples[True][1]  # kept texts: their images are at hand, thumbnails and all
         assert [(s["key"], s["text"], s["source"], s["reason"]) for s in examples[False][0]] == \
             _examples_at_hand(run, path.stem)
     ours, theirs = read_stats(OutputLayout(str(refiltered))), read_stats(OutputLayout(str(run)))
-    assert {k: v for k, v in ours.items() if k not in ("settings", "shard_seconds")} == \
-        {k: v for k, v in theirs.items() if k not in ("settings", "shard_seconds")}
+    assert {k: v for k, v in ours.items() if k not in ("settings", "shard_seconds", "timing")} == \
+        {k: v for k, v in theirs.items() if k not in ("settings", "shard_seconds", "timing")}
     assert {k: v for k, v in ours["settings"].items() if k not in REFILTER_KEYS} == theirs["settings"]
 
 
@@ -278,7 +280,7 @@ def test_lowering_the_threshold_takes_images_from_kept_or_by_reference_from_the_
         assert re.search(f"input shard '{re.escape(str(input_dir))}/0000[01].parquet' of shard 0000[01] is not "
                          "reachable.*Give --input", str(error.value))
         shard = re.search("of shard (0000[01])", str(error.value)).group(1)
-        assert not (tmp_path / "again" / "_done" / f"{shard}.json").exists()
+        assert not (tmp_path / "again" / DONE / f"{shard}.json").exists()
         assert not (tmp_path / "again" / KEPT / f"{shard}.parquet").exists()
         refilter(RefilterSettings(threshold=0.0, input=str(moved)), strict.root, str(tmp_path / "again"))  # resumes
     finally:
@@ -362,11 +364,11 @@ def test_by_itc_judges_and_ranks_by_the_itc_cosine(everything, tmp_path):
 def test_a_rerun_resumes_and_other_settings_are_refused(everything, high, tmp_path):
     out = tmp_path / "out"
     refilter(RefilterSettings(threshold=high), everything.root, str(out))
-    marker = (out / "_done" / "00000.json").stat().st_mtime_ns
-    (out / "_done" / "00001.json").unlink()  # as if killed before shard 1's commit
+    marker = (out / DONE / "00000.json").stat().st_mtime_ns
+    (out / DONE / "00001.json").unlink()  # as if killed before shard 1's commit
     refilter(RefilterSettings(threshold=high), everything.root, str(out))
-    assert (out / "_done" / "00000.json").stat().st_mtime_ns == marker  # shard 0 was kept, shard 1 done again
-    assert (out / "_done" / "00001.json").is_file()
+    assert (out / DONE / "00000.json").stat().st_mtime_ns == marker  # shard 0 was kept, shard 1 done again
+    assert (out / DONE / "00001.json").is_file()
     with pytest.raises(SettingsMismatchError, match="threshold"):
         refilter(RefilterSettings(threshold=0.9), everything.root, str(out))
 

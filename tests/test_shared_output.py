@@ -50,7 +50,7 @@ def test_a_job_ending_leaves_another_jobs_shard_in_flight_alone(settings, tmp_pa
     job_b.start()
     try:
         assert in_flight.wait(60)
-        temp_files = sorted(p for p in (out / "_tmp" / other.run).rglob("*") if p.is_file())
+        temp_files = sorted(p for p in (out / ".capfilt" / "tmp" / other.run).rglob("*") if p.is_file())
         layout = run_pipeline(shards[:1], settings, out)  # job A: shard 0, start to end, while B is in flight
         assert all(p.exists() for p in temp_files)  # A removed its own temporary files only
     finally:
@@ -63,7 +63,7 @@ def test_a_job_ending_leaves_another_jobs_shard_in_flight_alone(settings, tmp_pa
         check_judged(found, rows[shard])
     assert len(found) == ROWS_PER_SHARD * len({0, other_shard})
     assert read_stats(layout)["shards"]["errors"] == []
-    assert not (out / "_tmp").exists()
+    assert not (out / ".capfilt" / "tmp").exists()
 
 
 def test_a_killed_local_jobs_leftovers_are_swept_and_other_jobs_listed(tmp_path, caplog):
@@ -72,7 +72,7 @@ def test_a_killed_local_jobs_leftovers_are_swept_and_other_jobs_listed(tmp_path,
     dead.wait()
 
     def job(name: str, **info):
-        folder = tmp_path / "_tmp" / name
+        folder = tmp_path / ".capfilt" / "tmp" / name
         (folder / "00000-0123456789ab").mkdir(parents=True)
         (folder / "00000-0123456789ab" / "kept.parquet").write_bytes(b"partial")
         if info:
@@ -84,8 +84,8 @@ def test_a_killed_local_jobs_leftovers_are_swept_and_other_jobs_listed(tmp_path,
     remote = job("run-remote", host=socket.gethostname(), pid=dead.pid, local=False)  # e.g. Dataflow: runs on
     running = layout.start_run(local=True)  # this process: alive
     unknown = job("run-unknown")  # no run.json
-    assert set(layout.sweep_temp()) == {str(p) for p in (elsewhere, remote, unknown, tmp_path / "_tmp" / running.run)}
+    assert set(layout.sweep_temp()) == {str(p) for p in (elsewhere, remote, unknown, tmp_path / ".capfilt" / "tmp" / running.run)}
     assert not killed.exists() and elsewhere.exists() and remote.exists() and unknown.exists()
     assert "delete them once those jobs are over" in caplog.text
     running.end_run()
-    assert not (tmp_path / "_tmp" / running.run).exists() and elsewhere.exists()
+    assert not (tmp_path / ".capfilt" / "tmp" / running.run).exists() and elsewhere.exists()

@@ -391,6 +391,26 @@ def test_the_log_says_why_training_stopped(tmp_path, dataset, tokenizer_dir, cap
     assert record["stopped"] == "max_seconds" and record["step"] == 1
 
 
+def test_the_first_steps_are_logged_before_log_every(tmp_path, dataset, tokenizer_dir, caplog):
+    with caplog.at_level(logging.INFO, logger="capfilt.train"):
+        train(tiny("pretrain", dataset, tokenizer_dir, tmp_path / "run", max_steps=5, log_every=50))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    assert [line.split()[1] for line in lines] == ["1/5", "2/5", "3/5", "5/5"]  # the first steps, then the end's
+    assert "itc " in lines[0] and "first step done" in lines[0]
+    assert "samples/s | eta " in lines[1]  # a rate and an ETA once a step past the first is timed
+    assert [r["step"] for r in log_records(tmp_path / "run")] == [5]  # log.jsonl: every log_every steps and the end
+
+
+def test_a_slow_run_logs_at_least_every_heartbeat(tmp_path, dataset, tokenizer_dir, caplog, monkeypatch):
+    from capfilt.models import progress
+
+    monkeypatch.setattr(progress, "HEARTBEAT_S", 0.0)  # every step is "a heartbeat late"
+    with caplog.at_level(logging.INFO, logger="capfilt.train"):
+        train(tiny("pretrain", dataset, tokenizer_dir, tmp_path / "run", max_steps=6, log_every=50))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    assert [line.split()[1] for line in lines] == [f"{step}/6" for step in range(1, 7)]
+
+
 def test_an_exported_captioner_carries_its_sources_sampling_defaults(tmp_path, dataset, tokenizer_dir, pretrained):
     from capfilt.captioner import SETTINGS_FILE, Captioner
     from capfilt.checkpoints import DEMO_MODELS

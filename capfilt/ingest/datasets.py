@@ -68,8 +68,8 @@ def resolve(data: str, cache: str | Path = DEFAULT_CACHE, columns: Columns = Col
         if fetch is None:
             fetch = os.environ.get("CAPFILT_OFFLINE", "0") not in ("1", "true", "yes")
         paths = ensure_named(spec, Path(cache), fetch=fetch)
-        url_list = UrlList(paths, spec.format, columns.url or spec.url_col, columns.caption or spec.caption_col,
-                           spec.header)
+        caption = None if columns.no_caption else columns.caption or spec.caption_col
+        url_list = UrlList(paths, spec.format, columns.url or spec.url_col, caption, spec.header)
         return UrlListInput(url_list, name=spec.name)
     if "://" in data:  # remote folders are image shards; URL lists are read locally
         return ShardsInput(data)

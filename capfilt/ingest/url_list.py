@@ -73,6 +73,11 @@ class Columns:
 
     url: str | None = None
     caption: str | None = None
+    no_caption: bool = False  # --no-caption: the list has no texts; images are captioned without a web text
+
+    def __post_init__(self):
+        if self.no_caption and self.caption is not None:
+            raise DatasetError("give --caption-col or --no-caption, not both")
 
 
 def list_format(path: Path) -> str | None:
@@ -86,7 +91,11 @@ def list_format(path: Path) -> str | None:
 
 
 def detect_url_list(files: list[Path], columns: Columns = Columns()) -> UrlList:
-    """How to read local URL list files: their format, header and URL/caption columns."""
+    """How to read local URL list files: their format, header and URL/caption columns.
+
+    A list whose caption column is neither named (``--caption-col``) nor found is an error, not a run without web
+    texts: ``--no-caption`` says so explicitly. A ``.txt`` list is URLs only by its format.
+    """
     formats = {list_format(p) for p in files}
     if len(formats) != 1 or None in formats:
         raise DatasetError(f"URL list files must share one format ({', '.join(URL_LIST_SUFFIXES)}, .parquet): "
@@ -98,13 +107,7 @@ def detect_url_list(files: list[Path], columns: Columns = Columns()) -> UrlList:
         first = _first_line(files[0]).split("\t" if fmt == "tsv" else ",")
         fields = [f.strip().strip('"') for f in first]
         if any(_looks_like_url(f) for f in fields):  # no header: find the URL by its look (http(s) first)
-            url_index = min((i for i, f in enumerate(fields) if _looks_like_url(f)),
-                            key=lambda i: (not fields[i].startswith(("http://", "https://")), i))
-            others = [i for i in range(_headerless_width(files[0], fmt)) if i != url_index]
-            caption_index = others[0] if len(others) == 1 else None
-            url_col = int(columns.url) if columns.url is not None else url_index
-            caption_col = int(columns.caption) if columns.caption is not None else caption_index
-            return UrlList(tuple(files), fmt, url_col, caption_col, header=False)
+            return _headerless(files, fmt, fields, columns)
         names = fields
     elif fmt == "parquet":
         names = pq.read_schema(files[0]).names
@@ -112,9 +115,57 @@ def detect_url_list(files: list[Path], columns: Columns = Columns()) -> UrlList:
         names = list(json.loads(_first_line(files[0])))
     else:  # json: an object of lists or a list of objects
         names = list(_read_json(files[0]))
-    url_col = columns.url or _pick(names, URL_COLUMNS, "URL", files[0])
-    caption_col = columns.caption or _pick(names, CAPTION_COLUMNS, None, files[0])
+    url_col = _named(columns.url, names, "--url-col", files[0]) or _pick(names, URL_COLUMNS, "URL", files[0])
+    caption_col = None
+    if not columns.no_caption:
+        caption_col = _named(columns.caption, names, "--caption-col", files[0]) or _pick(
+            names, CAPTION_COLUMNS, None, files[0])
+        if caption_col is None:
+            raise DatasetError(
+                f"{files[0]}: no caption column among its columns {names} (looked for {', '.join(CAPTION_COLUMNS)}); "
+                "name it with --caption-col NAME, or give --no-caption to caption the images without web texts")
     return UrlList(tuple(files), fmt, url_col, caption_col, header=True)
+
+
+def _named(column: str | None, names: list[str], flag: str, path: Path) -> str | None:
+    """A column the user named, checked against the header (None when not named)."""
+    if column is not None and column not in names:
+        raise DatasetError(f"{path}: {flag} {column!r} is not one of its columns {names}")
+    return column
+
+
+def _headerless(files: list[Path], fmt: str, fields: list[str], columns: Columns) -> UrlList:
+    """A TSV/CSV list without header: the URL column by its look, the caption the one other column (or named by
+    index); a list of three or more columns needs ``--caption-col`` or ``--no-caption``."""
+    width = _headerless_width(files[0], fmt)
+    url_index = min((i for i, f in enumerate(fields) if _looks_like_url(f)),
+                    key=lambda i: (not fields[i].startswith(("http://", "https://")), i))
+    url_col = _index(columns.url, width, "--url-col", files[0]) if columns.url is not None else url_index
+    others = [i for i in range(width) if i != url_col]
+    caption_col = None
+    if columns.caption is not None:
+        caption_col = _index(columns.caption, width, "--caption-col", files[0])
+    elif not columns.no_caption:
+        if len(others) != 1:
+            shown = ", ".join(f"{i}: {fields[i][:30]!r}" for i in range(min(width, len(fields))))
+            raise DatasetError(
+                f"{files[0]} has no header and {width} columns (first line: {shown}): column {url_col} holds the URLs; "
+                "which holds the caption? Name it by index with --caption-col N, or give --no-caption to caption "
+                "the images without web texts")
+        caption_col = others[0]
+    return UrlList(tuple(files), fmt, url_col, caption_col, header=False)
+
+
+def _index(column: str, width: int, flag: str, path: Path) -> int:
+    """A column named by index in a headerless list."""
+    try:
+        index = int(column)
+    except ValueError:
+        raise DatasetError(f"{path} has no header: {flag} takes a column index (0 to {width - 1}), "
+                           f"not {column!r}") from None
+    if not 0 <= index < width:
+        raise DatasetError(f"{path} has {width} columns: {flag} {index} is not one of 0 to {width - 1}")
+    return index
 
 
 _URL_LOOK = re.compile(r"[A-Za-z][A-Za-z0-9+.-]{0,15}://|data:", re.IGNORECASE)

@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING
 
 from capfilt.ingest import datasets, named, url_list
 from capfilt.ingest.download import DownloadSettings
-from capfilt.pipelines import dask_cluster
 from capfilt.pipelines.schema import BELOW_THRESHOLD, REASONS
 
 if TYPE_CHECKING:  # the pipeline's modules import Beam: only when a job runs
@@ -32,7 +31,7 @@ DEMO_MODEL = "demo"
 DEFAULT_CAPTIONER = "Salesforce/blip-image-captioning-large"
 DEFAULT_FILTER = "Salesforce/blip-itm-large-coco"
 DEFAULT_RUNNER = "FnApiRunner"  # the in-process engine; Beam 2.77's default runner would fetch a Prism binary
-SHARDS_FOLDER = "shards"
+SHARDS_FOLDER = ".capfilt/shards"  # inside OUT, hidden from loaders (pipelines.layout.INTERNAL)
 # Beside the shards folder F (img2dataset allows no other files in it): F.url_list.parquet, the
 # canonical URL list it downloads, and F.source.json, what made the shards.
 URL_LIST_SUFFIX = ".url_list.parquet"
@@ -64,7 +63,7 @@ class BootstrapRun:
     cache_dir: str = str(named.DEFAULT_CACHE)  # where named datasets' URL lists are
     fetch: bool | None = None  # fetch a named list (None: unless HF_HUB_OFFLINE or no network is allowed)
     demo: datasets.DemoInput = field(default_factory=datasets.DemoInput)  # the demo's size, seed, shard size
-    shards_dir: str | None = None  # where downloaded or rendered shards go (None: OUT/shards)
+    shards_dir: str | None = None  # where downloaded or rendered shards go (None: OUT/.capfilt/shards)
     shards: str | None = None  # which input shards, by index: "0-9,12" (None: all)
     runner: str = DEFAULT_RUNNER
     beam_options: tuple[str, ...] = ()  # flags capfilt does not know, for Beam and the runner
@@ -72,6 +71,7 @@ class BootstrapRun:
     report: bool = True  # write report.html beside stats.json
     strict: bool = False  # exit 4 on a suspicious keep share (a warning otherwise)
     progress_interval: float = 10.0  # seconds between progress lines
+    problems: tuple[str, ...] = ()  # found while parsing (unknown flags): listed with the pre-flight's own
 
 
 def beside(folder: Path, suffix: str) -> Path:
@@ -112,42 +112,110 @@ def default_models(data: str) -> tuple[str, str]:
     return (DEMO_MODEL, DEMO_MODEL) if data == "demo" else (DEFAULT_CAPTIONER, DEFAULT_FILTER)
 
 
-def check_models(captioner: str, filter_: str) -> None:
-    """Fail early, with the loader's message, when a model is not on disk (runners whose workers are here)."""
-    from capfilt.checkpoints import CAPTIONER, FILTER, CheckpointError, resolve
-
-    for ref, role in ((captioner, CAPTIONER), (filter_, FILTER)):
-        try:
-            resolve(ref, role)
-        except CheckpointError as error:
-            raise UsageError(f"the {role} {ref!r} is not available: {error}") from None
-
-
 def record_source(folder: Path, params: dict) -> bool:
     """Bind ``folder`` (the pipeline's input shards) to what made them; True when it already was.
 
-    A rerun with the same DATA reuses (and resumes) the shards; another DATA
-    or other download settings in the same folder is an error, not a mix.
+    A rerun with the same DATA reuses (and resumes) the shards; another DATA, other download settings or a URL list
+    whose bytes changed in the same folder is an error, not a mix (``source_conflict``).
     """
+    conflict = source_conflict(folder, params)
+    if conflict:
+        raise UsageError(conflict)
     record = beside(folder, SOURCE_SUFFIX)
     if record.is_file():
-        earlier = json.loads(record.read_text())
-        if earlier != params:
-            raise UsageError(f"{folder} holds shards of another input ({json.dumps(earlier)}); "
-                             "use another --out (or --shards-dir)")
         return True
     folder.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps(params, indent=2) + "\n")
     return False
 
 
+def source_conflict(folder: Path, params: dict) -> str | None:
+    """Why ``folder``'s shards cannot be reused for ``params`` (None: they can, or there are none yet); reads only.
+
+    ``params["list_files"]`` (a URL list's files, ``list_fingerprints``) is compared by content: a list that grew
+    or changed since its shards were made would otherwise be ignored (its shards all done) without a word. A record
+    written before fingerprints were kept has none, and is not checked for it.
+    """
+    record = beside(folder, SOURCE_SUFFIX)
+    if not record.is_file():
+        return None
+    earlier = json.loads(record.read_text())
+    if {k: v for k, v in earlier.items() if k != "list_files"} != {k: v for k, v in params.items() if k != "list_files"}:
+        return (f"{folder} holds shards of another input ({json.dumps(earlier)}); use another --out (or "
+                "--shards-dir)")
+    for before in earlier.get("list_files", []):
+        now = next((f for f in params.get("list_files", []) if f["path"] == before["path"]), None)
+        if now is None or before["sha256"] == _sha256(Path(before["path"]), before, now):
+            continue
+        grown = "grew" if now["bytes"] > before["bytes"] else "changed"
+        return (f"the URL list {before['path']} {grown} since the shards in {folder} were made from it "
+                f"({before['bytes']} bytes then, {now['bytes']} now): its rows as they are now would not be "
+                "processed. To run the list as it is now, give a new --out (or --shards-dir); to finish the run "
+                "of the list as it was, put the old list back")
+    return None
+
+
+def list_fingerprints(paths) -> list[dict]:
+    """A URL list's files with their size, modification time and SHA-256 (the time only spares rehashing a file
+    that did not change)."""
+    found = []
+    for path in paths:
+        path = Path(path).resolve()
+        stat = path.stat()
+        found.append({"path": str(path), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": None})
+    return found
+
+
+def _sha256(path: Path, before: dict, now: dict) -> str | None:
+    """The file's SHA-256 as it is now; the recorded one when size and modification time are unchanged."""
+    if (before["bytes"], before["mtime_ns"]) == (now["bytes"], now["mtime_ns"]):
+        return before["sha256"]
+    return _hash_file(path)
+
+
+def _hash_file(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def demo_params(demo: datasets.DemoInput) -> dict:
+    """What makes the demo's shards (``record_source``)."""
+    return {"data": "demo", "split": "web", "size": demo.size, "seed": demo.seed, "shard_size": demo.shard_size}
+
+
+def download_params(source: datasets.UrlListInput, settings: DownloadSettings, keep_columns: tuple[str, ...],
+                    fingerprints: bool = False) -> dict:
+    """What makes a URL list's shards (``record_source``); ``fingerprints``: with the list's files hashed."""
+    params = {
+        "data": source.name, "paths": [str(p.resolve()) for p in source.url_list.paths],
+        "url_col": source.url_list.url_col, "caption_col": source.url_list.caption_col,
+        "keep_columns": list(keep_columns), "image_size": settings.image_size,
+        "samples_per_shard": settings.samples_per_shard, "output_format": settings.output_format,
+        "allow_private_addresses": settings.allow_private_addresses,  # which URLs were refused before download
+    }
+    # Which URLs were refused depends on the allowed networks too: recorded when there are any, so that a folder
+    # recorded before the flag existed still resumes. The limits (like --timeout) decide failures at download and
+    # are not recorded.
+    if settings.allow_networks:
+        params["allow_networks"] = list(settings.allow_networks)
+    params["list_files"] = list_fingerprints(source.url_list.paths)
+    if fingerprints:
+        for entry in params["list_files"]:
+            entry["sha256"] = _hash_file(Path(entry["path"]))
+    return params
+
+
 def prepare_demo(demo: datasets.DemoInput, folder: Path) -> str:
     """Render the demo's web split into ``folder`` once; later runs with the same settings reuse it."""
     from capfilt.shapes import write_split
 
-    params = {"data": "demo", "split": "web", "size": demo.size, "seed": demo.seed, "shard_size": demo.shard_size}
     shards = math.ceil(demo.size / demo.shard_size)
-    if record_source(folder, params) and len(list(folder.glob("*_stats.json"))) == shards:
+    if record_source(folder, demo_params(demo)) and len(list(folder.glob("*_stats.json"))) == shards:
         return str(folder)
     say(f"rendering the shapes world's web split: {demo.size} pairs into {folder}")
     write_split("web", demo.size, demo.seed, folder, shard_size=demo.shard_size, overwrite=True)
@@ -161,20 +229,9 @@ def prepare_download(source: datasets.UrlListInput, folder: Path, settings: Down
     from capfilt.ingest.download import DownloadError, download, lock_path
 
     list_file = beside(folder, URL_LIST_SUFFIX)
-    params = {
-        "data": source.name, "paths": [str(p.resolve()) for p in source.url_list.paths],
-        "url_col": source.url_list.url_col, "caption_col": source.url_list.caption_col,
-        "keep_columns": list(keep_columns), "image_size": settings.image_size,
-        "samples_per_shard": settings.samples_per_shard, "output_format": settings.output_format,
-        "allow_private_addresses": settings.allow_private_addresses,  # which URLs were refused before download
-    }
-    # Which URLs were refused depends on the allowed networks too: recorded when there are any, so that a folder
-    # recorded before the flag existed still resumes. The limits (like --timeout) decide failures at download and
-    # are not recorded.
-    if settings.allow_networks:
-        params["allow_networks"] = list(settings.allow_networks)
     with folder_lock.hold(lock_path(folder), on_wait=say):  # one job writes the URL list, the other waits
-        record_source(folder, params)
+        first = not beside(folder, SOURCE_SUFFIX).is_file()
+        record_source(folder, download_params(source, settings, keep_columns, fingerprints=first))
         if not list_file.is_file():
             summary = url_list.write_url_list(source.url_list, list_file, keep_columns,
                                               allow_private_addresses=settings.allow_private_addresses,
@@ -189,7 +246,7 @@ def prepare_download(source: datasets.UrlListInput, folder: Path, settings: Down
 
 
 def shards_folder(job: BootstrapRun) -> Path:
-    """Where the demo's or img2dataset's shards go: ``--shards-dir``, else ``OUT/shards`` (a local folder)."""
+    """Where the demo's or img2dataset's shards go: ``--shards-dir``, else ``OUT/.capfilt/shards`` (a local folder)."""
     if job.shards_dir:
         return Path(job.shards_dir)
     if "://" in job.out:
@@ -198,22 +255,17 @@ def shards_folder(job: BootstrapRun) -> Path:
     return Path(job.out) / SHARDS_FOLDER
 
 
-def run(job: BootstrapRun) -> int:
-    """The whole job: DATA to image shards, CapFilt over them, the summary; returns the exit status."""
+def run(job: BootstrapRun, source: datasets.DemoInput | datasets.ShardsInput | datasets.UrlListInput) -> int:
+    """The whole job: DATA to image shards, CapFilt over them, the summary; returns the exit status.
+
+    ``source``: what DATA names, as ``capfilt.recipes.preflight.check(job)`` gives it once every check passed.
+    """
     from capfilt.pipelines import bootstrap as pipeline
     from capfilt.pipelines.progress import Progress
     from capfilt.pipelines.report import read_stats
 
-    if dask_cluster.is_dask(job.runner):
-        try:
-            dask_cluster.check_installed()
-        except ImportError as error:
-            raise UsageError(str(error)) from None
     settings = job.settings
-    if pipeline.runs_locally(job.runner, job.beam_options):
-        check_models(settings.captioner, settings.filter)
-    source = datasets.resolve(job.data, job.cache_dir, job.columns, fetch=job.fetch)
-    layout = pipeline.claim_output(job.out, settings)  # before any download: a mismatched OUT fails now
+    layout = pipeline.claim_output(job.out, settings)  # before any download, once every check passed
     if isinstance(source, datasets.ShardsInput):
         location = source.location
     elif isinstance(source, datasets.DemoInput):
@@ -360,7 +412,7 @@ def print_summary(stats: dict, layout, unfinished: list[str], damaged: list[dict
              f"({damage['rows_read']} rows read, {damage['rows_failed_read']} failed at stage read{lost})")
     if damaged:
         say(f"rerunning will not change damaged shards: replace the input file (for img2dataset's shards, delete it "
-             f"and its _stats.json to download it again), delete {layout.root}/_done/SHARD.json, and rerun")
+             f"and its _stats.json to download it again), delete {layout.root}/.capfilt/done/SHARD.json, and rerun")
 
 
 def say(text: str) -> None:

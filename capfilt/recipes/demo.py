@@ -33,12 +33,14 @@ import logging
 import multiprocessing
 import os
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from capfilt.checkpoints import DEMO_MODELS
 from capfilt.configs import DEMO_VIT
+from capfilt.help_format import HelpWithDefaults
 from capfilt.models.presets import DEMO_TRAINING
 from capfilt.shapes.writer import NEGATIVE_COLUMNS
 
@@ -244,8 +246,14 @@ def finetune(job: tuple[str, dict]) -> None:
     from capfilt.models.configure import configure
     from capfilt.models.loop import train
 
+    from capfilt.models.loop import TrainingStopped
+
     torch.set_num_threads(1)  # two fine-tunes share the machine's two cores
-    train(configure(task, **overrides))
+    try:
+        train(configure(task, **overrides))
+    except TrainingStopped as stopped:  # its checkpoint is saved: one line, not a traceback
+        print(f"[demo-models] {task} {stopped}", file=sys.stderr, flush=True)
+        sys.exit(stopped.status)
 
 
 def train_demo_models(recipe: DemoRecipe = DemoRecipe(), work: Path = WORK, install: Path = DEMO_MODELS) -> None:
@@ -268,8 +276,16 @@ def train_demo_models(recipe: DemoRecipe = DemoRecipe(), work: Path = WORK, inst
             for job in finetune_jobs(recipe, work)]
     for job in jobs:
         job.start()
-    for job in jobs:
-        job.join()
+    try:
+        for job in jobs:
+            job.join()
+    except BaseException:  # SIGINT or SIGTERM here: each fine-tune saves a checkpoint of its step and ends
+        for job in jobs:
+            if job.is_alive():
+                job.terminate()
+        for job in jobs:
+            job.join()
+        raise
     failed = [job.name for job in jobs if job.exitcode]
     if failed:
         raise RuntimeError(f"{', '.join(failed)} failed (see the log above); run again to resume")
@@ -325,17 +341,24 @@ def _yes_no(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m capfilt.recipes.demo", description=__doc__.split("\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="capfilt demo-models", description=__doc__.split("\n")[0],
+                                     formatter_class=HelpWithDefaults,
+                                     epilog="The recipe's settings (DemoRecipe) default to the CPU recipe's values; "
+                                            "--gpu starts from GPU_RECIPE's instead.")
     parser.add_argument("--work", default=str(WORK), help="splits and training runs (resumable)")
     parser.add_argument("--install", default=str(DEMO_MODELS), help="where the models go")
     parser.add_argument("--gpu", action="store_true", help="start from GPU_RECIPE (one GPU, 16 cores, ~10 min)")
     parser.add_argument("--splits-only", action="store_true", help="render the splits and the tokenizer, then stop")
     for name, value in asdict(DemoRecipe()).items():
         parser.add_argument("--" + name.replace("_", "-"), type=_yes_no if isinstance(value, bool) else type(value),
-                            default=None, help=f"default {value!r}",
+                            default=None, help=f"DemoRecipe.{name} (default: {value!r})",
                             **({"choices": NEGATIVE_CHOICES} if name == "negatives" else {}))
-    args = vars(parser.parse_args(argv))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = vars(build_parser().parse_args(argv))
     work, install = Path(args.pop("work")), Path(args.pop("install"))
     gpu, splits_only = args.pop("gpu"), args.pop("splits_only")
     chosen = {name: value for name, value in args.items() if value is not None}
@@ -357,7 +380,13 @@ def main(argv: list[str] | None = None) -> None:
     else:
         print("[demo-models] about 1 h 30 min on 2 CPU cores (splits 9 min, pre-training 23 min, "
               "fine-tuning 58 min); rerun to resume", flush=True)
-    train_demo_models(recipe, work, install)
+    from capfilt.models.loop import TrainingStopped
+
+    try:
+        train_demo_models(recipe, work, install)
+    except TrainingStopped as stopped:  # pre-training's checkpoint is saved: one line, not a traceback
+        print(f"[demo-models] pre-training {stopped}", file=sys.stderr, flush=True)
+        sys.exit(stopped.status)
 
 
 if __name__ == "__main__":

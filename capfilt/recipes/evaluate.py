@@ -22,22 +22,29 @@
 - Retrieval, on a clean split (``test``): image→text and text→image
   recall@1 of a filter's ITC, and of ITC's top k re-ranked by ITM.
 
-``python -m capfilt.recipes.evaluate --captioner demo --filter demo`` prints
-the table and writes it as JSON with ``--json``.
+``capfilt evaluate --captioner demo --filter demo`` prints the table and
+writes it as JSON with ``--json``; each stage's progress goes to stderr (a
+tqdm bar on a terminal, plain lines in a log).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import sys
+import time
 from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
+from transformers.utils import logging as hf_logging
 
 from capfilt.captioner import Captioner
 from capfilt.device import autocast
 from capfilt.filter import ITM_THRESHOLD, Filter
+from capfilt.help_format import HelpWithDefaults
 from capfilt.shapes.captions import ERRORS, caption_errors, describe, is_correct
 from capfilt.shapes.negatives import ATTRIBUTE_SWAPS, possible_swaps, swapped
 from capfilt.shapes.rerender import rerender
@@ -49,11 +56,49 @@ from capfilt.shapes.world import RELATIONS
 EVALUATION_SEED = 20221  # a seed no training split of `make demo-models` uses
 METHODS = ("greedy", "beam", "nucleus")
 RENDERINGS = ("plain", "changed")  # --rendering: capfilt's renderer, or the second one of capfilt.shapes.rerender
+PLAIN_PROGRESS_S = 10.0  # off a terminal, a stage's progress line at most this often (and at its start and end)
+PLAIN_FORMAT = "{desc}: {n_fmt}/{total_fmt} {unit}s, {percentage:.0f}% [{elapsed}<{remaining}, {rate_fmt}]"
 
 
-def _batches(samples: list[Sample], size: int):
-    for start in range(0, len(samples), size):
-        yield samples[start : start + size]
+@contextlib.contextmanager
+def progress(total: int, what: str | None, unit: str = "pair"):
+    """Yields ``advance(n)``, which counts ``n`` more of ``total`` done, shown on stderr: a tqdm bar on a terminal;
+    elsewhere (a log file, a pipe) tqdm's same text as plain lines, no carriage returns. ``what`` None: nothing
+    shown (a caller other than the command line)."""
+    if what is None:
+        yield lambda n: None
+        return
+    if sys.stderr.isatty():
+        with tqdm(total=total, desc=what, unit=unit, file=sys.stderr, dynamic_ncols=True) as bar:
+            yield bar.update
+        return
+    start, done, shown = time.monotonic(), 0, -PLAIN_PROGRESS_S
+
+    def show(now: float) -> None:
+        nonlocal shown
+        shown = now
+        print(tqdm.format_meter(done, total, now - start, prefix=what, unit=unit, bar_format=PLAIN_FORMAT),
+              file=sys.stderr, flush=True)
+
+    def advance(n: int) -> None:
+        nonlocal done
+        done += n
+        now = time.monotonic()
+        if now - shown >= PLAIN_PROGRESS_S and done < total:
+            show(now)
+
+    show(start)
+    yield advance
+    show(time.monotonic())
+
+
+def _batches(samples: list[Sample], size: int, what: str | None = None):
+    """``samples`` in batches of ``size``; with ``what``, their progress on stderr (``progress``)."""
+    with progress(len(samples), what) as advance:
+        for start in range(0, len(samples), size):
+            batch = samples[start : start + size]
+            yield batch
+            advance(len(batch))
 
 
 def scene_type(scene: Scene) -> str:
@@ -62,16 +107,17 @@ def scene_type(scene: Scene) -> str:
 
 
 def evaluate_filter(filter_: Filter, samples: list[Sample], threshold: float = ITM_THRESHOLD,
-                    batch_size: int = 64) -> dict:
+                    batch_size: int = 64, show_progress: bool = False) -> dict:
     """Per web-text kind: how many texts and the fraction removed (ITM match probability < threshold).
 
     Each kind's entry also splits by scene type (``by_scene``), and ``partial``
     by the attribute its text changed (``by_attribute``: size, colour, shape
     or relation, read with ``caption_errors``), to show what the filter sees.
+    ``show_progress``: on stderr (``progress``), as for every ``evaluate_*``.
     """
     by_scene: dict[str, dict[str, list[bool]]] = {kind: {} for kind in KINDS}
     by_attribute: dict[str, list[bool]] = {}
-    for batch in _batches(samples, batch_size):
+    for batch in _batches(samples, batch_size, "filter, web texts" if show_progress else None):
         scores = filter_.score([s.image for s in batch], [[s.text] for s in batch])
         for sample, (score,) in zip(batch, scores):
             noise = score.is_noise(threshold)
@@ -87,7 +133,7 @@ def evaluate_filter(filter_: Filter, samples: list[Sample], threshold: float = I
 
 
 def evaluate_swaps(filter_: Filter, samples: list[Sample], threshold: float = ITM_THRESHOLD,
-                   batch_size: int = 64) -> dict:
+                   batch_size: int = 64, show_progress: bool = False) -> dict:
     """The filter on each two-object scene's caption and its swaps, per swap: ``objects`` (B first, same relation:
     the relation the wrong way round) and each attribute where the objects differ.
 
@@ -97,7 +143,7 @@ def evaluate_swaps(filter_: Filter, samples: list[Sample], threshold: float = IT
     """
     tally: dict[str, list[tuple[bool, bool]]] = {}
     two = [s for s in samples if s.scene.relation is not None]
-    for batch in _batches(two, batch_size):
+    for batch in _batches(two, batch_size, "filter, two-object swaps" if show_progress else None):
         truths = [describe(sample.scene) for sample in batch]
         swaps = [[(kind, str(swapped(truth, kind))) for kind in possible_swaps(truth)] for truth in truths]
         scores = filter_.score([s.image for s in batch],
@@ -115,7 +161,7 @@ def _rate(flags: list[bool]) -> dict:
 
 
 def evaluate_captioner(captioner: Captioner, samples: list[Sample], methods=METHODS, batch_size: int = 64,
-                       seed: int = 0) -> dict:
+                       seed: int = 0, show_progress: bool = False) -> dict:
     """Per method and scene type: how many scenes, the fraction captioned correctly, a few wrong captions and,
     under ``errors``, the fraction of captions that get each part wrong (``caption_errors``: an attribute counts
     once per caption even when both phrases get it wrong)."""
@@ -125,7 +171,8 @@ def evaluate_captioner(captioner: Captioner, samples: list[Sample], methods=METH
         for method in methods:
             captioner.settings = replace(original, method=method)
             tally: dict[str, dict] = {}
-            for number, batch in enumerate(_batches(samples, batch_size)):
+            what = f"captioner, {method}" if show_progress else None
+            for number, batch in enumerate(_batches(samples, batch_size, what)):
                 captions = captioner.caption([s.image for s in batch], seed=seed + number)
                 for sample, (text,) in zip(batch, captions):
                     entry = tally.setdefault(scene_type(sample.scene), {"n": 0, "correct": 0, "wrong": [],
@@ -147,7 +194,8 @@ def evaluate_captioner(captioner: Captioner, samples: list[Sample], methods=METH
 
 
 @torch.no_grad()
-def evaluate_relation(captioner: Captioner, samples: list[Sample], batch_size: int = 64) -> dict:
+def evaluate_relation(captioner: Captioner, samples: list[Sample], batch_size: int = 64,
+                      show_progress: bool = False) -> dict:
     """Does the captioner see where things are? The relation word it ranks first, teacher-forced.
 
     For each two-object scene the decoder reads its prompt and object A's
@@ -165,7 +213,7 @@ def evaluate_relation(captioner: Captioner, samples: list[Sample], batch_size: i
         raise ValueError(f"the tokenizer does not give the relations distinct first tokens: {words}")
     two = [s for s in samples if s.scene.relation is not None]
     ranked = []
-    for batch in _batches(two, batch_size):
+    for batch in _batches(two, batch_size, "captioner, relation" if show_progress else None):
         # The captioner's own decoding start ([DEC] + prompt), then object A's phrase, right-padded.
         phrases = tokenizer([str(describe(s.scene).phrases[0]) for s in batch], add_special_tokens=False,
                             padding=True, return_tensors="pt")
@@ -288,28 +336,48 @@ def table(filter_results: dict | None, captioner_results: dict | None) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m capfilt.recipes.evaluate", description=__doc__.split("\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="capfilt evaluate", description=__doc__.split("\n")[0],
+                                     formatter_class=HelpWithDefaults,
+                                     epilog="At least one of --captioner and --filter is needed.")
     parser.add_argument("--captioner", default=None, help="model reference (e.g. demo); omit to skip")
     parser.add_argument("--filter", default=None, help="model reference (e.g. demo); omit to skip")
     parser.add_argument("--n", type=int, default=1000, help="web pairs to score / scenes to caption")
     parser.add_argument("--seed", type=int, default=EVALUATION_SEED, help="seed of the fresh web split")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
+                        help="the captioner's decoding methods")
     parser.add_argument("--rendering", default="plain", choices=RENDERINGS,
                         help="plain: the images as capfilt's renderer draws them; changed: the same scenes drawn by "
                              "a second renderer with other edges, colours, sizes and compression (rerender.py)")
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
-    samples = list(iter_split("web", args.n, args.seed))
-    if args.rendering == "changed":
-        samples = [rerender(sample, args.seed) for sample in samples]
-    filter_ = Filter.load(args.filter, device=args.device) if args.filter else None
-    filter_results = evaluate_filter(filter_, samples) if filter_ else None
-    swaps = evaluate_swaps(filter_, samples) if filter_ else None
-    captioner = Captioner.load(args.captioner, device=args.device) if args.captioner else None
-    captioner_results = evaluate_captioner(captioner, samples, args.methods) if captioner else None
-    relation = evaluate_relation(captioner, samples) if captioner else None
+    if not (args.captioner or args.filter):
+        parser.error("nothing to evaluate: give --captioner MODEL and/or --filter MODEL (e.g. --captioner demo "
+                     "--filter demo, the shipped demo models)")
+    if args.n < 1:
+        parser.error(f"--n must be at least 1, not {args.n}")
+    hf_logging.disable_progress_bar()  # no "Loading weights" bars: this command's own progress is what to read
+    try:  # the models first: a wrong reference fails before the split is rendered
+        filter_ = Filter.load(args.filter, device=args.device) if args.filter else None
+        captioner = Captioner.load(args.captioner, device=args.device) if args.captioner else None
+    except (ValueError, FileNotFoundError) as error:  # CheckpointError is a ValueError
+        parser.exit(2, f"capfilt evaluate: error: {error}\n")
+    with progress(args.n, f"rendering {args.n} web pairs (seed {args.seed}, {args.rendering})") as advance:
+        samples = []
+        for sample in iter_split("web", args.n, args.seed):
+            samples.append(rerender(sample, args.seed) if args.rendering == "changed" else sample)
+            advance(1)
+    filter_results = evaluate_filter(filter_, samples, show_progress=True) if filter_ else None
+    swaps = evaluate_swaps(filter_, samples, show_progress=True) if filter_ else None
+    captioner_results = evaluate_captioner(captioner, samples, args.methods, show_progress=True) \
+        if captioner else None
+    relation = evaluate_relation(captioner, samples, show_progress=True) if captioner else None
     print(table(filter_results, captioner_results))
     if swaps:
         print("\nTwo-object captions against their swaps (filter): " + "; ".join(

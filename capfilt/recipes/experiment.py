@@ -43,6 +43,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from capfilt.help_format import HelpWithDefaults
 from capfilt.recipes.demo import PRETRAIN_SEED, WORK, DemoRecipe, pretrain, write_splits
 
 TEST_SEED = 13  # the test split's seed: the demo recipe renders human with 11 and web with 12
@@ -353,8 +354,9 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m capfilt.recipes.experiment", description=__doc__.split("\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="capfilt experiment", description=__doc__.split("\n")[0],
+                                     formatter_class=HelpWithDefaults)
     parser.add_argument("--work", default=str(WORK), help="make demo-models' work folder (splits, runs; resumable)")
     for name, value in asdict(ExperimentConfig()).items():
         flag = "--" + name.replace("_", "-")
@@ -363,11 +365,21 @@ def main(argv: list[str] | None = None) -> None:
             parser.add_argument(flag, type=int, nargs="+", default=list(value), help=help_text)
         else:
             parser.add_argument(flag, type=type(value), default=value, help=help_text)
-    args = vars(parser.parse_args(argv))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = vars(build_parser().parse_args(argv))
     work = Path(args.pop("work"))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     config = ExperimentConfig(**{**args, "seeds": tuple(args["seeds"])})
-    print(markdown(run_experiment(DemoRecipe(), work, config)))
+    from capfilt.models.loop import TrainingStopped
+
+    try:
+        print(markdown(run_experiment(DemoRecipe(), work, config)))
+    except TrainingStopped as stopped:  # a pre-training's checkpoint is saved: one line, not a traceback
+        print(f"[experiment] pre-training {stopped}", file=sys.stderr, flush=True)
+        sys.exit(stopped.status)
 
 
 if __name__ == "__main__":

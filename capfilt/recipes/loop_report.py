@@ -23,6 +23,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from capfilt.help_format import HelpWithDefaults
+
 WEB_KINDS = ("clean", "mismatch", "partial", "alt")  # capfilt.shapes.KINDS, in the table's order
 
 
@@ -124,10 +126,17 @@ def report(outs: list[str | Path], labels: list[str] | None = None, file=None) -
     return summaries
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m capfilt.recipes.loop_report", description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m capfilt.recipes.loop_report",
+                                     description=__doc__.split("\n\n")[0], formatter_class=HelpWithDefaults)
     parser.add_argument("outs", nargs="+", metavar="OUT", help="capfilt bootstrap output folders, one per round")
-    parser.add_argument("--labels", nargs="+", default=None, help="column names [round 1, round 2, ...]")
+    parser.add_argument("--labels", nargs="+", default=None,
+                        help="column names (default: round 1, round 2, ...)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.labels is not None and len(args.labels) != len(args.outs):
         parser.error("--labels needs one name per OUT")
