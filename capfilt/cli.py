@@ -32,12 +32,12 @@ from capfilt.help_format import HelpWithDefaults
 from capfilt.ingest import datasets, named, url_list
 from capfilt.ingest.process_group import EXIT_SIGINT, EXIT_SIGTERM, Terminated, terminate_raises
 from capfilt.pipelines import dask_cluster
+from capfilt.pipelines.keep_share import KEEP_SHARE_HIGH, KEEP_SHARE_LOW, KEEP_SHARE_MIN_TEXTS
 from capfilt.pipelines.schema import BELOW_THRESHOLD
 from capfilt.recipes import bootstrap as recipe
 from capfilt.recipes import preflight
 from capfilt.recipes.bootstrap import (
-    DEFAULT_CAPTIONER, DEFAULT_FILTER, EXIT_KEEP_SHARE, EXIT_USAGE, KEEP_SHARE_HIGH, KEEP_SHARE_LOW,
-    KEEP_SHARE_MIN_TEXTS, BootstrapRun, UsageError, say,
+    DEFAULT_CAPTIONER, DEFAULT_FILTER, EXIT_KEEP_SHARE, EXIT_USAGE, BootstrapRun, UsageError, say,
 )
 
 log = logging.getLogger(__name__)

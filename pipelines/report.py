@@ -17,7 +17,7 @@ scores, has no threshold line). A shard's examples are made here
 
 For someone deciding whether to train on the output, the page opens with the
 noise ratio per source and the keep-share warnings
-(``capfilt.recipes.bootstrap.keep_share_warnings``), then shows a few failed
+(``capfilt.pipelines.keep_share.keep_share_warnings``), then shows a few failed
 rows per stage with their URL and error (read back from failed/), the run
 time (``capfilt.pipelines.stats.run_timing``: summed per-shard processing
 seconds over every run, and this job's wall time) and every setting. It is
@@ -139,9 +139,9 @@ def build_stats(markers: list[dict], settings: SummarySettings, selected_shards:
     input file is damaged (a rerun will not change them: replace the file and delete the shard's marker).
     ``failed_examples``: a few failed rows per stage (``failed_examples``). ``timing``: ``stats.run_timing`` for
     the job ``run``. ``keep_share_warnings``: a source the filter kept under 1% or over 99% of
-    (``capfilt.recipes.bootstrap.keep_share_warnings``).
+    (``capfilt.pipelines.keep_share.keep_share_warnings``).
     """
-    from capfilt.recipes.bootstrap import keep_share_warnings  # the rule the command line exits by (--strict)
+    from capfilt.pipelines.keep_share import keep_share_warnings  # the rule the command line exits by (--strict)
 
     totals = merge(markers)
     totals.pop("shards")
@@ -415,7 +415,7 @@ def render_report(stats: dict, markers: list[dict]) -> str:
     damaged = stats["shards"]["damaged"]
     warnings = stats.get("keep_share_warnings")
     if warnings is None:  # stats of an older capfilt
-        from capfilt.recipes.bootstrap import keep_share_warnings
+        from capfilt.pipelines.keep_share import keep_share_warnings
 
         warnings = keep_share_warnings(stats, _Judged(settings))
     by_itc = settings.get("by") == "itc"

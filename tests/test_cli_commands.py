@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from capfilt import cli
+from capfilt.pipelines import keep_share
 from capfilt.recipes import bootstrap as recipe
 
 LOOP = ("datasets", "shapes", "train", "export", "evaluate", "bootstrap", "refilter", "export-dataset",
@@ -155,7 +156,7 @@ def test_keep_share_warnings_per_source():
 
 def test_a_run_that_keeps_everything_warns_and_fails_with_strict(captioner_folder, filter_folder, tmp_path,
                                                                   monkeypatch, capsys):
-    monkeypatch.setattr(recipe, "KEEP_SHARE_MIN_TEXTS", 4)  # a tiny run: 4 images
+    monkeypatch.setattr(keep_share, "KEEP_SHARE_MIN_TEXTS", 4)  # a tiny run: 4 images
     common = ["bootstrap", "--out", str(tmp_path / "out"), "--captioner", str(captioner_folder),
               "--filter", str(filter_folder), "--demo-size", "4", "--demo-shard-size", "4", "--torch-threads", "1",
               "--threshold", "0"]

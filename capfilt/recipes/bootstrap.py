@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from capfilt.ingest import datasets, named, url_list
 from capfilt.ingest.download import DownloadSettings
+from capfilt.pipelines.keep_share import keep_share_warnings
 from capfilt.pipelines.schema import BELOW_THRESHOLD, REASONS
 
 if TYPE_CHECKING:  # the pipeline's modules import Beam: only when a job runs
@@ -41,9 +42,6 @@ SOURCE_SUFFIX = ".source.json"
 # shards are damaged (rerunning will not help: replace the files; see print_summary); 4 (--strict) done, but the
 # filter kept almost none or almost all of a source's texts (see keep_share_warnings).
 EXIT_UNFINISHED, EXIT_USAGE, EXIT_DAMAGED, EXIT_KEEP_SHARE = 1, 2, 3, 4
-# A source (web texts, synthetic captions) of which the filter kept under 1% or over 99% is suspicious, once enough
-# of its texts were judged for one text to weigh less than 1%.
-KEEP_SHARE_LOW, KEEP_SHARE_HIGH, KEEP_SHARE_MIN_TEXTS = 0.01, 0.99, 100
 
 
 class UsageError(ValueError):
@@ -343,39 +341,6 @@ def exit_status(unfinished: list[str], damaged: list[dict], keep_share: list[str
     if damaged:
         return EXIT_DAMAGED
     return EXIT_KEEP_SHARE if keep_share else 0
-
-
-def keep_share_warnings(stats: dict, settings) -> list[str]:
-    """What a keep share under 1% or over 99% likely means, per source (web texts, synthetic captions).
-
-    Per source, not pooled: the two fail differently (web texts: the data, the filter or the threshold;
-    synthetic captions: the captioner too), and a pooled share hides one source at 0% beside the other at 40%.
-    A source with fewer than ``KEEP_SHARE_MIN_TEXTS`` texts judged is not checked: one text would be over 1%.
-    The share is the filter's: texts removed as duplicates or by ``--select`` passed it.
-    """
-    warnings = []
-    for source, what in (("web", "web texts"), ("synthetic", "synthetic captions")):
-        judged = stats["texts"][source]
-        if judged < KEEP_SHARE_MIN_TEXTS:
-            continue
-        share = 1 - stats["rejected_reasons"][BELOW_THRESHOLD][source] / judged
-        kept = f"the filter kept {100 * share:.1f}% of the {judged} {what} it judged"
-        if share < KEEP_SHARE_LOW:
-            cause = ("the captioner likely writes captions that do not describe these images (a .pth captioner "
-                     "with the wrong tokenizer writes nonsense), or the captioner and filter do not belong together"
-                     if source == "synthetic" else "the filter likely does not know these images or texts")
-            warnings.append(
-                f"{kept} (under {KEEP_SHARE_LOW:.0%}): {cause}; the demo models know only the shapes world (give "
-                f"--captioner and --filter for real photos); or --threshold {settings.threshold} is too high for "
-                f"this filter (captioner {settings.captioner}, filter {settings.filter}). Look at rejected/ and "
-                "report.html before training on kept/")
-        elif share > KEEP_SHARE_HIGH:
-            warnings.append(
-                f"{kept} (over {KEEP_SHARE_HIGH:.0%}): the filter removes next to nothing: --threshold "
-                f"{settings.threshold} is likely too low (0 keeps every text), or the filter scores every pair "
-                f"alike (a model mismatch: an untrained or wrong filter {settings.filter}). Look at kept/ and "
-                "report.html before training on it")
-    return warnings
 
 
 def print_summary(stats: dict, layout, unfinished: list[str], damaged: list[dict]) -> None:
