@@ -5,8 +5,7 @@ from __future__ import annotations
 import io
 import json
 
-from capfilt import cli
-from capfilt.recipes import evaluate
+from capfilt import cli, console_progress
 
 
 def test_no_model_is_a_usage_error_that_says_what_to_give(capsys):
@@ -48,13 +47,13 @@ class _Terminal(io.StringIO):
 def test_on_a_terminal_progress_is_a_tqdm_bar(monkeypatch):
     terminal = _Terminal()
     monkeypatch.setattr("sys.stderr", terminal)
-    with evaluate.progress(3, "scoring") as advance:
+    with console_progress.progress(3, "scoring") as advance:
         for _ in range(3):
             advance(1)
     assert "\r" in terminal.getvalue() and "scoring: 100%" in terminal.getvalue()
 
 
 def test_without_a_name_progress_shows_nothing(capsys):
-    with evaluate.progress(3, None) as advance:
+    with console_progress.progress(3, None) as advance:
         advance(3)
     assert capsys.readouterr() == ("", "")

@@ -30,20 +30,17 @@ tqdm bar on a terminal, plain lines in a log).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import sys
-import time
 from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 from transformers.utils import logging as hf_logging
 
 from capfilt.captioner import Captioner
 from capfilt.device import autocast
 from capfilt.filter import ITM_THRESHOLD, Filter
+from capfilt.console_progress import progress
 from capfilt.help_format import HelpWithDefaults
 from capfilt.shapes.captions import ERRORS, caption_errors, describe, is_correct
 from capfilt.shapes.negatives import ATTRIBUTE_SWAPS, possible_swaps, swapped
@@ -56,42 +53,6 @@ from capfilt.shapes.world import RELATIONS
 EVALUATION_SEED = 20221  # a seed no training split of `make demo-models` uses
 METHODS = ("greedy", "beam", "nucleus")
 RENDERINGS = ("plain", "changed")  # --rendering: capfilt's renderer, or the second one of capfilt.shapes.rerender
-PLAIN_PROGRESS_S = 10.0  # off a terminal, a stage's progress line at most this often (and at its start and end)
-PLAIN_FORMAT = "{desc}: {n_fmt}/{total_fmt} {unit}s, {percentage:.0f}% [{elapsed}<{remaining}, {rate_fmt}]"
-
-
-@contextlib.contextmanager
-def progress(total: int, what: str | None, unit: str = "pair"):
-    """Yields ``advance(n)``, which counts ``n`` more of ``total`` done, shown on stderr: a tqdm bar on a terminal;
-    elsewhere (a log file, a pipe) tqdm's same text as plain lines, no carriage returns. ``what`` None: nothing
-    shown (a caller other than the command line)."""
-    if what is None:
-        yield lambda n: None
-        return
-    if sys.stderr.isatty():
-        with tqdm(total=total, desc=what, unit=unit, file=sys.stderr, dynamic_ncols=True) as bar:
-            yield bar.update
-        return
-    start, done, shown = time.monotonic(), 0, -PLAIN_PROGRESS_S
-
-    def show(now: float) -> None:
-        nonlocal shown
-        shown = now
-        print(tqdm.format_meter(done, total, now - start, prefix=what, unit=unit, bar_format=PLAIN_FORMAT),
-              file=sys.stderr, flush=True)
-
-    def advance(n: int) -> None:
-        nonlocal done
-        done += n
-        now = time.monotonic()
-        if now - shown >= PLAIN_PROGRESS_S and done < total:
-            show(now)
-
-    show(start)
-    yield advance
-    show(time.monotonic())
-
-
 def _batches(samples: list[Sample], size: int, what: str | None = None):
     """``samples`` in batches of ``size``; with ``what``, their progress on stderr (``progress``)."""
     with progress(len(samples), what) as advance:
