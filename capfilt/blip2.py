@@ -36,10 +36,11 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import AutoTokenizer, Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval
 
-from capfilt.captioner import METHODS, SETTINGS_FILE, _seeded, row_sampling
+from capfilt.row_sampler import row_sampling, seeded
+from capfilt.sampling_settings import METHODS, SETTINGS_FILE
 from capfilt.checkpoints import CAPTIONER, FILTER, CheckpointError, ModelSource, load_hf_folder, resolve
 from capfilt.device import autocast, compute_in_fp32, pick_device
-from capfilt.filter import TextScore
+from capfilt.scores import TextScore
 from capfilt.images import ImagePreprocessor
 from capfilt.model_kind import BLIP2, model_kind
 from capfilt.tokenizer import pre_caption
@@ -242,7 +243,7 @@ class Blip2Captioner:
             inputs = {"inputs_embeds": embeds, "attention_mask": torch.ones_like(input_ids)}
             if self.decoder_only:
                 inputs["input_ids"] = input_ids  # as transformers' BLIP-2: the repetition penalty sees them
-            with _seeded(seed, self.device):
+            with seeded(seed, self.device):
                 out = self.model.language_model.generate(**inputs, eos_token_id=self.eos_id, pad_token_id=self.pad_id,
                                                          **kwargs)
         # decoder-only: the output repeats the input ids; encoder-decoder: it starts with the decoder start token

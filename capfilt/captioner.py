@@ -16,107 +16,29 @@ Every captioner has ``family``, ``source``, ``ref``, ``device``, ``precision``, 
 Seeds. ``seed`` seeds torch's global RNG for the whole call, as transformers'
 own sampling draws from it: a caption then depends on the batch it is in.
 ``seeds`` (one per image) give each caption its own generator instead
-(``RowSampler``), so an image's captions depend only on its seed, whatever
+(``capfilt.row_sampler.RowSampler``), so an image's captions depend only on its seed, whatever
 else is in the batch and wherever it sits in it (up to float rounding), on
 one kind of device (CPU and CUDA generators draw different numbers).
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
 import torch
 from PIL import Image
-from transformers import BlipConfig, BlipForConditionalGeneration, LogitsProcessor, LogitsProcessorList
-from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+from transformers import BlipConfig, BlipForConditionalGeneration
 
 from capfilt.checkpoints import CAPTIONER, ModelSource, load_model
 from capfilt.device import autocast, compute_in_fp32, pick_device
 from capfilt.images import ImagePreprocessor
 from capfilt.model_kind import require_blip
+from capfilt.row_sampler import row_sampling, seeded
+from capfilt.sampling_settings import SamplingSettings
 from capfilt.tokenizer import special_ids
-
-METHODS = ("nucleus", "beam", "greedy")
-BEAM_LENGTH_RULES = ("blip", "transformers")
-# A model folder may carry its own caption lengths etc. (the demo models do: their captions are short).
-SETTINGS_FILE = "capfilt_sampling.json"
-
-
-@dataclass(frozen=True)
-class SamplingSettings:
-    """How captions are generated; defaults are CapFilt's (paper §3.3, §4.3) and the original code's.
-
-    - ``method``: ``nucleus`` (paper: one synthetic caption per image by nucleus
-      sampling; beam search gave a lower noise ratio and a worse model),
-      ``beam`` or ``greedy``.
-    - ``top_p`` 0.9: the paper's p (0.85 and 0.95 gave similar results).
-    - ``top_k`` 50: not set by BLIP, but transformers 4.15 (which BLIP pins)
-      applied its default top_k = 50 whenever it sampled; kept to reproduce it.
-    - ``repetition_penalty``: ``None`` means the original's per method: 1.1,
-      hard-coded in its sampling branch; 1.0, its beam-search default.
-    - ``num_beams`` 3: the original ``generate`` default and COCO evaluation.
-    - ``max_length`` 30 / ``min_length`` 10: the original ``generate``
-      defaults; both count the prompt's tokens (``[DEC] a picture of``), as
-      transformers' generate does. COCO evaluation used 20 / 5 with beams.
-    - ``prompt`` ``a picture of ``: BLIP's captioning prompt.
-    - ``beam_length_rule`` ``blip``: how beam search ranks finished captions.
-      ``blip``: as transformers 4.15, which BLIP pins, did: summed log-prob
-      divided by the whole sequence's length, prompt included, final
-      ``[SEP]`` not (``beam_search_blip``). ``transformers``: transformers 5's
-      ``generate``, which divides by the generated length, ``[SEP]`` included.
-      They rank captions that end before ``max_length`` differently.
-    """
-
-    method: str = "nucleus"
-    top_p: float = 0.9
-    top_k: int = 50
-    repetition_penalty: float | None = None
-    num_beams: int = 3
-    max_length: int = 30
-    min_length: int = 10
-    prompt: str = "a picture of "
-    beam_length_rule: str = "blip"
-
-    def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, not {self.method!r}")
-        if self.beam_length_rule not in BEAM_LENGTH_RULES:
-            raise ValueError(f"beam_length_rule must be one of {BEAM_LENGTH_RULES}, not {self.beam_length_rule!r}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], not {self.top_p}")
-        if self.min_length > self.max_length:
-            raise ValueError(f"min_length {self.min_length} > max_length {self.max_length}")
-
-    @classmethod
-    def for_model(cls, source: ModelSource | None, **overrides) -> SamplingSettings:
-        """The defaults, then the model folder's ``capfilt_sampling.json`` if any, then ``overrides``."""
-        values = {}
-        if source is not None and source.kind == "hf" and (source.path / SETTINGS_FILE).is_file():
-            values = json.loads((source.path / SETTINGS_FILE).read_text())
-            unknown = set(values) - {f.name for f in fields(cls)}
-            if unknown:
-                raise ValueError(f"{source.path / SETTINGS_FILE}: unknown settings {sorted(unknown)}")
-        return cls(**{**values, **overrides})
-
-    def generate_kwargs(self, num_captions: int) -> dict:
-        """Arguments for transformers' ``generate``, K captions per input."""
-        if self.method == "nucleus":
-            penalty = 1.1 if self.repetition_penalty is None else self.repetition_penalty
-            return dict(do_sample=True, top_p=self.top_p, top_k=self.top_k, num_beams=1, repetition_penalty=penalty)
-        penalty = 1.0 if self.repetition_penalty is None else self.repetition_penalty
-        if self.method == "greedy":
-            if num_captions != 1:
-                raise ValueError("greedy decoding writes one caption per image; use nucleus or beam for K > 1")
-            return dict(do_sample=False, num_beams=1, repetition_penalty=penalty)
-        beams = max(self.num_beams, num_captions)
-        return dict(do_sample=False, num_beams=beams, num_return_sequences=num_captions, repetition_penalty=penalty)
-
 
 @dataclass
 class Captioner:
@@ -197,7 +119,7 @@ class Captioner:
                 kwargs = row_sampling(kwargs, seeds, num_captions, self.device)
             rows = image_embeds.shape[0]
             input_ids = self.prompt_ids.to(self.device).expand(rows, -1)
-            with _seeded(seed, self.device):
+            with seeded(seed, self.device):
                 return self.model.text_decoder.generate(
                     input_ids=input_ids,
                     attention_mask=torch.ones_like(input_ids),
@@ -235,62 +157,6 @@ class Captioner:
         """``caption`` of images already preprocessed to ``[B, 3, S, S]`` (``self.preprocess``)."""
         captions = self.decode(self.generate_ids(pixel_values, num_captions, seed, seeds=seeds))
         return [captions[i * num_captions : (i + 1) * num_captions] for i in range(len(pixel_values))]
-
-
-def caption_seed(image_seed: int, caption: int) -> int:
-    """The generator seed of an image's ``caption``-th caption: stable across runs, machines and processes."""
-    digest = hashlib.blake2b(f"{image_seed}/{caption}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big")  # torch.Generator takes any seed below 2**64
-
-
-class RowSampler(LogitsProcessor):
-    """Draws each row's next token from the softmax of its scores, with the row's own generator.
-
-    The Gumbel-max trick: argmax(scores + G), G standard Gumbel noise drawn independently per token, is an exact
-    draw from softmax(scores); tokens the warpers removed (-inf) are never drawn. Each row draws one vocabulary-
-    sized vector per step from its generator, whatever the other rows do (finished or not), so its tokens depend
-    on its seed and its own scores only. The drawn token is returned as the only finite score (0), which greedy
-    decoding then takes.
-
-    The generators live on the scores' device (the model's): noise drawn on the CPU and moved over would put a
-    vocabulary-sized draw per caption and step on the CPU, slower than a GPU's whole decoding step. CPU and CUDA
-    generators draw different numbers from one seed, so a seed's captions are the same on one kind of device.
-    The noise is float64 (Gumbel's tails without float32's cut-offs).
-    """
-
-    def __init__(self, generators: Sequence[torch.Generator]):
-        self.generators = list(generators)
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
-        if scores.shape[0] != len(self.generators):
-            raise ValueError(f"{scores.shape[0]} rows of scores for {len(self.generators)} generators")
-        vocab = scores.shape[-1]
-        uniform = torch.stack([torch.rand(vocab, generator=g, dtype=torch.float64, device=scores.device)
-                               for g in self.generators])
-        gumbel = uniform.clamp_min_(torch.finfo(torch.float64).tiny).log_().neg_().log_().neg_()  # -log(-log(u))
-        drawn = gumbel.add_(scores.detach()).argmax(dim=-1, keepdim=True)
-        return torch.full_like(scores, -float("inf")).scatter_(1, drawn, 0.0)
-
-
-def row_sampling(sampling: dict, seeds: Sequence[int], num_captions: int, device: torch.device) -> dict:
-    """``sampling``'s ``generate`` arguments (``generate_kwargs``) with a generator per caption, image-major as the
-    rows are.
-
-    transformers 5 (``GenerationMixin._get_logits_processor``) applies, when sampling, its processors
-    (repetition penalty, then min length), then the user's ``logits_processor``, then the warpers (temperature,
-    top-k, top-p), then draws with ``torch.multinomial`` (``_sample``). Greedy decoding builds the same processors
-    and no warpers, so top-k, top-p (the same classes and order, ``min_tokens_to_keep`` 1 as without beams) and the
-    draw go in as the user's processors, after the penalty and the length rule, as sampling has them.
-    """
-    warpers = []
-    if sampling["top_k"]:  # transformers skips top_k 0 (and None)
-        warpers.append(TopKLogitsWarper(top_k=sampling["top_k"], min_tokens_to_keep=1))
-    if sampling["top_p"] < 1.0:
-        warpers.append(TopPLogitsWarper(top_p=sampling["top_p"], min_tokens_to_keep=1))
-    generators = [torch.Generator(device).manual_seed(caption_seed(seed, k)) for seed in seeds
-                  for k in range(num_captions)]
-    greedy = {name: value for name, value in sampling.items() if name not in ("do_sample", "top_k", "top_p")}
-    return {**greedy, "do_sample": False, "logits_processor": LogitsProcessorList([*warpers, RowSampler(generators)])}
 
 
 @torch.no_grad()
@@ -384,14 +250,3 @@ def beam_search_blip(decoder, image_embeds: torch.Tensor, prompt_ids: torch.Tens
         if len(hyp) < settings.max_length:
             result[i, len(hyp)] = ids.sep
     return result
-
-
-@contextlib.contextmanager
-def _seeded(seed: int | None, device: torch.device):
-    """Run with the global RNG seeded, restoring its state afterwards (transformers samples from it)."""
-    if seed is None:
-        yield
-        return
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        yield

@@ -155,7 +155,7 @@ def _add_data_flags(data) -> None:
 
 
 def _add_model_flags(models, settings) -> None:
-    from capfilt.device import PRECISIONS
+    from capfilt.precision import PRECISIONS
 
     models.add_argument("--captioner", default=None,
                         help=f"captioner: HF folder, cached hub id, .pth or demo "
@@ -175,7 +175,7 @@ def _add_model_flags(models, settings) -> None:
 
 
 def _add_capfilt_flags(capfilt, settings) -> None:
-    from capfilt.captioner import METHODS, SamplingSettings
+    from capfilt.sampling_settings import METHODS, SamplingSettings
 
     sampling = SamplingSettings()
     capfilt.add_argument("--threshold", type=float, default=settings.threshold,

@@ -34,7 +34,7 @@ from transformers import CLIPModel, SiglipModel
 from capfilt.blip2 import hf_source, load_tokenizer, place, regroup
 from capfilt.checkpoints import FILTER, CheckpointError, ModelSource, load_hf_folder, resolve
 from capfilt.device import autocast, pick_device
-from capfilt.filter import TextScore
+from capfilt.scores import TextScore
 from capfilt.images import CLIP_MEAN, CLIP_STD, ImagePreprocessor, to_rgb
 from capfilt.model_kind import CLIP, SIGLIP, model_kind
 

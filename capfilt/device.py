@@ -25,9 +25,9 @@ from pathlib import Path
 
 import torch
 
-log = logging.getLogger(__name__)
+from capfilt.precision import PRECISIONS
 
-PRECISIONS = ("auto", "bf16", "fp32")
+log = logging.getLogger(__name__)
 
 
 def pick_device(device: str | torch.device | None = None) -> torch.device:

@@ -37,25 +37,11 @@ from capfilt.checkpoints import FILTER, ModelSource, load_model
 from capfilt.device import autocast, compute_in_fp32, pick_device
 from capfilt.images import ImagePreprocessor
 from capfilt.model_kind import require_blip
+from capfilt.scores import TextScore
 from capfilt.tokenizer import pre_caption, special_ids
 
-ITM_THRESHOLD = 0.5  # paper §3.3: a text is noise when its match probability is below 0.5
 MAX_TEXT_TOKENS = 35  # BLIP's retrieval code: max_length=35
 MAX_WORDS = 30  # BLIP's pre_caption in pre-training: at most 30 words
-
-
-@dataclass(frozen=True)
-class TextScore:
-    """The filter's judgement of one (image, text) pair."""
-
-    itm: float | None  # ITM match probability; None from a filter without an ITM head (CLIP, SigLIP)
-    itc: float  # ITC cosine similarity
-
-    def is_noise(self, threshold: float = ITM_THRESHOLD) -> bool:
-        """Whether the ITM probability is below ``threshold``; a filter without ITM judges by ``itc`` instead."""
-        if self.itm is None:
-            raise ValueError("this filter has no ITM head: judge by the ITC similarity (itc) instead")
-        return self.itm < threshold
 
 
 @dataclass

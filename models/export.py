@@ -10,7 +10,7 @@ transformers 5 always writes safetensors) plus the tokenizer's files, and is
 checked by loading it back strictly (no missing, unexpected or mis-shaped key).
 
 A captioner folder may carry ``capfilt_sampling.json``, its sampling defaults
-(``capfilt.captioner.SamplingSettings``: the demo captioner's captions are
+(``capfilt.sampling_settings.SamplingSettings``: the demo captioner's captions are
 short, ``min_length`` 5). An exported captioner carries the file of the model
 its run started from (``--init``: a captioner folder, or a run that has one)
 or of its preset (``--model demo``), so the next round of CapFilt samples as
@@ -30,8 +30,8 @@ from pathlib import Path
 
 from transformers import BlipConfig, BlipForConditionalGeneration, BlipForImageTextRetrieval
 
-from capfilt.captioner import SETTINGS_FILE as SAMPLING_FILE
-from capfilt.captioner import SamplingSettings
+from capfilt.sampling_settings import SETTINGS_FILE as SAMPLING_FILE
+from capfilt.sampling_settings import SamplingSettings
 from capfilt.checkpoints import CheckpointError, load_hf_folder, load_strict
 from capfilt.help_format import HelpWithDefaults
 from capfilt.models.med import MED

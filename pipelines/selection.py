@@ -7,7 +7,7 @@ first of these rules that applies (its ``reason`` in rejected/):
 1. ``below threshold`` (``passes``): its score is below the threshold. The
    paper's filter (BLIP §3.3, CapFilt): a text is noise when the ITM head
    judges it unmatched to its image, i.e. its match probability is below 0.5
-   (``capfilt.filter.ITM_THRESHOLD``). The only rule that judges a text as
+   (``capfilt.scores.ITM_THRESHOLD``). The only rule that judges a text as
    noise. ``capfilt refilter --by itc`` judges by the ITC cosine instead;
 2. ``duplicate text`` (``later_rules``): its normalised text (``normalise``:
    lower case, whitespace collapsed and stripped) equals that of an earlier

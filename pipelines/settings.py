@@ -10,9 +10,9 @@ from __future__ import annotations
 import hashlib
 from dataclasses import asdict, dataclass, field, fields
 
-from capfilt.captioner import SamplingSettings
-from capfilt.device import PRECISIONS
-from capfilt.filter import ITM_THRESHOLD
+from capfilt.sampling_settings import SamplingSettings
+from capfilt.precision import PRECISIONS
+from capfilt.scores import ITM_THRESHOLD
 from capfilt.pipelines.schema import SCHEMA_VERSION
 from capfilt.pipelines.selection import SELECT_ALL, parse_select
 
@@ -45,7 +45,7 @@ class BootstrapSettings:
       ``sample_seed(key)``, from the seed and the row's key only, so a rerun,
       another batch size or the same rows downloaded in another order write the
       same captions (up to float rounding) on the same kind of device (CPU and
-      CUDA generators differ: ``capfilt.captioner.RowSampler``); another seed
+      CUDA generators differ: ``capfilt.row_sampler.RowSampler``); another seed
       writes other, equally valid, samples.
     - ``min_image_size``: images with a side shorter than this (tracking
       pixels, icons) fail at stage ``size``; ``max_image_pixels``: larger

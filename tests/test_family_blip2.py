@@ -12,7 +12,8 @@ from transformers import (
 )
 
 from capfilt.blip2 import Blip2Captioner, Blip2Filter, LmSamplingSettings
-from capfilt.captioner import Captioner, row_sampling
+from capfilt.captioner import Captioner
+from capfilt.row_sampler import row_sampling
 from capfilt.families import load_captioner, load_filter
 from capfilt.checkpoints import CheckpointError
 from capfilt.filter import Filter

@@ -39,7 +39,8 @@ from transformers.utils import logging as hf_logging
 
 from capfilt.captioner import Captioner
 from capfilt.device import autocast
-from capfilt.filter import ITM_THRESHOLD, Filter
+from capfilt.filter import Filter
+from capfilt.scores import ITM_THRESHOLD
 from capfilt.console_progress import progress
 from capfilt.help_format import HelpWithDefaults
 from capfilt.shapes.captions import ERRORS, caption_errors, describe, is_correct
