@@ -38,7 +38,7 @@ def main() -> None:
     import torch
     from transformers import BlipConfig
 
-    from capfilt.checkpoints import DEMO_MODELS
+    from capfilt.shipped import DEMO_MODELS
     from capfilt.models.med import MED, MEDSettings
     from capfilt.models.weights import load_med_weights
     from capfilt.shapes import iter_split

@@ -33,12 +33,12 @@ from capfilt.configs import (
     preset_config,
 )
 from capfilt.attention import use_sdpa
+from capfilt.shipped import DEMO_MODELS
 from capfilt.tokenizer import SpecialIds, TokenizerNotFoundError, load_tokenizer, special_ids
 
 CAPTIONER = "captioner"
 FILTER = "filter"
 PTH_SUFFIXES = (".pth", ".pt", ".bin")
-DEMO_MODELS = Path(__file__).parent / "demo_models"
 
 
 class CheckpointError(ValueError):

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from capfilt.checkpoints import DEMO_MODELS
+from capfilt.shipped import DEMO_MODELS
 from capfilt.configs import DEMO_TEXT, DEMO_VIT, PRESETS
 from capfilt.models.export import SAMPLING_FILE
 

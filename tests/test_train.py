@@ -414,7 +414,7 @@ def test_a_slow_run_logs_at_least_every_heartbeat(tmp_path, dataset, tokenizer_d
 def test_an_exported_captioner_carries_its_sources_sampling_defaults(tmp_path, dataset, tokenizer_dir, pretrained):
     from capfilt.captioner import Captioner
     from capfilt.sampling_settings import SETTINGS_FILE
-    from capfilt.checkpoints import DEMO_MODELS
+    from capfilt.shipped import DEMO_MODELS
     from capfilt.models.export import export_run
 
     first = tmp_path / "first"  # from a pre-training run without sampling defaults: the export has none

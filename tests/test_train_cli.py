@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from capfilt.checkpoints import DEMO_MODELS
+from capfilt.shipped import DEMO_MODELS
 from capfilt.recipes.demo import DemoRecipe
 from capfilt.models.config import TASKS, task_config
 from capfilt.models.configure import SETTINGS, configure

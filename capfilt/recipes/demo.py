@@ -38,7 +38,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from capfilt.checkpoints import DEMO_MODELS
+from capfilt.shipped import DEMO_MODELS
 from capfilt.configs import DEMO_VIT
 from capfilt.help_format import HelpWithDefaults
 from capfilt.models.presets import DEMO_TRAINING
