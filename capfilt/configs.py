@@ -25,9 +25,13 @@ import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from transformers import BlipConfig, BlipTextConfig, BlipVisionConfig
+from typing import TYPE_CHECKING
 
 from capfilt.tokenizer import special_ids
+
+# transformers is imported where a config is built: the trainer's --help reads the presets without it.
+if TYPE_CHECKING:
+    from transformers import BlipConfig
 
 VIT_LAYER_NORM_EPS = 1e-6  # timm's ViT, which BLIP's visual encoder is
 TEXT_LAYER_NORM_EPS = 1e-12  # BERT
@@ -105,6 +109,8 @@ def make_config(
     sep_token_id: int = 102,
 ) -> BlipConfig:
     """A ``BlipConfig`` for the given sizes, ITC size ``embed_dim`` and special ids (BERT's by default)."""
+    from transformers import BlipConfig, BlipTextConfig, BlipVisionConfig
+
     vision_config = BlipVisionConfig(
         hidden_size=vit.width,
         intermediate_size=round(vit.width * vit.mlp_ratio),

@@ -18,8 +18,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from transformers import BertTokenizer, PreTrainedTokenizerBase
-from transformers.models.bert.tokenization_bert import load_vocab
+from typing import TYPE_CHECKING
+
+# transformers is imported where a tokenizer is built or loaded: the trainer's --help needs none.
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 DEC_TOKEN = "[DEC]"
 ENC_TOKEN = "[ENC]"
@@ -69,6 +72,9 @@ def build_tokenizer(vocab_file: str | Path) -> PreTrainedTokenizerBase:
     vocab_file = Path(vocab_file)
     if not vocab_file.is_file():
         raise TokenizerNotFoundError(f"no WordPiece vocabulary at {vocab_file}")
+    from transformers import BertTokenizer
+    from transformers.models.bert.tokenization_bert import load_vocab
+
     tokenizer = BertTokenizer(vocab=load_vocab(str(vocab_file)), do_lower_case=True)
     return add_blip_tokens(tokenizer)
 
@@ -88,6 +94,8 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
             "capfilt never downloads one; copy bert-base-uncased's vocab.txt (or a BLIP "
             "checkpoint's tokenizer files) there, or pass tokenizer=PATH."
         )
+    from transformers import BertTokenizer
+
     tokenizer = BertTokenizer.from_pretrained(str(path), local_files_only=True)
     return add_blip_tokens(tokenizer)
 

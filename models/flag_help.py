@@ -74,5 +74,5 @@ def epilog() -> str:
     return presets_help() + "\n\n" + textwrap.fill(
         "Every other setting defaults to the task's BLIP value (capfilt.models.config.task_config); "
         "--print-config shows the resolved configuration. The demo loop on `make bootstrap`'s output "
-        "(docs/training.md):", width=HELP_WIDTH) + "\n  python -m capfilt.models.train pretrain --model demo " \
+        "(docs/training.md):", width=HELP_WIDTH) + "\n  capfilt train pretrain --model demo " \
         "--data out/bootstrap/kept --out runs/pretrain"

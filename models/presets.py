@@ -9,11 +9,10 @@ flags win over a preset's.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from capfilt.shipped import DEMO_MODELS
 from capfilt.configs import DEMO_TEXT, DEMO_VIT, PRESETS
-from capfilt.models.export import SAMPLING_FILE
+from capfilt.sampling_settings import SETTINGS_FILE as SAMPLING_FILE
 
 
 @dataclass(frozen=True)

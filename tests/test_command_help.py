@@ -89,8 +89,9 @@ def test_evaluate_help_shows_its_defaults(capsys, monkeypatch):
     assert f"seed of the fresh web split (default: {EVALUATION_SEED})" in text
 
 
-@pytest.mark.parametrize("argv", [["shapes", "write", "--help"], ["shapes", "vocab"]])
-def test_shapes_help_imports_no_torch(argv):
+@pytest.mark.parametrize("argv", [["shapes", "write", "--help"], ["shapes", "vocab"], ["bootstrap", "--help"],
+                                  ["refilter", "--help"], ["train", "pretrain", "--help"], ["--help"]])
+def test_help_imports_no_torch(argv):
     code = ("import sys\nfrom capfilt import cli\n"
             f"try:\n    cli.main({argv!r})\nexcept SystemExit:\n    pass\n"
             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
