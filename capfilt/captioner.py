@@ -8,9 +8,12 @@ encoded once by the ViT and its embedding reused for all its K captions.
 Beam search ranks finished captions as BLIP's pinned transformers 4.15 did
 (``beam_search_blip``), not as transformers 5 does.
 
-Other families (BLIP-2, InstructBLIP: ``capfilt.blip2``, ``capfilt.instructblip``) implement the same
-captioner interface; ``capfilt.families.load_captioner`` returns the one the model's config.json names.
-Every captioner has ``family``, ``source``, ``ref``, ``device``, ``precision``, ``settings``, ``preprocess``,
+``Captioner`` is also the one captioner interface: ``Captioner.load`` reads the model's config.json
+(``capfilt.model_kind``) and returns BLIP's captioner, or another family's (BLIP-2, InstructBLIP:
+``capfilt.blip2``, ``capfilt.instructblip``), which implements the interface in its own module and is registered
+as a ``Captioner`` (``isinstance`` holds; an ABC's virtual subclass, as those modules cannot import this one).
+Everything BLIP's own (``[DEC]`` and the prompt cut, BLIP's beam rule) is on this class only. Every captioner has
+``family``, ``source``, ``ref``, ``device``, ``precision``, ``settings``, ``preprocess``,
 ``caption(images, K, seed, seeds=)``, ``caption_pixels(pixels, K, seed, seeds=)``, ``generate_ids`` and ``decode``.
 
 Seeds. ``seed`` seeds torch's global RNG for the whole call, as transformers'
@@ -24,6 +27,7 @@ one kind of device (CPU and CUDA generators draw different numbers).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from abc import ABC
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -32,17 +36,19 @@ import torch
 from PIL import Image
 from transformers import BlipConfig, BlipForConditionalGeneration
 
+from capfilt.blip2 import Blip2Captioner, LmSamplingSettings
 from capfilt.checkpoints import CAPTIONER, ModelSource, load_model
 from capfilt.device import autocast, compute_in_fp32, pick_device
 from capfilt.images import ImagePreprocessor
-from capfilt.model_kind import require_blip
+from capfilt.instructblip import InstructBlipCaptioner
+from capfilt.model_kind import BLIP, BLIP2, INSTRUCTBLIP, family_for
 from capfilt.row_sampler import row_sampling, seeded
 from capfilt.sampling_settings import SamplingSettings
 from capfilt.tokenizer import special_ids
 
 @dataclass
-class Captioner:
-    """A BLIP captioner: images in, K captions per image out."""
+class Captioner(ABC):
+    """A BLIP captioner: images in, K captions per image out; and the interface of every family's captioner."""
 
     family: ClassVar[str] = "blip"  # capfilt.model_kind's family name
 
@@ -73,16 +79,20 @@ class Captioner:
         device: str | torch.device | None = None,
         tokenizer: str | Path | None = None,
         config: str | Path | BlipConfig | None = None,
-        settings: SamplingSettings | None = None,
+        settings: SamplingSettings | LmSamplingSettings | None = None,
         precision: str = "auto",
     ) -> Captioner:
         """Load from an HF folder, a cached hub id, an original ``.pth`` or ``demo`` (see ``checkpoints``).
 
-        BLIP only: ``capfilt.families.load_captioner`` loads any family. A model that cannot caption, or of
-        another family, is a one-line error. ``settings`` default to ``SamplingSettings.for_model``: the paper's,
-        unless the model's folder carries a ``capfilt_sampling.json``.
+        Any family: the model's config.json decides (``FAMILIES``); a model that cannot caption is a one-line
+        error naming what the captioner accepts. ``settings`` (``SamplingSettings`` for BLIP, ``LmSamplingSettings``
+        for the others) default to the family's, unless the model's folder carries a ``capfilt_sampling.json``;
+        ``config`` is for BLIP's ``.pth`` files only.
         """
-        require_blip(ref, CAPTIONER, tokenizer)
+        family = family_for(ref, CAPTIONER, tokenizer)
+        if family != BLIP:
+            return FAMILIES[family].load(ref, device=device, tokenizer=tokenizer, config=config, settings=settings,
+                                         precision=precision)
         model, tokenizer, source = load_model(BlipForConditionalGeneration, ref, CAPTIONER, config, tokenizer)
         return cls(
             model=model,
@@ -157,6 +167,11 @@ class Captioner:
         """``caption`` of images already preprocessed to ``[B, 3, S, S]`` (``self.preprocess``)."""
         captions = self.decode(self.generate_ids(pixel_values, num_captions, seed, seeds=seeds))
         return [captions[i * num_captions : (i + 1) * num_captions] for i in range(len(pixel_values))]
+
+
+# The other families' captioners, by capfilt.model_kind's family name; they implement this interface
+FAMILIES = {BLIP2: Blip2Captioner, INSTRUCTBLIP: InstructBlipCaptioner}
+Captioner.register(Blip2Captioner)  # InstructBlipCaptioner subclasses it
 
 
 @torch.no_grad()

@@ -71,8 +71,8 @@ def resolve(ref: str | Path, role: str) -> ModelSource:
         return ModelSource("pth", path)
     if path.suffix in PTH_SUFFIXES:  # a checkpoint file's name, not a hub id: the hub cache's advice would mislead
         raise CheckpointError(
-            f"no such file: {path} (the original BLIP checkpoints are fetched with `wget -P models URL`, "
-            f"docs/models.md, which puts them under models/; give the path where the file is)")
+            f"no such file: {path} (the original BLIP checkpoints are fetched with `wget -P checkpoints URL`, "
+            f"docs/models.md, which puts them under checkpoints/; give the path where the file is)")
     if re.fullmatch(r"[\w.-]+/[\w.-]+", str(ref)) and not str(ref).startswith((".", "/")):
         return ModelSource("hf", _from_hub_cache(str(ref)))
     raise CheckpointError(f"no model at {ref!r}: not a folder, a .pth file, a cached hub id or 'demo'")

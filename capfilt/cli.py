@@ -34,6 +34,8 @@ from capfilt.ingest.process_group import EXIT_SIGINT, EXIT_SIGTERM, Terminated, 
 from capfilt.pipelines import dask_cluster
 from capfilt.pipelines.keep_share import KEEP_SHARE_HIGH, KEEP_SHARE_LOW, KEEP_SHARE_MIN_TEXTS
 from capfilt.pipelines.schema import BELOW_THRESHOLD
+from capfilt.pipelines.selection import BY_ITM, SCORE_NAMES
+from capfilt.scores import ITM_THRESHOLD
 from capfilt.recipes import bootstrap as recipe
 from capfilt.recipes import preflight
 from capfilt.recipes.bootstrap import (
@@ -65,6 +67,22 @@ BOOTSTRAP_EPILOG = (
     f"report.html); {EXIT_KEEP_SHARE} (with --strict only) every shard done, but the filter kept under "
     f"{KEEP_SHARE_LOW:.0%} or over {KEEP_SHARE_HIGH:.0%} of a source's texts (a warning without --strict)."
 )
+
+
+# What each model size needs (docs/models.md has the table, with hub ids and one command each)
+MODELS_HELP = (
+    "Any captioner with any filter; config.json's model_type picks the family. Captioners: BLIP, BLIP-2 (OPT, "
+    "Flan-T5), InstructBLIP; filters: BLIP ITM, BLIP-2 Q-Former (ITM, ITC), CLIP and SigLIP (ITC only). Memory for "
+    "the weights, fp32/bf16: BLIP-large 1.9/0.9 GB; BLIP-2 OPT-2.7b 15.5/7.7, OPT-6.7b 31/15.5, Flan-T5-xl "
+    "15.8/7.9, Flan-T5-xxl 49/24; InstructBLIP Flan-T5-xl 16/8, Vicuna-7b 32/16; BLIP-2 ITM ViT-g 4.7/2.3; CLIP "
+    "ViT-L/14 1.7; SigLIP so400m 3.5. On a GPU, BLIP-2 and InstructBLIP weights over half its memory are held in "
+    "bf16 (fp16 without bf16); on the CPU in fp32, plus activations (docs/models.md)."
+)
+
+# BLIP-2's and InstructBLIP's sampling defaults, for the help without importing torch (tests/test_cli_commands.py
+# checks them against capfilt.blip2.LmSamplingSettings and capfilt.instructblip.CAPTION_INSTRUCTION)
+LM_MAX_LENGTH, LM_MIN_LENGTH = 30, 1
+CAPTION_INSTRUCTION = "A short image caption:"
 
 
 class _CommandsHelp(argparse.RawDescriptionHelpFormatter):
@@ -120,7 +138,7 @@ def add_bootstrap_arguments(boot: argparse.ArgumentParser) -> None:
 
     settings = BootstrapSettings()
     _add_data_flags(boot.add_argument_group("data"))
-    _add_model_flags(boot.add_argument_group("models"), settings)
+    _add_model_flags(boot.add_argument_group("models", MODELS_HELP), settings)
     _add_capfilt_flags(boot.add_argument_group("CapFilt (defaults: the paper's)"), settings)
     _add_runner_flags(boot.add_argument_group("runner"), settings)
     _add_download_flags(boot.add_argument_group("download (img2dataset)"))
@@ -158,10 +176,11 @@ def _add_model_flags(models, settings) -> None:
     from capfilt.precision import PRECISIONS
 
     models.add_argument("--captioner", default=None,
-                        help=f"captioner: HF folder, cached hub id, .pth or demo "
+                        help=f"captioner: HF folder, cached hub id, .pth or demo; BLIP, BLIP-2 or InstructBLIP "
                              f"(default: demo for DATA=demo, else {DEFAULT_CAPTIONER})")
     models.add_argument("--filter", default=None,
-                        help=f"filter (default: demo for DATA=demo, else {DEFAULT_FILTER})")
+                        help=f"filter: BLIP, BLIP-2's Q-Former, CLIP or SigLIP "
+                             f"(default: demo for DATA=demo, else {DEFAULT_FILTER})")
     models.add_argument("--captioner-tokenizer", default=None,
                         help="tokenizer for a .pth captioner (default: the one beside the .pth)")
     models.add_argument("--filter-tokenizer", default=None,
@@ -178,13 +197,19 @@ def _add_capfilt_flags(capfilt, settings) -> None:
     from capfilt.sampling_settings import METHODS, SamplingSettings
 
     sampling = SamplingSettings()
-    capfilt.add_argument("--threshold", type=float, default=settings.threshold,
-                         help="remove texts whose ITM match probability (0-1) is below this")
+    capfilt.add_argument("--by", default=None, choices=SCORE_NAMES,
+                         help="the score --threshold and --select top-N use: itm, the filter's ITM match "
+                              "probability (the paper's), or itc, its ITC cosine similarity (default: itm for a "
+                              "filter with an ITM head, itc for CLIP and SigLIP)")
+    capfilt.add_argument("--threshold", type=float, default=None,
+                         help=f"remove texts whose score is below this: by itm a probability in [0, 1], by itc a "
+                              f"cosine in [-1, 1] (default: {settings.threshold} by itm; by itc none: give one, or "
+                              "--select top-N alone ranks with no threshold)")
     capfilt.add_argument("-k", "--num-captions", type=int, default=settings.num_captions,
                          help="synthetic captions per image (K)")
     capfilt.add_argument("--select", default=settings.select, metavar="all|top-N",
                          help="texts of an image kept among those that pass: all (the paper's), or top-N, the N best "
-                              "by ITM score, web and synthetic together (BLIP-2 kept its top two); identical "
+                              "by the --by score, web and synthetic together (BLIP-2 kept its top two); identical "
                               "texts of an image are kept once either way")
     capfilt.add_argument("--dedup-images", action="store_true",
                          help="drop exact duplicate images (SHA-256 of the bytes): an image is kept at its first "
@@ -203,10 +228,16 @@ def _add_capfilt_flags(capfilt, settings) -> None:
                          help=f"nucleus sampling probability mass p (default: {own} {sampling.top_p})")
     capfilt.add_argument("--top-k", type=int, default=None,
                          help=f"tokens kept by top-k with nucleus sampling (default: {own} {sampling.top_k})")
+    counted = "BLIP counts the prompt's tokens, BLIP-2 and InstructBLIP new tokens only"
     capfilt.add_argument("--max-length", type=int, default=None,
-                         help=f"most caption tokens, prompt included (default: {own} {sampling.max_length})")
+                         help=f"most caption tokens; {counted} (default: {own} {sampling.max_length} for BLIP, "
+                              f"{LM_MAX_LENGTH} for the others)")
     capfilt.add_argument("--min-length", type=int, default=None,
-                         help=f"fewest caption tokens, prompt included (default: {own} {sampling.min_length})")
+                         help=f"fewest caption tokens; {counted} (default: {own} {sampling.min_length} for BLIP, "
+                              f"{LM_MIN_LENGTH} for the others)")
+    capfilt.add_argument("--instruction", default=None, metavar="TEXT",
+                         help=f"InstructBLIP's captioning instruction (default: {CAPTION_INSTRUCTION!r}, a template "
+                              "of the InstructBLIP paper)")
     capfilt.add_argument("--batch-size", type=int, default=settings.batch_size, help="images per model call")
     capfilt.add_argument("--seed", type=int, default=settings.seed,
                          help="sampling seed: each image's captions are drawn from (seed, its key)")
@@ -280,9 +311,9 @@ def refilter_parser() -> argparse.ArgumentParser:
     how.add_argument("--keep-fraction", type=float, default=None, metavar="F",
                      help="the threshold at which a share F in (0, 1] of the web texts pass, over all shards; texts "
                           "tied with the cut-off pass too")
-    parser.add_argument("--by", choices=("itm", "itc"), default="itm",
+    parser.add_argument("--by", choices=("itm", "itc"), default=None,
                         help="the score: itm, the ITM match probability (the paper's), or itc, the ITC cosine "
-                             "similarity of the filter's unimodal features")
+                             "similarity of the filter's unimodal features (default: the source run's)")
     parser.add_argument("--select", default=None, metavar="all|top-N",
                         help="texts of an image kept among those that pass, ranked by the same score (default: OUT's)")
     parser.add_argument("--dedup-images", action=argparse.BooleanOptionalAction, default=None,
@@ -305,7 +336,7 @@ def refilter(args) -> int:
     started = time.perf_counter()
     settings = RefilterSettings(threshold=args.threshold, keep_fraction=args.keep_fraction, by=args.by,
                                 select=args.select, dedup_images=args.dedup_images, input=args.input)
-    stats = split(settings, args.source, args.out, report=not args.no_report)
+    stats = split(settings, args.source, args.out, report=not args.no_report, show_progress=True)
     chosen, web = stats["settings"], stats["texts"][WEB]
     passed = web - stats["rejected_reasons"][BELOW_THRESHOLD][WEB]
     fraction = f" (--keep-fraction {chosen['keep_fraction']})" if chosen["keep_fraction"] is not None else ""
@@ -330,20 +361,56 @@ def torch_threads(args) -> int | None:
     return max(1, (os.cpu_count() or 1) // args.workers) if args.workers > 1 else None
 
 
+def model_families(captioner: str, filter_: str) -> tuple[str | None, str | None]:
+    """The captioner's and the filter's families from their config.json (``capfilt.model_kind``); None for a model
+    that cannot be read, which the pre-flight reports (``preflight.model_problems``)."""
+    from capfilt.checkpoints import CAPTIONER, FILTER, CheckpointError, resolve
+    from capfilt.model_kind import model_kind
+
+    found = []
+    for ref, role in ((captioner, CAPTIONER), (filter_, FILTER)):
+        try:
+            found.append(model_kind(resolve(ref, role), ref, role).family)
+        except (CheckpointError, FileNotFoundError):
+            found.append(None)
+    return found[0], found[1]
+
+
+def judging(args, filter_family: str | None) -> tuple[str, float | None]:
+    """``--by`` and ``--threshold`` as the run takes them: by the filter's own score unless told (ITC for a filter
+    without an ITM head); the paper's 0.5 by ITM, no threshold by ITC unless one is given."""
+    from capfilt.model_kind import judged_by
+
+    by = args.by or (judged_by(filter_family) if filter_family else BY_ITM)
+    if args.threshold is not None:
+        return by, args.threshold
+    return by, (ITM_THRESHOLD if by == BY_ITM else None)
+
+
 def settings_from_args(args):
-    """The run's ``BootstrapSettings`` from the flags; the models default by DATA."""
+    """The run's ``BootstrapSettings`` from the flags; the models default by DATA, their families are read from
+    their config.json. A choice the models cannot take is a ``UsageError`` naming the ways out."""
     from capfilt.pipelines.settings import BootstrapSettings
 
     captioner, filter_ = recipe.default_models(args.data)
+    captioner, filter_ = args.captioner or captioner, args.filter or filter_
+    captioner_family, filter_family = model_families(captioner, filter_)
+    by, threshold = judging(args, filter_family)
+    problems = preflight.judging_problems(filter_, filter_family, by, threshold, args.select)
+    problems += preflight.instruction_problems(captioner, captioner_family, args.instruction)
+    if problems:
+        raise preflight.PreflightError(problems)
     return BootstrapSettings(
-        captioner=args.captioner or captioner, filter=args.filter or filter_,
+        captioner=captioner, filter=filter_,
         captioner_tokenizer=args.captioner_tokenizer, filter_tokenizer=args.filter_tokenizer,
         device=args.device, precision=args.precision, torch_threads=torch_threads(args),
         decode_threads=args.decode_threads, num_captions=args.num_captions,
         sampling_overrides={name: value for name, value in (
             ("method", args.method), ("top_p", args.top_p), ("top_k", args.top_k),
-            ("max_length", args.max_length), ("min_length", args.min_length)) if value is not None},
-        threshold=args.threshold, select=args.select, dedup_images=args.dedup_images, batch_size=args.batch_size,
+            ("max_length", args.max_length), ("min_length", args.min_length),
+            ("instruction", args.instruction)) if value is not None},
+        by=by, captioner_family=captioner_family or "blip", filter_family=filter_family or "blip",
+        threshold=threshold, select=args.select, dedup_images=args.dedup_images, batch_size=args.batch_size,
         seed=args.seed, min_image_size=args.min_image_size,
     )
 
@@ -434,8 +501,16 @@ def run_from_args(args, unknown: list[str]) -> BootstrapRun:
     flag Beam does not know either is a problem the pre-flight lists with the others (``preflight.check``)."""
     options = beam_options(unknown)
     flag_problem = unknown_flags(options, args.runner)
+    try:
+        settings = settings_from_args(args)
+    except ValueError as error:  # no settings to run with: listed with the problems the flags alone show
+        captioner, filter_ = recipe.default_models(args.data)
+        problems = error.problems if isinstance(error, preflight.PreflightError) else [str(error)]
+        raise preflight.PreflightError([*([flag_problem] if flag_problem else []), *problems, *preflight.role_problems(
+            ((args.captioner or captioner, args.captioner_tokenizer), (args.filter or filter_, args.filter_tokenizer)))
+        ]) from None
     return BootstrapRun(
-        data=args.data, out=str(args.out), settings=settings_from_args(args),
+        data=args.data, out=str(args.out), settings=settings,
         download=download_settings_from_args(args),
         columns=url_list.Columns(url=args.url_col, caption=args.caption_col, no_caption=args.no_caption),
         keep_columns=tuple(c for c in args.keep_columns.split(",") if c), cache_dir=args.cache_dir,

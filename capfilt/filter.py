@@ -10,11 +10,12 @@ For every candidate text of an image it gives two scores:
 - ``itc``: the cosine similarity of the ``[CLS]`` unimodal text feature and
   the image feature, both projected to 256-d and L2-normalised (paper §3.2).
 
-Other families implement the same filter interface (``family``, ``judged_by``, ``source``, ``ref``, ``device``,
-``precision``, ``preprocess``, ``score(images, texts)``, ``score_pixels(pixels, texts)``): BLIP-2's Q-Former
-(``capfilt.blip2.Blip2Filter``, ITM and ITC) and CLIP / SigLIP (``capfilt.clip_ranker.ClipRanker``, ITC only:
-``TextScore.itm`` is None and ``judged_by`` is ``itc``). ``Filter.load`` returns the one the model's config.json
-names (``capfilt.families.load_filter``).
+``Filter`` is also the one filter interface (``family``, ``judged_by``, ``source``, ``ref``, ``device``,
+``precision``, ``preprocess``, ``score(images, texts)``, ``score_pixels(pixels, texts)``): ``Filter.load`` reads the
+model's config.json (``capfilt.model_kind``) and returns BLIP's filter or another family's, each in its own module
+and registered as a ``Filter`` (an ABC's virtual subclass): BLIP-2's Q-Former (``capfilt.blip2.Blip2Filter``, ITM
+and ITC) and CLIP / SigLIP (``capfilt.clip_ranker.ClipRanker``, ITC only: ``TextScore.itm`` is None and
+``judged_by`` is ``itc``). BLIP's ``[ENC]`` and ``pre_caption`` rules are on this class only.
 
 The image is encoded once for all its texts. Texts are normalised as BLIP's
 data loaders do (``pre_caption``) and cut at 35 tokens, as in BLIP's
@@ -24,6 +25,7 @@ retrieval code.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from abc import ABC
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -33,10 +35,12 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import BlipConfig, BlipForImageTextRetrieval
 
+from capfilt.blip2 import Blip2Filter
 from capfilt.checkpoints import FILTER, ModelSource, load_model
+from capfilt.clip_ranker import ClipRanker
 from capfilt.device import autocast, compute_in_fp32, pick_device
 from capfilt.images import ImagePreprocessor
-from capfilt.model_kind import require_blip
+from capfilt.model_kind import BLIP, BLIP2, CLIP, SIGLIP, family_for
 from capfilt.scores import TextScore
 from capfilt.tokenizer import pre_caption, special_ids
 
@@ -45,8 +49,9 @@ MAX_WORDS = 30  # BLIP's pre_caption in pre-training: at most 30 words
 
 
 @dataclass
-class Filter:
-    """A BLIP filter: for each image, any number of texts in, a ``TextScore`` per text out."""
+class Filter(ABC):
+    """A BLIP filter: for each image, any number of texts in, a ``TextScore`` per text out; and the interface of
+    every family's filter."""
 
     family: ClassVar[str] = "blip"  # capfilt.model_kind's family name
     judged_by: ClassVar[str] = "itm"  # the score a threshold applies to by default
@@ -79,10 +84,12 @@ class Filter:
     ) -> Filter:
         """Load from an HF folder, a cached hub id, an original ``.pth`` or ``demo`` (see ``checkpoints``).
 
-        BLIP only: ``capfilt.families.load_filter`` loads any family. A model that cannot filter, or of another
-        family, is a one-line error.
+        Any family: the model's config.json decides (``FAMILIES``); a model that cannot filter is a one-line error
+        naming what the filter accepts. ``config`` is for BLIP's ``.pth`` files only.
         """
-        require_blip(ref, FILTER, tokenizer)
+        family = family_for(ref, FILTER, tokenizer)
+        if family != BLIP:
+            return FAMILIES[family].load(ref, device=device, tokenizer=tokenizer, config=config, precision=precision)
         model, tokenizer, source = load_model(BlipForImageTextRetrieval, ref, FILTER, config, tokenizer)
         return cls(model=model, tokenizer=tokenizer, device=pick_device(device), source=source, precision=precision,
                    ref=str(ref))
@@ -161,3 +168,9 @@ class Filter:
             scores.append([TextScore(itm[j], itc[j]) for j in range(position, position + len(group))])
             position += len(group)
         return scores
+
+
+# The other families' filters, by capfilt.model_kind's family name; they implement this interface
+FAMILIES = {BLIP2: Blip2Filter, CLIP: ClipRanker, SIGLIP: ClipRanker}
+Filter.register(Blip2Filter)
+Filter.register(ClipRanker)

@@ -164,10 +164,20 @@ def upright_rgb(image: Image.Image, recorded: int | None = None) -> Image.Image:
 
 
 class ImagePreprocessor:
-    """PIL images (any mode, any size) -> a float tensor ``[B, 3, S, S]``."""
+    """PIL images (any mode, any size) -> a float tensor ``[B, 3, S, S]``.
+
+    A subclass that preprocesses otherwise (CLIP's centre crop: ``capfilt.clip_ranker``) overrides ``one``; its
+    ``key`` then differs, so that a job feeds each model its own pixels (``decode_for_model``).
+    """
 
     def __init__(self, image_size: int):
         self.image_size = image_size
+
+    @property
+    def key(self) -> tuple:
+        """What makes two preprocessors' pixels differ: the class (its ``one``) and the size. Equal keys, equal
+        pixels: models that share a key share one decoded input. A subclass with more parameters adds them."""
+        return (type(self), self.image_size)
 
     def one(self, image: Image.Image) -> torch.Tensor:
         """One image -> ``[3, S, S]``: RGB (``to_rgb``), bicubic to S x S, [0, 1], CLIP mean and std."""
@@ -203,22 +213,26 @@ class DecodedImage:
 
     width: int  # of the image as stored: before any reduction, and before the EXIF orientation is applied
     height: int
-    pixels: dict[int, torch.Tensor]  # model input size S -> [3, S, S], of the upright image
+    pixels: dict[tuple, torch.Tensor]  # a preprocessor's ``key`` -> its [3, S, S], of the upright image
+
+    def for_model(self, preprocessor: ImagePreprocessor) -> torch.Tensor:
+        """The pixels ``preprocessor`` makes of this image (one of those ``decode_for_model`` was given)."""
+        return self.pixels[preprocessor.key]
 
 
 def decode_for_model(data: bytes, preprocessors: Sequence[ImagePreprocessor],
                      orientation: int | None = None) -> DecodedImage:
-    """Decode ``data`` straight to each preprocessor's input; the full-size image is never kept.
+    """Decode ``data`` straight to each preprocessor's input (once per ``key``); the full-size image is never kept.
 
     The same pixels as ``decode_image`` (up to the reduction): ``to_rgb``, then the EXIF orientation.
     ``orientation``: one recorded beside the bytes (``recorded_orientation``), applied when the bytes carry
     none of their own. A clear ``ValueError`` when the bytes are not an image.
     """
-    sizes = {p.image_size: p for p in preprocessors}
+    wanted = {p.key: p for p in preprocessors}  # one input per kind of preprocessing and size
     try:
         with Image.open(io.BytesIO(data)) as image:
             width, height = image.size
-            floor = int(REDUCING_GAP * max(sizes))
+            floor = int(REDUCING_GAP * max(p.image_size for p in wanted.values()))
             if image.format == "JPEG":
                 image.draft("RGB", (floor, floor))  # DCT scaling: keeps each side >= floor
             image.load()
@@ -231,4 +245,4 @@ def decode_for_model(data: bytes, preprocessors: Sequence[ImagePreprocessor],
                 rgb = rgb.transpose(method)  # on the reduced image: cheaper (its blocks start at the stored corner)
     except Exception as error:
         raise ValueError(f"cannot decode image: {type(error).__name__}: {error}") from None
-    return DecodedImage(width, height, {size: p.one(rgb) for size, p in sizes.items()})
+    return DecodedImage(width, height, {key: p.one(rgb) for key, p in wanted.items()})

@@ -21,8 +21,10 @@ from capfilt.device import pick_device
 from capfilt.model_kind import INSTRUCTBLIP, QFORMER_TOKENIZER
 
 # The first of the InstructBLIP paper's image-captioning instruction templates (Dai et al. 2023, "InstructBLIP",
-# appendix table of instruction templates, "Image Captioning": "<Image>A short image caption:"); a short caption
-# is what CapFilt's captioner writes.
+# arXiv 2305.06500, appendix table of instruction templates, "Image Captioning": "<Image>A short image caption:"); a
+# short caption is what CapFilt's captioner writes. Not checked against the paper's PDF here (no network): the list
+# beginning "A short image caption:", "A short image description:", "A photo of", "An image that shows" is the one
+# that public instruction-tuning code reproduces as those templates.
 CAPTION_INSTRUCTION = "A short image caption:"
 # LAVIS's InstructBLIP generate() defaults where they differ from BLIP-2's (repetition_penalty 1.5)
 DEFAULTS = {"instruction": CAPTION_INSTRUCTION, "repetition_penalty": 1.5}

@@ -42,6 +42,7 @@ CLASSES = {
     (CLIP, FILTER): "CLIPModel",
     (SIGLIP, FILTER): "SiglipModel",
 }
+ITC_ONLY = (CLIP, SIGLIP)  # filters without an ITM head: they judge by their image-text similarity
 NAMES = {BLIP: "BLIP", BLIP2: "BLIP-2", INSTRUCTBLIP: "InstructBLIP", CLIP: "CLIP", SIGLIP: "SigLIP"}
 ACCEPTS = {
     CAPTIONER: "a BLIP captioner (BlipForConditionalGeneration, an original .pth or demo), BLIP-2 with OPT or Flan-T5 "
@@ -141,13 +142,17 @@ def check_role(ref: str | Path, role: str, tokenizer: str | Path | None = None) 
                               f"{', '.join(LM_TOKENIZER_FILES)}")
 
 
-def require_blip(ref: str | Path, role: str, tokenizer: str | Path | None = None) -> None:
-    """A one-line error unless ``ref`` is a BLIP model that can take ``role``: BLIP's own ``Captioner.load`` and
-    ``Filter.load`` call it before BLIP's loader, whose errors are as they were."""
+def family_for(ref: str | Path, role: str, tokenizer: str | Path | None = None) -> str:
+    """The family of the model at ``ref``, checked to take ``role`` (``check_role``'s one-line errors).
+
+    A BLIP model is left to BLIP's loader, whose errors (a tokenizer beside a ``.pth``, ...) are as they were.
+    """
     kind = model_kind(resolve(ref, role), ref, role)
-    if kind.family == BLIP and role in kind.roles():
-        return
-    check_role(ref, role, tokenizer)
-    loader = "load_captioner" if role == CAPTIONER else "load_filter"
-    raise CheckpointError(f"{role} {str(ref)!r} is a {NAMES[kind.family]} model: {role.capitalize()}.load reads "
-                          f"BLIP only; capfilt.families.{loader} loads every family")
+    if kind.family != BLIP or role not in kind.roles():
+        check_role(ref, role, tokenizer)
+    return kind.family
+
+
+def judged_by(family: str) -> str:
+    """The score a filter of ``family`` judges by unless told otherwise: ``itm``, or ``itc`` without an ITM head."""
+    return "itc" if family in ITC_ONLY else "itm"

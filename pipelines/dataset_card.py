@@ -83,7 +83,8 @@ def command(stats: dict, root: str, inputs: list[str]) -> str:
         data = folders[0] if len(folders) == 1 else "SHARDS"
         parts = ["capfilt", "bootstrap", "--data", data, "--out", root, "--captioner", settings["captioner"],
                  "--filter", settings["filter"], "-k", str(settings["num_captions"]),
-                 "--threshold", f"{settings['threshold']:g}", "--select", settings["select"],
+                 *(["--threshold", f"{settings['threshold']:g}"] if settings["threshold"] is not None else []),
+                 "--by", settings.get("by", "itm"), "--select", settings["select"],
                  "--seed", str(settings["seed"]), "--batch-size", str(settings["batch_size"])]
         for flag, key in (("--captioner-tokenizer", "captioner_tokenizer"), ("--filter-tokenizer", "filter_tokenizer")):
             if settings.get(key):
@@ -91,6 +92,14 @@ def command(stats: dict, root: str, inputs: list[str]) -> str:
         if settings["dedup_images"]:
             parts.append("--dedup-images")
     return " ".join(shlex.quote(str(part)) for part in parts)
+
+
+def threshold_text(settings: dict) -> str:
+    """The threshold and the score it was on; a top-N run without threshold ranks by the score alone."""
+    by = settings.get("by", "itm").upper()
+    if settings["threshold"] is None:
+        return f"none: each image's texts ranked by {by} ({settings['select']})"
+    return f"{settings['threshold']:.6g} on {by}"
 
 
 def _percent(value: float | None) -> str:
@@ -127,7 +136,7 @@ def render(stats: dict, root: str, inputs: list[str], columns: dict[str, list[tu
     made = [
         ("captioner", settings["captioner"]), ("filter", settings["filter"]),
         ("synthetic captions per image (K)", settings["num_captions"]),
-        ("threshold", f"{settings['threshold']:.6g} on {settings.get('by', 'itm').upper()}"),
+        ("threshold", threshold_text(settings)),
         ("select", settings["select"]), ("duplicate images dropped", settings["dedup_images"]),
         ("seed", settings["seed"]),
         ("sampling", ", ".join(f"{k} {json.dumps(v)}" for k, v in sorted(sampling.items())) or "–"),
@@ -139,9 +148,10 @@ def render(stats: dict, root: str, inputs: list[str], columns: dict[str, list[tu
         _yaml(stats), "",
         f"# CapFilt output: {posixpath.basename(root.rstrip('/')) or root}", "",
         "Image-text pairs bootstrapped with CapFilt (BLIP, Li et al. 2022): a captioner wrote synthetic captions "
-        "for each web image, and a filter (ITM) removed the texts, web or synthetic, that do not match their "
-        "image. `kept/` is the dataset; `rejected/` holds every removed text with its scores and reason, "
-        "`failed/` every input row that could not be judged. `stats.json` and `report.html` describe the run.", "",
+        "for each web image, and a filter (its ITM head, or an ITC similarity) removed the texts, web or "
+        "synthetic, that do not match their image. `kept/` is the dataset; `rejected/` holds every removed text "
+        "with its scores and reason, `failed/` every input row that could not be judged. `stats.json` and "
+        "`report.html` describe the run.", "",
         "## Load it", "",
         "```python",
         "from datasets import load_dataset",

@@ -1,10 +1,11 @@
 """``capfilt export-dataset``: CapFilt's kept/ as webdataset tar shards, for open_clip and other webdataset loaders.
 
-Each kept row becomes one sample, three tar members named by its key:
+Each kept row becomes one sample, three tar members named by its sample_id (made safe for webdataset, below):
 
-- ``{key}.jpg`` (``.png``, ``.webp``: the kept file's image column's name): the image bytes, as the input had them;
-- ``{key}.txt``: ``caption``, the kept text (UTF-8);
-- ``{key}.json``: every other column but the image, ``text`` (the same as ``caption``) and ``capfilt_config``
+- ``{sample_id}.jpg`` (``.png``, ``.webp``: the kept file's image column's name): the image bytes, as the input
+  had them;
+- ``{sample_id}.txt``: ``caption``, the kept text (UTF-8);
+- ``{sample_id}.json``: every other column but the image, ``text`` (the same as ``caption``) and ``capfilt_config``
   (the run's settings, the same in every row: they are in ``capfilt_export.json`` once): ``sample_id``, ``key``,
   ``url``, ``web_text``, ``source``, ``source_index``, ``itm_score``, ``itc_score``, ``image_sha256``, ``width``,
   ``height``, ``captioner``, ``filter`` and the input's own columns.
@@ -53,6 +54,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from capfilt.columns import IMAGE_COLUMNS
+from capfilt.console_progress import progress
+from capfilt.help_format import HelpWithDefaults
 from capfilt.pipelines.schema import read_provenance
 
 FORMATS = ("webdataset",)
@@ -163,8 +166,10 @@ def open_clip_command(out: str | Path, manifest: dict) -> str:
 
 
 def export_webdataset(sources: list[str], out: str | Path, samples_per_tar: int = SAMPLES_PER_TAR,
-                      min_tars: int = MIN_TARS) -> dict:
-    """Write the kept rows of ``sources`` as tars into ``out`` (a new or empty folder); returns the manifest."""
+                      min_tars: int = MIN_TARS, show_progress: bool = False) -> dict:
+    """Write the kept rows of ``sources`` as tars into ``out`` (a new or empty folder); returns the manifest.
+
+    ``show_progress``: samples written so far on stderr (``capfilt.console_progress``), as the command line does."""
     tar_sizes(1, samples_per_tar, min_tars)  # checks the sizes before anything is read
     files = kept_files(sources)
     for path in files:  # every file before any tar: a wrong input fails at once
@@ -173,6 +178,28 @@ def export_webdataset(sources: list[str], out: str | Path, samples_per_tar: int 
     out = Path(out)
     _ready(out)
     sizes: dict[str, int] = {}
+    try:
+        with progress(sum(plan), "export" if show_progress else None, unit="sample") as advance:
+            _write_tars(files, plan, out, sizes, advance)
+    finally:
+        for leftover in out.glob("*.tar.tmp"):  # an error mid-tar: no half tar is left with a final name
+            leftover.unlink(missing_ok=True)
+    names = list(sizes)
+    manifest = {"format": "webdataset", "from": [str(Path(path).resolve()) for path in files],
+                "samples": sum(sizes.values()), "tars": len(sizes), "tar_names": names,
+                "samples_per_tar": samples_per_tar, "min_tars": min_tars,
+                "capfilt": read_provenance(pq.read_schema(files[0]))}
+    index = {"__kind__": "wids-shard-index-v1", "wids_version": 1, "name": out.resolve().name,
+             "shardlist": [{"url": name, "nsamples": sizes[name], "filesize": (out / name).stat().st_size}
+                           for name in names]}
+    (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    (out / WIDS_INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    (out / SIZES_FILE).write_text(json.dumps(sizes, indent=2) + "\n")
+    return manifest
+
+
+def _write_tars(files: list[str], plan: list[int], out: Path, sizes: dict[str, int], advance) -> None:
+    """The samples of ``files`` into tars of ``plan``'s sizes, each renamed into place when full (into ``sizes``)."""
     tar, name, count, previous = None, "", 0, None
     try:
         for key, extension, data, caption, other in samples(files):
@@ -193,28 +220,16 @@ def export_webdataset(sources: list[str], out: str | Path, samples_per_tar: int 
                 tar = None
                 os.replace(out / f"{name}.tmp", out / name)
                 sizes[name] = count
+            advance(1)
     finally:
-        if tar is not None:  # an error mid-tar: no half tar is left with a final name
+        if tar is not None:
             tar.close()
-            (out / f"{name}.tmp").unlink(missing_ok=True)
-    names = list(sizes)
-    manifest = {"format": "webdataset", "from": [str(Path(path).resolve()) for path in files],
-                "samples": sum(sizes.values()), "tars": len(sizes), "tar_names": names,
-                "samples_per_tar": samples_per_tar, "min_tars": min_tars,
-                "capfilt": read_provenance(pq.read_schema(files[0]))}
-    index = {"__kind__": "wids-shard-index-v1", "wids_version": 1, "name": out.resolve().name,
-             "shardlist": [{"url": name, "nsamples": sizes[name], "filesize": (out / name).stat().st_size}
-                           for name in names]}
-    (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-    (out / WIDS_INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-    (out / SIZES_FILE).write_text(json.dumps(sizes, indent=2) + "\n")
-    return manifest
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="capfilt export-dataset", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Write CapFilt's kept/ as webdataset tars ({key}.jpg, .txt: the kept text, .json: the other "
+        prog="capfilt export-dataset", formatter_class=HelpWithDefaults,
+        description="Write CapFilt's kept/ as webdataset tars ({sample_id}.jpg, .txt: the kept text, .json: the other "
                     "columns) with sizes.json, for open_clip and other webdataset loaders.")
     parser.add_argument("--format", default="webdataset", choices=FORMATS, help="output format")
     parser.add_argument("--from", dest="sources", nargs="+", required=True, metavar="KEPT",
@@ -225,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="split a smaller export into this many tars (at least the DataLoader workers in all)")
     args = parser.parse_args(argv)
     try:
-        manifest = export_webdataset(args.sources, args.out, args.samples_per_tar, args.min_tars)
+        manifest = export_webdataset(args.sources, args.out, args.samples_per_tar, args.min_tars, show_progress=True)
     except (ExportError, OSError) as error:
         parser.exit(2, f"capfilt export-dataset: error: {error}\n")
     print(f"{manifest['samples']} samples in {manifest['tars']} tar(s) -> {args.out} (sizes in {SIZES_FILE}, a wids "

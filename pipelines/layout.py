@@ -305,8 +305,9 @@ class OutputLayout:
         path = self._path(RUN_FILE)
         if not FileSystems.exists(path):
             return False
-        earlier = json.loads(read_text(path))
-        if earlier == settings:
+        earlier = {**SETTINGS_BEFORE_FAMILIES, **json.loads(read_text(path))}
+        now = {**SETTINGS_BEFORE_FAMILIES, **settings}
+        if earlier == now:
             return True
         if self._unused():  # a run that stopped before any shard was done (a model that failed to load): no mix
             log.info("%s: no shard was done with its recorded settings; claiming it with these", self.root)
@@ -318,9 +319,9 @@ class OutputLayout:
                 "are listed in capfilt/pipelines/schema.py): finish it with the capfilt that made it, or write to a "
                 "new output folder; `capfilt refilter --from OUT --out NEW --threshold T` rewrites its finished "
                 "shards in this version without running the models")
-        changed = sorted(k for k in set(earlier) | set(settings) if earlier.get(k) != settings.get(k))
+        changed = sorted(k for k in set(earlier) | set(now) if earlier.get(k) != now.get(k))
         hint = ""
-        if set(changed) <= REFILTER_SETTINGS:
+        if set(changed) <= REFILTER_SETTINGS and settings.get("threshold") is not None:
             hint = (f"; or split it anew from its stored scores, without running the models: capfilt refilter "
                     f"--from {self.root} --out NEW --threshold {settings.get('threshold')}" +
                     "".join(f" {_refilter_flag(k, settings.get(k))}" for k in changed if k != "threshold"))
@@ -343,7 +344,9 @@ class OutputLayout:
 
 
 # Settings that ``capfilt refilter`` changes from stored scores (the changed-settings error names it for them).
-REFILTER_SETTINGS = {"threshold", "select", "dedup_images"}
+REFILTER_SETTINGS = {"threshold", "by", "select", "dedup_images"}
+# What a run recorded in _run.json before these settings existed meant: BLIP models, judged by ITM.
+SETTINGS_BEFORE_FAMILIES = {"by": "itm", "captioner_family": "blip", "filter_family": "blip"}
 
 
 def _refilter_flag(name: str, value) -> str:

@@ -15,9 +15,11 @@ never travel between workers. The steps are the paper's:
 3. the filter scores the web text and every synthetic caption of an image
    against that image (one image encoding); the selection rules
    (``capfilt.pipelines.selection.select``, a batch of images at a time, the
-   same code ``capfilt refilter`` runs) remove the texts whose ITM match
-   probability is below the threshold, then duplicate texts of the image and,
-   with ``--select top-N``, all but its N best; with ``--dedup-images``, an
+   same code ``capfilt refilter`` runs) remove the texts whose score is
+   below the threshold (the ITM match probability; by ``itc``, for a CLIP or
+   SigLIP filter without an ITM head, the ITC cosine similarity; no threshold
+   with ``--select top-N`` alone), then duplicate texts of the image and,
+   with ``--select top-N``, all but its N best by that score; with ``--dedup-images``, an
    image whose bytes the shard already kept loses its kept texts (reason
    ``duplicate image``; across shards: ``capfilt.pipelines.image_dedup``, at
    the run's end);
@@ -108,7 +110,7 @@ class Judged:
     sha256: str = ""  # hex SHA-256 of the image bytes, hashed in the decode thread
 
     def pixels(self, preprocessor: ImagePreprocessor) -> torch.Tensor:
-        return self.image.pixels[preprocessor.image_size]
+        return self.image.for_model(preprocessor)
 
 
 def decode(row: InputRow, settings: BootstrapSettings, preprocessors: Sequence[ImagePreprocessor]) -> Judged:
@@ -181,9 +183,10 @@ class ShardWriter:
             "web_text": row.caption, "stage": stage, "error": error, "status": row.status, **row.extra,
         })
 
-    def pair(self, judged: Judged, text: str, source: str, index: int, itm: float, itc: float,
+    def pair(self, judged: Judged, text: str, source: str, index: int, itm: float | None, itc: float,
              reason: str | None) -> None:
-        """One judged text: kept (``reason`` None, with the image) or rejected for ``reason``."""
+        """One judged text: kept (``reason`` None, with the image) or rejected for ``reason``; ``itm`` None (null)
+        from a filter without an ITM head."""
         row = judged.row
         record = {
             "sample_id": schema.sample_id(self.shard_id, row.index, source, index), "key": row.key, "url": row.url,
@@ -228,7 +231,7 @@ class ShardJob:
 
     def __init__(self, shard: InputShard, models: Models, settings: BootstrapSettings, layout: OutputLayout):
         self.shard, self.models, self.settings, self.layout = shard, models, settings, layout
-        self.stats = ShardStats(shard=shard.shard_id, input=shard.path, run=layout.run)
+        self.stats = ShardStats(shard=shard.shard_id, input=shard.path, run=layout.run, by=settings.by)
         self._progress_written: float | None = None  # not yet: the first batch writes it
         self._size: int | None = None  # the shard's rows, as img2dataset recorded them (for the ETA)
         self.preprocessors = (models.captioner.preprocess, models.filter.preprocess)
@@ -361,20 +364,21 @@ class ShardJob:
         example."""
         candidates = [candidate for _, texts, _ in scored for candidate in texts]
         scores = [score for _, _, text_scores in scored for score in text_scores]
-        itm = [score.itm for score in scores]
-        codes = select(self.settings, [len(texts) for _, texts, _ in scored], itm,
+        judged_by = [getattr(score, self.settings.by) for score in scores]  # what rule 1 and top-N read
+        codes = select(self.settings, [len(texts) for _, texts, _ in scored], judged_by,
                        lambda start, stop: [text for _, _, text in candidates[start:stop]],
                        [judged.sha256 for judged, _, _ in scored], self.stats.kept_images)
         self.stats.images += len(scored)
         self.stats.web_missing += sum(1 for _, texts, _ in scored if texts[0][0] != schema.WEB)
-        self.stats.add_texts([source for source, _, _ in candidates], itm, codes)
+        self.stats.add_texts([source for source, _, _ in candidates], judged_by, codes)
         images = [judged for judged, texts, _ in scored for _ in texts]
         why = REASON_OF_CODE[codes].tolist()
         for judged, (source, index, text), score, reason in zip(images, candidates, scores, why):
             writer.pair(judged, text, source, index, score.itm, score.itc, reason)
         for i in self.stats.wanted_samples([source for source, _, _ in candidates], codes == KEPT_CODE):
             (source, _, text), row = candidates[i], images[i].row
-            self.stats.samples.append(example(row.key, text, source, itm[i], why[i], row.image, row.extra.get("exif")))
+            self.stats.samples.append(example(row.key, text, source, judged_by[i], why[i], row.image,
+                                              row.extra.get("exif"), self.settings.by))
 
     def _caption(self, items: Sequence[Judged], k: int) -> list[list[str]]:
         captioner = self.models.captioner

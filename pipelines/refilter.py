@@ -22,10 +22,16 @@ scores of a fresh run are OUT's, and the rules are the pipeline's.
   dataset's own pairs, the pool DataComp's filters keep a share of; a share
   of all texts would move with K, the synthetic captions per image.
 - ``by`` ``itm`` (the paper's: the ITM match probability, 0 to 1) or ``itc``
-  (the ITC cosine similarity of the filter's unimodal features, -1 to 1).
-  ``--by itc --keep-fraction F`` is DataComp's CLIP-score filter (keep the
-  pairs with the highest image-text cosine similarity) on the filter's own
-  ITC head. With ``--select top-N`` texts are ranked by the same score.
+  (the ITC cosine similarity of the filter's unimodal features, -1 to 1);
+  by default the source run's (``itc`` for a run with a CLIP or SigLIP
+  filter). ``--by itc --keep-fraction F`` is DataComp's CLIP-score filter
+  (keep the pairs with the highest image-text cosine similarity) on the
+  filter's own ITC head. With ``--select top-N`` texts are ranked by the
+  same score. A source whose filter has no ITM head stores no ``itm_score``
+  (null): ``by`` ``itm`` on it is an error that says so, before anything is
+  written. A run without a threshold (``select`` top-N alone) is refiltered
+  with one; ``--by itc --threshold -1`` passes every text, as no threshold
+  does.
 - ``select`` and ``dedup_images``: OUT's unless given.
 
 Per shard (``refilter_shard``), vectorised with pyarrow and numpy, one shard
@@ -56,10 +62,10 @@ in memory at a time (its texts, and the image bytes of its kept/):
 Then, with ``dedup_images``, the pipeline's cross-shard step
 (``capfilt.pipelines.image_dedup``), and the summary. A rerun into the same
 OUT2 skips finished shards; OUT2's ``_run.json`` holds its settings: OUT's,
-with the new ``threshold``, ``select`` and ``dedup_images``, and ``by``,
+with the new ``threshold``, ``by``, ``select`` and ``dedup_images``, and
 ``keep_fraction`` and ``refiltered_from`` (OUT). The same settings are in
 every file's provenance and every row's ``capfilt_config``: a refiltered
-row's config is a fresh run's plus those three keys.
+row's config is a fresh run's plus those two keys.
 
 A source of schema version 4 (markers in ``_done/``, kept/ and rejected/ without
 ``status`` and ``error_message``) is read as it is, and OUT2 is written in this
@@ -83,19 +89,20 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
 from capfilt.columns import IMAGE_COLUMNS
+from capfilt.console_progress import progress
 from capfilt.pipelines import schema
 from capfilt.pipelines.layout import FAILED, KEPT, REJECTED, RUN_FILE, OutputLayout, read_text
 from capfilt.pipelines.image_dedup import drop_duplicate_images
 from capfilt.pipelines.parquet_writer import ROW_GROUP_ROWS, write_groups, write_table
 from capfilt.pipelines.report import example, write_summary
-from capfilt.pipelines.selection import KEPT_CODE, REASON_OF_CODE, SELECT_ALL, parse_select, select
+from capfilt.pipelines.selection import (
+    BY_ITC, BY_ITM, KEPT_CODE, REASON_OF_CODE, SCORE_RANGES, SELECT_ALL, parse_select, select,
+)
 from capfilt.pipelines.shards import DamagedShardError, InputShard, ShardError, ShardReader, list_shards
 from capfilt.pipelines.stats import ShardStats
 
-BY_ITM, BY_ITC = "itm", "itc"
 BY = (BY_ITM, BY_ITC)
 SCORE_COLUMNS = {BY_ITM: "itm_score", BY_ITC: "itc_score"}
-SCORE_RANGES = {BY_ITM: (0.0, 1.0), BY_ITC: (-1.0, 1.0)}  # a probability; a cosine similarity
 # From version 3 rejected/ holds every removed text with its scores and reason; from version 4 a row's place (in
 # sample_id, and where refilter finds its image in the input shard) is its place in key order.
 MIN_SCHEMA_VERSION = 4
@@ -103,7 +110,7 @@ MIN_SCHEMA_VERSION = 4
 NEEDED_COLUMNS = {"sample_id", "key", "source", "source_index", "caption", "itm_score", "itc_score", "image_sha256",
                   "capfilt_config"}
 # The settings a refilter adds to its source's (in _run.json, stats.json, every file's and row's config).
-REFILTER_KEYS = ("by", "keep_fraction", "refiltered_from")
+REFILTER_KEYS = ("keep_fraction", "refiltered_from")
 
 
 class RefilterError(ValueError):
@@ -118,7 +125,8 @@ class RefilterSettings:
       [-1, 1]); None: from ``keep_fraction``.
     - ``keep_fraction``: in (0, 1]: the threshold that makes this share of the web texts pass (the module's
       docstring); None: ``threshold`` is given.
-    - ``by`` ``itm`` (the default, the paper's filter) or ``itc`` (DataComp's CLIP score, on the filter's ITC head).
+    - ``by`` ``itm`` (the paper's filter) or ``itc`` (DataComp's CLIP score, on the filter's ITC head); None (the
+      default): the source run's (``itm`` for a source of an older capfilt).
     - ``select`` (``all`` or ``top-N``) and ``dedup_images``: None (the default) keeps the source run's.
     - ``input``: where the source's input shards are now (a folder, glob or file; their ids are matched); None
       (the default): the paths the source recorded.
@@ -126,7 +134,7 @@ class RefilterSettings:
 
     threshold: float | None = None
     keep_fraction: float | None = None
-    by: str = BY_ITM
+    by: str | None = None
     select: str | None = None
     dedup_images: bool | None = None
     input: str | None = None
@@ -134,28 +142,34 @@ class RefilterSettings:
     def __post_init__(self):
         if (self.threshold is None) == (self.keep_fraction is None):
             raise RefilterError("give either a threshold or a keep fraction (exactly one of them)")
-        if self.by not in BY:
-            raise RefilterError(f"by must be one of {BY}, not {self.by!r}")
-        low, high = SCORE_RANGES[self.by]
-        if self.threshold is not None and not low <= self.threshold <= high:
-            raise RefilterError(f"a threshold on {SCORE_COLUMNS[self.by]} is in [{low}, {high}], not {self.threshold}")
+        if self.by is not None:
+            if self.by not in BY:
+                raise RefilterError(f"by must be one of {BY}, not {self.by!r}")
+            check_threshold(self.threshold, self.by)
         if self.keep_fraction is not None and not 0.0 < self.keep_fraction <= 1.0:
             raise RefilterError(f"the keep fraction is a share of the web texts in (0, 1], not {self.keep_fraction}")
         if self.select is not None:
             parse_select(self.select)
 
 
+def check_threshold(threshold: float | None, by: str) -> None:
+    """A ``RefilterError`` unless ``threshold`` (None: from a keep fraction) is in the range of the ``by`` score."""
+    low, high = SCORE_RANGES[by]
+    if threshold is not None and not low <= threshold <= high:
+        raise RefilterError(f"a threshold on {SCORE_COLUMNS[by]} is in [{low}, {high}], not {threshold}")
+
+
 @dataclass(frozen=True)
 class Plan:
     """One refilter's resolved selection. ``settings`` (the output's ``_run.json``) is the source's settings
-    with the new ``threshold``, ``select``, ``dedup_images`` and ``REFILTER_KEYS``. Like ``BootstrapSettings`` it
+    with the new ``threshold``, ``by``, ``select``, ``dedup_images`` and ``REFILTER_KEYS``. Like ``BootstrapSettings`` it
     has what the selection (``selection.Rules``: ``threshold``, ``top_n``, ``dedup_images``) and the summary
     (``report.SummarySettings``: ``provenance()``, ``dedup_images``) read of a run's settings."""
 
     settings: dict
 
     @property
-    def threshold(self) -> float:
+    def threshold(self) -> float | None:
         return self.settings["threshold"]
 
     @property
@@ -179,7 +193,7 @@ class Plan:
 
     def config(self, source_config: dict) -> dict:
         """A source file's config (its settings and the sampling used) with this refilter's settings."""
-        return {**source_config, **{k: self.settings[k] for k in ("schema_version", "threshold", "select",
+        return {**source_config, **{k: self.settings[k] for k in ("schema_version", "threshold", "by", "select",
                                                                   "dedup_images", *REFILTER_KEYS)}}
 
 
@@ -231,16 +245,38 @@ def keep_fraction_threshold(scores: np.ndarray, fraction: float) -> float:
     return float(np.partition(scores, scores.size - keep)[scores.size - keep])
 
 
+def check_scored(source: OutputLayout, shard_ids: list[str], column: str, run_settings: dict) -> None:
+    """A ``RefilterError`` when the source stores no ``column`` (``itm_score`` of a filter without an ITM head),
+    found in the first shard with files (one column read), before anything is written."""
+    for shard_id in shard_ids:
+        paths = [path for path in (source.output(KEPT, shard_id), source.output(REJECTED, shard_id))
+                 if FileSystems.exists(path)]
+        if not paths:  # a damaged input shard of which nothing could be read
+            continue
+        scores = [_read(path, [column]).column(column) for path in paths]
+        if not sum(len(s) for s in scores):  # no judged text (every row failed): the next shard tells
+            continue
+        if all(s.null_count == len(s) for s in scores):
+            other = BY_ITC if column == SCORE_COLUMNS[BY_ITM] else BY_ITM
+            raise RefilterError(
+                f"{source.root} stores no {column}: its filter {run_settings.get('filter')!r} "
+                f"({run_settings.get('filter_family', 'blip')}) has no such head; refilter it --by {other}")
+        return
+
+
 def make_plan(settings: RefilterSettings, source: OutputLayout, run_settings: dict, shard_ids: list[str]) -> Plan:
-    """The output's settings: the source's, with the selection ``settings`` asks for."""
+    """The output's settings: the source's, with the selection ``settings`` asks for (``by``: the source's unless
+    given)."""
+    by = settings.by or run_settings.get("by") or BY_ITM
+    check_threshold(settings.threshold, by)
+    check_scored(source, shard_ids, SCORE_COLUMNS[by], run_settings)
     threshold = settings.threshold
     if settings.keep_fraction is not None:
-        threshold = keep_fraction_threshold(web_scores(source, shard_ids, SCORE_COLUMNS[settings.by]),
-                                            settings.keep_fraction)
+        threshold = keep_fraction_threshold(web_scores(source, shard_ids, SCORE_COLUMNS[by]), settings.keep_fraction)
     select = run_settings.get("select", SELECT_ALL) if settings.select is None else settings.select
     dedup = bool(run_settings.get("dedup_images", False)) if settings.dedup_images is None else settings.dedup_images
     return Plan({**run_settings, "schema_version": schema.SCHEMA_VERSION, "threshold": threshold, "select": select,
-                 "dedup_images": dedup, "by": settings.by,
+                 "dedup_images": dedup, "by": by,
                  "keep_fraction": settings.keep_fraction, "refiltered_from": source.root})
 
 
@@ -381,8 +417,9 @@ def _judged_texts(kept: pa.Table, rejected: pa.Table, shard_id: str, path: str) 
     return texts, rows[order]
 
 
-def _check_judged(texts: pa.Table, marker: dict, source: OutputLayout) -> None:
-    """The texts are those the shard's marker counts (per source), each with both scores."""
+def _check_judged(texts: pa.Table, marker: dict, source: OutputLayout, column: str) -> None:
+    """The texts are those the shard's marker counts (per source), each with the score ``column`` it is judged by
+    (a filter without an ITM head stores no ``itm_score``, and needs none)."""
     shard_id = marker["shard"]
     sources = texts.column("source")
     judged = {name: pc.sum(pc.equal(sources, name)).as_py() or 0 for name in schema.SOURCES}
@@ -390,9 +427,8 @@ def _check_judged(texts: pa.Table, marker: dict, source: OutputLayout) -> None:
     if judged != expected:
         raise RefilterError(f"shard {shard_id} of {source.root}: kept/ and rejected/ hold {judged} texts, its marker "
                             f"counts {expected}: the folder is not what its run wrote")
-    for column in ("itm_score", "itc_score"):
-        if texts.column(column).null_count:
-            raise RefilterError(f"shard {shard_id} of {source.root} has texts without {column}: nothing to refilter by")
+    if texts.column(column).null_count:
+        raise RefilterError(f"shard {shard_id} of {source.root} has texts without {column}: nothing to refilter by")
 
 
 def _image_starts(rows: np.ndarray) -> np.ndarray:
@@ -409,7 +445,8 @@ def _select(plan: Plan, texts: pa.Table, rows: np.ndarray, stats: ShardStats) ->
                    lambda start, stop: captions.slice(start, stop - start).to_pylist(),
                    texts.column("image_sha256").take(pa.array(starts, pa.int64())).to_pylist(), stats.kept_images)
     stats.images = len(starts)
-    stats.add_texts(texts.column("source").to_numpy(zero_copy_only=False), texts.column("itm_score").to_numpy(), codes)
+    stats.add_texts(texts.column("source").to_numpy(zero_copy_only=False), texts.column(plan.score_column).to_numpy(),
+                    codes)
     stats.web_missing = stats.images - stats.kept[schema.WEB] - stats.rejected[schema.WEB]
     return codes
 
@@ -493,7 +530,7 @@ def _write_files(folder: str, plan: Plan, shard: SourceShard, texts: pa.Table, c
     return files
 
 
-def _take_samples(stats: ShardStats, texts: pa.Table, codes: np.ndarray, pool: ImagePool) -> None:
+def _take_samples(plan: Plan, stats: ShardStats, texts: pa.Table, codes: np.ndarray, pool: ImagePool) -> None:
     """The report's examples, chosen as the pipeline chooses them (``ShardStats.wanted_samples``) among the texts
     whose image bytes are at hand."""
     shas = texts.column("image_sha256")
@@ -501,8 +538,9 @@ def _take_samples(stats: ShardStats, texts: pa.Table, codes: np.ndarray, pool: I
     picks = stats.wanted_samples(texts.column("source").to_numpy(zero_copy_only=False), codes == KEPT_CODE, usable)
     for i in picks:
         row = texts.slice(i, 1).to_pylist()[0]
-        stats.samples.append(example(row["key"], row["caption"], row["source"], row["itm_score"],
-                                     REASON_OF_CODE[codes[i]], pool.get(row["image_sha256"]), row.get("exif")))
+        stats.samples.append(example(row["key"], row["caption"], row["source"], row[plan.score_column],
+                                     REASON_OF_CODE[codes[i]], pool.get(row["image_sha256"]), row.get("exif"),
+                                     plan.by))
 
 
 def _shard_stats(marker: dict) -> ShardStats:
@@ -529,9 +567,10 @@ def refilter_shard(plan: Plan, source: OutputLayout, target: OutputLayout, marke
     shard = read_source_shard(source, shard_id)
     # 1. Every judged text once, in the pipeline's order, as the shard's marker counts them, with its scores.
     texts, rows = _judged_texts(shard.kept, shard.rejected, shard_id, kept_path)
-    _check_judged(texts, marker, source)
+    _check_judged(texts, marker, source, plan.score_column)
     # 2. The rules, and the counts.
     stats = _shard_stats(marker)
+    stats.by = plan.by  # its histogram: of the score that judges
     stats.run = target.run  # this job's shards: the report's "this job" time
     codes = _select(plan, texts, rows, stats)
     stats.check(int(plan.settings["num_captions"]))  # every input row and every text accounted for
@@ -541,7 +580,7 @@ def refilter_shard(plan: Plan, source: OutputLayout, target: OutputLayout, marke
     folder = target.temp_dir(shard_id)
     try:
         files = _write_files(folder, plan, shard, texts, codes, pool)
-        _take_samples(stats, texts, codes, pool)
+        _take_samples(plan, stats, texts, codes, pool)
         stats.seconds = time.perf_counter() - started
         new_marker = {**stats.to_dict(), "sampling": marker.get("sampling")}
         target.commit(shard_id, files, new_marker, keys=_key_hashes(source, shard_id),
@@ -567,10 +606,12 @@ def _same_folder(a: str, b: str) -> bool:
     return os.path.realpath(a) == os.path.realpath(b)
 
 
-def refilter(settings: RefilterSettings, source: str, out: str, report: bool = True) -> dict:
+def refilter(settings: RefilterSettings, source: str, out: str, report: bool = True,
+             show_progress: bool = False) -> dict:
     """Write ``out`` from ``source``'s stored scores with ``settings``; returns its stats (``stats.json``).
 
-    Resumes: shards finished in ``out`` by an earlier refilter with the same settings are kept.
+    Resumes: shards finished in ``out`` by an earlier refilter with the same settings are kept. ``show_progress``:
+    shards done so far on stderr (``capfilt.console_progress``), as the command line does.
     """
     if _same_folder(source, out):
         raise RefilterError(f"--out {out} is the source folder: write the new split to a folder of its own")
@@ -586,9 +627,11 @@ def refilter(settings: RefilterSettings, source: str, out: str, report: bool = T
     layout = layout.start_run(local=True)
     inputs = Inputs(source_layout, settings.input)
     try:
-        for marker in markers:
-            if not layout.is_done(marker["shard"]):
-                refilter_shard(plan, source_layout, layout, marker, inputs)
+        with progress(len(markers), "refilter" if show_progress else None, unit="shard") as advance:
+            for marker in markers:
+                if not layout.is_done(marker["shard"]):
+                    refilter_shard(plan, source_layout, layout, marker, inputs)
+                advance(1)
         if plan.dedup_images:
             drop_duplicate_images(layout)
         return write_summary(layout, plan, len(markers), report=report)

@@ -1,18 +1,18 @@
 """A CapFilt run's ``stats.json`` and ``report.html``, built from its shards' completion markers.
 
-The markers (``.capfilt/done/{shard}.json``) hold each shard's counts, its ITM score
-histogram and a few example pairs with thumbnails, so the run's summary
+The markers (``.capfilt/done/{shard}.json``) hold each shard's counts, the histogram
+of the score that judged it and a few example pairs with thumbnails, so the run's summary
 needs no second pass over the data and includes shards finished by earlier
 (interrupted) runs. The report shows the counts per source, the paper's
 noise ratio (the share of web texts and of synthetic captions the filter
 removes; §4.2), why texts were removed (below the threshold, duplicate text,
-not in the top n, duplicate image), duplicate keys and images, an ITM score
-histogram (inline SVG) and examples of kept and removed pairs. With
+not in the top n, duplicate image), duplicate keys and images, a histogram of the
+score that judged (inline SVG: the ITM match probability, or the ITC cosine similarity
+for a run by ITC) and examples of kept and removed pairs. With
 ``--dedup-images`` a shard's counts include the rows the cross-shard step moved
 (``capfilt.pipelines.image_dedup``). A split made by ``capfilt refilter``
-(``capfilt.pipelines.refilter``) is summed the same way; its report says so,
-and names the score that judged (ITM, or ITC: then the histogram, of ITM
-scores, has no threshold line). A shard's examples are made here
+(``capfilt.pipelines.refilter``) is summed the same way; its report says so.
+The page and ``stats.json`` (``by``) name the score that judged. A shard's examples are made here
 (``example``, with its ``thumbnail``), by the pipeline and by refilter alike.
 
 For someone deciding whether to train on the output, the page opens with the
@@ -41,7 +41,9 @@ from capfilt.pipelines.histogram import COLOURS, TITLES, histogram_svg
 from capfilt.pipelines.image_dedup import apply_record, read_record
 from capfilt.pipelines.layout import FAILED, KEPT, REJECTED, OutputLayout, read_text
 from capfilt.pipelines.schema import BELOW_THRESHOLD, DUPLICATE_IMAGE, REASONS, SCHEMA_VERSION, SOURCES, STAGES
-from capfilt.pipelines.stats import MAX_KEY_EXAMPLES, duplicates_across, image_hash, key_hash, merge, run_timing
+from capfilt.pipelines.stats import (
+    MAX_KEY_EXAMPLES, duplicates_across, image_hash, judged_histogram, key_hash, merge, run_timing,
+)
 
 EXAMPLES_PER_OUTCOME = 12  # example cards per outcome (kept, removed) on the report, from the first shards' samples
 FAILED_EXAMPLES_PER_STAGE = 3  # failed rows (key, URL, error) shown per stage, from the first shards with any
@@ -74,11 +76,12 @@ def thumbnail(data: bytes, exif: str | None = None) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def example(key: str, text: str, source: str, itm: float, reason: str | None, image: bytes,
-            exif: str | None) -> dict:
+def example(key: str, text: str, source: str, score: float, reason: str | None, image: bytes,
+            exif: str | None, by: str = "itm") -> dict:
     """A judged text as an example of the report (a shard's ``samples``, chosen by ``ShardStats.wanted_samples``):
-    kept when ``reason`` is None, with a thumbnail of its image."""
-    return {"key": key, "text": text, "source": source, "itm": round(itm, 4), "kept": reason is None,
+    kept when ``reason`` is None, with a thumbnail of its image; ``score`` is the one it was judged by (``by``),
+    stored under that name (``itm`` or ``itc``)."""
+    return {"key": key, "text": text, "source": source, by: round(float(score), 4), "kept": reason is None,
             "reason": reason, "thumbnail": thumbnail(image, exif)}
 
 
@@ -143,9 +146,9 @@ def build_stats(markers: list[dict], settings: SummarySettings, selected_shards:
     """
     from capfilt.pipelines.keep_share import keep_share_warnings  # the rule the command line exits by (--strict)
 
-    totals = merge(markers)
-    totals.pop("shards")
     provenance = settings.provenance()
+    totals = merge(markers, provenance.get("by", "itm"))  # a run (or source) of an older capfilt judged by ITM
+    totals.pop("shards")
     return {
         "schema_version": SCHEMA_VERSION,
         "capfilt_version": capfilt.__version__,
@@ -164,10 +167,11 @@ def build_stats(markers: list[dict], settings: SummarySettings, selected_shards:
 
 
 class _Judged:
-    """The settings ``keep_share_warnings`` names (threshold, captioner, filter), from a run's provenance."""
+    """The settings ``keep_share_warnings`` names (threshold, by, captioner, filter), from a run's provenance."""
 
     def __init__(self, provenance: dict):
         self.threshold, self.captioner, self.filter = (provenance.get(k) for k in ("threshold", "captioner", "filter"))
+        self.by = provenance.get("by") or "itm"
 
 
 def failed_examples(layout: OutputLayout, markers: list[dict], per_stage: int = FAILED_EXAMPLES_PER_STAGE) -> dict:
@@ -230,11 +234,17 @@ def _example_cards(examples: list[dict]) -> str:
         return "<p>none</p>"
     cards = [
         f'<figure><img src="{e["thumbnail"]}" alt="{html.escape(e["key"])}">'
-        f'<figcaption><b>{html.escape(e["source"])}</b> · ITM {e["itm"]:.3f}<br>{html.escape(e["text"])}'
+        f'<figcaption><b>{html.escape(e["source"])}</b> · {_score_label(e)}<br>{html.escape(e["text"])}'
         f'<br><small>{html.escape(e["key"])}{_reason_note(e.get("reason"))}</small></figcaption></figure>'
         for e in examples
     ]
     return '<div class="cards">' + "".join(cards) + "</div>"
+
+
+def _score_label(example_: dict) -> str:
+    """An example's score, named: ``ITM 0.912`` or ``ITC 0.305`` (the one it was judged by)."""
+    by = "itc" if "itc" in example_ else "itm"
+    return f"{by.upper()} {example_[by]:.3f}"
 
 
 def _reason_note(reason: str | None) -> str:
@@ -295,10 +305,14 @@ def _damaged_section(damaged: list[dict]) -> str:
 
 
 def _criterion(settings: dict) -> str:
-    """What removes a text: the threshold on the score it was judged by (a refiltered run's may be ITC's)."""
-    by_itc = settings.get("by") == "itc"  # capfilt.pipelines.refilter; a bootstrap run judges by ITM
+    """What removes a text: the threshold on the score it was judged by (ITM, or ITC: a CLIP or SigLIP filter, or
+    a run or refilter by ITC); none with select top-N alone."""
+    by_itc = settings.get("by") == "itc"  # settings of an older capfilt: its bootstrap runs judged by ITM
     score = "ITC cosine similarity (DataComp's CLIP score, on the filter's ITC head)" if by_itc else \
         "ITM match probability"
+    if settings.get("threshold") is None:
+        return (f"no threshold: no text is removed as noise; the {settings.get('select')} texts of each image by "
+                f"{score} are kept")
     text = f"a text is removed when its {score} is below {settings['threshold']:.6g}"
     if settings.get("keep_fraction") is not None:
         text += f" (the threshold at which {settings['keep_fraction']:.2%} of the web texts pass)"
@@ -418,7 +432,7 @@ def render_report(stats: dict, markers: list[dict]) -> str:
         from capfilt.pipelines.keep_share import keep_share_warnings
 
         warnings = keep_share_warnings(stats, _Judged(settings))
-    by_itc = settings.get("by") == "itc"
+    score, score_range, counts = judged_histogram(stats)
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>CapFilt report</title>
 <style>
@@ -449,9 +463,8 @@ figure img {{ width: 96px; height: 96px; object-fit: contain; background: #eee; 
 <p>The noise ratio is the share of a source's judged texts the filter removed as below the threshold (BLIP §4.2);
 {html.escape(_criterion(settings))}.</p>
 {_warnings(warnings)}
-<h2 id="histogram">ITM score histogram</h2>
-{histogram_svg(stats['itm_histogram'], None if by_itc else settings['threshold'])}
-{'<p>This split was judged by ITC: the threshold is not on this axis, so no line is drawn.</p>' if by_itc else ''}
+<h2 id="histogram">{score.upper()} score histogram</h2>
+{histogram_svg(counts, settings['threshold'], score, score_range)}
 <h2>Texts and noise ratio</h2>
 <table><tr><th>source</th><th>texts</th><th>kept</th><th>removed</th><th>noise ratio</th></tr>{rows}</table>
 {_reasons_table(stats)}

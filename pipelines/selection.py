@@ -8,7 +8,9 @@ first of these rules that applies (its ``reason`` in rejected/):
    paper's filter (BLIP §3.3, CapFilt): a text is noise when the ITM head
    judges it unmatched to its image, i.e. its match probability is below 0.5
    (``capfilt.scores.ITM_THRESHOLD``). The only rule that judges a text as
-   noise. ``capfilt refilter --by itc`` judges by the ITC cosine instead;
+   noise. A run ``by`` ``itc`` (a filter without an ITM head: CLIP, SigLIP;
+   or ``capfilt refilter --by itc``) judges by the ITC cosine instead. No
+   threshold (None, with ``--select top-N`` only) passes every text;
 2. ``duplicate text`` (``later_rules``): its normalised text (``normalise``:
    lower case, whitespace collapsed and stripped) equals that of an earlier
    candidate of the same image that passed rule 1. So of identical texts the
@@ -17,7 +19,7 @@ first of these rules that applies (its ``reason`` in rejected/):
    alike (it normalises more, with BLIP's ``pre_caption``, ``data/utils.py``),
    so scores would not tell them apart anyway;
 3. ``not in top n`` (``later_rules``, ``--select top-N``): the image has N
-   better texts left after rules 1-2, ranked by the score (web and synthetic
+   better texts left after rules 1-2, ranked by the same score (web and synthetic
    together; equal scores in candidate order). BLIP-2 (§3.4, pre-training
    data) kept the top two of its captions and web text. ``--select all`` (the
    default, BLIP's) keeps every text left;
@@ -50,6 +52,9 @@ import numpy as np
 from capfilt.pipelines.schema import BELOW_THRESHOLD, DUPLICATE_IMAGE, DUPLICATE_TEXT, NOT_IN_TOP_N, REASONS
 
 SELECT_ALL = "all"  # the default: every text that passes the threshold (the paper's)
+BY_ITM, BY_ITC = "itm", "itc"  # the score a run judges by: the ITM match probability, the ITC cosine similarity
+SCORE_RANGES = {BY_ITM: (0.0, 1.0), BY_ITC: (-1.0, 1.0)}  # a probability; a cosine similarity
+SCORE_NAMES = {BY_ITM: "ITM match probability", BY_ITC: "ITC cosine similarity"}
 _TOP = re.compile(r"top-([0-9]+)")
 
 # A text's outcome as a small integer (int8): KEPT_CODE, or the code of its reason (in schema.REASONS' order).
@@ -62,7 +67,7 @@ class Rules(Protocol):
     """What the selection reads of a run's settings: ``BootstrapSettings`` and a refilter's ``Plan`` have it."""
 
     @property
-    def threshold(self) -> float: ...
+    def threshold(self) -> float | None: ...
 
     @property
     def top_n(self) -> int | None: ...
@@ -94,9 +99,16 @@ def normalise(text: str) -> str:
     return " ".join(text.lower().split())
 
 
-def passes(scores, threshold: float) -> np.ndarray:
-    """Rule 1, per text: its score is at least ``threshold`` (compared as float64, as Python compares floats)."""
-    return np.asarray(scores, dtype=np.float64) >= threshold
+def passes(scores, threshold: float | None) -> np.ndarray:
+    """Rule 1, per text: its score is at least ``threshold`` (compared as float64, as Python compares floats);
+    every text when ``threshold`` is None. A missing score (None: a filter without that head) is an error, never a
+    silent pass or removal."""
+    if not isinstance(scores, np.ndarray) and any(score is None for score in scores):
+        raise ValueError("a text has no score (None) to judge it by: the filter has no such head")
+    scores = np.asarray(scores, dtype=np.float64)
+    if threshold is None:
+        return np.ones(scores.shape, dtype=bool)
+    return scores >= threshold
 
 
 def later_rules(texts: Sequence[str], scores: Sequence[float], passed: Sequence[bool],
@@ -119,11 +131,12 @@ def later_rules(texts: Sequence[str], scores: Sequence[float], passed: Sequence[
     return why
 
 
-def reasons(texts: Sequence[str], itm: Sequence[float], threshold: float, top_n: int | None) -> list[str | None]:
+def reasons(texts: Sequence[str], scores: Sequence[float], threshold: float | None,
+            top_n: int | None) -> list[str | None]:
     """Rules 1-3 on one image's texts (in candidate order): per text, None when it is kept, else why it is removed."""
-    if len(texts) != len(itm):
-        raise ValueError(f"{len(texts)} texts but {len(itm)} scores")
-    return later_rules(texts, itm, passes(itm, threshold).tolist(), top_n)
+    if len(texts) != len(scores):
+        raise ValueError(f"{len(texts)} texts but {len(scores)} scores")
+    return later_rules(texts, scores, passes(scores, threshold).tolist(), top_n)
 
 
 def duplicate_images(codes: np.ndarray, starts: np.ndarray, stops: np.ndarray, shas: Sequence[str],
@@ -144,7 +157,7 @@ def select(rules: Rules, counts, scores, texts_of: Callable[[int, int], Sequence
     shard.
 
     ``counts``: each image's number of texts, images in shard order, their texts in candidate order;
-    ``scores``: each text's score (float32 values, or Python floats); ``texts_of(start, stop)``: the texts of a
+    ``scores``: each text's score by which the run judges (float32 values, or Python floats); ``texts_of(start, stop)``: the texts of a
     range, read only for images that need rules 2-3; ``shas``: each image's SHA-256 (hex); ``kept_images``: the
     shard's images with a kept text so far (rule 4), updated.
     """

@@ -14,7 +14,9 @@ from capfilt.sampling_settings import SamplingSettings
 from capfilt.precision import PRECISIONS
 from capfilt.scores import ITM_THRESHOLD
 from capfilt.pipelines.schema import SCHEMA_VERSION
-from capfilt.pipelines.selection import SELECT_ALL, parse_select
+from capfilt.pipelines.selection import BY_ITM, SCORE_NAMES, SCORE_RANGES, SELECT_ALL, parse_select
+
+BLIP = "blip"  # capfilt.model_kind.BLIP, without importing torch
 
 
 @dataclass(frozen=True)
@@ -26,14 +28,27 @@ class BootstrapSettings:
       needed only for ``.pth`` files without one beside them.
     - ``num_captions`` K = 1 and nucleus sampling with p = 0.9: the paper's
       one synthetic caption per web image. ``sampling_overrides`` holds only the
-      ``SamplingSettings`` fields a run sets (e.g. ``{"top_p": 0.85}``); the
-      rest are the paper's, or the captioner folder's own
+      sampling fields a run sets (e.g. ``{"top_p": 0.85}``): ``SamplingSettings``'
+      for a BLIP captioner, ``capfilt.blip2.LmSamplingSettings``' for the
+      others (whose values ``capfilt.families.sampling_settings`` checks); the
+      rest are the paper's (or the family's), or the captioner folder's own
       (``capfilt_sampling.json``, as the demo models carry). What a worker
       actually used is written into every output row.
-    - ``threshold`` 0.5: a text whose ITM match probability is below it is
-      removed (paper §3.3).
+    - ``by`` ``itm`` (the paper's): the score that the threshold (rule 1) and
+      ``select`` top-N's ranking use is the filter's ITM match probability;
+      ``itc``: its ITC cosine similarity, for a filter without an ITM head
+      (CLIP, SigLIP: ``judged_by`` ``itc``), or to judge a BLIP filter by ITC.
+      A filter without an ITM head in an ``itm`` run fails the job at load.
+    - ``captioner_family``/``filter_family`` ``blip``: the models' families
+      (``capfilt.model_kind``), as the command line read them from their
+      config.json; a worker refuses models of other families (a folder that
+      changed under a running job), and they are part of every row's config.
+    - ``threshold`` 0.5: a text whose score is below it is removed (paper
+      §3.3: the ITM match probability, in [0, 1]; by ``itc`` a cosine in
+      [-1, 1]). None: no threshold, every text passes rule 1; only with
+      ``select`` top-N (BLIP-2's recipe ranks by CLIP similarity alone).
     - ``select`` ``all`` (the paper's): every text of an image that passes is
-      kept; ``top-N``: the N best by ITM match probability, web and synthetic
+      kept; ``top-N``: the N best by the ``by`` score, web and synthetic
       together (BLIP-2 kept two). Identical normalised texts of an image are
       kept once whatever it is (``capfilt.pipelines.selection``).
     - ``dedup_images`` False (the paper's): exact duplicate images (SHA-256 of
@@ -61,8 +76,11 @@ class BootstrapSettings:
     torch_threads: int | None = None  # per worker; None: torch's default (all cores)
     decode_threads: int = 4  # per worker: decode and resize images ahead of the models; 0: in the models' thread
     num_captions: int = 1
-    sampling_overrides: dict = field(default_factory=dict)  # SamplingSettings fields the run sets
-    threshold: float = ITM_THRESHOLD
+    sampling_overrides: dict = field(default_factory=dict)  # sampling fields the run sets (the captioner family's)
+    by: str = BY_ITM  # the score rule 1 and top-N use: itm (the paper's) or itc
+    captioner_family: str = BLIP  # capfilt.model_kind's family of the captioner (the command line reads it)
+    filter_family: str = BLIP  # and of the filter
+    threshold: float | None = ITM_THRESHOLD  # None: no threshold (select top-N only)
     select: str = SELECT_ALL  # all, or top-N: which passing texts of an image are kept
     dedup_images: bool = False  # drop exact duplicate images (they are always counted)
     batch_size: int = 32
@@ -73,19 +91,41 @@ class BootstrapSettings:
     def __post_init__(self):
         if self.num_captions < 1:
             raise ValueError(f"num_captions (K) must be at least 1, not {self.num_captions}")
-        if not 0.0 <= self.threshold <= 1.0:
-            raise ValueError(f"threshold is a probability in [0, 1], not {self.threshold}")
+        if self.by not in SCORE_RANGES:
+            raise ValueError(f"by must be one of {tuple(SCORE_RANGES)}, not {self.by!r}")
+        if self.threshold is None:
+            if parse_select(self.select) is None:
+                raise ValueError("no threshold (None) needs select top-N: with select all every text would be kept")
+        else:
+            low, high = SCORE_RANGES[self.by]
+            if not low <= self.threshold <= high:
+                raise ValueError(f"a threshold on the {SCORE_NAMES[self.by]} is in [{low:g}, {high:g}], "
+                                 f"not {self.threshold}")
         if self.decode_threads < 0:
             raise ValueError(f"decode_threads must be 0 or more, not {self.decode_threads}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, not {self.precision!r}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, not {self.batch_size}")
-        unknown = set(self.sampling_overrides) - {f.name for f in fields(SamplingSettings)}
-        if unknown:
-            raise ValueError(f"unknown sampling settings {sorted(unknown)}")
-        SamplingSettings(**self.sampling_overrides)  # checks the values
+        if BLIP != self.captioner_family or BLIP != self.filter_family:
+            from capfilt.model_kind import FAMILY_OF_MODEL_TYPE  # torch: only for a run with another family
+
+            for role, family in (("captioner", self.captioner_family), ("filter", self.filter_family)):
+                if family not in FAMILY_OF_MODEL_TYPE.values():
+                    raise ValueError(f"{role}_family must be one of {sorted(set(FAMILY_OF_MODEL_TYPE.values()))}, "
+                                     f"not {family!r}")
         parse_select(self.select)
+        if self.captioner_family == BLIP:
+            known = {f.name for f in fields(SamplingSettings)}
+        else:  # a language model behind a Q-Former; its values are checked by capfilt.families.sampling_settings
+            from capfilt.blip2 import LmSamplingSettings  # torch: only for such a captioner
+
+            known = {f.name for f in fields(LmSamplingSettings)}
+        unknown = set(self.sampling_overrides) - known
+        if unknown:
+            raise ValueError(f"unknown sampling settings {sorted(unknown)} for a {self.captioner_family} captioner")
+        if self.captioner_family == BLIP:
+            SamplingSettings(**self.sampling_overrides)  # checks the values
 
     @property
     def top_n(self) -> int | None:

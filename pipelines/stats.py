@@ -21,9 +21,15 @@ kept images' 64-bit hashes (the SHA-256's first 8 bytes) in
 ``.capfilt/done/{shard}.images``, which both the summary's count across shards and
 ``--dedup-images``' drop across shards (``capfilt.pipelines.image_dedup``) read.
 
-Texts are counted in bulk (``ShardStats.add_texts``: each text's source, ITM
-match probability and outcome code from ``capfilt.pipelines.selection``), by
-the pipeline a batch at a time and by ``capfilt refilter`` a shard at a time.
+Texts are counted in bulk (``ShardStats.add_texts``: each text's source, the
+score the run judges by and outcome code from ``capfilt.pipelines.selection``),
+by the pipeline a batch at a time and by ``capfilt refilter`` a shard at a time.
+
+The histogram is of the score that judged (``by``): a run by ITM writes it as
+``itm_histogram`` (the ITM match probability on [0, 1]); a run by ITC as
+``score_histogram``, ``{"score": "itc", "range": [-1.0, 1.0], "web": [...],
+"synthetic": [...]}`` (the cosine similarity); both ``HISTOGRAM_BINS`` bins of
+equal width, the top of the range in the last bin.
 """
 
 from __future__ import annotations
@@ -37,9 +43,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from capfilt.pipelines.schema import BELOW_THRESHOLD, DUPLICATE_TEXT, REASONS, SOURCES, STAGES, SYNTHETIC, WEB
-from capfilt.pipelines.selection import CODES, KEPT_CODE
+from capfilt.pipelines.selection import BY_ITM, CODES, KEPT_CODE, SCORE_RANGES
 
-HISTOGRAM_BINS = 20  # ITM match probability in [0, 1], bins of 0.05
+HISTOGRAM_BINS = 20  # ITM match probability in [0, 1]: bins of 0.05; ITC cosine in [-1, 1]: bins of 0.1
 MAX_SAMPLES_PER_CELL = 3  # report examples per (source, kept/removed) and shard: the first ones in row order
 MAX_KEY_EXAMPLES = 5  # duplicate keys (and images) named per shard, and per run
 KEY_HASH_DTYPE = np.dtype("<u8")  # the key (and image) hashes files: little-endian uint64, sorted, distinct
@@ -60,6 +66,32 @@ def itm_bins(itm) -> np.ndarray:
     """Each ITM match probability's histogram bin: [0, 1] in ``HISTOGRAM_BINS`` bins of equal width, 1.0 in the
     last."""
     return np.minimum((np.asarray(itm, dtype=np.float64) * HISTOGRAM_BINS).astype(np.int64), HISTOGRAM_BINS - 1)
+
+
+def score_bins(scores, by: str = BY_ITM) -> np.ndarray:
+    """Each score's histogram bin on its range (``selection.SCORE_RANGES[by]``) in ``HISTOGRAM_BINS`` bins of equal
+    width, the top in the last; a cosine a rounding outside [-1, 1] in the bin at its end."""
+    if by == BY_ITM:
+        return itm_bins(scores)
+    low, high = SCORE_RANGES[by]
+    position = (np.asarray(scores, dtype=np.float64) - low) / (high - low) * HISTOGRAM_BINS
+    return np.clip(position.astype(np.int64), 0, HISTOGRAM_BINS - 1)
+
+
+def histogram_record(histogram: dict, by: str) -> dict:
+    """A marker's (and stats.json's) histogram entry: ``itm_histogram`` for a run by ITM, as capfilt always wrote
+    it; ``score_histogram`` with its score and range for a run by another score."""
+    if by == BY_ITM:
+        return {"itm_histogram": histogram}
+    return {"score_histogram": {"score": by, "range": list(SCORE_RANGES[by]), **histogram}}
+
+
+def judged_histogram(stats: dict) -> tuple[str, tuple[float, float], dict[str, list[int]]]:
+    """The score, range and per-source counts of a marker's or stats.json's histogram (``histogram_record``)."""
+    if "itm_histogram" in stats:
+        return BY_ITM, SCORE_RANGES[BY_ITM], stats["itm_histogram"]
+    record = stats["score_histogram"]
+    return record["score"], tuple(record["range"]), {source: record[source] for source in SOURCES}
 
 
 class HashTally:
@@ -149,13 +181,15 @@ class ShardStats:
     reasons: Counter = field(default_factory=Counter)  # (reason, source) -> rejected texts
     run: str = ""  # the job that processed the shard (``OutputLayout.run``), "" where not recorded
     started: float = field(default_factory=time.time)  # wall clock (Unix seconds) when its processing began
+    by: str = BY_ITM  # the score that judged the texts (``BootstrapSettings.by``): the histogram's
 
-    def add_texts(self, sources: Sequence[str], itm, codes) -> None:
-        """Judged texts: each one's source, ITM match probability and outcome (``selection.KEPT_CODE``, or
-        ``selection.CODES[reason]``), counted per source and reason, and in the ITM histogram."""
+    def add_texts(self, sources: Sequence[str], scores, codes) -> None:
+        """Judged texts: each one's source, the score it was judged by (``by``) and outcome
+        (``selection.KEPT_CODE``, or ``selection.CODES[reason]``), counted per source and reason, and in the
+        histogram of that score."""
         sources = np.asarray(sources, dtype=object)
         codes = np.asarray(codes, dtype=np.int64)
-        bins = itm_bins(itm)
+        bins = score_bins(scores, self.by)
         if not sources.size == codes.size == bins.size:
             raise ValueError(f"{sources.size} sources, {codes.size} outcomes and {bins.size} scores")
         unknown = set(sources.tolist()) - set(SOURCES)
@@ -216,7 +250,8 @@ class ShardStats:
             "kept": {source: self.kept[source] for source in SOURCES},
             "rejected": {source: self.rejected[source] for source in SOURCES},
             "web_missing": self.web_missing,
-            "itm_histogram": self.histogram,
+            "by": self.by,
+            **histogram_record(self.histogram, self.by),
             "seconds": round(self.seconds, 3),
             "samples": self.samples,
             "damaged": self.damaged,
@@ -230,8 +265,10 @@ class ShardStats:
         }
 
 
-def merge(markers: list[dict]) -> dict:
-    """The sum of shard stats (``ShardStats.to_dict`` outputs), with the noise ratios."""
+def merge(markers: list[dict], by: str = BY_ITM) -> dict:
+    """The sum of shard stats (``ShardStats.to_dict`` outputs), with the noise ratios; ``by``: the score the run
+    judged by (a marker of another one is an error: its histogram would not add up)."""
+    histogram = {s: [0] * HISTOGRAM_BINS for s in SOURCES}
     total = {
         "shards": len(markers),
         "rows": 0,
@@ -240,11 +277,16 @@ def merge(markers: list[dict]) -> dict:
         "kept": Counter(),
         "rejected": Counter(),
         "web_missing": 0,
-        "itm_histogram": {s: [0] * HISTOGRAM_BINS for s in SOURCES},
+        "by": by,
+        **histogram_record(histogram, by),
         "rejected_reasons": {reason: Counter() for reason in REASONS},
         "shard_seconds": 0.0,
     }
     for m in markers:
+        score, _, counts = judged_histogram(m)
+        if score != by:
+            raise ValueError(f"shard {m['shard']} was judged by {score}, the run by {by}: its marker is another "
+                             "run's")
         for reason in REASONS:
             total["rejected_reasons"][reason].update(m["rejected_reasons"][reason])
         for key in ("rows", "images", "web_missing"):
@@ -252,9 +294,9 @@ def merge(markers: list[dict]) -> dict:
         for key in ("failed", "kept", "rejected"):
             total[key].update(m[key])
         for source in SOURCES:
-            total["itm_histogram"][source] = [a + b for a, b in zip(total["itm_histogram"][source],
-                                                                     m["itm_histogram"][source])]
+            histogram[source] = [a + b for a, b in zip(histogram[source], counts[source])]
         total["shard_seconds"] += m["seconds"]
+    total.update(histogram_record(histogram, by))  # the sums (in the key's place)
     total["failed"] = {stage: total["failed"][stage] for stage in STAGES}
     total["kept"] = {source: total["kept"][source] for source in SOURCES}
     total["rejected"] = {source: total["rejected"][source] for source in SOURCES}

@@ -9,22 +9,23 @@ from capfilt.checkpoints import CheckpointError
 from capfilt.device import WorkerSlot, precision_name, worker_device
 from capfilt.families import load_captioner, load_filter, sampling_settings
 from capfilt.filter import Filter
+from capfilt.pipelines.selection import BY_ITM
 from capfilt.pipelines.settings import BootstrapSettings
 
 
-def check_shared_input(captioner, filter_) -> None:
-    """Refuse two models that want different pixels at one input size.
-
-    The shard job decodes each image once per input size (``capfilt.images.decode_for_model`` keys its pixels by
-    ``image_size``), so two models of one size must preprocess alike. CLIP's centre crop differs from BLIP's
-    squashed resize: e.g. a BLIP-2 captioner (224 px) with a CLIP ViT-L/14 ranker (224 px) cannot share yet.
-    """
-    ours, theirs = captioner.preprocess, filter_.preprocess
-    if ours.image_size == theirs.image_size and type(ours) is not type(theirs):
+def check_models(settings: BootstrapSettings, captioner, filter_) -> None:
+    """Refuse models that are not of the families the run was set up for, or a filter that cannot give the score
+    the run judges by (a CLIP or SigLIP ranker has no ITM head)."""
+    for role, model, family in (("captioner", captioner, settings.captioner_family),
+                                ("filter", filter_, settings.filter_family)):
+        if model.family != family:
+            raise CheckpointError(
+                f"the {role} {model.ref!r} is a {model.family} model, but this run was set up for a {family} "
+                f"{role} ({role}_family): the model changed since the job started; start it again")
+    if settings.by == BY_ITM and filter_.judged_by != BY_ITM:
         raise CheckpointError(
-            f"the {captioner.family} captioner and the {filter_.family} filter both take {ours.image_size} px "
-            f"images but preprocess them differently ({type(ours).__name__} vs {type(theirs).__name__}); "
-            "the shard job cannot yet feed them separately")
+            f"the filter {filter_.ref!r} ({filter_.family}) has no ITM head, so it cannot judge by ITM: judge by its "
+            "similarity (by itc: --by itc --threshold T, a cosine in [-1, 1], or --select top-N)")
 
 
 @dataclass
@@ -32,7 +33,8 @@ class Models:
     """CapFilt's two models: separately fine-tuned, as in the paper (sharing them made the filter lenient).
 
     The captioner is any captioner family and the filter any filter family (``capfilt.families``): ``captioner``
-    and ``filter`` have the interfaces of ``Captioner`` and ``Filter``.
+    and ``filter`` have the interfaces of ``Captioner`` and ``Filter``. Each gets its own pixels, however the two
+    preprocess (``capfilt.images.ImagePreprocessor.key``).
     """
 
     captioner: Captioner
@@ -49,7 +51,7 @@ class Models:
                                        settings=sampling, precision=settings.precision)
             filter_ = load_filter(settings.filter, device=device, tokenizer=settings.filter_tokenizer,
                                   precision=settings.precision)
-            check_shared_input(captioner, filter_)
+            check_models(settings, captioner, filter_)
         except BaseException:
             if slot:
                 slot.release()

@@ -85,7 +85,8 @@ def test_shard_selection():
 
 def test_default_models_follow_the_data():
     assert recipe.default_models("demo") == ("demo", "demo")
-    assert recipe.default_models("cc12m") == ("Salesforce/blip-image-captioning-large", "Salesforce/blip-itm-large-coco")
+    assert recipe.default_models("cc12m") == ("Salesforce/blip-image-captioning-large",
+                                               "Salesforce/blip-itm-large-coco")
 
 
 def test_a_model_not_on_disk_is_a_clear_error(tmp_path, capsys):
@@ -274,7 +275,7 @@ def test_the_flags_defaults_are_the_settings_own():
                                                             if k not in ("command", "verbose")}
     settings, download, demo = BootstrapSettings(), DownloadSettings(), datasets.DemoInput()
     for flag, owner in (("device", settings), ("precision", settings), ("decode_threads", settings),
-                        ("threshold", settings), ("num_captions", settings), ("batch_size", settings),
+                        ("num_captions", settings), ("batch_size", settings),
                         ("seed", settings), ("min_image_size", settings),
                         ("processes", download), ("threads", download), ("image_size", download),
                         ("samples_per_shard", download), ("distributor", download), ("output_format", download),
@@ -286,8 +287,12 @@ def test_the_flags_defaults_are_the_settings_own():
     # The sampling flags default to None (the captioner folder's own, else the paper's): their help names the paper's.
     help_of = {action.dest: action.help for action in cli.bootstrap_parser()._actions}
     paper = SamplingSettings()
-    for name in ("method", "top_p", "top_k", "max_length", "min_length"):
+    for name in ("method", "top_p", "top_k"):
         assert args.__dict__[name] is None and help_of[name].endswith(f"the paper's {getattr(paper, name)})")
+    for name in ("max_length", "min_length"):  # BLIP's, then BLIP-2's and InstructBLIP's (new tokens)
+        assert args.__dict__[name] is None and f"the paper's {getattr(paper, name)} for BLIP" in help_of[name]
+    # The threshold defaults by the filter's score: the paper's 0.5 for an ITM filter (the demo's)
+    assert args.threshold is None and args.by is None and f"{settings.threshold} by itm" in help_of["threshold"]
 
 
 def test_every_bootstrap_flag_shows_its_default(capsys):

@@ -194,3 +194,24 @@ def test_beams_own_options_still_pass_through():
     cli.check_beam_options(["--dask_client_address=tcp://h:8786", "--dask_npartitions=4"], "DaskRunner")
     with pytest.raises(cli.UsageError, match="--projcet"):
         cli.check_beam_options(["--projcet=P"], "DataflowRunner")
+
+
+def test_bootstrap_help_names_the_families_defaults_without_importing_torch():
+    """``capfilt bootstrap --help`` stays fast (no torch), and the defaults it quotes are the modules' own."""
+    import subprocess
+    import sys
+
+    from capfilt import cli
+    from capfilt.blip2 import LmSamplingSettings
+    from capfilt.instructblip import CAPTION_INSTRUCTION
+
+    code = ("import sys; from capfilt import cli; cli.bootstrap_parser().format_help(); "
+            "print('torch' in sys.modules, 'transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
+    lm = LmSamplingSettings()
+    assert (cli.LM_MAX_LENGTH, cli.LM_MIN_LENGTH, cli.CAPTION_INSTRUCTION) == (lm.max_length, lm.min_length,
+                                                                              CAPTION_INSTRUCTION)
+    text = " ".join(cli.bootstrap_parser().format_help().split())
+    for needed in ("--by {itm,itc}", "--instruction TEXT", "new tokens", "OPT-2.7b 15.5/7.7", "CLIP ViT-L/14 1.7"):
+        assert needed in text, needed

@@ -1,6 +1,7 @@
 """The output opened as is by the loaders trainers use, none written for capfilt: HF ``datasets``
 (``load_dataset(OUT)`` and each config), ``webdataset`` through a torch ``DataLoader`` with 2 workers, ``wids`` from
-the shard index, open_clip's webdataset contract, and DuckDB. Every value is checked against the Parquet files read back with pyarrow.
+the shard index, open_clip's webdataset contract, and DuckDB. Every value is checked against the Parquet files read
+back with pyarrow.
 
 open_clip itself is not installed here: PyPI's open_clip_torch needs torchvision, whose wheels pin a torch other than
 the CPU build the project installs (``pip install --dry-run open_clip_torch`` pulls CUDA torch 2.14). Its reader is

@@ -241,7 +241,8 @@ def test_a_signal_while_the_models_run_exits_as_that_signal(signum, status, tmp_
     job = start(["bootstrap", "--data", "demo", "--out", str(out), "--captioner", "demo", "--filter", "demo",
                  "--demo-size", "2000", "--demo-shard-size", "250", "--torch-threads", "1"], uuid.uuid4().hex)
     try:
-        assert wait_for(lambda: (out / ".capfilt" / "done").is_dir() and any((out / ".capfilt" / "done").glob("*.json")), 120)
+        done = out / ".capfilt" / "done"
+        assert wait_for(lambda: done.is_dir() and any(done.glob("*.json")), 120)
         os.killpg(job.pid, signum)
         output, _ = job.communicate(timeout=60)
     finally:

@@ -104,3 +104,14 @@ def test_what_cannot_be_exported_is_a_clear_error(kept, tmp_path, capsys):
     with pytest.raises(ExportError, match="at least 1"):
         export_webdataset([str(kept)], tmp_path / "d", samples_per_tar=0)
     assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
+
+
+def test_export_shows_its_progress_and_help_shows_only_real_defaults(kept, tmp_path, capsys):
+    rows = pq.read_table(kept).num_rows
+    assert cli.main(["export-dataset", "--from", str(kept), "--out", str(tmp_path / "wds")]) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err  # not a terminal: whole lines
+    assert f"export: 0/{rows} samples" in err and f"export: {rows}/{rows} samples, 100%" in err
+    assert cli.main(["export-dataset", "--help"]) == 0
+    text = capsys.readouterr().out
+    assert "(default: None)" not in text and "(default: 10000)" in text and "{sample_id}.jpg" in " ".join(text.split())

@@ -51,9 +51,9 @@ def test_images_up_to_three_times_the_model_size_decode_exactly_as_before(fmt, m
     small, large = ImagePreprocessor(32), ImagePreprocessor(24)
     decoded = decode_for_model(data, [small, large])
     assert (decoded.width, decoded.height) == (90, 70)
-    assert set(decoded.pixels) == {32, 24}
-    assert torch.equal(decoded.pixels[32], full_decode(data, small))
-    assert torch.equal(decoded.pixels[24], full_decode(data, large))
+    assert len(decoded.pixels) == 2
+    assert torch.equal(decoded.for_model(small), full_decode(data, small))
+    assert torch.equal(decoded.for_model(large), full_decode(data, large))
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
@@ -62,10 +62,24 @@ def test_large_images_are_shrunk_while_decoding_within_a_grey_level_or_two(fmt):
     preprocessor = ImagePreprocessor(96)
     decoded = decode_for_model(data, [preprocessor])
     assert (decoded.width, decoded.height) == (1600, 1200)  # the stored size, not the decoded one
-    difference = (decoded.pixels[96] - full_decode(data, preprocessor)).abs()
+    difference = (decoded.for_model(preprocessor) - full_decode(data, preprocessor)).abs()
     assert difference.mean() < 0.5 * GREY_LEVEL
     assert difference.max() < 3 * GREY_LEVEL
     assert difference.max() > 0  # it did take the shorter way
+
+
+def test_two_preprocessings_of_one_size_each_get_their_own_pixels():
+    """BLIP-2's squashed 32 px input and CLIP's centre-cropped 32 px input of a wide image differ: each model gets
+    what its own preprocessing makes of the full decode, and equal preprocessors share one input."""
+    from capfilt.clip_ranker import CenterCropPreprocessor
+
+    data = encoded((90, 40), "PNG")
+    squash, crop = ImagePreprocessor(32), CenterCropPreprocessor(32)
+    decoded = decode_for_model(data, [squash, crop, ImagePreprocessor(32)])
+    assert len(decoded.pixels) == 2
+    assert torch.equal(decoded.for_model(squash), full_decode(data, squash))
+    assert torch.equal(decoded.for_model(crop), full_decode(data, crop))
+    assert not torch.equal(decoded.for_model(squash), decoded.for_model(crop))
 
 
 def test_bytes_that_are_not_an_image_are_a_clear_error():
@@ -178,7 +192,7 @@ def test_transparency_is_composited_onto_white(name):
     data, expected = TRANSPARENT[name]
     assert np.abs(rgb_array(decode_image(data)) - expected).max() <= 1  # before: alpha dropped
     preprocessor = ImagePreprocessor(16)
-    assert torch.equal(decode_for_model(data, [preprocessor]).pixels[16], full_decode(data, preprocessor))
+    assert torch.equal(decode_for_model(data, [preprocessor]).for_model(preprocessor), full_decode(data, preprocessor))
 
 
 @pytest.mark.parametrize("name", [name for name in TRANSPARENT if name != "L, grey key"])  # OpenCV ignores that key
@@ -215,7 +229,7 @@ def test_cmyk_jpeg_decodes_to_its_rgb_source():
     difference = np.abs(rgb_array(decode_image(buffer.getvalue())) - rgb_array(source))
     assert difference.mean() < 1.5 and difference.max() <= 12
     preprocessor = ImagePreprocessor(96)  # 480 px > 3 x 96: DCT scaling on a CMYK JPEG
-    reduced = decode_for_model(buffer.getvalue(), [preprocessor]).pixels[96]
+    reduced = decode_for_model(buffer.getvalue(), [preprocessor]).for_model(preprocessor)
     assert (reduced - preprocessor([source])[0]).abs().mean() < 2 * GREY_LEVEL
 
 
@@ -262,7 +276,7 @@ def test_exif_orientation_is_applied(orientation):
     preprocessor = ImagePreprocessor(16)
     decoded = decode_for_model(data, [preprocessor])
     assert (decoded.width, decoded.height) == (10, 6)  # as stored
-    assert torch.equal(decoded.pixels[16], full_decode(data, preprocessor))
+    assert torch.equal(decoded.for_model(preprocessor), full_decode(data, preprocessor))
 
 
 def halves(size: tuple[int, int]) -> Image.Image:
@@ -281,7 +295,7 @@ def test_exif_rotated_jpeg_is_judged_upright(orientation, top, bottom, size):
     decoded = decode_for_model(data, [preprocessor])
     assert (decoded.width, decoded.height) == size  # the size as stored
     upright = preprocessor([halves(size).rotate(90 if orientation == 8 else -90, expand=True)])[0]
-    assert (decoded.pixels[32] - upright).abs().mean() < 2 * GREY_LEVEL  # before: judged lying on its side
+    assert (decoded.for_model(preprocessor) - upright).abs().mean() < 2 * GREY_LEVEL  # before: judged lying on its side
     image = decode_image(data)
     assert image.size == size[::-1]
     assert np.abs(rgb_array(image)[2, size[1] // 2] - top).max() < 8
@@ -307,7 +321,8 @@ def test_animated_images_are_judged_on_their_first_frame(fmt, options):
     assert np.abs(rgb_array(decode_image(buffer.getvalue())) - np.array([255, 0, 0])).max() <= 1
     preprocessor = ImagePreprocessor(16)
     red = preprocessor([frames[0]])[0]
-    assert torch.allclose(decode_for_model(buffer.getvalue(), [preprocessor]).pixels[16], red, atol=2 * GREY_LEVEL)
+    decoded = decode_for_model(buffer.getvalue(), [preprocessor])
+    assert torch.allclose(decoded.for_model(preprocessor), red, atol=2 * GREY_LEVEL)
 
 
 @pytest.mark.parametrize("orientation", sorted(UPRIGHT))
@@ -327,10 +342,10 @@ def test_the_orientation_img2dataset_recorded_turns_its_shards_images_upright(or
     assert recorded_orientation(exif_column) == orientation
     preprocessor = ImagePreprocessor(16)
     from_shard = decode_for_model(written, [preprocessor], orientation=recorded_orientation(exif_column))
-    assert torch.equal(from_shard.pixels[16], decode_for_model(original, [preprocessor]).pixels[16])
+    assert torch.equal(from_shard.for_model(preprocessor), decode_for_model(original, [preprocessor]).for_model(preprocessor))
     # The tag of the bytes themselves wins over a recorded one (bytes img2dataset kept as downloaded).
-    assert torch.equal(decode_for_model(original, [preprocessor], orientation=3).pixels[16],
-                       decode_for_model(original, [preprocessor]).pixels[16])
+    assert torch.equal(decode_for_model(original, [preprocessor], orientation=3).for_model(preprocessor),
+                       decode_for_model(original, [preprocessor]).for_model(preprocessor))
 
 
 @pytest.mark.parametrize("column", [None, "", "not json", "[1, 2]", '{"Image Orientation": "Sideways"}',

@@ -83,7 +83,7 @@ def test_pth_files(tmp_path):
     """Issue 31, item 3: a missing .pth is a missing file, not a hub id to download."""
     message = one_line_error("models/model_large_caption.pth", CAPTIONER)
     assert message.startswith("no such file: models/model_large_caption.pth") and "hub" not in message
-    assert "wget -P models" in message
+    assert "wget -P checkpoints" in message
     with pytest.raises(CheckpointError, match="no such file"):
         resolve("models/model_large_retrieval_coco.pth", FILTER)
     (tmp_path / "m").mkdir()

@@ -147,3 +147,37 @@ def test_an_out_where_no_shard_was_done_can_be_claimed_anew(tmp_path):
     (tmp_path / "out" / ".capfilt" / "done" / "00000.json").write_text("{}")
     with pytest.raises(SettingsMismatchError, match="changed: captioner"):
         layout.claim({"schema_version": 5, "captioner": "demo"})
+
+
+def test_judging_choices_a_filter_cannot_take_are_problem_lines(tmp_path, captioner_folder, capsys):
+    """A CLIP/SigLIP filter (no ITM head) with neither a threshold nor top-N, by ITM, or --instruction for a
+    captioner that reads none: each a line naming the ways out, nothing written."""
+    from transformers import CLIPConfig, CLIPModel
+
+    from test_family_clip import tokenizer
+
+    clip = tmp_path / "clip"
+    CLIPModel(CLIPConfig(text_config=dict(vocab_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                          num_attention_heads=4, max_position_embeddings=16),
+                         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                            num_attention_heads=4, image_size=24, patch_size=8),
+                         projection_dim=16)).save_pretrained(clip)
+    tokenizer("<start> $A <end>").save_pretrained(clip)
+    out = tmp_path / "out"
+    base = ["bootstrap", "--out", str(out), "--captioner", str(captioner_folder), "--filter", str(clip)]
+    cases = [([], "no default threshold", ("--by itc --threshold T", "--select top-N")),
+             (["--by", "itm", "--select", "top-2"], "no ITM head", ("--by itc",)),
+             (["--select", "top-2", "--instruction", "Describe it."], "--instruction is for an InstructBLIP", ()),
+             (["--by", "itc", "--threshold", "1.5"], "[-1, 1]", ())]
+    for extra, problem, ways in cases:
+        assert cli.main([*base, *extra]) == 2, extra
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.startswith("  - ")]
+        assert len(lines) == 1 and problem in lines[0] and all(way in lines[0] for way in ways), err
+        assert not out.exists()
+    settings = cli.settings_from_args(cli.build_parser().parse_args([*base, "--select", "top-2"]))
+    assert (settings.by, settings.threshold, settings.filter_family) == ("itc", None, "clip")
+    settings = cli.settings_from_args(cli.build_parser().parse_args([*base, "--threshold", "0.2"]))
+    assert (settings.by, settings.threshold, settings.select) == ("itc", 0.2, "all")
+    settings = cli.settings_from_args(cli.build_parser().parse_args(["bootstrap", "--filter", str(captioner_folder)]))
+    assert (settings.by, settings.threshold, settings.captioner_family) == ("itm", 0.5, "blip")

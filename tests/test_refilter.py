@@ -187,7 +187,7 @@ def assert_reproduces(run, refiltered):
     failed/ row for row, every column; each file's provenance; each shard's marker, key and image hashes files and
     cross-shard dedup record; stats.json.
 
-    What may differ, and why: the refilter's own record (``REFILTER_KEYS``: ``by``, ``keep_fraction``,
+    What may differ, and why: the refilter's own record (``REFILTER_KEYS``: ``keep_fraction``,
     ``refiltered_from``, in every row's ``capfilt_config``, every file's provenance and stats.json's settings); the
     timings (a marker's ``seconds`` and ``timing``, stats.json's ``shard_seconds`` and ``timing``); and a marker's
     report examples of removed texts: refilter has the bytes of the kept images only (it reads no input shard for a
@@ -378,7 +378,7 @@ def test_a_rerun_resumes_and_other_settings_are_refused(everything, high, tmp_pa
     ({"threshold": 0.5, "keep_fraction": 0.5}, "either a threshold or a keep fraction"),
     ({"keep_fraction": 0.0}, r"in \(0, 1\]"),
     ({"keep_fraction": 1.5}, r"in \(0, 1\]"),
-    ({"threshold": 1.5}, r"itm_score is in \[0.0, 1.0\]"),
+    ({"threshold": 1.5, "by": "itm"}, r"itm_score is in \[0.0, 1.0\]"),
     ({"threshold": -0.5, "by": "itc"}, None),  # a cosine may be negative
     ({"threshold": 0.5, "by": "clip"}, "by must be one of"),
     ({"threshold": 0.5, "select": "top-0"}, "select must be"),
@@ -410,7 +410,11 @@ def test_sources_refilter_cannot_use_are_clear_errors(everything, tmp_path):
     with pytest.raises(RefilterError, match="without itc_score"):
         refilter(RefilterSettings(keep_fraction=0.5, by="itc"), str(old), str(tmp_path / "out2"))
     with pytest.raises(RefilterError, match="texts without itc_score"):
-        refilter(RefilterSettings(threshold=0.5), str(old), str(tmp_path / "out3"))
+        refilter(RefilterSettings(threshold=0.5, by="itc"), str(old), str(tmp_path / "out3"))
+    # by ITM (the source's score, by default) needs no ITC score; the threshold is checked on the source's range
+    refilter(RefilterSettings(threshold=0.5), str(old), str(tmp_path / "by-itm"))
+    with pytest.raises(RefilterError, match=r"itm_score is in \[0.0, 1.0\], not -0.5"):
+        refilter(RefilterSettings(threshold=-0.5), str(old), str(tmp_path / "below-zero"))
     # A folder that lost a text: its files no longer hold what its marker counts.
     shutil.rmtree(old)
     shutil.copytree(everything.root, old)
@@ -468,3 +472,15 @@ def test_on_the_demo_refilter_at_07_equals_a_fresh_run_at_07(flags, demo_half, t
     assert removed  # the split changed: the comparison is not of two copies of the source
     assert cli.main(["refilter", "--from", str(fresh), "--out", str(tmp_path / "again"), "--threshold", "0.7"]) == 0
     assert_reproduces(fresh, tmp_path / "again")
+
+
+def test_the_command_line_shows_refilter_progress(tmp_path, capsys):
+    from capfilt import cli
+
+    source = tmp_path / "src"
+    assert cli.main(["bootstrap", "--out", str(source), "--demo-size", "8", "--demo-shard-size", "4",
+                     "--torch-threads", "1"]) == 0
+    capsys.readouterr()
+    assert cli.main(["refilter", "--from", str(source), "--out", str(tmp_path / "new"), "--threshold", "0.7"]) == 0
+    err = capsys.readouterr().err
+    assert "refilter: 0/2 shards" in err and "refilter: 2/2 shards, 100%" in err and "\r" not in err

@@ -138,7 +138,10 @@ def source_conflict(folder: Path, params: dict) -> str | None:
     if not record.is_file():
         return None
     earlier = json.loads(record.read_text())
-    if {k: v for k, v in earlier.items() if k != "list_files"} != {k: v for k, v in params.items() if k != "list_files"}:
+    def settings(record: dict) -> dict:
+        return {k: v for k, v in record.items() if k != "list_files"}
+
+    if settings(earlier) != settings(params):
         return (f"{folder} holds shards of another input ({json.dumps(earlier)}); use another --out (or "
                 "--shards-dir)")
     for before in earlier.get("list_files", []):
@@ -279,7 +282,7 @@ def run(job: BootstrapRun, source: datasets.DemoInput | datasets.ShardsInput | d
             "cannot be read whole is left unfinished, to rerun once the download is over")
     say(f"CapFilt on {len(shards)} shard(s) from {location} with {job.runner}: "
         f"captioner {settings.captioner}, filter {settings.filter}, K={settings.num_captions}, "
-        f"threshold {settings.threshold}, select {settings.select}"
+        f"{judging(settings)}, select {settings.select}"
         f"{', duplicate images dropped' if settings.dedup_images else ''}, "
         f"sampling {settings.sampling_overrides or 'defaults'}")
     selected = {s.shard_id for s in shards}
@@ -303,6 +306,12 @@ def run(job: BootstrapRun, source: datasets.DemoInput | datasets.ShardsInput | d
     for warning in warnings:
         say(f"warning: {warning}")
     return exit_status(unfinished, damaged, warnings if job.strict else [])
+
+
+def judging(settings: BootstrapSettings) -> str:
+    """How the run's filter judges: ``threshold 0.5 on ITM``, or ``no threshold, ranked by ITC``."""
+    by = settings.by.upper()
+    return f"no threshold, ranked by {by}" if settings.threshold is None else f"threshold {settings.threshold} on {by}"
 
 
 def interrupted(error: BaseException) -> None:

@@ -330,6 +330,9 @@ def main(argv: list[str] | None = None) -> None:
         captioner = Captioner.load(args.captioner, device=args.device) if args.captioner else None
     except (ValueError, FileNotFoundError) as error:  # CheckpointError is a ValueError
         parser.exit(2, f"capfilt evaluate: error: {error}\n")
+    if filter_ is not None and filter_.judged_by != "itm":  # the tables count removals at the ITM threshold
+        parser.exit(2, f"capfilt evaluate: error: --filter {args.filter} is a {filter_.family} model with no ITM "
+                       "head; evaluate scores filters by their ITM match probability (BLIP, BLIP-2's Q-Former)\n")
     with progress(args.n, f"rendering {args.n} web pairs (seed {args.seed}, {args.rendering})") as advance:
         samples = []
         for sample in iter_split("web", args.n, args.seed):
@@ -339,7 +342,9 @@ def main(argv: list[str] | None = None) -> None:
     swaps = evaluate_swaps(filter_, samples, show_progress=True) if filter_ else None
     captioner_results = evaluate_captioner(captioner, samples, args.methods, show_progress=True) \
         if captioner else None
-    relation = evaluate_relation(captioner, samples, show_progress=True) if captioner else None
+    # the teacher-forced probe reads BLIP's decoder ([DEC] + prompt): BLIP captioners only
+    relation = evaluate_relation(captioner, samples, show_progress=True) \
+        if captioner and captioner.family == "blip" else None
     print(table(filter_results, captioner_results))
     if swaps:
         print("\nTwo-object captions against their swaps (filter): " + "; ".join(

@@ -54,19 +54,71 @@ def check(job: BootstrapRun) -> datasets.DemoInput | datasets.ShardsInput | data
 
 
 def model_problems(job: BootstrapRun) -> list[str]:
-    """Each model exists, is of the kind its role takes, and has a tokenizer (``capfilt.model_kind``)."""
+    """Each model exists, is of the kind its role takes and has a tokenizer (``capfilt.model_kind``), and the run's
+    sampling settings are ones its captioner's family takes (``capfilt.families.sampling_settings``)."""
+    settings = job.settings
+    problems = role_problems(((settings.captioner, settings.captioner_tokenizer),
+                              (settings.filter, settings.filter_tokenizer)))
+    if not problems:
+        problems += sampling_problems(settings.captioner, settings.captioner_tokenizer, settings.sampling_overrides)
+    return problems
+
+
+def role_problems(models) -> list[str]:
+    """``models``: the captioner's and the filter's (reference, tokenizer); a line for each that cannot take its
+    role."""
     from capfilt.checkpoints import CAPTIONER, FILTER, CheckpointError
     from capfilt.model_kind import check_role
 
-    settings = job.settings
     problems = []
-    for ref, role, tokenizer in ((settings.captioner, CAPTIONER, settings.captioner_tokenizer),
-                                 (settings.filter, FILTER, settings.filter_tokenizer)):
+    for (ref, tokenizer), role in zip(models, (CAPTIONER, FILTER)):
         try:
             check_role(ref, role, tokenizer)
         except CheckpointError as error:
             problems.append(f"--{role} {ref}: {error}")
     return problems
+
+
+def sampling_problems(captioner: str, tokenizer: str | None, overrides: dict) -> list[str]:
+    """The sampling flags' values as the captioner's family takes them (its defaults and folder's own included)."""
+    from capfilt.families import sampling_settings
+
+    try:
+        sampling_settings(captioner, tokenizer, **overrides)
+    except ValueError as error:  # CheckpointError is a ValueError
+        return [f"--captioner {captioner}: its sampling settings: {error}"]
+    return []
+
+
+def judging_problems(filter_: str, family: str | None, by: str, threshold: float | None, select: str) -> list[str]:
+    """A judging choice the filter cannot take: by ITM without an ITM head, or no threshold and no top-N."""
+    from capfilt.model_kind import ITC_ONLY, NAMES
+    from capfilt.pipelines.selection import BY_ITC, BY_ITM, parse_select
+
+    headless = family in ITC_ONLY
+    if headless and by == BY_ITM:
+        return [f"--filter {filter_}: a {NAMES[family]} model has no ITM head; it judges by its image-text "
+                f"similarity (--by {BY_ITC}, or leave --by out)"]
+    try:
+        ranked = parse_select(select) is not None
+    except ValueError:
+        return []  # BootstrapSettings names a bad --select
+    if threshold is None and not ranked:
+        what = f"--filter {filter_}: a {NAMES[family]} model has no ITM head, so" if headless else f"--by {BY_ITC}:"
+        return [f"{what} there is no default threshold on its cosine similarity: give one (--by {BY_ITC} "
+                "--threshold T, T in [-1, 1]) or rank the texts of each image by it with --select top-N (no "
+                "threshold)"]
+    return []
+
+
+def instruction_problems(captioner: str, family: str | None, instruction: str | None) -> list[str]:
+    """``--instruction`` with a captioner that reads none (every family but InstructBLIP)."""
+    from capfilt.model_kind import INSTRUCTBLIP, NAMES
+
+    if instruction is None or family in (INSTRUCTBLIP, None):
+        return []
+    return [f"--instruction is for an InstructBLIP captioner; --captioner {captioner} is a {NAMES[family]} model, "
+            "which reads no instruction (leave --instruction out)"]
 
 
 def shards_folder_problems(job: BootstrapRun, source) -> list[str]:
