@@ -24,7 +24,8 @@ class PreflightError(UsageError):
     def __init__(self, problems: list[str]):
         self.problems = problems
         head = "1 problem" if len(problems) == 1 else f"{len(problems)} problems"
-        super().__init__(f"{head}; nothing was started or written:\n" + "\n".join(f"  - {p}" for p in problems))
+        lines = ("\n    ".join(line for line in p.splitlines() if line.strip()) for p in problems)  # one item each
+        super().__init__(f"{head}; nothing was started or written:\n" + "\n".join(f"  - {p}" for p in lines))
 
 
 def check(job: BootstrapRun) -> datasets.DemoInput | datasets.ShardsInput | datasets.UrlListInput:
