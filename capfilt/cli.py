@@ -503,12 +503,18 @@ def run_from_args(args, unknown: list[str]) -> BootstrapRun:
     flag_problem = unknown_flags(options, args.runner)
     try:
         settings = settings_from_args(args)
-    except ValueError as error:  # no settings to run with: listed with the problems the flags alone show
+    except ValueError as error:  # no settings to run with: listed with the problems the flags and DATA show
         captioner, filter_ = recipe.default_models(args.data)
         problems = error.problems if isinstance(error, preflight.PreflightError) else [str(error)]
-        raise preflight.PreflightError([*([flag_problem] if flag_problem else []), *problems, *preflight.role_problems(
-            ((args.captioner or captioner, args.captioner_tokenizer), (args.filter or filter_, args.filter_tokenizer)))
-        ]) from None
+        models = ((args.captioner or captioner, args.captioner_tokenizer),
+                  (args.filter or filter_, args.filter_tokenizer))
+        try:
+            columns = url_list.Columns(url=args.url_col, caption=args.caption_col, no_caption=args.no_caption)
+            _, data = preflight.data_problems(args.data, args.cache_dir, columns, False if args.no_fetch else None)
+        except ValueError as columns_error:  # --caption-col with --no-caption
+            data = [str(columns_error)]
+        raise preflight.PreflightError([*([flag_problem] if flag_problem else []), *problems,
+                                        *preflight.role_problems(models), *data]) from None
     return BootstrapRun(
         data=args.data, out=str(args.out), settings=settings,
         download=download_settings_from_args(args),

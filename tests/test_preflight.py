@@ -175,6 +175,12 @@ def test_judging_choices_a_filter_cannot_take_are_problem_lines(tmp_path, captio
         lines = [line for line in err.splitlines() if line.startswith("  - ")]
         assert len(lines) == 1 and problem in lines[0] and all(way in lines[0] for way in ways), err
         assert not out.exists()
+    # A judging problem and a DATA problem: both listed (the settings cannot be built, DATA is still checked).
+    listed = tmp_path / "urls.csv"
+    listed.write_text("image_url,alt_text,license\nhttp://127.0.0.1/1.jpg,a cat,cc-by\n")
+    assert cli.main([*base, "--data", str(listed)]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("  - ")]
+    assert len(lines) == 2 and "no default threshold" in lines[0] and "--caption-col" in lines[1]
     settings = cli.settings_from_args(cli.build_parser().parse_args([*base, "--select", "top-2"]))
     assert (settings.by, settings.threshold, settings.filter_family) == ("itc", None, "clip")
     settings = cli.settings_from_args(cli.build_parser().parse_args([*base, "--threshold", "0.2"]))

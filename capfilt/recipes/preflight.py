@@ -41,17 +41,22 @@ def check(job: BootstrapRun) -> datasets.DemoInput | datasets.ShardsInput | data
             problems.append(str(error))
     if models_here:
         problems += model_problems(job)
-    source = None
-    try:
-        source = datasets.resolve(job.data, job.cache_dir, job.columns, fetch=job.fetch)
-    except (DatasetError, UsageError, FileNotFoundError) as error:
-        problems.append(f"DATA={job.data}: {error}" if str(job.data) not in str(error) else str(error))
+    source, found = data_problems(job.data, job.cache_dir, job.columns, job.fetch)
+    problems += found
     if source is not None and not isinstance(source, datasets.ShardsInput):
         problems += shards_folder_problems(job, source)
     problems += output_problems(job)
     if problems:
         raise PreflightError(problems)
     return source
+
+
+def data_problems(data: str, cache_dir: str, columns, fetch: bool | None) -> tuple[object, list[str]]:
+    """What DATA names (None when it names nothing readable) and, if so, why not: its columns are detected here."""
+    try:
+        return datasets.resolve(data, cache_dir, columns, fetch=fetch), []
+    except (DatasetError, UsageError, FileNotFoundError) as error:
+        return None, [f"DATA={data}: {error}" if str(data) not in str(error) else str(error)]
 
 
 def model_problems(job: BootstrapRun) -> list[str]:
