@@ -390,7 +390,7 @@ def judging(args, filter_family: str | None) -> tuple[str, float | None]:
 def settings_from_args(args):
     """The run's ``BootstrapSettings`` from the flags; the models default by DATA, their families are read from
     their config.json. A choice the models cannot take is a ``UsageError`` naming the ways out."""
-    from capfilt.pipelines.settings import BootstrapSettings
+    from capfilt.pipelines.settings import AUTO_FAMILY, BootstrapSettings
 
     captioner, filter_ = recipe.default_models(args.data)
     captioner, filter_ = args.captioner or captioner, args.filter or filter_
@@ -409,7 +409,9 @@ def settings_from_args(args):
             ("method", args.method), ("top_p", args.top_p), ("top_k", args.top_k),
             ("max_length", args.max_length), ("min_length", args.min_length),
             ("instruction", args.instruction)) if value is not None},
-        by=by, captioner_family=captioner_family or "blip", filter_family=filter_family or "blip",
+        # A family not readable here: the model is on a remote runner's workers only (the pre-flight reports it for
+        # a local runner); the worker takes the family of what it loads.
+        by=by, captioner_family=captioner_family or AUTO_FAMILY, filter_family=filter_family or AUTO_FAMILY,
         threshold=threshold, select=args.select, dedup_images=args.dedup_images, batch_size=args.batch_size,
         seed=args.seed, min_image_size=args.min_image_size,
     )

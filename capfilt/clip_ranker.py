@@ -47,8 +47,10 @@ class CenterCropPreprocessor(ImagePreprocessor):
     def one(self, image: Image.Image) -> torch.Tensor:
         rgb = to_rgb(image)
         width, height = rgb.size
-        scale = self.image_size / min(width, height)
-        size = (max(self.image_size, round(width * scale)), max(self.image_size, round(height * scale)))
+        # The longer side as CLIPImageProcessor sizes it (transformers' get_resize_output_image_size): truncated,
+        # not rounded; a pixel more or less shifts the resize and the crop.
+        longer = int(self.image_size * max(width, height) / min(width, height))
+        size = (self.image_size, longer) if width <= height else (longer, self.image_size)
         rgb = rgb.resize(size, Image.BICUBIC)
         left, top = (size[0] - self.image_size) // 2, (size[1] - self.image_size) // 2
         rgb = rgb.crop((left, top, left + self.image_size, top + self.image_size))

@@ -108,8 +108,8 @@ def _describe(kind: ModelKind) -> str:
     return f"a {what}, which capfilt takes as a {use}" if roles else f"a {what}"
 
 
-def _has_tokenizer(folder: Path) -> bool:
-    return folder.is_dir() and any((folder / name).is_file() for name in LM_TOKENIZER_FILES)
+def _has_tokenizer(folder: Path, names: tuple[str, ...] = LM_TOKENIZER_FILES) -> bool:
+    return folder.is_dir() and any((folder / name).is_file() for name in names)
 
 
 def check_role(ref: str | Path, role: str, tokenizer: str | Path | None = None) -> None:
@@ -125,17 +125,18 @@ def check_role(ref: str | Path, role: str, tokenizer: str | Path | None = None) 
     if role not in kind.roles():
         raise CheckpointError(f"{role} {str(ref)!r} is {_describe(kind)}; the {role} accepts {ACCEPTS[role]}")
     flag = f"--{role}-tokenizer"
+    names = TOKENIZER_FILES if kind.family == BLIP else LM_TOKENIZER_FILES  # BLIP reads BERT's WordPiece files
     if tokenizer is not None:
         path = Path(tokenizer).expanduser()
-        if not (path.is_file() or _has_tokenizer(path)):
+        if not (path.is_file() or _has_tokenizer(path, names)):
             raise CheckpointError(f"no tokenizer at {path} ({flag}): expected a folder with one of "
-                                  f"{', '.join(LM_TOKENIZER_FILES)}, or BLIP's vocab.txt")
+                                  f"{', '.join(names)}, or BLIP's vocab.txt")
         return
     folder = source.path.parent if source.kind == "pth" else source.path
-    if not _has_tokenizer(folder):
+    if not _has_tokenizer(folder, names):
         what = "the .pth file's folder" if source.kind == "pth" else "the model folder"
         raise CheckpointError(f"{role} {str(ref)!r} has no tokenizer: {what} {folder} holds none of "
-                              f"{', '.join(LM_TOKENIZER_FILES)}; pass {flag} PATH")
+                              f"{', '.join(names)}; pass {flag} PATH")
     if kind.family == INSTRUCTBLIP and not _has_tokenizer(source.path / QFORMER_TOKENIZER):
         raise CheckpointError(f"{role} {str(ref)!r} has no Q-Former tokenizer: InstructBLIP reads its instruction "
                               f"with the one in {source.path / QFORMER_TOKENIZER}, which holds none of "

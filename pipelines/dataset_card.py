@@ -89,6 +89,10 @@ def command(stats: dict, root: str, inputs: list[str]) -> str:
         for flag, key in (("--captioner-tokenizer", "captioner_tokenizer"), ("--filter-tokenizer", "filter_tokenizer")):
             if settings.get(key):
                 parts += [flag, settings[key]]
+        for key, value in sorted((settings.get("sampling_overrides") or {}).items()):  # --top-p, --instruction ...
+            parts += [f"--{key.replace('_', '-')}", value]
+        if "min_image_size" in settings:
+            parts += ["--min-image-size", settings["min_image_size"]]
         if settings["dedup_images"]:
             parts.append("--dedup-images")
     return " ".join(shlex.quote(str(part)) for part in parts)

@@ -224,6 +224,9 @@ def _write_tars(files: list[str], plan: list[int], out: Path, sizes: dict[str, i
     finally:
         if tar is not None:
             tar.close()
+    if len(sizes) != len(plan):  # fewer rows than the metadata counted: kept/ changed while it was read
+        raise ExportError(f"{files} hold {sum(sizes.values()) + count * (tar is not None)} rows, fewer than the "
+                          f"{sum(plan)} their Parquet metadata counts (rewritten while exporting?): export again")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -177,6 +177,8 @@ class OutputLayout:
                 info = json.loads(read_text(info_path)) if FileSystems.exists(info_path) else None
             except (OSError, ValueError):  # being written
                 info = None
+            if isinstance(info, dict) and _this_process(info):  # this job's own (it holds OUT while it runs)
+                continue
             if isinstance(info, dict) and _dead_local_job(info):
                 log.info("removing %s, left by a killed job (pid %s on this host)", folder, info.get("pid"))
                 _delete_tree(folder)
@@ -382,6 +384,12 @@ def _process_start(pid: int) -> str | None:
             return f.read().rsplit(")", 1)[1].split()[19]
     except (OSError, IndexError):
         return None
+
+
+def _this_process(info: dict) -> bool:
+    """Whether a job's ``run.json`` is this very process's."""
+    return info.get("host") == socket.gethostname() and info.get("pid") == os.getpid() and \
+        info.get("process_start") == _process_start(os.getpid())
 
 
 def _dead_local_job(info: dict) -> bool:

@@ -17,6 +17,7 @@ from capfilt.pipelines.schema import SCHEMA_VERSION
 from capfilt.pipelines.selection import BY_ITM, SCORE_NAMES, SCORE_RANGES, SELECT_ALL, parse_select
 
 BLIP = "blip"  # capfilt.model_kind.BLIP, without importing torch
+AUTO_FAMILY = "auto"  # a family the command line could not read (the model is on a remote runner's workers only)
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,8 @@ class BootstrapSettings:
       (``capfilt.model_kind``), as the command line read them from their
       config.json; a worker refuses models of other families (a folder that
       changed under a running job), and they are part of every row's config.
+      ``auto``: not readable where the job was set up (a model only a remote
+      runner's workers hold); the worker takes the family of what it loads.
     - ``threshold`` 0.5: a text whose score is below it is removed (paper
       §3.3: the ITM match probability, in [0, 1]; by ``itc`` a cosine in
       [-1, 1]). None: no threshold, every text passes rule 1; only with
@@ -111,7 +114,7 @@ class BootstrapSettings:
             from capfilt.model_kind import FAMILY_OF_MODEL_TYPE  # torch: only for a run with another family
 
             for role, family in (("captioner", self.captioner_family), ("filter", self.filter_family)):
-                if family not in FAMILY_OF_MODEL_TYPE.values():
+                if family not in (*FAMILY_OF_MODEL_TYPE.values(), AUTO_FAMILY):
                     raise ValueError(f"{role}_family must be one of {sorted(set(FAMILY_OF_MODEL_TYPE.values()))}, "
                                      f"not {family!r}")
         parse_select(self.select)
@@ -121,6 +124,8 @@ class BootstrapSettings:
             from capfilt.blip2 import LmSamplingSettings  # torch: only for such a captioner
 
             known = {f.name for f in fields(LmSamplingSettings)}
+            if self.captioner_family == AUTO_FAMILY:  # either kind: the worker checks them for what it loads
+                known |= {f.name for f in fields(SamplingSettings)}
         unknown = set(self.sampling_overrides) - known
         if unknown:
             raise ValueError(f"unknown sampling settings {sorted(unknown)} for a {self.captioner_family} captioner")

@@ -10,7 +10,7 @@ from capfilt.device import WorkerSlot, precision_name, worker_device
 from capfilt.families import load_captioner, load_filter, sampling_settings
 from capfilt.filter import Filter
 from capfilt.pipelines.selection import BY_ITM
-from capfilt.pipelines.settings import BootstrapSettings
+from capfilt.pipelines.settings import AUTO_FAMILY, BootstrapSettings
 
 
 def check_models(settings: BootstrapSettings, captioner, filter_) -> None:
@@ -18,7 +18,7 @@ def check_models(settings: BootstrapSettings, captioner, filter_) -> None:
     the run judges by (a CLIP or SigLIP ranker has no ITM head)."""
     for role, model, family in (("captioner", captioner, settings.captioner_family),
                                 ("filter", filter_, settings.filter_family)):
-        if model.family != family:
+        if family != AUTO_FAMILY and model.family != family:
             raise CheckpointError(
                 f"the {role} {model.ref!r} is a {model.family} model, but this run was set up for a {family} "
                 f"{role} ({role}_family): the model changed since the job started; start it again")

@@ -14,6 +14,7 @@ import io
 import json
 import re
 import shutil
+import shlex
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -211,3 +212,18 @@ def test_duckdb_reads_kept_by_glob(out):
     expected = sorted(zip(kept.column("sample_id").to_pylist(), kept.column("caption").to_pylist(),
                           [v["bytes"] for v in kept.column("png").to_pylist()]))
     assert found == expected
+
+
+def test_the_cards_command_carries_every_setting_with_a_flag():
+    from capfilt.cli import build_parser
+    from capfilt.pipelines.dataset_card import command
+
+    settings = {"captioner": "cap", "filter": "fil", "num_captions": 3, "threshold": None, "by": "itc",
+                "select": "top-2", "seed": 7, "batch_size": 16, "dedup_images": True, "min_image_size": 12,
+                "sampling_overrides": {"top_p": 0.85, "instruction": "A photo of"}}
+    line = command({"settings": settings}, "out", ["/data/shards/00000.parquet"])
+    argv = shlex.split(line)
+    assert argv[:2] == ["capfilt", "bootstrap"]
+    args = build_parser().parse_args(argv[1:])  # the command parses, and says what the run used
+    assert (args.top_p, args.instruction, args.min_image_size, args.threshold, args.by, args.select, args.seed,
+            args.num_captions, args.dedup_images) == (0.85, "A photo of", 12, None, "itc", "top-2", 7, 3, True)

@@ -118,3 +118,17 @@ def test_a_ranker_as_captioner_is_a_one_line_error(ranker_folder):
         with pytest.raises(CheckpointError, match="the captioner accepts") as error:
             load(ranker_folder)
         assert "\n" not in str(error.value) and ("CLIP" in str(error.value) or "SigLIP" in str(error.value))
+
+
+@pytest.mark.parametrize("size", [(640, 427), (427, 640), (300, 300), (225, 224)])
+def test_clip_pixels_are_clips_image_processors_on_any_aspect(size):
+    import numpy as np
+    from PIL import Image
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    rng = np.random.default_rng(sum(size))
+    image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    theirs = CLIPImageProcessorPil(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})(
+        [image], return_tensors="pt").pixel_values[0]
+    ours = CenterCropPreprocessor(224).one(image)
+    assert ours.shape == theirs.shape and torch.allclose(ours, theirs, atol=1e-4, rtol=0)

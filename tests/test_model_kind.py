@@ -111,3 +111,14 @@ def test_hub_cache_ids(tmp_path, monkeypatch):
     assert "which capfilt takes as a filter" in one_line_error("org/tiny-clip", CAPTIONER)
     assert "not in the local hub cache" in one_line_error("org/absent", CAPTIONER)
     assert "no model at" in one_line_error(tmp_path / "nothing", FILTER)
+
+
+def test_a_blip_model_needs_a_blip_tokenizer(tmp_path):
+    """A sentencepiece-only folder is a tokenizer for BLIP-2's language models, not for BLIP (BERT's WordPiece)."""
+    pth = tmp_path / "model_base_caption.pth"
+    pth.write_bytes(b"not read")
+    spiece = tmp_path / "t5"
+    spiece.mkdir()
+    (spiece / "spiece.model").write_bytes(b"x")
+    with pytest.raises(CheckpointError, match="no tokenizer at"):
+        check_role(str(pth), CAPTIONER, str(spiece))

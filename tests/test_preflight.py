@@ -142,6 +142,10 @@ def test_an_out_where_no_shard_was_done_can_be_claimed_anew(tmp_path):
     with pytest.raises(SettingsMismatchError, match="changed: captioner"):
         layout.claim({"schema_version": 5, "captioner": "other"})
     running.end_run()
+    downloading = layout.start_run(local=True)  # a job of this host that claimed OUT and is still downloading
+    with pytest.raises(SettingsMismatchError, match="changed: captioner"):
+        layout.claim({"schema_version": 5, "captioner": "other"})
+    downloading.end_run()
     layout.claim({"schema_version": 5, "captioner": "other"})
     (tmp_path / "out" / ".capfilt" / "done").mkdir(parents=True)
     (tmp_path / "out" / ".capfilt" / "done" / "00000.json").write_text("{}")
@@ -187,3 +191,19 @@ def test_judging_choices_a_filter_cannot_take_are_problem_lines(tmp_path, captio
     assert (settings.by, settings.threshold, settings.select) == ("itc", 0.2, "all")
     settings = cli.settings_from_args(cli.build_parser().parse_args(["bootstrap", "--filter", str(captioner_folder)]))
     assert (settings.by, settings.threshold, settings.captioner_family) == ("itm", 0.5, "blip")
+
+
+def test_a_model_only_a_remote_runner_reads_leaves_its_family_to_the_worker():
+    args = cli.build_parser().parse_args([
+        "bootstrap", "--data", "cc12m", "--runner", "DataflowRunner", "--captioner", "org/not-cached-captioner",
+        "--filter", "org/not-cached-filter", "--instruction", "A photo of", "--by", "itc", "--select", "top-2"])
+    settings = cli.settings_from_args(args)
+    assert (settings.captioner_family, settings.filter_family) == ("auto", "auto")
+    assert (settings.by, settings.threshold, settings.sampling_overrides) == ("itc", None, {"instruction": "A photo of"})
+
+
+def test_a_headerless_csv_with_a_quoted_comma_before_the_url(tmp_path):
+    listed = tmp_path / "urls.csv"
+    listed.write_text('"a cat, sitting",http://a.example/1.jpg\n"a dog",http://a.example/2.jpg\n')
+    found = detect_url_list([listed])
+    assert (found.url_col, found.caption_col, found.header) == (1, 0, False)

@@ -12,6 +12,7 @@ import pytest
 from test_input_damage import accounted, check_judged, write_shard
 from test_pipeline import ROWS_PER_SHARD, run_pipeline
 
+from capfilt.pipelines import layout as layout_module
 from capfilt.pipelines import process
 from capfilt.pipelines.layout import OutputLayout
 from capfilt.pipelines.worker_models import Models
@@ -82,10 +83,17 @@ def test_a_killed_local_jobs_leftovers_are_swept_and_other_jobs_listed(tmp_path,
     killed = job("run-killed", host=socket.gethostname(), pid=dead.pid, local=True)
     elsewhere = job("run-elsewhere", host="another-machine", pid=dead.pid, local=True)
     remote = job("run-remote", host=socket.gethostname(), pid=dead.pid, local=False)  # e.g. Dataflow: runs on
-    running = layout.start_run(local=True)  # this process: alive
-    unknown = job("run-unknown")  # no run.json
-    assert set(layout.sweep_temp()) == {str(p) for p in (elsewhere, remote, unknown, tmp_path / ".capfilt" / "tmp" / running.run)}
-    assert not killed.exists() and elsewhere.exists() and remote.exists() and unknown.exists()
-    assert "delete them once those jobs are over" in caplog.text
-    running.end_run()
-    assert not (tmp_path / ".capfilt" / "tmp" / running.run).exists() and elsewhere.exists()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        running = job("run-running", host=socket.gethostname(), pid=alive.pid, local=True,
+                      process_start=layout_module._process_start(alive.pid))  # another job of this host: alive
+        own = layout.start_run(local=True)  # this process's own job (it holds OUT): neither swept nor listed
+        unknown = job("run-unknown")  # no run.json
+        assert set(layout.sweep_temp()) == {str(p) for p in (elsewhere, remote, unknown, running)}
+        assert not killed.exists() and elsewhere.exists() and remote.exists() and unknown.exists() and running.exists()
+        assert "delete them once those jobs are over" in caplog.text
+        own.end_run()
+        assert not (tmp_path / ".capfilt" / "tmp" / own.run).exists() and elsewhere.exists()
+    finally:
+        alive.kill()
+        alive.wait()

@@ -104,7 +104,13 @@ def detect_url_list(files: list[Path], columns: Columns = Columns()) -> UrlList:
     if fmt == "txt":
         return UrlList(tuple(files), "txt", 0, None, header=False)
     if fmt in ("tsv", "csv"):
-        first = _first_line(files[0]).split("\t" if fmt == "tsv" else ",")
+        line = _first_line(files[0])
+        if fmt == "csv":  # quoted fields may hold commas, as _headerless_width reads them
+            import csv
+
+            first = next(csv.reader([line]), [])
+        else:
+            first = line.split("\t")
         fields = [f.strip().strip('"') for f in first]
         if any(_looks_like_url(f) for f in fields):  # no header: find the URL by its look (http(s) first)
             return _headerless(files, fmt, fields, columns)

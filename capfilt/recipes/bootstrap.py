@@ -262,11 +262,24 @@ def run(job: BootstrapRun, source: datasets.DemoInput | datasets.ShardsInput | d
     ``source``: what DATA names, as ``capfilt.recipes.preflight.check(job)`` gives it once every check passed.
     """
     from capfilt.pipelines import bootstrap as pipeline
+
+    layout = pipeline.claim_output(job.out, job.settings)  # before any download, once every check passed
+    # This job holds OUT from now on, through the download too: another job's pre-flight sees it alive and does not
+    # claim OUT anew for other settings (OutputLayout.check_claim), as it may while no job has done a shard there.
+    holder = layout.start_run(local=True)
+    try:
+        return _run_claimed(job, source, layout)
+    finally:
+        holder.end_run()
+
+
+def _run_claimed(job: BootstrapRun, source, layout) -> int:
+    """``run`` once OUT is claimed: the input shards, the pipeline, the summary."""
+    from capfilt.pipelines import bootstrap as pipeline
     from capfilt.pipelines.progress import Progress
     from capfilt.pipelines.report import read_stats
 
     settings = job.settings
-    layout = pipeline.claim_output(job.out, settings)  # before any download, once every check passed
     if isinstance(source, datasets.ShardsInput):
         location = source.location
     elif isinstance(source, datasets.DemoInput):
