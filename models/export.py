@@ -27,19 +27,21 @@ import argparse
 import json
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from transformers import BlipConfig, BlipForConditionalGeneration, BlipForImageTextRetrieval
-
+from capfilt.help_format import HelpWithDefaults
 from capfilt.sampling_settings import SETTINGS_FILE as SAMPLING_FILE
 from capfilt.sampling_settings import SamplingSettings
-from capfilt.checkpoints import CheckpointError, load_hf_folder, load_strict
-from capfilt.help_format import HelpWithDefaults
-from capfilt.models.med import MED
 
+# torch and transformers are imported where a model is exported: `capfilt export --help` needs neither.
+if TYPE_CHECKING:
+    from capfilt.models.med import MED
+
+# role -> (the transformers class, by name; the MED's weights it takes; the loss the MED must have trained)
 ROLES = {
-    "captioner": (BlipForConditionalGeneration, ("vision_model.", "text_decoder."), "lm"),
-    "filter": (BlipForImageTextRetrieval, ("vision_model.", "text_encoder.", "vision_proj.", "text_proj.",
-                                           "itm_head."), "itm"),
+    "captioner": ("BlipForConditionalGeneration", ("vision_model.", "text_decoder."), "lm"),
+    "filter": ("BlipForImageTextRetrieval", ("vision_model.", "text_encoder.", "vision_proj.", "text_proj.",
+                                             "itm_head."), "itm"),
 }
 
 
@@ -73,7 +75,13 @@ def export(med: MED, tokenizer, role: str, folder: str | Path, sampling: str | P
         raise ValueError(f"role must be one of {sorted(ROLES)}, got {role!r}")
     if sampling is not None and role != "captioner":
         raise ValueError(f"sampling settings are a captioner's; the {role} has none")
-    model_class, prefixes, needs = ROLES[role]
+    import transformers
+    from transformers import BlipConfig
+
+    from capfilt.checkpoints import load_hf_folder, load_strict
+
+    class_name, prefixes, needs = ROLES[role]
+    model_class = getattr(transformers, class_name)
     if not med.has(needs):
         raise ValueError(f"this MED was built for {med.settings.losses}: it has no {role}")
     model = model_class(BlipConfig.from_dict(med.config.to_dict()))
@@ -112,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         print(export_run(args.source, args.role, args.out))
-    except (CheckpointError, FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, ValueError) as error:  # capfilt.checkpoints.CheckpointError is a ValueError
         parser.exit(2, f"error: {error}\n")
 
 

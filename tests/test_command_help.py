@@ -90,7 +90,9 @@ def test_evaluate_help_shows_its_defaults(capsys, monkeypatch):
 
 
 @pytest.mark.parametrize("argv", [["shapes", "write", "--help"], ["shapes", "vocab"], ["bootstrap", "--help"],
-                                  ["refilter", "--help"], ["train", "pretrain", "--help"], ["--help"]])
+                                  ["refilter", "--help"], ["train", "pretrain", "--help"], ["--help"],
+                                  ["evaluate", "--help"], ["export", "--help"], ["demo-models", "--help"],
+                                  ["experiment", "--help"], ["export-dataset", "--help"], ["datasets", "--help"]])
 def test_help_imports_no_torch(argv):
     code = ("import sys\nfrom capfilt import cli\n"
             f"try:\n    cli.main({argv!r})\nexcept SystemExit:\n    pass\n"

@@ -30,16 +30,11 @@ tqdm bar on a terminal, plain lines in a log).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
-import torch
-import torch.nn.functional as F
-from transformers.utils import logging as hf_logging
-
-from capfilt.captioner import Captioner
-from capfilt.device import autocast
-from capfilt.filter import Filter
 from capfilt.scores import ITM_THRESHOLD
 from capfilt.console_progress import progress
 from capfilt.help_format import HelpWithDefaults
@@ -50,6 +45,22 @@ from capfilt.shapes.scene import Scene
 from capfilt.shapes.splits import Sample, iter_split
 from capfilt.shapes.web import KINDS
 from capfilt.shapes.world import RELATIONS
+
+# torch, transformers and the models are imported where they run: `capfilt evaluate --help` needs none of them.
+if TYPE_CHECKING:
+    from capfilt.captioner import Captioner
+    from capfilt.filter import Filter
+
+
+def _no_grad(function):
+    """``torch.no_grad()`` as a decorator, with torch imported at the call."""
+    @functools.wraps(function)
+    def run(*args, **kwargs):
+        import torch
+
+        with torch.no_grad():
+            return function(*args, **kwargs)
+    return run
 
 EVALUATION_SEED = 20221  # a seed no training split of `make demo-models` uses
 METHODS = ("greedy", "beam", "nucleus")
@@ -155,7 +166,7 @@ def evaluate_captioner(captioner: Captioner, samples: list[Sample], methods=METH
     return results
 
 
-@torch.no_grad()
+@_no_grad
 def evaluate_relation(captioner: Captioner, samples: list[Sample], batch_size: int = 64,
                       show_progress: bool = False) -> dict:
     """Does the captioner see where things are? The relation word it ranks first, teacher-forced.
@@ -168,6 +179,10 @@ def evaluate_relation(captioner: Captioner, samples: list[Sample], batch_size: i
     ``predicted``: how often each relation ranks first. Unlike the caption
     table this isolates the relation from the attributes and decoding.
     """
+    import torch
+
+    from capfilt.device import autocast
+
     tokenizer, model = captioner.tokenizer, captioner.model
     words = {relation: tokenizer(relation.split(" ")[0], add_special_tokens=False).input_ids[0]
              for relation in RELATIONS}
@@ -203,7 +218,7 @@ def evaluate_relation(captioner: Captioner, samples: list[Sample], batch_size: i
     }
 
 
-@torch.no_grad()
+@_no_grad
 def evaluate_retrieval(filter_: Filter, samples: list[Sample], rerank_k: int = 16, batch_size: int = 64) -> dict:
     """Image→text and text→image recall@1 among ``samples``' images and texts (a clean split: one caption each).
 
@@ -215,11 +230,16 @@ def evaluate_retrieval(filter_: Filter, samples: list[Sample], rerank_k: int = 1
     the query text is a correct caption of the retrieved image. ``batch_size``:
     images (and texts) per encoder call.
     """
+    from capfilt.device import autocast
+
     with autocast(filter_.device, filter_.precision):  # as Filter.score runs
         return _retrieval(filter_, samples, rerank_k, batch_size)
 
 
 def _retrieval(filter_: Filter, samples: list[Sample], rerank_k: int, batch_size: int) -> dict:
+    import torch
+    import torch.nn.functional as F
+
     model, scenes, texts = filter_.model, [s.scene for s in samples], [s.text for s in samples]
     embeds, image_feats = [], []
     for batch in _batches(samples, batch_size):
@@ -324,6 +344,11 @@ def main(argv: list[str] | None = None) -> None:
                      "--filter demo, the shipped demo models)")
     if args.n < 1:
         parser.error(f"--n must be at least 1, not {args.n}")
+    from transformers.utils import logging as hf_logging
+
+    from capfilt.captioner import Captioner
+    from capfilt.filter import Filter
+
     hf_logging.disable_progress_bar()  # no "Loading weights" bars: this command's own progress is what to read
     try:  # the models first: a wrong reference fails before the split is rendered
         filter_ = Filter.load(args.filter, device=args.device) if args.filter else None
