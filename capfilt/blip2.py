@@ -33,7 +33,6 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from transformers import AutoTokenizer, Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval
 
 from capfilt.row_sampler import row_sampling, seeded
@@ -43,6 +42,7 @@ from capfilt.device import autocast, compute_in_fp32, pick_device
 from capfilt.scores import TextScore
 from capfilt.images import ImagePreprocessor
 from capfilt.model_kind import BLIP2, model_kind
+from capfilt.per_image import CaptionsPerImage, ScoresPerImage, flat_texts, regroup
 from capfilt.tokenizer import pre_caption
 
 FP32_SHARE = 0.5  # fp32 weights only up to half the GPU's memory: the rest for activations and the LM's cache
@@ -163,7 +163,7 @@ def hf_source(ref: str | Path, role: str, family: str, config) -> ModelSource:
 
 
 @dataclass
-class Blip2Captioner:
+class Blip2Captioner(CaptionsPerImage):
     """A BLIP-2 captioner: images in, K captions per image out (the interface of ``capfilt.captioner.Captioner``)."""
 
     family: ClassVar[str] = BLIP2
@@ -253,22 +253,9 @@ class Blip2Captioner:
         """The new tokens as text, special tokens skipped, outer spaces stripped."""
         return [text.strip() for text in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
-    def caption(self, images: Sequence[Image.Image], num_captions: int = 1, seed: int | None = None, *,
-                seeds: Sequence[int] | None = None) -> list[list[str]]:
-        """K captions for each image; ``seed`` seeds the call, ``seeds`` each image."""
-        if not images:
-            return []
-        return self.caption_pixels(self.preprocess(images), num_captions, seed, seeds=seeds)
-
-    def caption_pixels(self, pixel_values: torch.Tensor, num_captions: int = 1, seed: int | None = None, *,
-                       seeds: Sequence[int] | None = None) -> list[list[str]]:
-        """``caption`` of images already preprocessed to ``[B, 3, S, S]`` (``self.preprocess``)."""
-        captions = self.decode(self.generate_ids(pixel_values, num_captions, seed, seeds=seeds))
-        return [captions[i * num_captions : (i + 1) * num_captions] for i in range(len(pixel_values))]
-
 
 @dataclass
-class Blip2Filter:
+class Blip2Filter(ScoresPerImage):
     """BLIP-2's Q-Former judging image–text pairs: ITM and ITC (the interface of ``capfilt.filter.Filter``)."""
 
     family: ClassVar[str] = BLIP2
@@ -328,20 +315,9 @@ class Blip2Filter:
         return itm, itc
 
     @torch.no_grad()
-    def score(self, images: Sequence[Image.Image], texts: Sequence[Sequence[str]]) -> list[list[TextScore]]:
-        """Scores of ``texts[i]`` (any number of texts) against ``images[i]``."""
-        if len(images) != len(texts):
-            raise ValueError(f"{len(images)} images but {len(texts)} lists of texts")
-        if not any(texts):
-            return [[] for _ in images]
-        return self.score_pixels(self.preprocess(images), texts)
-
-    @torch.no_grad()
     def score_pixels(self, pixel_values: torch.Tensor, texts: Sequence[Sequence[str]]) -> list[list[TextScore]]:
         """``score`` of images already preprocessed to ``[B, 3, S, S]`` (``self.preprocess``)."""
-        if len(pixel_values) != len(texts):
-            raise ValueError(f"{len(pixel_values)} images but {len(texts)} lists of texts")
-        flat = [text for group in texts for text in group]
+        flat = flat_texts(len(pixel_values), texts)
         if not flat:
             return [[] for _ in texts]
         image_index = torch.tensor([i for i, group in enumerate(texts) for _ in group], device=self.device)
@@ -363,12 +339,3 @@ class Blip2Filter:
                 itc += batch_itc.tolist()
         return regroup(texts, itm, itc)
 
-
-def regroup(texts: Sequence[Sequence[str]], itm: list | None, itc: list) -> list[list[TextScore]]:
-    """Flat scores back into one list per image; ``itm`` None for a filter without an ITM head."""
-    scores, position = [], 0
-    for group in texts:
-        scores.append([TextScore(None if itm is None else itm[j], itc[j])
-                       for j in range(position, position + len(group))])
-        position += len(group)
-    return scores

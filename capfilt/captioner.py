@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
-from PIL import Image
 from transformers import BlipConfig, BlipForConditionalGeneration
 
 from capfilt.blip2 import Blip2Captioner, LmSamplingSettings
@@ -42,12 +41,13 @@ from capfilt.device import autocast, compute_in_fp32, pick_device
 from capfilt.images import ImagePreprocessor
 from capfilt.instructblip import InstructBlipCaptioner
 from capfilt.model_kind import BLIP, BLIP2, INSTRUCTBLIP, family_for
+from capfilt.per_image import CaptionsPerImage
 from capfilt.row_sampler import row_sampling, seeded
 from capfilt.sampling_settings import SamplingSettings
 from capfilt.tokenizer import special_ids
 
 @dataclass
-class Captioner(ABC):
+class Captioner(CaptionsPerImage, ABC):
     """A BLIP captioner: images in, K captions per image out; and the interface of every family's captioner."""
 
     family: ClassVar[str] = "blip"  # capfilt.model_kind's family name
@@ -151,22 +151,6 @@ class Captioner(ABC):
         """
         texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
         return [text[len(self.settings.prompt):] for text in texts]
-
-    def caption(self, images: Sequence[Image.Image], num_captions: int = 1, seed: int | None = None, *,
-                seeds: Sequence[int] | None = None) -> list[list[str]]:
-        """K captions for each image (nucleus sampling with p = 0.9 by default); seeded runs repeat exactly.
-
-        ``seed`` seeds the call, ``seeds`` each image (its captions then do not depend on the other images).
-        """
-        if not images:
-            return []
-        return self.caption_pixels(self.preprocess(images), num_captions, seed, seeds=seeds)
-
-    def caption_pixels(self, pixel_values: torch.Tensor, num_captions: int = 1, seed: int | None = None, *,
-                       seeds: Sequence[int] | None = None) -> list[list[str]]:
-        """``caption`` of images already preprocessed to ``[B, 3, S, S]`` (``self.preprocess``)."""
-        captions = self.decode(self.generate_ids(pixel_values, num_captions, seed, seeds=seeds))
-        return [captions[i * num_captions : (i + 1) * num_captions] for i in range(len(pixel_values))]
 
 
 # The other families' captioners, by capfilt.model_kind's family name; they implement this interface

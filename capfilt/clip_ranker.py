@@ -31,12 +31,13 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import CLIPModel, SiglipModel
 
-from capfilt.blip2 import hf_source, load_tokenizer, place, regroup
+from capfilt.blip2 import hf_source, load_tokenizer, place
 from capfilt.checkpoints import FILTER, CheckpointError, ModelSource, load_hf_folder, resolve
 from capfilt.device import autocast, pick_device
 from capfilt.scores import TextScore
 from capfilt.images import CLIP_MEAN, CLIP_STD, ImagePreprocessor, to_rgb
 from capfilt.model_kind import CLIP, SIGLIP, model_kind
+from capfilt.per_image import ScoresPerImage, flat_texts, regroup
 
 SIGLIP_MEAN = SIGLIP_STD = 0.5  # SiglipImageProcessor's image_mean / image_std
 
@@ -66,7 +67,7 @@ def siglip_from_clip(pixel_values: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class ClipRanker:
+class ClipRanker(ScoresPerImage):
     """A CLIP or SigLIP model scoring image–text pairs by cosine similarity (the interface of ``Filter``)."""
 
     judged_by: ClassVar[str] = "itc"  # no ITM head: a threshold applies to the similarity
@@ -118,20 +119,9 @@ class ClipRanker:
         return F.normalize(self.model.get_text_features(**tokens).pooler_output.float(), dim=-1)
 
     @torch.no_grad()
-    def score(self, images: Sequence[Image.Image], texts: Sequence[Sequence[str]]) -> list[list[TextScore]]:
-        """Scores of ``texts[i]`` against ``images[i]``: ``itc`` the cosine similarity, ``itm`` None."""
-        if len(images) != len(texts):
-            raise ValueError(f"{len(images)} images but {len(texts)} lists of texts")
-        if not any(texts):
-            return [[] for _ in images]
-        return self.score_pixels(self.preprocess(images), texts)
-
-    @torch.no_grad()
     def score_pixels(self, pixel_values: torch.Tensor, texts: Sequence[Sequence[str]]) -> list[list[TextScore]]:
         """``score`` of images already preprocessed to ``[B, 3, S, S]`` (``self.preprocess``)."""
-        if len(pixel_values) != len(texts):
-            raise ValueError(f"{len(pixel_values)} images but {len(texts)} lists of texts")
-        flat = [text for group in texts for text in group]
+        flat = flat_texts(len(pixel_values), texts)
         if not flat:
             return [[] for _ in texts]
         image_index = torch.tensor([i for i, group in enumerate(texts) for _ in group], device=self.device)

@@ -32,7 +32,6 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from transformers import BlipConfig, BlipForImageTextRetrieval
 
 from capfilt.blip2 import Blip2Filter
@@ -41,6 +40,7 @@ from capfilt.clip_ranker import ClipRanker
 from capfilt.device import autocast, compute_in_fp32, pick_device
 from capfilt.images import ImagePreprocessor
 from capfilt.model_kind import BLIP, BLIP2, CLIP, SIGLIP, family_for
+from capfilt.per_image import ScoresPerImage, flat_texts, regroup
 from capfilt.scores import TextScore
 from capfilt.tokenizer import pre_caption, special_ids
 
@@ -49,7 +49,7 @@ MAX_WORDS = 30  # BLIP's pre_caption in pre-training: at most 30 words
 
 
 @dataclass
-class Filter(ABC):
+class Filter(ScoresPerImage, ABC):
     """A BLIP filter: for each image, any number of texts in, a ``TextScore`` per text out; and the interface of
     every family's filter."""
 
@@ -136,20 +136,9 @@ class Filter(ABC):
         return itm, itc
 
     @torch.no_grad()
-    def score(self, images: Sequence[Image.Image], texts: Sequence[Sequence[str]]) -> list[list[TextScore]]:
-        """Scores of ``texts[i]`` (any number of texts) against ``images[i]``."""
-        if len(images) != len(texts):
-            raise ValueError(f"{len(images)} images but {len(texts)} lists of texts")
-        if not any(texts):
-            return [[] for _ in images]
-        return self.score_pixels(self.preprocess(images), texts)
-
-    @torch.no_grad()
     def score_pixels(self, pixel_values: torch.Tensor, texts: Sequence[Sequence[str]]) -> list[list[TextScore]]:
         """``score`` of images already preprocessed to ``[B, 3, S, S]`` (``self.preprocess``)."""
-        if len(pixel_values) != len(texts):
-            raise ValueError(f"{len(pixel_values)} images but {len(texts)} lists of texts")
-        flat = [text for group in texts for text in group]
+        flat = flat_texts(len(pixel_values), texts)
         if not flat:
             return [[] for _ in texts]
         image_index = torch.tensor([i for i, group in enumerate(texts) for _ in group], device=self.device)
@@ -163,11 +152,7 @@ class Filter(ABC):
                 batch_itm, batch_itc = self.score_embedded(image_embeds, image_index[start:stop], **tokens)
                 itm += batch_itm.tolist()
                 itc += batch_itc.tolist()
-        scores, position = [], 0
-        for group in texts:
-            scores.append([TextScore(itm[j], itc[j]) for j in range(position, position + len(group))])
-            position += len(group)
-        return scores
+        return regroup(texts, itm, itc)
 
 
 # The other families' filters, by capfilt.model_kind's family name; they implement this interface

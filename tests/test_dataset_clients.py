@@ -30,14 +30,9 @@ from capfilt.pipelines.layout import OutputLayout
 from capfilt.pipelines.report import read_stats
 from capfilt.pipelines.settings import BootstrapSettings
 from capfilt.pipelines.shards import list_shards
+from test_export_dataset import png
 
 ROWS_PER_SHARD = 5  # 2 shards, one row a failed download: 9 images, each with 3 texts of which top-1 is kept
-
-
-def png(colour) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (36, 30), colour).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 @pytest.fixture(scope="module")
